@@ -1,0 +1,13 @@
+"""imaml_kernels: fused batched Hessian-vector products and a multi-task CG solver for
+implicit MAML (Rajeswaran, Finn, Kakade, Levine, NeurIPS 2019).
+
+Shapes: task-batched tensors lead with ``T``; flat parameters are ``[T, P]``.
+"""
+
+from . import _ext, dispatch, ops, reference  # noqa: F401
+from .cg import CGInfo, cg_solve
+from .dispatch import BACKENDS, available_backends, select_backend
+
+__version__ = "0.1.0"
+
+__all__ = ["BACKENDS", "CGInfo", "available_backends", "cg_solve", "select_backend"]

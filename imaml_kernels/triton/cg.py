@@ -1,0 +1,102 @@
+"""Triton kernels of the fused CG iteration: private kernels, then host launchers.
+
+Layout as everywhere: ``[T, P]`` row-major, contiguous. Grid ``(T, NB)`` with one program
+per ``BLOCK`` elements of one task; ``partials`` is ``[T, NB, 4]`` float64.
+"""
+
+import triton
+import triton.language as tl
+
+# Elements per program. 4096 with 8 warps = 16 elements per thread, enough loads in
+# flight for a bandwidth-bound kernel; not yet swept on a GPU (none was available).
+CG_BLOCK = 4096
+CG_NUM_WARPS = 8
+
+
+@triton.jit
+def _cg_dots_kernel(
+    r_ptr,  # [T, P] residual
+    p_ptr,  # [T, P] search direction
+    ap_ptr,  # [T, P] A p
+    partials_ptr,  # [T, NB, 4] float64 out: rr, pAp, rAp, ApAp per block
+    n,  # P
+    nb,  # NB
+    BLOCK: tl.constexpr,
+):
+    # int64 before offset arithmetic: T * P exceeds 2**31 at paper sizes x large T.
+    t = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    offs = b * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n  # the last block of a task is partial
+    base = t * n
+    # float64 accumulation regardless of the data type (P is 1e5..1e6).
+    r = tl.load(r_ptr + base + offs, mask=mask, other=0.0).to(tl.float64)
+    p = tl.load(p_ptr + base + offs, mask=mask, other=0.0).to(tl.float64)
+    ap = tl.load(ap_ptr + base + offs, mask=mask, other=0.0).to(tl.float64)
+    out = partials_ptr + (t * nb + b) * 4
+    tl.store(out + 0, tl.sum(r * r, axis=0))
+    tl.store(out + 1, tl.sum(p * ap, axis=0))
+    tl.store(out + 2, tl.sum(r * ap, axis=0))
+    tl.store(out + 3, tl.sum(ap * ap, axis=0))
+
+
+@triton.jit
+def _cg_update_kernel(
+    x_ptr,  # [T, P] iterate, updated in place
+    r_ptr,  # [T, P] residual, updated in place
+    p_ptr,  # [T, P] direction, updated in place
+    ap_ptr,  # [T, P] A p
+    partials_ptr,  # [T, NB, 4] float64 from _cg_dots_kernel
+    status_in_ptr,  # [T] int32 status before this step
+    status_out_ptr,  # [T] int32 status after (written by block 0)
+    iters_ptr,  # [T] int32 steps taken (incremented by block 0)
+    thresh_ptr,  # [T] float64 tol^2 |b|^2
+    n,  # P
+    nb,  # NB
+    BLOCK: tl.constexpr,
+    NB_POW2: tl.constexpr,  # next power of two >= NB, for the partials reduction
+):
+    t = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    # Every program re-reduces its task's partials (NB is small): deterministic, and
+    # saves a launch compared with a separate scalar kernel.
+    j = tl.arange(0, NB_POW2)
+    jmask = j < nb
+    row = partials_ptr + (t * nb + j) * 4
+    rr = tl.sum(tl.load(row + 0, mask=jmask, other=0.0), axis=0)
+    pap = tl.sum(tl.load(row + 1, mask=jmask, other=0.0), axis=0)
+    rap = tl.sum(tl.load(row + 2, mask=jmask, other=0.0), axis=0)
+    apap = tl.sum(tl.load(row + 3, mask=jmask, other=0.0), axis=0)
+    status_in = tl.load(status_in_ptr + t)
+    thresh = tl.load(thresh_ptr + t)
+
+    # Same rules as cg_step in csrc/cg_common.h. x - x == 0 is false for NaN and inf.
+    finite = (rr - rr == 0.0) & (pap - pap == 0.0) & (rap - rap == 0.0) & (apap - apap == 0.0)
+    broken_in = status_in == 2
+    converged = finite & (rr <= thresh)
+    safe_pap = tl.where(pap > 0.0, pap, 1.0)
+    safe_rr = tl.where(rr > 0.0, rr, 1.0)
+    alpha = rr / safe_pap
+    rr_new = tl.maximum(rr - 2.0 * alpha * rap + alpha * alpha * apap, 0.0)
+    beta = rr_new / safe_rr
+    ok = finite & (pap > 0.0) & (rr > 0.0) & (alpha - alpha == 0.0) & (beta - beta == 0.0)
+    update = (~broken_in) & (~converged) & ok
+    status = tl.where(broken_in | ~(converged | ok), 2, tl.where(converged, 1, 0)).to(tl.int32)
+    first = b == 0
+    tl.store(status_out_ptr + t, status, mask=first)
+    it = tl.load(iters_ptr + t)
+    tl.store(iters_ptr + t, it + update.to(tl.int32), mask=first)
+
+    offs = b * BLOCK + tl.arange(0, BLOCK)
+    mask = (offs < n) & update
+    base = t * n
+    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0)
+    r = tl.load(r_ptr + base + offs, mask=mask, other=0.0)
+    p = tl.load(p_ptr + base + offs, mask=mask, other=0.0)
+    ap = tl.load(ap_ptr + base + offs, mask=mask, other=0.0)
+    a = alpha.to(x.dtype)
+    be = beta.to(x.dtype)
+    r_new = r - a * ap
+    tl.store(x_ptr + base + offs, x + a * p, mask=mask)
+    tl.store(r_ptr + base + offs, r_new, mask=mask)
+    tl.store(p_ptr + base + offs, r_new + be * p, mask=mask)
