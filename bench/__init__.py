@@ -1,0 +1,1 @@
+"""imaml_kernels benchmarks: ``python -m bench <suite>`` (see ``python -m bench --help``)."""
