@@ -4,7 +4,7 @@ import argparse
 
 import torch
 
-from . import cg
+from . import cg, memory, meta_step
 from .common import machine_header, set_threads
 
 
@@ -17,6 +17,25 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=cg.main)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    p = sub.add_parser("meta-step", help="seconds per iMAML meta-step: batched op vs serial baseline")
+    p.add_argument("--tasks", type=int, default=32)
+    p.add_argument("--way", type=int, default=5)
+    p.add_argument("--shot", type=int, default=1)
+    p.add_argument("--query", type=int, default=1)
+    p.add_argument("--inner-steps", type=int, default=16)
+    p.add_argument("--cg-iters", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--no-serial", action="store_true")
+    p.add_argument("--device", default=dev)
+    p.set_defaults(func=meta_step.main)
+    p = sub.add_parser("memory", help="peak memory vs inner steps: iMAML vs unrolled MAML")
+    p.add_argument("--tasks", type=int, default=8)
+    p.add_argument("--channels", type=int, default=64)
+    p.add_argument("--steps", type=int, nargs="+", default=list(memory.STEPS))
+    p.add_argument("--device", default=dev)
+    p.add_argument("--out", default=None)
+    p.set_defaults(func=memory.main)
     args = parser.parse_args(argv)
     set_threads()
     print(machine_header())

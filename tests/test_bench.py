@@ -1,0 +1,49 @@
+"""Each benchmark runs once at tiny sizes: it runs, produces rows and files (no timing asserts)."""
+
+import torch
+
+from bench import cg, memory, meta_step
+from bench.baselines import maml_meta_grad, serial_imaml_meta_grad
+from bench.common import machine_header, markdown_table
+
+from imaml_kernels.nets import OmniglotConv
+
+
+def test_machine_header_names_versions():
+    h = machine_header()
+    assert "torch" in h and "CPU" in h
+
+
+def test_cg_bench_rows():
+    rows, results = cg.run(T=2, P=5000, repeat=2)
+    names = [r[0] for r in rows]
+    assert "cpu" in names and "reference" in names and "eager (plain, no masks)" in names
+    assert all(v > 0 for v in results.values())
+    assert "| backend" in markdown_table(("backend", "x"), [("a", 1)])
+
+
+def test_meta_step_bench_rows():
+    rows, res = meta_step.run(T=2, inner_steps=1, cg_iters=1, repeat=1)
+    assert len(rows) == 2 and res["batched"] > 0 and res["serial"] > 0
+
+
+def test_memory_bench_writes_csv_and_png(tmp_path):
+    rows, by = memory.run(T=1, steps=(1, 2), channels=4, out=tmp_path, progress=False)
+    assert len(rows) == 2
+    assert (tmp_path / "memory.csv").read_text().startswith("inner_steps,imaml_peak_mib,maml_peak_mib")
+    assert (tmp_path / "memory.png").stat().st_size > 1000
+
+
+def test_serial_baseline_matches_batched_op():
+    # The baseline computes the same meta-gradient (the comparison is apples to apples).
+    torch.manual_seed(0)
+    model = OmniglotConv(3, channels=4).double()
+    theta = dict(model.named_parameters())
+    tasks = [t.double() if t.is_floating_point() else t for t in meta_step.make_tasks(2, 3, 1, 1)]
+    kw = dict(lam=2.0, inner_steps=3, inner_lr=0.1, cg_iters=3)
+    serial = serial_imaml_meta_grad(model, theta, tasks, cg_tol=0.0, **kw)
+    batched = meta_step.batched_meta_step(model, theta, tasks, **kw)
+    for k in theta:
+        assert torch.allclose(serial[k], batched[k], rtol=1e-8, atol=1e-10), k
+    m = maml_meta_grad(model, theta, tasks, inner_steps=2, inner_lr=0.1)
+    assert set(m) == set(theta) and all(torch.isfinite(v).all() for v in m.values())
