@@ -1,8 +1,9 @@
 """Peak memory of one meta-gradient vs the number of inner steps: iMAML (implicit_adapt)
 against fully unrolled MAML, each configuration in a fresh process.
 
-CPU: peak resident set size of the worker (``ru_maxrss``) minus its resident size just
-before the meta-gradient; GPU: ``torch.cuda.max_memory_allocated`` after a reset.
+CPU: peak of live tensor-storage bytes counted by a dispatch-mode tracker
+(:mod:`bench.memtrack`), plus the process's peak RSS growth for reference; GPU:
+``torch.cuda.max_memory_allocated`` after a reset.
 """
 
 import csv
@@ -47,11 +48,15 @@ def worker(method, steps, T, device, channels):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
+        from .memtrack import PeakTensorBytes
+
         with open("/proc/self/statm") as f:
             base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        run(steps)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    print(json.dumps({"method": method, "steps": steps, "peak_bytes": max(peak, 0)}))
+        with PeakTensorBytes() as tracker:
+            run(steps)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = tracker.peak
+    print(json.dumps({"method": method, "steps": steps, "peak_bytes": max(peak, 0), "rss_growth_bytes": max(rss, 0) if device != "cuda" else None}))
 
 
 def run(T=8, device="cpu", steps=STEPS, channels=64, out=None, progress=True):
@@ -70,14 +75,15 @@ def run(T=8, device="cpu", steps=STEPS, channels=64, out=None, progress=True):
             raise RuntimeError(f"memory worker failed ({method}, {k} steps):\n{res.stderr[-2000:]}")
         records.append(json.loads(res.stdout.strip().splitlines()[-1]))
     by = {(r["method"], r["steps"]): r["peak_bytes"] / 2**20 for r in records}
+    rss = {(r["method"], r["steps"]): (r.get("rss_growth_bytes") or 0) / 2**20 for r in records}
     for k in steps:
-        rows.append((k, f"{by[('imaml', k)]:.1f}", f"{by[('maml', k)]:.1f}"))
+        rows.append((k, f"{by[('imaml', k)]:.1f}", f"{by[('maml', k)]:.1f}", f"{rss[('imaml', k)]:.0f}", f"{rss[('maml', k)]:.0f}"))
     if out:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "memory.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["inner_steps", "imaml_peak_mib", "maml_peak_mib"])
+            w.writerow(["inner_steps", "imaml_peak_mib", "maml_peak_mib", "imaml_rss_growth_mib", "maml_rss_growth_mib"])
             w.writerows(rows)
         _plot(steps, [by[("imaml", k)] for k in steps], [by[("maml", k)] for k in steps], out / "memory.png", T, device)
     return rows, by
@@ -105,7 +111,8 @@ def _plot(steps, imaml, maml, path, T, device):
 def main(args):
     rows, by = run(T=args.tasks, device=args.device, steps=tuple(args.steps), channels=args.channels, out=args.out)
     print(f"\n## Peak memory of one meta-gradient (MiB) vs inner steps: OmniglotConv, T={args.tasks}, {args.device}\n")
-    print(markdown_table(("inner steps", "iMAML", "MAML (unrolled)"), rows))
+    print("(peak live tensor bytes; RSS columns: the process's peak resident growth, allocator-noisy)\n")
+    print(markdown_table(("inner steps", "iMAML", "MAML (unrolled)", "iMAML RSS", "MAML RSS"), rows))
     s0, s1 = args.steps[0], args.steps[-1]
     growth = by[("imaml", s1)] / max(by[("imaml", s0)], 1e-9) - 1
     print(f"\niMAML growth {s0} -> {s1} steps: {100 * growth:+.1f}% (target <= 5%); "

@@ -141,7 +141,8 @@ def _as_lam(lam, T, device):
             lam = lam.expand(T)
         if tuple(lam.shape) != (T,):
             raise ValueError(f"lam must be a scalar or a [T] tensor with T={T}, got shape {list(lam.shape)}")
-        if _host_checks_allowed() and not bool((lam > 0).all()):
+        # Checking values of a device tensor would sync with the host: only CPU tensors are checked.
+        if lam.device.type == "cpu" and _host_checks_allowed() and not bool((lam > 0).all()):
             raise ValueError("lam must be > 0 for every task")
         return lam.detach().to(device, torch.float64 if lam.dtype == torch.float64 else torch.float32)
     lam = float(lam)
