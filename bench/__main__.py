@@ -4,7 +4,7 @@ import argparse
 
 import torch
 
-from . import cg, memory, meta_step
+from . import cg, hvp, memory, meta_step
 from .common import machine_header, set_threads
 
 
@@ -29,6 +29,12 @@ def main(argv=None):
     p.add_argument("--no-serial", action="store_true")
     p.add_argument("--device", default=dev)
     p.set_defaults(func=meta_step.main)
+    p = sub.add_parser("hvp", help="batched HVP: torch.func vmap path vs per-task double backward")
+    p.add_argument("--shapes", nargs="*", choices=list(hvp.SHAPES))
+    p.add_argument("--tasks", type=int, default=None, help="override T")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--device", default=dev)
+    p.set_defaults(func=hvp.main)
     p = sub.add_parser("memory", help="peak memory vs inner steps: iMAML vs unrolled MAML")
     p.add_argument("--tasks", type=int, default=8)
     p.add_argument("--channels", type=int, default=64)

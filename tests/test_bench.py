@@ -2,7 +2,7 @@
 
 import torch
 
-from bench import cg, memory, meta_step
+from bench import cg, hvp, memory, meta_step
 from bench.baselines import maml_meta_grad, serial_imaml_meta_grad
 from bench.common import machine_header, markdown_table
 
@@ -48,3 +48,8 @@ def test_serial_baseline_matches_batched_op():
         assert torch.allclose(serial[k], batched[k], rtol=1e-8, atol=1e-10), k
     m = maml_meta_grad(model, theta, tasks, inner_steps=2, inner_lr=0.1)
     assert set(m) == set(theta) and all(torch.isfinite(v).all() for v in m.values())
+
+
+def test_hvp_bench_rows():
+    rows, raw = hvp.run(["omniglot-5w1s"], repeat=1, T=2)
+    assert len(rows) == 1 and raw["omniglot-5w1s"]["flops"] > 0
