@@ -4,6 +4,7 @@ import argparse
 
 import torch
 
+from . import all as all_suite
 from . import cg, hvp, memory, meta_step
 from .common import machine_header, set_threads
 
@@ -42,6 +43,11 @@ def main(argv=None):
     p.add_argument("--device", default=dev)
     p.add_argument("--out", default=None)
     p.set_defaults(func=memory.main)
+    p = sub.add_parser("all", help="every suite: tables, CSV and PNG plots under --out")
+    p.add_argument("--quick", action="store_true", help="small sizes: a few minutes on a 2-core CPU")
+    p.add_argument("--device", default=dev)
+    p.add_argument("--out", default=None, help="default: bench/results/<machine>/")
+    p.set_defaults(func=all_suite.main)
     args = parser.parse_args(argv)
     set_threads()
     print(machine_header())
