@@ -127,8 +127,9 @@ class AdaptedParams(dict):
 
     - ``inner_loss``: ``[T]`` task loss at φ (NaN/inf marks a task whose inner loop failed);
     - ``info``: filled by the backward pass: ``{"cg": CGInfo, "dropped": [T] bool}``, where
-      ``dropped`` marks tasks whose contribution was zeroed (non-finite outer gradient,
-      non-finite inner loss, or CG breakdown).
+      ``dropped`` marks tasks whose contribution was zeroed (non-finite outer gradient or
+      non-finite inner loss). A task whose CG broke down (``info["cg"].breakdown``) keeps
+      CG's last good iterate.
     """
 
     inner_loss: torch.Tensor
@@ -197,7 +198,9 @@ class _ImplicitGrad(torch.autograd.Function):
 
             with _batch_stats_only(st["model"]):
                 x, info = cg_solve(matvec, g, iters=st["cg_iters"], tol=st["cg_tol"], backend=st["backend"])
-            bad = ~finite_g | info.breakdown | ~torch.isfinite(x).all(1)
+            # A breakdown (I + H/λ indefinite for a non-convex task) keeps CG's last good
+            # iterate, a usable partial solve; it is reported in info["cg"].breakdown.
+            bad = ~finite_g | ~torch.isfinite(x).all(1)
         bad = bad | ~torch.isfinite(st["inner_loss"])
         x = torch.where(bad[:, None], torch.zeros_like(x), x)
         st["result"].info = {"cg": info, "dropped": bad}

@@ -281,3 +281,31 @@ def test_layout_roundtrip_views():
     assert (flat[:, 4:] == 0).all()  # views, not copies
     with pytest.raises(ValueError, match="expected a flat \\[T, 9\\]"):
         layout.unflatten(torch.zeros(3, 8))
+
+
+def test_cg_breakdown_keeps_last_good_iterate():
+    # Task losses L_t(w) = s_t * 0.5 * mean((x w)^2) with H_t = s_t diag(0.5, 1.2) at lam = 1:
+    # task 0 has A = I + H/lam = diag(1.5, 2.2) (SPD), task 1 (s = -1) has A = diag(0.5, -0.2),
+    # indefinite: CG's first step along g = c(1, 1) has curvature 0.3 c^2 > 0 and its second
+    # meets negative curvature. Task 1 must contribute that first iterate (2/0.3) g, flagged.
+    T = 2
+    theta = {"w": torch.zeros(2, dtype=DT, requires_grad=True)}
+    X = torch.diag(torch.tensor([1.0, 1.2], dtype=DT).sqrt() * 2**0.5)
+    sign = torch.tensor([1.0, -1.0], dtype=DT)
+    xs = torch.cat([X.expand(T, 2, 2), sign.view(T, 1, 1).expand(T, 2, 1)], -1)
+    xs[:, :, :2] *= torch.tensor([0.5, 1.0], dtype=DT).sqrt()  # -> diag(0.5, 1.2)
+    y = torch.zeros(T, 2, dtype=DT)
+
+    def f(p, xx):
+        return torch.stack([xx[:, :2] @ p["w"], xx[:, 2]], -1)
+
+    def signed_loss(out, yy):
+        return 0.5 * (out[:, 1] * out[:, 0] ** 2).mean()
+
+    phi = ik.implicit_adapt(f, theta, (xs, y), lam=1.0, inner=ik.GD(0, 0.1), cg_iters=4, loss=signed_loss)
+    (phi["w"] * torch.tensor([1.0, 2.0], dtype=DT)[:, None]).sum().backward()
+    assert phi.info["cg"].breakdown.tolist() == [False, True]
+    assert phi.info["cg"].iterations[1].item() == 1
+    assert not phi.info["dropped"].any()
+    expected = torch.tensor([1 / 1.5, 1 / 2.2], dtype=DT) + (2 / 0.3) * 2.0 * torch.ones(2, dtype=DT)
+    assert torch.allclose(theta["w"].grad, expected, rtol=1e-10), (theta["w"].grad, expected)
