@@ -1,0 +1,391 @@
+"""``imaml-train``: implicit MAML on Omniglot / MiniImagenet.
+
+One meta-step, all on the device and with no host synchronisation:
+
+    tasks (sampler.sample(T))  ->  inner solve per task (GD or Hessian-Free, no graph)
+      ->  query loss [T]  ->  mean.backward(): ((1+c) I + H_t/(λ+d))⁻¹ g_t by 5 CG
+          iterations (the damped system of the authors' code; c = d = 0: (I + H_t/λ)⁻¹)
+      ->  Adam step on θ
+
+Metrics stay on the device as ``[T]``-reduced tensors and are read back once every
+``--log-every`` steps (a progress bar, ``metrics.jsonl``). Every ``--ckpt-every`` steps a
+checkpoint is written atomically; ``--resume`` continues bit-for-bit (same θ, Adam state,
+task stream). At the end: ``curves.png`` and, with ``--eval-tasks N``, the meta-test
+accuracy on N fixed tasks (see :mod:`imaml_kernels.evaluate`).
+
+Example::
+
+    $ imaml-train --preset omniglot-5w1s --out runs/o5w1s --device cuda
+    $ imaml-train --out runs/o5w1s --resume --steps 40000      # extend a run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
+from .evaluate import (
+    DataError,
+    build_model,
+    build_samplers,
+    build_solver,
+    describe,
+    evaluate,
+    one_line,
+    query_logits,
+    write_json,
+)
+from .implicit import ProximalObjective, implicit_adapt
+from .presets import ConfigError, apply_overrides, config_diff, preset_names, resolve_config
+
+__all__ = ["meta_step", "train", "main"]
+
+# Per-step statistics, in this order, as one device tensor (a single read-back per log).
+STATS = ("loss", "acc", "inner_loss", "dropped", "cg_residual")
+METRICS_NAME = "metrics.jsonl"
+CURVES_NAME = "curves.png"
+
+
+class InnerAtLam:
+    """Run ``solver`` on the proximal problem with λ = ``lam``, whatever λ the op was given.
+
+    :func:`implicit_adapt` uses one λ for the inner problem and the backward system
+    ``(I + H/λ) x = g``; the damped system of the authors' code needs a larger λ in the
+    backward only, so the op gets that one and this wrapper restores the inner λ.
+    """
+
+    def __init__(self, solver, lam: float):
+        self.solver, self.lam = solver, float(lam)
+
+    def __repr__(self):
+        return f"InnerAtLam({self.solver!r}, lam={self.lam})"
+
+    def __call__(self, objective, phi0):
+        inner = ProximalObjective(
+            objective.task_loss, objective.theta, torch.full_like(objective.lam, self.lam), objective.batch,
+            hvp_chunk=objective.hvp_chunk,
+        )
+        return self.solver(inner, phi0)
+
+
+def cg_lam(cfg: Mapping[str, Any]) -> float:
+    """The λ of the backward system that equals the damped one of the authors' code:
+    ``((1+c) I + H/(λ+d)) x = g``  <=>  ``x = (I + H/λ') ⁻¹ g / (1+c)`` with ``λ' = (1+c)(λ+d)``."""
+    return (1.0 + cfg["cg_damping"]) * (cfg["lam"] + cfg["lam_damping"])
+
+
+def meta_step(model, theta, optimizer, batch, cfg: Mapping[str, Any], solver) -> torch.Tensor:
+    """One meta-step on T tasks; returns the statistics ``[len(STATS)]`` (float32, on the device).
+
+    Args:
+        model: the network (θ are its parameters, ``theta = dict(model.named_parameters())``).
+        optimizer: the outer optimizer over θ.
+        batch: ``(x_s [T, N, ...], y_s [T, N], x_q [T, M, ...], y_q [T, M])``.
+        cfg: ``lam``, ``cg_iters``, ``cg_damping``, ``lam_damping``; solver: the inner solver.
+
+    θ.grad becomes the mean over tasks of ``((1+c) I + H_t/(λ+d))⁻¹ ∇φ L_t^query(φ_t)``
+    (c = d = 0: the textbook ``(I + H_t/λ)⁻¹``). Nothing here reads a tensor back to the host.
+    """
+    x_s, y_s, x_q, y_q = batch
+    phi = implicit_adapt(
+        model, theta, (x_s, y_s), lam=cg_lam(cfg), inner=InnerAtLam(solver, cfg["lam"]), cg_iters=cfg["cg_iters"]
+    )
+    logits = query_logits(model, phi, x_q)  # [T, M, way]
+    # Per-task mean cross-entropy, then the mean over tasks: θ.grad = mean of the T
+    # implicit gradients (the paper averages the meta-batch).
+    loss_t = F.cross_entropy(logits.flatten(0, 1), y_q.flatten(), reduction="none").view(y_q.shape).mean(1)
+    optimizer.zero_grad(set_to_none=True)
+    (loss_t.mean() / (1.0 + cfg["cg_damping"])).backward()
+    optimizer.step()
+    with torch.no_grad():
+        acc = (logits.argmax(-1) == y_q).float().mean()
+        info = phi.info or {}
+        dropped = info["dropped"].float().sum() if "dropped" in info else torch.zeros((), device=acc.device)
+        cg = info.get("cg")
+        res = cg.residual.float().mean() if cg is not None else torch.zeros((), device=acc.device)
+        return torch.stack([loss_t.mean().detach(), acc, phi.inner_loss.float().mean(), dropped, res.to(acc.device)])
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
+    """Training loss and query accuracy against meta-step (plus meta-test points) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    rows = _read_metrics(metrics_path)
+    train = [r for r in rows if r.get("kind") == "train"]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    if not train:
+        return None
+    steps = [r["step"] for r in train]
+    # One meta-batch is a noisy estimate: draw each step faintly and a running mean over
+    # about 2% of the run on top.
+    w = max(1, len(train) // 50)
+
+    def smooth(v):
+        c = [0.0]
+        for x in v:
+            c.append(c[-1] + x)
+        return [(c[i + 1] - c[max(0, i + 1 - w)]) / min(w, i + 1) for i in range(len(v))]
+
+    loss, acc = [r["loss"] for r in train], [100 * r["acc"] for r in train]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a1.plot(steps, loss, lw=0.6, alpha=0.3, color="C0")
+    a1.plot(steps, smooth(loss), lw=1.5, color="C0")
+    a1.set(xlabel="meta-step", ylabel="query loss (train tasks)", yscale="log")
+    a2.plot(steps, acc, lw=0.6, alpha=0.3, color="C0")
+    a2.plot(steps, smooth(acc), lw=1.5, color="C0", label=f"train tasks (query), mean of {w}")
+    if evals:
+        a2.errorbar(
+            [r["step"] for r in evals], [100 * r["accuracy"] for r in evals],
+            yerr=[100 * r["ci95"] for r in evals], fmt="o", color="C3", capsize=3,
+            label=f"meta-test ({evals[-1]['tasks']} tasks, 95% CI)",
+        )
+    a2.set(xlabel="meta-step", ylabel="accuracy (%)")
+    a2.legend(loc="lower right")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+    fig.suptitle(metrics_path.parent.name)
+    fig.tight_layout()
+    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+    return out_png
+
+
+def _checkpoint_state(step, cfg, model, optimizer, sampler) -> dict[str, Any]:
+    return {
+        "step": step,
+        "config": dict(cfg),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "sampler": sampler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def train(
+    cfg: Mapping[str, Any],
+    out: str | os.PathLike,
+    *,
+    device: str = "cpu",
+    data_root=None,
+    resume: Mapping[str, Any] | None = None,
+    log_every: int = 10,
+    ckpt_every: int = 100,
+    eval_batch: int = 50,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train to ``cfg["steps"]`` meta-steps, writing checkpoints, metrics and curves in ``out``.
+
+    Args:
+        cfg: a configuration from :func:`imaml_kernels.presets.resolve_config`.
+        resume: a loaded checkpoint to continue from (its config must match ``cfg``).
+
+    Returns:
+        ``{"step", "out", "seconds", "step_seconds", "eval": dict | None}``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_sampler, test_sampler = build_samplers(cfg, device, data_root)
+    # θ₀ from the configuration's seed alone, so a run is reproducible from its config.
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["outer_lr"])
+    metrics_path = out / METRICS_NAME
+    step = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        train_sampler.load_state_dict(resume["sampler"])
+        torch.set_rng_state(resume["torch_rng"])
+        if resume.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resume["cuda_rng"])
+        step = int(resume["step"])
+        # Rows logged after the checkpoint belong to steps that will run again.
+        kept = [r for r in _read_metrics(metrics_path) if r.get("step", 0) <= step and r.get("kind") == "train"]
+        _atomic_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    theta = dict(model.named_parameters())
+    solver = build_solver(cfg)
+    total = int(cfg["steps"])
+    T = int(cfg["meta_batch"])
+
+    def save(at):
+        save_checkpoint(out / CHECKPOINT_NAME, _checkpoint_state(at, cfg, model, optimizer, train_sampler))
+
+    bar = tqdm(total=total, initial=step, desc="meta-step", unit="step", disable=not progress, dynamic_ncols=True)
+    pending: list[torch.Tensor] = []
+    t_start = t_log = time.perf_counter()
+    steps_run = 0
+    with open(metrics_path, "a") as log:
+        while step < total:
+            stats = meta_step(model, theta, optimizer, train_sampler.sample(T), cfg, solver)
+            pending.append(stats)
+            step += 1
+            steps_run += 1
+            if len(pending) == log_every or step == total:
+                # The only read-back: log_every steps' statistics in one transfer.
+                rows = torch.stack(pending).cpu().tolist()
+                now = time.perf_counter()
+                tasks_per_s = len(pending) * T / (now - t_log)
+                t_log = now
+                elapsed = round(now - t_start, 3)  # at the read-back, shared by its rows
+                for i, r in enumerate(rows):
+                    row = {"kind": "train", "step": step - len(rows) + i + 1, **dict(zip(STATS, r)), "time": elapsed}
+                    log.write(json.dumps(row) + "\n")
+                log.flush()
+                mean = {k: sum(r[j] for r in rows) / len(rows) for j, k in enumerate(STATS)}
+                bar.set_postfix(acc=f"{100 * mean['acc']:.1f}%", loss=f"{mean['loss']:.3f}", tasks_s=f"{tasks_per_s:.1f}")
+                bar.update(len(pending))
+                pending.clear()
+            if step % ckpt_every == 0 or step == total:
+                save(step)
+                plot_curves(metrics_path, out / CURVES_NAME)
+    bar.close()
+    seconds = time.perf_counter() - t_start
+    result: dict[str, Any] = {
+        "step": step,
+        "out": str(out),
+        "seconds": seconds,
+        "step_seconds": seconds / steps_run if steps_run else None,
+        "eval": None,
+    }
+    if steps_run:
+        print(f"trained {steps_run} meta-steps in {seconds:.1f} s ({seconds / steps_run:.2f} s/step, {T} tasks/step)")
+    if cfg["eval_tasks"] > 0:
+        r = evaluate(model, test_sampler, cfg, tasks=int(cfg["eval_tasks"]), seed=0, batch=eval_batch)
+        print(describe(r, cfg, 0, cfg["inner"]))
+        summary = {k: v for k, v in r.items() if k != "per_task"}
+        with open(metrics_path, "a") as log:
+            log.write(json.dumps({"kind": "eval", "step": step, "seed": 0, **summary}) + "\n")
+        write_json(out / "eval.json", {"step": step, "seed": 0, "config": dict(cfg), **r})
+        result["eval"] = summary
+    plot_curves(metrics_path, out / CURVES_NAME)
+    return result
+
+
+# ------------------------------------------------------------------ command line
+
+# CLI flag -> configuration key (the flags that override a preset).
+_OVERRIDES = {
+    "way": int, "shot": int, "query": int, "meta_batch": int, "inner_steps": int, "inner_lr": float,
+    "lam": float, "cg_iters": int, "cg_damping": float, "lam_damping": float, "outer_lr": float, "hf_steps": int, "hf_cg_iters": int,
+    "channels": int, "steps": int, "seed": int, "eval_tasks": int,
+}
+
+
+_HELP = {
+    "way": "classes per task", "shot": "support drawings per class (K)",
+    "query": "query drawings per class (default: = shot)", "meta_batch": "tasks per meta-step (T)",
+    "inner_steps": "GD inner steps", "inner_lr": "GD inner step size", "lam": "λ of the proximal term",
+    "cg_iters": "CG iterations of the meta-gradient",
+    "cg_damping": "c in ((1+c) I + H/(λ+d)) x = g (authors' code: 1; 0 with --lam-damping 0: (I + H/λ))",
+    "lam_damping": "d in ((1+c) I + H/(λ+d)) x = g (authors' code: 10)", "outer_lr": "Adam step size",
+    "hf_steps": "Newton steps of the Hessian-Free inner solver", "hf_cg_iters": "CG iterations per Newton step",
+    "channels": "conv filters (default: 64 Omniglot, 32 MiniImagenet)", "steps": "meta-steps in total",
+    "seed": "seed of θ₀ and of the task stream", "eval_tasks": "meta-test tasks evaluated at the end (0: none)",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="imaml-train",
+        description="Implicit MAML (Rajeswaran et al. 2019): meta-train with implicit gradients "
+        "(GD or Hessian-Free inner loop, CG meta-gradient, Adam). Every hyperparameter of the "
+        "preset can be overridden.",
+    )
+    p.add_argument("--preset", help=f"one of: {', '.join(preset_names())} (default: omniglot-5w1s; "
+                   "with --resume: the checkpoint's configuration)")
+    p.add_argument("--inner", choices=("gd", "hf"), help="inner solver: gradient descent or Hessian-Free (Newton-CG)")
+    for key, typ in _OVERRIDES.items():
+        p.add_argument("--" + key.replace("_", "-"), dest=key, type=typ, metavar=typ.__name__.upper(), help=_HELP[key])
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--out", help="run folder (default: runs/<preset>)")
+    p.add_argument("--data-root", help="data folder (default: $IMAML_DATA, else the user cache)")
+    p.add_argument("--resume", nargs="?", const="", metavar="CKPT",
+                   help="continue from CKPT (default: <out>/ckpt.pt) bit-for-bit")
+    p.add_argument("--log-every", type=int, default=10, help="read metrics back every N steps (default: 10)")
+    p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps (default: 100)")
+    p.add_argument("--eval-batch", type=int, default=50, help="tasks adapted at once in the final evaluation")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    """``imaml-train``; returns the exit status (0, or 2 with a one-line error on stderr)."""
+    args = _parser().parse_args(argv)
+    overrides = {k: getattr(args, k) for k in _OVERRIDES}
+    overrides["inner"] = args.inner
+    try:
+        if args.log_every < 1 or args.ckpt_every < 1:
+            raise ConfigError("--log-every and --ckpt-every must be >= 1")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        resume = None
+        if args.resume is not None:
+            if args.resume:
+                ckpt_path = Path(args.resume)
+            elif args.out:
+                ckpt_path = Path(args.out) / CHECKPOINT_NAME
+            else:
+                raise ConfigError("--resume needs a checkpoint path or --out")
+            resume = load_checkpoint(ckpt_path, map_location=args.device)
+            saved = resume["config"]
+            requested = (
+                resolve_config(args.preset, overrides) if args.preset else apply_overrides(saved, overrides)
+            )
+            diff = config_diff(saved, requested)
+            if diff:
+                detail = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
+                raise ConfigError(f"{ckpt_path} comes from another configuration ({detail})")
+            cfg = requested
+            out = Path(args.out) if args.out else (ckpt_path if ckpt_path.is_dir() else ckpt_path.parent)
+        else:
+            cfg = resolve_config(args.preset or "omniglot-5w1s", overrides)
+            out = Path(args.out or Path("runs") / cfg["preset"])
+        print(
+            "config: " + " ".join(f"{k}={cfg[k]}" for k in cfg)
+            + f" device={args.device} threads={torch.get_num_threads()}",
+            flush=True,
+        )
+        result = train(
+            cfg, out, device=args.device, data_root=args.data_root, resume=resume, log_every=args.log_every,
+            ckpt_every=args.ckpt_every, eval_batch=args.eval_batch, progress=not args.no_progress,
+        )
+    except (ConfigError, CheckpointError, DataError) as exc:
+        print(f"imaml-train: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    print(f"run folder: {result['out']} ({CHECKPOINT_NAME}, {METRICS_NAME}, {CURVES_NAME})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
