@@ -21,5 +21,8 @@ export IMAML_DATA="${IMAML_DATA:-$PWD/../shared/data/omniglot}"
   python3 -m pytest -q tests/test_gpu.py 2>&1 | tail -15
   python3 -m bench cg --device cuda
   for P in 10000 1000000; do python3 -m bench cg --device cuda --params $P | sed -n '/^| backend/,/^cuda:/p'; done
+  python3 -m bench meta-step --device cuda
+  python3 -m bench hvp --device cuda
+  python3 -m bench memory --device cuda --tasks 32 --out "$OUTDIR"
   echo '```'
 } 2>&1 | tee "$LOG"
