@@ -10,13 +10,16 @@ One meta-step, all on the device and with no host synchronisation:
 Metrics stay on the device as ``[T]``-reduced tensors and are read back once every
 ``--log-every`` steps (a progress bar, ``metrics.jsonl``). Every ``--ckpt-every`` steps a
 checkpoint is written atomically; ``--resume`` continues bit-for-bit (same θ, Adam state,
-task stream). At the end: ``curves.png`` and, with ``--eval-tasks N``, the meta-test
-accuracy on N fixed tasks (see :mod:`imaml_kernels.evaluate`).
+task stream). With ``--world-size N`` or under ``torchrun`` the T tasks of each meta-batch
+are split across N ranks (see :mod:`imaml_kernels.distributed`). At the end: ``curves.png``
+and, with ``--eval-tasks N``, the meta-test accuracy on N fixed tasks (rank 0 alone; see
+:mod:`imaml_kernels.evaluate`).
 
 Example::
 
     $ imaml-train --preset omniglot-5w1s --out runs/o5w1s --device cuda
     $ imaml-train --out runs/o5w1s --resume --steps 40000      # extend a run
+    $ torchrun --nproc_per_node 4 -m imaml_kernels.train --preset omniglot-5w1s --device cuda
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from .evaluate import (
     DataError,
@@ -84,7 +88,7 @@ def cg_lam(cfg: Mapping[str, Any]) -> float:
     return (1.0 + cfg["cg_damping"]) * (cfg["lam"] + cfg["lam_damping"])
 
 
-def meta_step(model, theta, optimizer, batch, cfg: Mapping[str, Any], solver) -> torch.Tensor:
+def meta_step(model, theta, optimizer, batch, cfg: Mapping[str, Any], solver, dist=None) -> torch.Tensor:
     """One meta-step on T tasks; returns the statistics ``[len(STATS)]`` (float32, on the device).
 
     Args:
@@ -92,6 +96,8 @@ def meta_step(model, theta, optimizer, batch, cfg: Mapping[str, Any], solver) ->
         optimizer: the outer optimizer over θ.
         batch: ``(x_s [T, N, ...], y_s [T, N], x_q [T, M, ...], y_q [T, M])``.
         cfg: ``lam``, ``cg_iters``, ``cg_damping``, ``lam_damping``; solver: the inner solver.
+        dist: a :class:`~imaml_kernels.distributed.DistContext` when ``batch`` is this rank's
+            slice of the meta-batch: θ.grad is averaged over ranks before the step.
 
     θ.grad becomes the mean over tasks of ``((1+c) I + H_t/(λ+d))⁻¹ ∇φ L_t^query(φ_t)``
     (c = d = 0: the textbook ``(I + H_t/λ)⁻¹``). Nothing here reads a tensor back to the host.
@@ -106,6 +112,8 @@ def meta_step(model, theta, optimizer, batch, cfg: Mapping[str, Any], solver) ->
     loss_t = F.cross_entropy(logits.flatten(0, 1), y_q.flatten(), reduction="none").view(y_q.shape).mean(1)
     optimizer.zero_grad(set_to_none=True)
     (loss_t.mean() / (1.0 + cfg["cg_damping"])).backward()
+    if dist is not None:
+        dist.average_gradients(model.parameters())
     optimizer.step()
     with torch.no_grad():
         acc = (logits.argmax(-1) == y_q).float().mean()
@@ -200,18 +208,25 @@ def train(
     ckpt_every: int = 100,
     eval_batch: int = 50,
     progress: bool = True,
+    dist: distributed.DistContext | None = None,
 ) -> dict[str, Any]:
     """Train to ``cfg["steps"]`` meta-steps, writing checkpoints, metrics and curves in ``out``.
 
     Args:
         cfg: a configuration from :func:`imaml_kernels.presets.resolve_config`.
         resume: a loaded checkpoint to continue from (its config must match ``cfg``).
+        dist: this rank of a data-parallel run (None: one process). Each rank builds its
+            ``T / world_size`` tasks of every meta-batch; rank 0 alone writes files and
+            evaluates at the end.
 
     Returns:
         ``{"step", "out", "seconds", "step_seconds", "eval": dict | None}``.
     """
+    dist = dist or distributed.DistContext()
+    main_rank = dist.is_main
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
     train_sampler, test_sampler = build_samplers(cfg, device, data_root)
     # θ₀ from the configuration's seed alone, so a run is reproducible from its config.
     torch.manual_seed(cfg["seed"])
@@ -228,31 +243,43 @@ def train(
             torch.cuda.set_rng_state_all(resume["cuda_rng"])
         step = int(resume["step"])
         # Rows logged after the checkpoint belong to steps that will run again.
-        kept = [r for r in _read_metrics(metrics_path) if r.get("step", 0) <= step and r.get("kind") == "train"]
-        _atomic_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-    elif metrics_path.exists():
+        if main_rank:
+            kept = [r for r in _read_metrics(metrics_path) if r.get("step", 0) <= step and r.get("kind") == "train"]
+            _atomic_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+    elif main_rank and metrics_path.exists():
         metrics_path.unlink()
     theta = dict(model.named_parameters())
     solver = build_solver(cfg)
     total = int(cfg["steps"])
     T = int(cfg["meta_batch"])
+    if T % dist.world_size:
+        raise ConfigError(f"meta-batch {T} is not divisible by the world size {dist.world_size}")
+    # Every rank draws the whole meta-batch (the same stream as one process) and builds its slice.
+    sample = (
+        (lambda: train_sampler.build(distributed.shard(train_sampler.draw(T), dist.rank, dist.world_size)))
+        if dist.active else (lambda: train_sampler.sample(T))
+    )
+    step_dist = dist if dist.active else None
 
     def save(at):
         save_checkpoint(out / CHECKPOINT_NAME, _checkpoint_state(at, cfg, model, optimizer, train_sampler))
 
-    bar = tqdm(total=total, initial=step, desc="meta-step", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=total, initial=step, desc="meta-step", unit="step", disable=not (progress and main_rank), dynamic_ncols=True
+    )
     pending: list[torch.Tensor] = []
     t_start = t_log = time.perf_counter()
     steps_run = 0
-    with open(metrics_path, "a") as log:
+    with open(metrics_path, "a") if main_rank else open(os.devnull, "w") as log:
         while step < total:
-            stats = meta_step(model, theta, optimizer, train_sampler.sample(T), cfg, solver)
+            stats = meta_step(model, theta, optimizer, sample(), cfg, solver, dist=step_dist)
             pending.append(stats)
             step += 1
             steps_run += 1
             if len(pending) == log_every or step == total:
                 # The only read-back: log_every steps' statistics in one transfer.
-                rows = torch.stack(pending).cpu().tolist()
+                # Across ranks: one all_reduce of the block (means; "dropped" is a count).
+                rows = dist.reduce_stats(torch.stack(pending), summed=(STATS.index("dropped"),)).cpu().tolist()
                 now = time.perf_counter()
                 tasks_per_s = len(pending) * T / (now - t_log)
                 t_log = now
@@ -265,10 +292,11 @@ def train(
                 bar.set_postfix(acc=f"{100 * mean['acc']:.1f}%", loss=f"{mean['loss']:.3f}", tasks_s=f"{tasks_per_s:.1f}")
                 bar.update(len(pending))
                 pending.clear()
-            if step % ckpt_every == 0 or step == total:
+            if main_rank and (step % ckpt_every == 0 or step == total):
                 save(step)
                 plot_curves(metrics_path, out / CURVES_NAME)
     bar.close()
+    dist.barrier()  # the last checkpoint is written before any rank returns
     seconds = time.perf_counter() - t_start
     result: dict[str, Any] = {
         "step": step,
@@ -277,6 +305,8 @@ def train(
         "step_seconds": seconds / steps_run if steps_run else None,
         "eval": None,
     }
+    if not main_rank:
+        return result
     if steps_run:
         print(f"trained {steps_run} meta-steps in {seconds:.1f} s ({seconds / steps_run:.2f} s/step, {T} tasks/step)")
     if cfg["eval_tasks"] > 0:
@@ -336,17 +366,35 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch", type=int, default=50, help="tasks adapted at once in the final evaluation")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--world-size", type=int, metavar="N",
+                   help="data-parallel processes to spawn on this machine, T/N tasks each (gloo on CPU, "
+                   "nccl on CUDA: one GPU per rank); under torchrun the world size comes from it")
+    p.add_argument("--dist-timeout", type=float, default=300.0, metavar="S",
+                   help="seconds a rank waits for its peers before it exits with an error (default: 300)")
     return p
 
 
 def main(argv=None) -> int:
-    """``imaml-train``; returns the exit status (0, or 2 with a one-line error on stderr)."""
+    """``imaml-train``; returns the exit status (0, or 2 with a one-line error on stderr; 1 when
+    a peer rank of a distributed run failed). Under torchrun (WORLD_SIZE set) this process is
+    one rank; with ``--world-size N`` it spawns N ranks that run ``main(argv)`` again."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    launched = distributed.env_world_size()  # set by torchrun or by our own spawn
+    world = launched or args.world_size or 1
+    rank = int(os.environ.get("RANK", 0)) if launched else 0
+    device = args.device
+    if launched and launched > 1 and device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    dist = None
     overrides = {k: getattr(args, k) for k in _OVERRIDES}
     overrides["inner"] = args.inner
     try:
         if args.log_every < 1 or args.ckpt_every < 1:
             raise ConfigError("--log-every and --ckpt-every must be >= 1")
+        if args.world_size is not None and (args.world_size < 1 or (launched and args.world_size != launched)):
+            raise ConfigError(f"--world-size {args.world_size} does not match WORLD_SIZE={launched} of the launcher"
+                              if launched else f"--world-size must be >= 1, got {args.world_size}")
         if args.threads:
             torch.set_num_threads(args.threads)
         resume = None
@@ -357,7 +405,7 @@ def main(argv=None) -> int:
                 ckpt_path = Path(args.out) / CHECKPOINT_NAME
             else:
                 raise ConfigError("--resume needs a checkpoint path or --out")
-            resume = load_checkpoint(ckpt_path, map_location=args.device)
+            resume = load_checkpoint(ckpt_path, map_location=device)
             saved = resume["config"]
             requested = (
                 resolve_config(args.preset, overrides) if args.preset else apply_overrides(saved, overrides)
@@ -371,18 +419,37 @@ def main(argv=None) -> int:
         else:
             cfg = resolve_config(args.preset or "omniglot-5w1s", overrides)
             out = Path(args.out or Path("runs") / cfg["preset"])
-        print(
-            "config: " + " ".join(f"{k}={cfg[k]}" for k in cfg)
-            + f" device={args.device} threads={torch.get_num_threads()}",
-            flush=True,
-        )
+        if cfg["meta_batch"] % world:
+            raise ConfigError(
+                f"meta-batch {cfg['meta_batch']} is not divisible by the world size {world}: "
+                f"each rank takes meta-batch / world-size tasks of every meta-step"
+            )
+        if world > 1 and not launched:
+            return distributed.spawn(argv, world)  # each rank runs this main again
+        dist = distributed.init(device, args.dist_timeout)
+        if rank == 0:
+            print(
+                "config: " + " ".join(f"{k}={cfg[k]}" for k in cfg)
+                + f" device={device} threads={torch.get_num_threads()}"
+                + (f" world_size={world}" if world > 1 else ""),
+                flush=True,
+            )
         result = train(
-            cfg, out, device=args.device, data_root=args.data_root, resume=resume, log_every=args.log_every,
-            ckpt_every=args.ckpt_every, eval_batch=args.eval_batch, progress=not args.no_progress,
+            cfg, out, device=device, data_root=args.data_root, resume=resume, log_every=args.log_every,
+            ckpt_every=args.ckpt_every, eval_batch=args.eval_batch, progress=not args.no_progress, dist=dist,
         )
     except (ConfigError, CheckpointError, DataError) as exc:
-        print(f"imaml-train: error: {one_line(exc)}", file=sys.stderr)
+        where = f" (rank {rank})" if launched and launched > 1 else ""
+        print(f"imaml-train: error{where}: {one_line(exc)}", file=sys.stderr)
         return 2
+    except distributed.DistributedError as exc:
+        print(f"imaml-train: error: {one_line(exc)}", file=sys.stderr)
+        return 1
+    finally:
+        if dist is not None:
+            dist.close()
+    if rank:
+        return 0
     print(f"run folder: {result['out']} ({CHECKPOINT_NAME}, {METRICS_NAME}, {CURVES_NAME})")
     return 0
 

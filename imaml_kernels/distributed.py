@@ -1,0 +1,234 @@
+"""Data-parallel meta-training: the T tasks of a meta-batch split across processes.
+
+Every rank draws the whole meta-batch's indices from the same sampler stream (a few
+cheap random calls) and builds only its contiguous slice of ``T / world_size`` tasks, so
+an N-rank run sees exactly the tasks of a 1-rank run with the same seed. Each rank runs
+the inner solves and implicit gradients of its slice; the meta-gradients (each the mean
+over the rank's tasks) are averaged with one ``all_reduce`` into the 1-process mean over
+all T tasks, and the Adam step is then the same on every rank. Rank 0 alone writes logs,
+checkpoints and plots.
+
+Launch::
+
+    $ torchrun --nproc_per_node 4 -m imaml_kernels.train --device cuda ...   # nccl, one GPU per rank
+    $ imaml-train --world-size 2 --threads 1 ...                           # spawns 2 CPU ranks (gloo)
+    $ python -m imaml_kernels.distributed bench                             # meta-steps/s, 1 vs 2 ranks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistContext", "DistributedError", "env_world_size", "init", "shard", "spawn"]
+
+
+class DistributedError(RuntimeError):
+    """A collective or the rendezvous failed: a peer rank died or did not answer in time."""
+
+
+def env_world_size() -> int | None:
+    """``WORLD_SIZE`` as set by torchrun (or :func:`spawn`), else None."""
+    value = os.environ.get("WORLD_SIZE")
+    return int(value) if value else None
+
+
+@dataclass
+class DistContext:
+    """One rank of a process group (``world_size == 1``: no group, every call is a no-op)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    timeout: float = 300.0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def _run(self, what: str, fn):
+        try:
+            return fn()
+        except Exception as exc:  # gloo / nccl raise RuntimeError or DistError subclasses
+            msg = " ".join(str(exc).split())[:300]
+            raise DistributedError(
+                f"rank {self.rank}/{self.world_size}: {what} failed; a peer rank exited or did not "
+                f"answer within --dist-timeout {self.timeout:g} s ({type(exc).__name__}: {msg})"
+            ) from exc
+
+    def average_gradients(self, params) -> None:
+        """θ.grad <- the mean of θ.grad over ranks (one all_reduce of a flat buffer)."""
+        if not self.active:
+            return
+        params = [p for p in params if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self._run("all_reduce of the meta-gradient", lambda: dist.all_reduce(flat))
+        flat.div_(self.world_size)
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            if p.grad is None:
+                p.grad = flat[offset : offset + n].view_as(p).clone()
+            else:
+                p.grad.copy_(flat[offset : offset + n].view_as(p))
+            offset += n
+
+    def reduce_stats(self, block: torch.Tensor, summed: Sequence[int] = ()) -> torch.Tensor:
+        """``[steps, S]`` per-rank statistics -> the global values: the mean over ranks (each
+        rank's value is a mean over the same number of tasks), the sum for columns ``summed``."""
+        if not self.active:
+            return block
+        block = block.clone()
+        self._run("all_reduce of the metrics", lambda: dist.all_reduce(block))
+        scale = torch.full((block.shape[1],), 1.0 / self.world_size, dtype=block.dtype, device=block.device)
+        scale[list(summed)] = 1.0
+        return block * scale
+
+    def barrier(self) -> None:
+        if self.active:
+            self._run("barrier", dist.barrier)
+
+    def close(self) -> None:
+        if self.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init(device: str, timeout: float = 300.0) -> DistContext:
+    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT): nccl for CUDA, gloo otherwise.
+
+    Example:
+        >>> ctx = init("cpu", timeout=60)   # under torchrun --nproc_per_node 2
+        >>> ctx.rank, ctx.world_size
+        (0, 2)
+    """
+    world = env_world_size() or 1
+    ctx = DistContext(int(os.environ.get("RANK", 0)), world, int(os.environ.get("LOCAL_RANK", 0)), float(timeout))
+    if not ctx.active:
+        return ctx
+    backend = "nccl" if str(device).startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(ctx.local_rank)
+    ctx._run(
+        f"init_process_group({backend}) at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}",
+        lambda: dist.init_process_group(
+            backend, rank=ctx.rank, world_size=world, timeout=timedelta(seconds=ctx.timeout)
+        ),
+    )
+    return ctx
+
+
+def shard(idx, rank: int, world_size: int):
+    """Rank ``rank``'s contiguous slice of a meta-batch's :class:`TaskIndices` (``T / world_size`` tasks)."""
+    T = idx.classes.shape[0]
+    n = T // world_size
+    return type(idx)(*(t[rank * n : (rank + 1) * n] for t in idx))
+
+
+# ------------------------------------------------------------------ spawning
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, addr: str, port: int, argv: list[str]) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR=addr, MASTER_PORT=str(port),
+    )
+    from .train import main
+
+    rc = main(argv)
+    if rc:
+        sys.exit(rc)
+
+
+def spawn(argv: Sequence[str], world_size: int) -> int:
+    """Run ``imaml-train argv`` on ``world_size`` local processes (torch.multiprocessing, spawn);
+    returns 0, or the exit status of the first rank that failed (the others are terminated)."""
+    import torch.multiprocessing as mp
+
+    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = int(os.environ.get("MASTER_PORT") or _free_port())
+    try:
+        mp.start_processes(
+            _worker, args=(world_size, addr, port, list(argv)), nprocs=world_size, join=True, start_method="spawn"
+        )
+    except mp.ProcessExitedException as exc:
+        how = f"was killed by signal {-exc.exit_code}" if exc.exit_code < 0 else f"exited with status {exc.exit_code}"
+        print(f"imaml-train: error: rank {exc.error_index} {how}; the other ranks were stopped", file=sys.stderr)
+        return exc.exit_code if exc.exit_code and exc.exit_code > 0 else 1
+    except mp.ProcessRaisedException as exc:
+        print(f"imaml-train: error: rank {exc.error_index} raised: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------ benchmark
+
+
+def bench(worlds=(1, 2), steps: int = 6, extra: Sequence[str] = ()) -> dict[int, float]:
+    """Meta-steps/s of the tiny CPU configuration for each world size (1 thread per rank).
+
+    Times the second half of the run only (from the read-back after ``steps/2`` steps to the
+    one at the end), so process start, data loading and the first step are excluded.
+    """
+    from .train import main
+
+    half = max(1, steps // 2)
+    cfg = [
+        "--preset", "omniglot-5w1s", "--meta-batch", "4", "--inner-steps", "2", "--channels", "8",
+        "--threads", "1", "--no-progress", "--eval-tasks", "0", "--steps", str(2 * half),
+        "--log-every", str(half), "--ckpt-every", str(10 * half), *extra,
+    ]
+    rates = {}
+    for world in worlds:
+        with tempfile.TemporaryDirectory() as out:
+            rc = main([*cfg, "--out", out, "--world-size", str(world)])
+            if rc:
+                raise RuntimeError(f"bench run with world size {world} failed ({rc})")
+            rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+            t = [r["time"] for r in rows if r["kind"] == "train"]
+            rates[world] = half / (t[2 * half - 1] - t[half - 1])
+    return rates
+
+
+def _main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m imaml_kernels.distributed")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("bench", help="meta-steps/s for 1 and 2 processes (1 thread each, CPU)")
+    b.add_argument("--steps", type=int, default=6)
+    b.add_argument("--worlds", default="1,2")
+    b.add_argument("extra", nargs="*", help="more imaml-train flags (after --)")
+    args = p.parse_args(argv)
+    worlds = tuple(int(w) for w in args.worlds.split(","))
+    rates = bench(worlds, args.steps, args.extra)
+    print(f"# {os.cpu_count()} CPUs, torch {torch.__version__}, meta-batch 4, 8 channels, 1 thread per rank"
+          + (f", overridden by: {' '.join(args.extra)}" if args.extra else ""))
+    print("| processes | meta-steps/s | speed-up |\n|---|---|---|")
+    for w, r in rates.items():
+        print(f"| {w} | {r:.3f} | {r / rates[worlds[0]]:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
