@@ -5,7 +5,7 @@ import argparse
 import torch
 
 from . import all as all_suite
-from . import cg, hvp, memory, meta_step
+from . import cg, distributed, hvp, memory, meta_step
 from .common import machine_header, set_threads
 
 
@@ -43,6 +43,12 @@ def main(argv=None):
     p.add_argument("--device", default=dev)
     p.add_argument("--out", default=None)
     p.set_defaults(func=memory.main)
+    p = sub.add_parser("distributed", help="meta-steps/s for 1 and 2 processes (CPU, gloo)")
+    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--meta-batch", type=int, default=16)
+    p.add_argument("--channels", type=int, default=32)
+    p.set_defaults(func=distributed.main)
     p = sub.add_parser("all", help="every suite: tables, CSV and PNG plots under --out")
     p.add_argument("--quick", action="store_true", help="small sizes: a few minutes on a 2-core CPU")
     p.add_argument("--device", default=dev)

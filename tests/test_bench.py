@@ -53,3 +53,10 @@ def test_serial_baseline_matches_batched_op():
 def test_hvp_bench_rows():
     rows, raw = hvp.run(["omniglot-5w1s"], repeat=1, T=2)
     assert len(rows) == 1 and raw["omniglot-5w1s"]["flops"] > 0
+
+
+def test_distributed_bench_rows():
+    from imaml_kernels.distributed import bench
+
+    rates = bench((1, 2), steps=2, extra=["--meta-batch", "2", "--channels", "4"])
+    assert set(rates) == {1, 2} and all(r > 0 for r in rates.values())
