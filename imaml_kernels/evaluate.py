@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
 from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
-from .implicit import ProximalObjective
+from .engine import functional_logits
+from .implicit import ProximalObjective, select_engine
 from .inner import GD, NewtonCG
 from .nets import MiniImagenetConv, OmniglotConv
 from .presets import ConfigError, apply_overrides
@@ -88,8 +89,13 @@ def task_loss_fn(model: torch.nn.Module):
     return f
 
 
-def query_logits(model: torch.nn.Module, phi: Mapping[str, torch.Tensor], x_q: torch.Tensor) -> torch.Tensor:
-    """Logits ``[T, M, way]`` of the adapted ``phi`` (dict of ``[T, ...]``) on ``x_q [T, M, ...]``."""
+def query_logits(model: torch.nn.Module, phi: Mapping[str, torch.Tensor], x_q: torch.Tensor, engine=None) -> torch.Tensor:
+    """Logits ``[T, M, way]`` of the adapted ``phi`` (dict of ``[T, ...]``) on ``x_q [T, M, ...]``,
+    differentiable in ``phi``: through the fused engine when it supports the model
+    (``engine`` as in :func:`~imaml_kernels.implicit_adapt`), else ``vmap`` of ``functional_call``."""
+    net = select_engine(model, {k: v[0] for k, v in phi.items()}, x_q, engine=engine)
+    if net is not None:
+        return functional_logits(net, dict(phi), x_q)
     return vmap(lambda p, x: functional_call(model, p, (x,)))(dict(phi), x_q)
 
 
@@ -143,7 +149,7 @@ def evaluate(
     for x_s, y_s, x_q, y_q in sampler.eval_tasks(tasks, batch, seed=seed):
         T = x_s.shape[0]
         lam = torch.full((T,), float(cfg["lam"]), device=x_s.device)
-        objective = ProximalObjective(f, theta, lam, (x_s, y_s))
+        objective = ProximalObjective(f, theta, lam, (x_s, y_s), engine=select_engine(model, theta, x_s))
         phi0 = {k: v.unsqueeze(0).expand(T, *v.shape).clone() for k, v in theta.items()}
         phi = solver(objective, phi0)
         accs.append((query_logits(model, phi, x_q).argmax(-1) == y_q).float().mean(1))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 from .cg import cg_solve
+from .engine import BatchedNet, UnsupportedModel, functional_logits
 from .hvp import batched_hvp
 from .layout import ParamLayout
 
@@ -73,20 +74,36 @@ class ProximalObjective:
         theta: dict of shared meta-parameters (unbatched; detached here).
         lam: ``[T]`` tensor of λ_t > 0.
         batch: tensors with leading T (the support set).
+        engine: a :class:`~imaml_kernels.engine.BatchedNet` computing the same ``task_loss``
+            (cross-entropy of the network): values, gradients and HVPs then run through the
+            fused engine instead of ``torch.func`` under ``vmap``.
 
     Methods take and return dicts of ``[T, ...]`` tensors; values are ``[T]``.
+    :meth:`linearize` works on flat ``[T, P]`` buffers.
     """
 
-    def __init__(self, task_loss, theta, lam, batch, hvp_chunk=None):
+    def __init__(self, task_loss, theta, lam, batch, hvp_chunk=None, engine: Optional[BatchedNet] = None):
         self.task_loss = task_loss
         self.theta = {k: v.detach() for k, v in theta.items()}
         self.lam = lam
         self.batch = batch
         self.hvp_chunk = hvp_chunk
         self.layout = ParamLayout.from_params(self.theta, batched=False)
+        if engine is not None and (engine.layout.names != self.layout.names or engine.layout.shapes != self.layout.shapes):
+            raise ValueError("the engine's parameter layout differs from theta's (names, order or shapes)")
+        self.engine = engine
         self._grad_value = vmap(grad_and_value(task_loss))
         self._grad = vmap(grad(task_loss))
         self._value = vmap(task_loss)
+
+    @property
+    def theta_flat(self) -> torch.Tensor:
+        """θ as one ``[P]`` vector."""
+        return self.layout.flatten({k: v.unsqueeze(0) for k, v in self.theta.items()})[0]
+
+    def with_lam(self, lam):
+        """The same objective with another ``[T]`` λ."""
+        return ProximalObjective(self.task_loss, self.theta, lam, self.batch, hvp_chunk=self.hvp_chunk, engine=self.engine)
 
     def _lam(self, like):
         return self.lam.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
@@ -97,6 +114,8 @@ class ProximalObjective:
 
     def task_value(self, phi):
         """``L̂_t(φ_t)`` ``[T]``."""
+        if self.engine is not None:
+            return self.engine.loss(self.layout.flatten(phi), *self.batch)
         return self._value(phi, *self.batch)
 
     def value(self, phi):
@@ -104,22 +123,81 @@ class ProximalObjective:
         return self.task_value(phi) + self._prox(phi)
 
     def grad(self, phi):
-        g = self._grad(phi, *self.batch)
+        return self.value_and_grad(phi)[1] if self.engine is not None else self._add_prox_grad(phi, self._grad(phi, *self.batch))
+
+    def _add_prox_grad(self, phi, g):
         return {k: g[k] + self._lam(phi[k]) * (phi[k] - self.theta[k]) for k in phi}
 
     def value_and_grad(self, phi):
-        g, v = self._grad_value(phi, *self.batch)
-        g = {k: g[k] + self._lam(phi[k]) * (phi[k] - self.theta[k]) for k in phi}
-        return v + self._prox(phi), g
+        if self.engine is not None:
+            v, g = self.engine.loss_and_grad(self.layout.flatten(phi), *self.batch)
+            g = self.layout.unflatten(g)
+        else:
+            g, v = self._grad_value(phi, *self.batch)
+        return v + self._prox(phi), self._add_prox_grad(phi, g)
 
     def task_hvp(self, phi, v):
         """``H_t v_t`` with ``H_t = ∇²L̂_t(φ_t)`` (no proximal term)."""
+        if self.engine is not None:
+            flat = self.layout.flatten
+            return self.layout.unflatten(self.engine.hvp(flat(phi), flat(v), *self.batch))
         return batched_hvp(self.task_loss, phi, v, *self.batch, chunk=self.hvp_chunk)
 
     def hvp(self, phi, v):
         """``(H_t + λ_t I) v_t``: the Hessian of the proximal objective."""
         hv = self.task_hvp(phi, v)
         return {k: hv[k] + self._lam(v[k]) * v[k] for k in v}
+
+    def linearize(self, phi: torch.Tensor) -> "ObjectiveLinearization":
+        """The objective at a flat ``phi [T, P]``: ``value``/``grad`` (proximal term included)
+        and HVPs that, with the engine, reuse one primal pass for every product."""
+        return ObjectiveLinearization(self, phi)
+
+
+class ObjectiveLinearization:
+    """:meth:`ProximalObjective.linearize`: flat ``[T, P]`` in and out; computed lazily."""
+
+    def __init__(self, objective, phi):
+        self.objective, self.phi = objective, phi
+        self._lin = None
+        if objective.engine is not None:
+            self._lin = objective.engine.linearize(phi, *objective.batch)
+        self._vg = None
+
+    def _value_grad(self):
+        if self._vg is None:
+            obj, phi = self.objective, self.phi
+            lam = obj.lam.to(phi.dtype)[:, None]
+            d = phi - obj.theta_flat.to(phi.dtype)
+            if self._lin is not None:
+                v, g = self._lin.loss, self._lin.grad
+            else:
+                g, v = obj._grad_value(obj.layout.unflatten(phi), *obj.batch)
+                g = obj.layout.flatten(g)
+            self._vg = (v + 0.5 * lam[:, 0] * (d * d).sum(1), g + lam * d)
+        return self._vg
+
+    @property
+    def value(self):
+        """``[T]``: ``L̂_t(φ_t) + (λ_t/2)‖φ_t − θ‖²``."""
+        return self._value_grad()[0]
+
+    @property
+    def grad(self):
+        """``[T, P]``: its gradient."""
+        return self._value_grad()[1]
+
+    def task_hvp(self, v):
+        """``H_t v_t`` (no proximal term): ``[T, P]`` -> ``[T, P]``."""
+        if self._lin is not None:
+            return self._lin.hvp(v)
+        obj = self.objective
+        un = obj.layout.unflatten
+        return obj.layout.flatten(batched_hvp(obj.task_loss, un(self.phi), un(v), *obj.batch, chunk=obj.hvp_chunk))
+
+    def hvp(self, v):
+        """``(H_t + λ_t I) v_t``."""
+        return self.task_hvp(v) + self.objective.lam.to(v.dtype)[:, None] * v
 
 
 class AdaptedParams(dict):
@@ -171,6 +249,38 @@ def _check_inputs(theta, support):
     return x.shape[0]
 
 
+def select_engine(model, theta, x, loss=None, engine=None) -> Optional[BatchedNet]:
+    """The fused engine for this call, or ``None`` for the generic ``torch.func`` path.
+
+    ``engine``: ``None`` (automatic: used when ``model`` is a supported ``nn.Sequential``,
+    the loss is the default cross-entropy, θ is ``model``'s float32/float64 parameters in
+    order and the inputs fit), ``False`` (never), ``True`` (required: raises with the reason
+    when it cannot run) or a :class:`~imaml_kernels.engine.BatchedNet`."""
+    if engine is False:
+        return None
+    if isinstance(engine, BatchedNet):
+        return engine
+    if engine not in (None, True):
+        raise TypeError(f"engine must be None, True, False or a BatchedNet, got {type(engine).__name__}")
+    try:
+        if loss is not None:
+            raise UnsupportedModel("a custom loss was given (the engine implements cross-entropy)")
+        if not isinstance(model, torch.nn.Module):
+            raise UnsupportedModel(f"model is a {type(model).__name__}, not an nn.Module")
+        dtypes = {v.dtype for v in theta.values()}
+        if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.float64}:
+            raise UnsupportedModel(f"theta dtypes {sorted(map(str, dtypes))}: the engine needs one of float32/float64")
+        net = BatchedNet(model, tuple(x.shape[2:]))
+        names = list(theta)
+        if names != net.layout.names or any(tuple(theta[k].shape) != tuple(net.layout.shapes[k]) for k in names):
+            raise UnsupportedModel("theta is not the model's named_parameters() in order")
+        return net
+    except UnsupportedModel as e:
+        if engine is True:
+            raise ValueError(f"engine=True but the fused engine cannot run this model: {e}") from None
+        return None
+
+
 class _ImplicitGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, state, *theta_leaves):
@@ -192,11 +302,12 @@ class _ImplicitGrad(torch.autograd.Function):
             bad = ~finite_g
         else:
             lam = obj.lam.to(g.dtype)[:, None]
-
-            def matvec(v):
-                return v + layout.flatten(obj.task_hvp(phi, layout.unflatten(v))) / lam
-
             with _batch_stats_only(st["model"]):
+                lin = obj.linearize(layout.flatten(phi))
+
+                def matvec(v):
+                    return v + lin.task_hvp(v) / lam
+
                 x, info = cg_solve(matvec, g, iters=st["cg_iters"], tol=st["cg_tol"], backend=st["backend"])
             # A breakdown (I + H/λ indefinite for a non-convex task) keeps CG's last good
             # iterate, a usable partial solve; it is reported in info["cg"].breakdown.
@@ -221,6 +332,7 @@ def implicit_adapt(
     loss: Optional[Callable] = None,
     hvp_chunk: Optional[int] = None,
     backend: Optional[str] = None,
+    engine=None,
 ) -> AdaptedParams:
     """Adapt θ to T tasks with the proximal inner problem; the result carries implicit gradients.
 
@@ -235,7 +347,10 @@ def implicit_adapt(
         cg_iters, cg_tol: the CG solve of ``(I + H/λ) x = g`` in the backward pass.
         first_order: skip the solve (the gradient at φ passes straight to θ).
         loss: ``loss(logits, y) -> scalar``; default cross-entropy.
-        hvp_chunk: tasks per HVP group (memory bound); backend: CG backend.
+        hvp_chunk: tasks per HVP group (memory bound, generic path); backend: CG backend.
+        engine: the fused network engine (:func:`select_engine`): ``None`` uses it whenever
+            the model is supported (OmniglotConv, MiniImagenetConv, MLP, ...), ``False``
+            forces the generic ``torch.func`` path, ``True`` requires the engine.
 
     Returns:
         :class:`AdaptedParams`: dict ``{name: [T, *theta[name].shape]}`` connected to θ, so that
@@ -256,7 +371,8 @@ def implicit_adapt(
     task_loss = _task_loss_fn(model, loss)
     names = list(theta)
     with _batch_stats_only(model):
-        objective = ProximalObjective(task_loss, theta, lam_t, (x, y), hvp_chunk=hvp_chunk)
+        net = select_engine(model, theta, x, loss, engine)
+        objective = ProximalObjective(task_loss, theta, lam_t, (x, y), hvp_chunk=hvp_chunk, engine=net)
         with torch.no_grad():
             phi0 = {k: v.detach().unsqueeze(0).expand(T, *v.shape).clone() for k, v in theta.items()}
             phi = inner(objective, phi0)
@@ -298,6 +414,7 @@ def implicit_meta_grad(
     loss: Optional[Callable] = None,
     hvp_chunk: Optional[int] = None,
     backend: Optional[str] = None,
+    engine=None,
 ):
     """The same computation as a plain function, for users with their own training loop.
 
@@ -319,12 +436,17 @@ def implicit_meta_grad(
     with torch.enable_grad():
         phi = implicit_adapt(
             model, leaves, support, lam=lam, inner=inner, cg_iters=cg_iters, cg_tol=cg_tol,
-            first_order=first_order, loss=loss, hvp_chunk=hvp_chunk, backend=backend,
+            first_order=first_order, loss=loss, hvp_chunk=hvp_chunk, backend=backend, engine=engine,
         )
         if xq.shape[0] != support[0].shape[0]:
             raise ValueError(f"query has T={xq.shape[0]} tasks but support has T={support[0].shape[0]}")
+        net = select_engine(model, theta, xq, loss, engine)
         with _batch_stats_only(model):
-            outer = vmap(task_loss)(dict(phi), xq, yq)
+            if net is not None:
+                logits = functional_logits(net, dict(phi), xq)
+                outer = F.cross_entropy(logits.flatten(0, 1), yq.flatten(), reduction="none").view(yq.shape).mean(1)
+            else:
+                outer = vmap(task_loss)(dict(phi), xq, yq)
         grads = torch.autograd.grad(outer.sum(), [leaves[k] for k in theta], allow_unused=True)
     meta = {k: (g if g is not None else torch.zeros_like(theta[k])) for k, g in zip(theta, grads)}
     info = {"outer_loss": outer.detach(), "inner_loss": phi.inner_loss, **(phi.info or {})}

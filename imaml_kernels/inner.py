@@ -28,6 +28,16 @@ class GD:
         return f"GD(steps={self.steps}, lr={self.lr})"
 
     def __call__(self, objective, phi0):
+        engine = getattr(objective, "engine", None)
+        if engine is not None:
+            # The fused inner loop: all steps on one flat [T, P] buffer, one fused proximal
+            # update per step, no dict traffic.
+            layout = objective.layout
+            phi = engine.inner_loop(
+                objective.theta_flat, *objective.batch, lam=objective.lam, steps=self.steps, lr=self.lr,
+                phi0=layout.flatten(phi0),
+            )
+            return layout.unflatten(phi)
         phi = {k: v.clone() for k, v in phi0.items()}
         for _ in range(self.steps):
             g = objective.grad(phi)
@@ -105,10 +115,12 @@ class NewtonCG:
         layout = objective.layout
         phi = layout.flatten(phi0).clone()
         for _ in range(self.steps):
-            f0, g = objective.value_and_grad(layout.unflatten(phi))
-            g = layout.flatten(g)
+            # One linearisation per Newton step: with the fused engine every CG product
+            # reuses its primal pass.
+            lin = objective.linearize(phi)
+            f0, g = lin.value, lin.grad
             d, _ = cg_solve(
-                lambda v: layout.flatten(objective.hvp(layout.unflatten(phi), layout.unflatten(v))),
+                lin.hvp,
                 -g,
                 iters=self.cg_iters,
                 backend=self.backend,

@@ -49,7 +49,7 @@ from .evaluate import (
     query_logits,
     write_json,
 )
-from .implicit import ProximalObjective, implicit_adapt
+from .implicit import implicit_adapt
 from .presets import ConfigError, apply_overrides, config_diff, preset_names, resolve_config
 
 __all__ = ["meta_step", "train", "main"]
@@ -75,11 +75,7 @@ class InnerAtLam:
         return f"InnerAtLam({self.solver!r}, lam={self.lam})"
 
     def __call__(self, objective, phi0):
-        inner = ProximalObjective(
-            objective.task_loss, objective.theta, torch.full_like(objective.lam, self.lam), objective.batch,
-            hvp_chunk=objective.hvp_chunk,
-        )
-        return self.solver(inner, phi0)
+        return self.solver(objective.with_lam(torch.full_like(objective.lam, self.lam)), phi0)
 
 
 def cg_lam(cfg: Mapping[str, Any]) -> float:

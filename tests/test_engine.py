@@ -1,0 +1,253 @@
+"""The fused batched network engine (imaml_kernels.engine, nets' batched methods) against a
+float64 torch.func reference: loss, gradient, HVP, the fused inner loop, errors, dispatch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+
+import imaml_kernels as ik
+from imaml_kernels import fused
+from imaml_kernels.engine import BatchedNet, UnsupportedModel, functional_logits
+from imaml_kernels.nets import MLP, MiniImagenetConv, OmniglotConv
+
+
+def small_conv_no_bn(way=4):
+    """A conv net without BatchNorm (stride, padding, max-pool, ReLU, Tanh, two linears)."""
+    net = nn.Sequential(
+        nn.Conv2d(2, 6, 3, stride=1, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 5, 3, stride=2, padding=0), nn.Tanh(),
+        nn.Flatten(), nn.Linear(5 * 2 * 2, 7), nn.Tanh(), nn.Linear(7, way),
+    )
+    net.input_shape = (2, 11, 11)
+    return net
+
+
+# (id, factory, T, N): support sizes {1, 5, 20, 25, 100}, T in {1, 3, 32}, with and without BN.
+NETS = {
+    "omniglot": lambda: OmniglotConv(5, channels=8),
+    "omniglot20": lambda: OmniglotConv(20, channels=6),
+    "mini": lambda: MiniImagenetConv(5, channels=4, image_size=42),
+    "mlp": lambda: MLP([6, 16, 16, 3]),
+    "conv-nobn": small_conv_no_bn,
+}
+CASES = [
+    ("omniglot", 1, 1), ("omniglot", 3, 5), ("omniglot", 32, 5), ("omniglot", 3, 25), ("omniglot", 1, 100),
+    ("omniglot20", 3, 20), ("omniglot20", 1, 100), ("mini", 3, 5), ("mini", 1, 25),
+    ("mlp", 1, 1), ("mlp", 3, 20), ("mlp", 32, 5), ("mlp", 3, 100),
+    ("conv-nobn", 3, 5), ("conv-nobn", 32, 1), ("conv-nobn", 1, 25),
+]
+
+
+def make_problem(name, T, N, dtype, seed=0):
+    torch.manual_seed(seed)
+    model = NETS[name]().to(dtype)
+    way = list(model.modules())[-1].out_features
+    P = sum(p.numel() for p in model.parameters())
+    base = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    params = base + 0.1 * torch.randn(T, P, dtype=dtype) * base.abs().mean()
+    x = torch.randn(T, N, *model.input_shape, dtype=dtype)
+    y = torch.randint(0, way, (T, N))
+    v = torch.randn(T, P, dtype=dtype)
+    return model, params, x, y, v
+
+
+def reference(model, params, x, y, v):
+    """float64 loss, gradient and HVP by torch.func (vmap of grad, jvp of grad)."""
+    m = model.double()
+    layout = ik.ParamLayout.from_params(dict(m.named_parameters()), batched=False)
+
+    def f(p, xb, yb):
+        d = {k: t[0] for k, t in layout.unflatten(p.unsqueeze(0)).items()}
+        return F.cross_entropy(functional_call(m, d, (xb,)), yb)
+
+    p, x, v = params.double(), x.double(), v.double()
+    L = vmap(f)(p, x, y)
+    G = vmap(grad(f))(p, x, y)
+    H = vmap(lambda a, t, xb, yb: jvp(lambda q: grad(f)(q, xb, yb), (a,), (t,))[1])(p, v, x, y)
+    return L, G, H
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("name,T,N", CASES, ids=[f"{n}-T{t}-N{k}" for n, t, k in CASES])
+def test_loss_grad_hvp_match_float64_reference(name, T, N, dtype):
+    model, params, x, y, v = make_problem(name, T, N, dtype)
+    net = BatchedNet(model, model.input_shape)
+    lin = net.linearize(params, x, y)
+    hv = lin.hvp(v)
+    L, G, H = reference(model, params, x, y, v)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert lin.loss.dtype == dtype and lin.grad.dtype == dtype and hv.dtype == dtype
+    assert rel(lin.loss, L) <= tol
+    assert rel(lin.grad, G) <= tol
+    assert rel(hv, H) <= tol
+    # The one-shot entry points agree with the linearisation.
+    l2, g2 = net.loss_and_grad(params, x, y)
+    assert torch.equal(l2, lin.loss) and torch.equal(g2, lin.grad)
+    assert torch.equal(net.hvp(params, v, x, y), hv)
+
+
+def test_paper_size_omniglot_fp32():
+    """The real 113,221-parameter network at the paper's 5-way 1-shot shapes."""
+    torch.manual_seed(0)
+    model = OmniglotConv(5)
+    base = model.flat_params()
+    T = 4
+    params = base + 0.01 * torch.randn(T, base.numel())
+    x, y = torch.rand(T, 5, 1, 28, 28), torch.arange(5).expand(T, -1).contiguous()
+    v = torch.randn_like(params)
+    lin = model.batched().linearize(params, x, y)
+    L, G, H = reference(model, params, x, y, v)
+    assert rel(lin.loss, L) <= 1e-5 and rel(lin.grad, G) <= 1e-5 and rel(lin.hvp(v), H) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["omniglot", "mlp", "conv-nobn"])
+def test_hvp_matches_finite_differences_and_is_symmetric(name):
+    model, params, x, y, v = make_problem(name, 3, 5, torch.float64)
+    net = BatchedNet(model, model.input_shape)
+    u = torch.randn_like(v)
+    lin = net.linearize(params, x, y)
+    hv, hu = lin.hvp(v), lin.hvp(u)
+    eps = 1e-6
+    gp = net.loss_and_grad(params + eps * v, x, y)[1]
+    gm = net.loss_and_grad(params - eps * v, x, y)[1]
+    fd = (gp - gm) / (2 * eps)
+    assert rel(fd, hv) < 1e-6
+    assert torch.allclose((u * hv).sum(1), (v * hu).sum(1), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,T,N", [("omniglot", 3, 5), ("mlp", 2, 7)])
+def test_fused_inner_loop_equals_reference_loop(name, T, N):
+    model, _, x, y, _ = make_problem(name, T, N, torch.float64)
+    net = BatchedNet(model, model.input_shape)
+    theta = net_params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    lam = torch.tensor([0.5, 2.0, 3.0][:T], dtype=torch.float64)
+    steps, lr = 4, 0.1
+    phi = net.inner_loop(theta, x, y, lam=lam, steps=steps, lr=lr)
+    # Reference: the generic torch.func objective, plain GD on dicts.
+    theta_d = {k: p.detach() for k, p in model.named_parameters()}
+    obj = ik.ProximalObjective(ik.implicit._task_loss_fn(model, None), theta_d, lam, (x, y))
+    ref = ik.GD(steps, lr)(obj, {k: v.unsqueeze(0).expand(T, *v.shape).clone() for k, v in theta_d.items()})
+    assert rel(phi, net.layout.flatten(ref)) < 1e-10
+    assert net_params.equal(theta)  # θ untouched
+    # phi0 other than θ, shared [P] θ and a [T, P] θ give the same answer.
+    phi2 = net.inner_loop(theta.expand(T, -1).contiguous(), x, y, lam=lam, steps=steps, lr=lr)
+    assert torch.allclose(phi, phi2, rtol=0, atol=1e-14)
+
+
+def test_model_methods_and_functional_logits():
+    torch.manual_seed(1)
+    m = OmniglotConv(5, channels=8).double()
+    T = 2
+    params = m.flat_params().expand(T, -1).contiguous()
+    x = torch.randn(T, 5, 1, 28, 28, dtype=torch.float64)
+    y = torch.arange(5).expand(T, -1).contiguous()
+    L, G, H = reference(m, params, x, y, torch.ones_like(params))
+    assert rel(m.loss(params, x, y), L) < 1e-12
+    assert rel(m.loss_and_grad(params, x, y)[1], G) < 1e-12
+    assert rel(m.hvp(params, torch.ones_like(params), x, y), H) < 1e-10
+    # functional_logits is differentiable in a dict of per-task parameters.
+    phi = {k: t.clone().requires_grad_() for k, t in m.layout.unflatten(params.clone()).items()}
+    logits = functional_logits(m.batched(), phi, x)
+    ref_logits = vmap(lambda p, xb: functional_call(m, p, (xb,)))({k: t.detach() for k, t in phi.items()}, x)
+    assert rel(logits, ref_logits) < 1e-12
+    F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(T, 5).mean(1).sum().backward()
+    got = m.layout.flatten({k: t.grad for k, t in phi.items()})
+    assert rel(got, G) < 1e-12
+
+
+def test_bad_inputs_raise_clear_errors():
+    m = OmniglotConv(5, channels=4)
+    net = m.batched()
+    T = 2
+    p = m.flat_params().expand(T, -1).contiguous()
+    x = torch.rand(T, 3, 1, 28, 28)
+    y = torch.zeros(T, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=rf"flat \[T, {net.numel}\] buffer"):
+        net.loss(p[:, :-1], x, y)
+    with pytest.raises(ValueError, match="x must have shape"):
+        net.loss(p, torch.rand(T, 3, 1, 32, 32), y)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
+        net.loss(p, x, torch.full((T, 3), 5))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
+        net.loss(p, x, torch.full((T, 3), -1))
+    with pytest.raises(ValueError, match="y must have shape"):
+        net.loss(p, x, y[:, :2])
+    with pytest.raises(TypeError, match="integer class labels"):
+        net.loss(p, x, y.float())
+    with pytest.raises(ValueError, match="v must have shape"):
+        net.linearize(p, x, y).hvp(p[:1])
+    with pytest.raises(UnsupportedModel, match="GELU"):
+        BatchedNet(nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)), (3,))
+    with pytest.raises(UnsupportedModel, match="Linear expects"):
+        BatchedNet(OmniglotConv(5), (1, 32, 32))
+
+
+def test_implicit_adapt_uses_the_engine_and_agrees_with_generic_path():
+    torch.manual_seed(0)
+    model = OmniglotConv(5, channels=8)
+    theta = dict(model.named_parameters())
+    T = 3
+    xs, xq = torch.rand(T, 5, 1, 28, 28), torch.rand(T, 10, 1, 28, 28)
+    ys, yq = torch.arange(5).expand(T, -1).contiguous(), torch.arange(5).repeat(2).expand(T, -1).contiguous()
+    out = {}
+    for engine in (True, False):
+        g, info = ik.implicit_meta_grad(model, theta, (xs, ys), (xq, yq), lam=2.0, inner=ik.GD(5, 0.1), cg_iters=5, engine=engine)
+        out[engine] = (ik.ParamLayout.from_params(g, batched=False).flatten({k: t[None] for k, t in g.items()})[0], info)
+    assert rel(out[True][0], out[False][0]) < 1e-4
+    assert torch.allclose(out[True][1]["outer_loss"], out[False][1]["outer_loss"], rtol=1e-5)
+    assert ik.implicit.select_engine(model, theta, xs) is not None
+    assert ik.implicit.select_engine(model, theta, xs, engine=False) is None
+    with pytest.raises(ValueError, match="engine=True but"):
+        ik.implicit_adapt(model, theta, (xs, ys), lam=2.0, inner=ik.GD(1, 0.1), loss=F.cross_entropy, engine=True)
+
+
+def test_newton_cg_with_engine_matches_generic():
+    torch.manual_seed(0)
+    model = MLP([5, 12, 3]).double()
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+    T = 3
+    x, y = torch.randn(T, 9, 5, dtype=torch.float64), torch.randint(0, 3, (T, 9))
+    lam = torch.full((T,), 1.5, dtype=torch.float64)
+    f = ik.implicit._task_loss_fn(model, None)
+    phi0 = {k: v.unsqueeze(0).expand(T, *v.shape).clone() for k, v in theta.items()}
+    a = ik.NewtonCG(3, cg_iters=4)(ik.ProximalObjective(f, theta, lam, (x, y), engine=BatchedNet(model, (5,))), phi0)
+    b = ik.NewtonCG(3, cg_iters=4)(ik.ProximalObjective(f, theta, lam, (x, y)), phi0)
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_backends_agree(backend):
+    if backend == "cpu" and not fused._cpu_kernels_built():
+        pytest.skip("the native extension was built without the engine kernels")
+    model, params, x, y, v = make_problem("omniglot", 3, 5, torch.float64)
+    net = BatchedNet(model, model.input_shape, backend=backend)
+    lin = net.linearize(params, x, y)
+    L, G, H = reference(model, params, x, y, v)
+    assert rel(lin.loss, L) < 1e-12 and rel(lin.grad, G) < 1e-10 and rel(lin.hvp(v), H) < 1e-10
+
+
+def test_triton_backend_end_to_end_through_interpreter():
+    """The Triton kernels behind a whole engine pass (tiny: the interpreter is slow)."""
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(3 * 3 * 3, 4)).double()
+    T, N = 1, 3
+    base = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    params = (base + 0.1 * torch.randn(T, base.numel(), dtype=torch.float64)).contiguous()
+    x, y = torch.randn(T, N, 1, 6, 6, dtype=torch.float64), torch.tensor([[0, 3, 1]])
+    v = torch.randn_like(params)
+    net = BatchedNet(model, (1, 6, 6), backend="triton")
+    lin = net.linearize(params, x, y)
+    L, G, H = reference(model, params, x, y, v)
+    assert rel(lin.loss, L) < 1e-12 and rel(lin.grad, G) < 1e-10 and rel(lin.hvp(v), H) < 1e-10
+    phi = net.inner_loop(base, x, y, lam=2.0, steps=2, lr=0.1)
+    ref_phi = BatchedNet(model, (1, 6, 6), backend="reference").inner_loop(base, x, y, lam=2.0, steps=2, lr=0.1)
+    assert rel(phi, ref_phi) < 1e-12
