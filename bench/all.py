@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from . import cg, hvp, memory, meta_step
-from .common import machine_header, markdown_table
+from .common import gemm_rate, machine_header, markdown_table
 
 
 def machine_slug():
@@ -66,7 +66,7 @@ def _plot_speedup(path, labels, speedups, title):
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     ax.barh(labels, speedups, color="tab:orange")
     ax.axvline(1.0, color="k", lw=0.8)
-    ax.set_xlabel("speedup of the batched op (x)")
+    ax.set_xlabel("speedup (x)")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -99,17 +99,18 @@ def main(args):
     report += ["## cg: one CG iteration's vector work (float32)", "", markdown_table(header, cg_rows), ""]
 
     hvp_rows, _ = hvp.run(["omniglot-5w1s"] if quick else list(hvp.SHAPES), device=device, repeat=2 if quick else 5, T=8 if quick else None)
-    header = ("shape", "T", "torch.func vmap ms", "per-task double backward ms", "vmap GFLOP/s", "vmap speedup")
-    _csv(out / "hvp.csv", header, hvp_rows)
-    report += ["## hvp: batched Hessian-vector products", "", markdown_table(header, hvp_rows), ""]
+    _csv(out / "hvp.csv", hvp.HEADER, hvp_rows)
+    report += ["## hvp: batched Hessian-vector products", "", markdown_table(hvp.HEADER, hvp_rows), "",
+               f"measured float32 GEMM rate (1024^3): {gemm_rate(device):.1f} GFLOP/s", ""]
 
-    ms_rows, ms = meta_step.run(T=8 if quick else 32, inner_steps=4 if quick else 16, device=device, repeat=1 if quick else 3)
-    header = ("method", "s / meta-step", "tasks / s", "speed vs batched")
-    _csv(out / "meta_step.csv", header, ms_rows)
-    if "serial" in ms:
-        _plot_speedup(out / "meta_step_speedup.png", ["vs serial per-task baseline"], [ms["serial"] / ms["batched"]], f"iMAML meta-step, {device}")
-    report += ["## meta-step: OmniglotConv(5), 5-way 1-shot", "", markdown_table(header, ms_rows), "",
-               "torchopt: not installed, its implicit-differentiation iMAML was not measured (pip install torchopt to add it)." if not _has_torchopt() else "", ""]
+    T_ms, steps_ms = (8, 4) if quick else (32, 16)
+    ms_rows, ms = meta_step.run(T=T_ms, inner_steps=steps_ms, device=device, repeat=1 if quick else 3)
+    _csv(out / "meta_step.csv", meta_step.HEADER, ms_rows)
+    others = [k for k in ("batched", "serial", "torchopt") if k in ms]
+    _plot_speedup(out / "meta_step_speedup.png", [f"vs {meta_step.LABELS[k]}" for k in others],
+                  [ms[k] / ms["engine"] for k in others], f"iMAML meta-step (fused engine), {device}")
+    report += [f"## meta-step: OmniglotConv(5), 5-way 1-shot, T={T_ms}, {steps_ms} inner steps, 5 CG iterations", "",
+               markdown_table(meta_step.HEADER, ms_rows), "", meta_step.summary(ms), ""]
 
     mem_rows, _ = memory.run(T=2 if quick else 8, device=device, steps=(1, 5, 25) if quick else memory.STEPS, channels=16 if quick else 64, out=out, progress=True)
     header = ("inner steps", "iMAML MiB", "MAML MiB", "iMAML RSS MiB", "MAML RSS MiB")
@@ -120,11 +121,3 @@ def main(args):
     print(text)
     print(f"wrote {out}/report.md, *.csv, *.png")
 
-
-def _has_torchopt():
-    try:
-        import torchopt  # noqa: F401
-
-        return True
-    except ImportError:
-        return False

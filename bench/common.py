@@ -76,3 +76,11 @@ def set_threads(n=None):
     n = n or int(os.environ.get("IMAML_BENCH_THREADS", "0")) or os.cpu_count() or 1
     torch.set_num_threads(n)
     return n
+
+
+def gemm_rate(device="cpu", n=1024, dtype=torch.float32, repeat=10):
+    """The machine's measured dense GEMM rate (GFLOP/s): median of ``n×n @ n×n`` products."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sec = time_fn(lambda: a @ b, device=device, warmup=2, repeat=repeat)[0]
+    return 2 * n**3 / sec / 1e9

@@ -1,5 +1,6 @@
 """Each benchmark runs once at tiny sizes: it runs, produces rows and files (no timing asserts)."""
 
+import pytest
 import torch
 
 from bench import cg, hvp, memory, meta_step
@@ -24,7 +25,25 @@ def test_cg_bench_rows():
 
 def test_meta_step_bench_rows():
     rows, res = meta_step.run(T=2, inner_steps=1, cg_iters=1, repeat=1)
-    assert len(rows) == 2 and res["batched"] > 0 and res["serial"] > 0
+    keys = {"engine", "batched", "serial"} | ({"torchopt"} if meta_step.torchopt_available() else set())
+    assert set(res) == keys and len(rows) == len(keys) and all(v > 0 for v in res.values())
+    assert "fused engine" in meta_step.summary(res)
+
+
+def test_torchopt_baseline_matches_batched_op():
+    """torchopt's implicit iMAML (an optional extra of the bench) computes the same
+    meta-gradient; its normal-equation CG converges more slowly, hence the tolerance."""
+    pytest.importorskip("torchopt", reason="torchopt is an optional extra (requirements-bench.txt)")
+    from bench.torchopt_imaml import torchopt_meta_grad
+
+    torch.manual_seed(0)
+    model = OmniglotConv(3, channels=4).double()
+    tasks = [t.double() if t.is_floating_point() else t for t in meta_step.make_tasks(2, 3, 1, 1)]
+    kw = dict(lam=20.0, inner_steps=3, inner_lr=0.1, cg_iters=30)
+    a = {k: v.clone() for k, v in torchopt_meta_grad(model, tasks, **kw).items()}
+    b = meta_step.batched_meta_step(model, dict(model.named_parameters()), tasks, **kw)
+    flat = lambda d: torch.cat([d[k].reshape(-1) for k in sorted(d)])  # noqa: E731
+    assert ((flat(a) - flat(b)).norm() / flat(b).norm()).item() < 1e-3
 
 
 def test_memory_bench_writes_csv_and_png(tmp_path):
@@ -52,7 +71,9 @@ def test_serial_baseline_matches_batched_op():
 
 def test_hvp_bench_rows():
     rows, raw = hvp.run(["omniglot-5w1s"], repeat=1, T=2)
-    assert len(rows) == 1 and raw["omniglot-5w1s"]["flops"] > 0
+    r = raw["omniglot-5w1s"]
+    assert len(rows) == 1 and len(rows[0]) == len(hvp.HEADER) and r["flops"] > 0
+    assert r["engine"] > 0 and r["engine_cached"] > 0 and r["vmap"] > 0
 
 
 def test_distributed_bench_rows():
