@@ -1,0 +1,352 @@
+"""Triton kernels of the fused engine stages (imaml_kernels.triton.engine) against the
+pure-PyTorch twins in imaml_kernels.fused_reference, through the Triton interpreter.
+
+Every output is pre-filled with NaN (so an unwritten element fails), inputs are random and
+non-zero, and each case runs in float64 (vs the reference: rtol 1e-10) and float32 (vs the
+float64 reference on the same rounded inputs: 1e-5 relative on norms). Sizes stay small: the
+interpreter costs ~10 ms per program instance.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (conftest does it too)
+
+import itertools  # noqa: E402
+import struct  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from imaml_kernels import fused_reference as ref  # noqa: E402
+from imaml_kernels.triton import engine  # noqa: E402
+
+DTYPES = (torch.float64, torch.float32)
+# The interpreter turns a runtime loop bound (a 1-element array) into a Python int the way
+# NumPy >= 1.25 deprecates; one warning per loop, harmless.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+EPS = 1e-5  # not fp32-exact: exercises the hi/lo scalar split
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(g, *shape, scale=1.0, shift=0.0):
+    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift
+
+
+def _nan(*shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def _cast(t, dtype):
+    return t.to(dtype) if t is not None and t.is_floating_point() else t
+
+
+def _up(t):
+    return t.double() if t is not None and t.is_floating_point() else t
+
+
+def _close(out, want, what=""):
+    """``out`` (float32 or float64) against the float64 ``want``."""
+    assert not torch.isnan(out).any(), f"{what}: unwritten or NaN elements"
+    if out.dtype == torch.float64:
+        scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+        torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12 * scale, msg=lambda m: f"{what}: {m}")
+    else:
+        err = (out.double() - want).norm().item()
+        assert err <= 1e-5 * want.norm().item() + 1e-30, (what, err, want.norm().item())
+
+
+def _run(launch, reference, inputs, out_shapes, dtype, names):
+    """Casts ``inputs`` to ``dtype``, launches into NaN-filled outputs, compares every output
+    with ``reference`` evaluated in float64 on the cast inputs."""
+    xs = [_cast(t, dtype) for t in inputs]
+    outs = [_nan(*s, dtype=dtype) for s in out_shapes]
+    launch(*xs, *outs)
+    wants = reference(*[_up(t) for t in xs])
+    for name, o, w in zip(names, outs, wants):
+        _close(o, w, f"{name} {dtype}")
+    return outs
+
+
+# --------------------------------------------------------------------------- BatchNorm
+
+BN_CASES = [
+    pytest.param(T, R, C, relu, id=f"T{T}-R{R}-C{C}-{'relu' if relu else 'id'}")
+    for T, R, C, relu in itertools.product((1, 2), (1, 7, 37), (1, 5, 20), (False, True))
+]
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 64 elements, 4 channels (BLOCK_R = 16): R = 37 takes three row tiles, C = 5
+    two channel blocks, so the accumulation loops and partial blocks are exercised."""
+    monkeypatch.setattr(engine, "BN_TILE", 64)
+    monkeypatch.setattr(engine, "BN_MAX_BLOCK_C", 4)
+
+
+def _bn_state(T, R, C, relu, seed):
+    """Consistent inputs: forward and tangent-forward of the reference on random data."""
+    g = _gen(seed)
+    x = _randn(g, T, R, C, scale=2.0, shift=0.5)
+    gamma, beta = _randn(g, T, C, shift=0.3), _randn(g, T, C, scale=0.5)
+    rx = _randn(g, T, R, C)
+    rgamma, rbeta = _randn(g, T, C), _randn(g, T, C)
+    gy, rgy = _randn(g, T, R, C), _randn(g, T, R, C)
+    y, xhat, rstd = ref.bn_fwd(x, gamma, beta, EPS, relu)
+    relu_y = y if relu else None
+    _, rxhat, a = ref.bn_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y)
+    return dict(x=x, gamma=gamma, beta=beta, rx=rx, rgamma=rgamma, rbeta=rbeta, gy=gy, rgy=rgy,
+                y=y, xhat=xhat, rstd=rstd, relu_y=relu_y, rxhat=rxhat, a=a)
+
+
+def _bn_fwd_case(T, R, C, relu, dtype):
+    s = _bn_state(T, R, C, relu, seed=100 * T + 10 * R + C)
+    _run(
+        lambda x, ga, be, *o: engine.bn_fwd(x, ga, be, *o, EPS, relu),
+        lambda x, ga, be: ref.bn_fwd(x, ga, be, EPS, relu),
+        [s["x"], s["gamma"], s["beta"]], [(T, R, C), (T, R, C), (T, C)], dtype, ("y", "xhat", "rstd"),
+    )
+
+
+def _bn_bwd_case(T, R, C, relu, dtype):
+    s = _bn_state(T, R, C, relu, seed=200 * T + 10 * R + C)
+    _run(
+        engine.bn_bwd, ref.bn_bwd,
+        [s["gy"], s["xhat"], s["rstd"], s["gamma"], s["relu_y"]], [(T, R, C), (T, C), (T, C)], dtype,
+        ("gx", "ggamma", "gbeta"),
+    )
+
+
+def _bn_tfwd_case(T, R, C, relu, dtype):
+    s = _bn_state(T, R, C, relu, seed=300 * T + 10 * R + C)
+    _run(
+        engine.bn_tfwd, ref.bn_tfwd,
+        [s["rx"], s["xhat"], s["rstd"], s["gamma"], s["rgamma"], s["rbeta"], s["relu_y"]],
+        [(T, R, C), (T, R, C), (T, C)], dtype, ("ry", "rxhat", "a"),
+    )
+
+
+def _bn_tbwd_case(T, R, C, relu, dtype):
+    s = _bn_state(T, R, C, relu, seed=400 * T + 10 * R + C)
+    _run(
+        engine.bn_tbwd, ref.bn_tbwd,
+        [s[k] for k in ("gy", "rgy", "xhat", "rxhat", "rstd", "a", "gamma", "rgamma", "relu_y")],
+        [(T, R, C), (T, C), (T, C)], dtype, ("rgx", "rggamma", "rgbeta"),
+    )
+
+
+BN_STAGES = {"fwd": _bn_fwd_case, "bwd": _bn_bwd_case, "tfwd": _bn_tfwd_case, "tbwd": _bn_tbwd_case}
+
+
+@pytest.mark.parametrize("stage", list(BN_STAGES))
+@pytest.mark.parametrize("T,R,C,relu", BN_CASES)
+def test_bn(stage, T, R, C, relu):
+    for dtype in DTYPES:
+        BN_STAGES[stage](T, R, C, relu, dtype)
+
+
+@pytest.mark.parametrize("stage", list(BN_STAGES))
+def test_bn_small_tiles(small_tiles, stage):
+    for relu in (False, True):
+        for dtype in DTYPES:
+            BN_STAGES[stage](2, 37, 5, relu, dtype)
+
+
+def test_bn_fwd_constant_channel():
+    # var = 0: rstd = 1/sqrt(eps) exactly as the reference has it (eps reaches a CUDA kernel
+    # as fp32 hi + lo, so float64 keeps ~48 bits of it).
+    x = torch.full((1, 9, 3), 2.5, dtype=torch.float64)
+    x[..., 1] += torch.linspace(-1, 1, 9, dtype=torch.float64)
+    gamma, beta = torch.ones(1, 3, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64)
+    _run(
+        lambda x, ga, be, *o: engine.bn_fwd(x, ga, be, *o, EPS, False),
+        lambda x, ga, be: ref.bn_fwd(x, ga, be, EPS, False),
+        [x, gamma, beta], [(1, 9, 3), (1, 9, 3), (1, 3)], torch.float64, ("y", "xhat", "rstd"),
+    )
+
+
+# --------------------------------------------------------------------------- prox step
+
+
+@pytest.mark.parametrize("T,P", [(1, 1), (2, 37), (2, 5000)])  # 5000: two blocks per task
+@pytest.mark.parametrize("shared", (False, True), ids=("theta", "shared-theta"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=("f64", "f32"))
+def test_prox_step(T, P, shared, dtype):
+    g = _gen(T * 7 + P)
+    phi, grad = _randn(g, T, P).to(dtype), _randn(g, T, P).to(dtype)
+    theta = (_randn(g, P) if shared else _randn(g, T, P)).to(dtype)
+    lam = (torch.rand(T, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    lr = 0.1  # not fp32-exact
+    want = ref.prox_step(phi.double().clone(), grad.double(), theta.double(), lam.double()[:, None], lr)
+    out = phi.clone()
+    engine.prox_step(out, grad, theta, lam, lr)
+    _close(out, want, f"phi {dtype}")
+
+
+# --------------------------------------------------------------------------- col2im
+
+
+def _col2im_ref(g, H, W, k, s, ph, pw):
+    """The spec's scatter: strided adds into a padded buffer, then the interior."""
+    T, N, Ho, Wo = g.shape[:4]
+    C = g.shape[-1]
+    Hp, Wp = max(H + 2 * ph, s * (Ho - 1) + k), max(W + 2 * pw, s * (Wo - 1) + k)
+    gxp = torch.zeros(T, N, Hp, Wp, C, dtype=g.dtype)
+    for i in range(k):
+        for j in range(k):
+            gxp[:, :, i : i + s * (Ho - 1) + 1 : s, j : j + s * (Wo - 1) + 1 : s, :] += g[:, :, :, :, i, j, :]
+    return gxp[:, :, ph : ph + H, pw : pw + W]
+
+
+def _col2im_case(T, N, H, W, C, k, s, p, dtype):
+    Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    g = _randn(_gen(T + 3 * H + 5 * W + 7 * C + 11 * s + 13 * p), T, N, Ho, Wo, k, k, C)
+    _run(
+        lambda gc, gx: engine.col2im(gc, gx, k, s, p, p),
+        lambda gc: (_col2im_ref(gc, H, W, k, s, p, p),),
+        [g], [(T, N, H, W, C)], dtype, ("gx",),
+    )
+
+
+COL2IM_CASES = [
+    pytest.param(T, H, C, s, p, id=f"T{T}-H{H}-C{C}-s{s}-p{p}")
+    for T, H, C, s, p in itertools.product((1, 2), (5, 8), (1, 5, 20), (1, 2), (0, 1))
+]
+
+
+@pytest.mark.parametrize("T,H,C,s,p", COL2IM_CASES)
+def test_col2im(T, H, C, s, p):
+    for dtype in DTYPES:
+        _col2im_case(T, 2, H, H, C, 3, s, p, dtype)
+
+
+@pytest.mark.parametrize("s,p", [(1, 1), (2, 0), (2, 1)])
+def test_col2im_small_tiles_non_square(small_tiles, s, p):
+    for dtype in DTYPES:
+        _col2im_case(2, 1, 5, 8, 5, 3, s, p, dtype)
+
+
+# --------------------------------------------------------------------------- softmax cross-entropy
+
+
+def _softmax_inputs(T, N, K, shift=0.0):
+    g = _gen(17 * T + 3 * N + K)
+    logits = _randn(g, T, N, K, scale=3.0, shift=shift)
+    y = torch.randint(0, K, (T, N), generator=g)
+    return logits, y
+
+
+def _softmax_ref(logits, y):
+    loss, prob = ref.softmax_ce(logits, y)
+    return loss, prob, ref.softmax_ce_grad(prob, y)
+
+
+SOFTMAX_CASES = [
+    pytest.param(T, N, K, id=f"T{T}-N{N}-K{K}") for T, N, K in itertools.product((1, 2), (1, 7, 37), (1, 5, 20))
+]
+
+
+@pytest.mark.parametrize("T,N,K", SOFTMAX_CASES)
+def test_softmax_ce(T, N, K):
+    logits, y = _softmax_inputs(T, N, K)
+    for dtype in DTYPES:
+        _run(lambda lg, yy, *o: engine.softmax_ce(lg, yy, *o), _softmax_ref, [logits, y],
+             [(T,), (T, N, K), (T, N, K)], dtype, ("loss", "prob", "grad"))
+
+
+def test_softmax_ce_large_logits_and_small_tiles(monkeypatch):
+    # Logits near 1000 overflow exp without the max shift; 16-element tiles with K = 5 take
+    # 2 rows per tile, so N = 7 runs several row tiles with a partial last one.
+    monkeypatch.setattr(engine, "BN_TILE", 16)
+    logits, y = _softmax_inputs(2, 7, 5, shift=1000.0)
+    for dtype in DTYPES:
+        _run(lambda lg, yy, *o: engine.softmax_ce(lg, yy, *o), _softmax_ref, [logits, y],
+             [(2,), (2, 7, 5), (2, 7, 5)], dtype, ("loss", "prob", "grad"))
+
+
+@pytest.mark.parametrize("T,N,K", SOFTMAX_CASES)
+def test_softmax_ce_tangent(T, N, K):
+    logits, _ = _softmax_inputs(T, N, K)
+    prob = torch.softmax(logits, -1)
+    rlogits = _randn(_gen(N * K), T, N, K)
+    for dtype in DTYPES:
+        _run(engine.softmax_ce_tangent, lambda p, r: (ref.softmax_ce_tangent(p, r),), [prob, rlogits],
+             [(T, N, K)], dtype, ("rg",))
+
+
+# --------------------------------------------------------------------------- scalars, triton_op
+
+
+@pytest.mark.parametrize("v", (1e-5, 0.1, 1e-3, 3.0, 0.0, -0.7, 1.0 / 3.0, 123456.789))
+def test_scalar_split(v):
+    # Each half survives the fp32 argument a CUDA kernel receives for a Python float; the
+    # sum keeps ~48 bits (the interpreter passes floats exactly, so it cannot check this).
+    hi, lo = engine._split_f64(v)
+    for h in (hi, lo):
+        assert struct.unpack("f", struct.pack("f", h))[0] == h
+    assert abs((hi + lo) - v) <= 2.0**-46 * abs(v)
+
+
+@torch.library.triton_op("imaml_fused_test::bn_fwd", mutates_args={"y", "xhat", "rstd"})
+def _bn_fwd_op(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, y: torch.Tensor, xhat: torch.Tensor,
+               rstd: torch.Tensor, eps: float, relu: bool) -> None:
+    engine.bn_fwd(x, gamma, beta, y, xhat, rstd, eps, relu, wrap=torch.library.wrap_triton)
+
+
+@torch.library.triton_op("imaml_fused_test::bn_bwd", mutates_args={"gx", "ggamma", "gbeta"})
+def _bn_bwd_op(gy: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor, gamma: torch.Tensor,
+               relu_y: torch.Tensor | None, gx: torch.Tensor, ggamma: torch.Tensor, gbeta: torch.Tensor) -> None:
+    engine.bn_bwd(gy, xhat, rstd, gamma, relu_y, gx, ggamma, gbeta, wrap=torch.library.wrap_triton)
+
+
+@torch.library.triton_op("imaml_fused_test::prox_step", mutates_args={"phi"})
+def _prox_op(phi: torch.Tensor, grad: torch.Tensor, theta: torch.Tensor, lam: torch.Tensor, lr: float) -> None:
+    engine.prox_step(phi, grad, theta, lam, lr, wrap=torch.library.wrap_triton)
+
+
+@torch.library.triton_op("imaml_fused_test::col2im", mutates_args={"gx"})
+def _col2im_op(gcols: torch.Tensor, gx: torch.Tensor, k: int, s: int, ph: int, pw: int) -> None:
+    engine.col2im(gcols, gx, k, s, ph, pw, wrap=torch.library.wrap_triton)
+
+
+@torch.library.triton_op("imaml_fused_test::softmax_ce", mutates_args={"loss", "prob", "grad"})
+def _softmax_ce_op(logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor, prob: torch.Tensor,
+                   grad: torch.Tensor) -> None:
+    engine.softmax_ce(logits, y, loss, prob, grad, wrap=torch.library.wrap_triton)
+
+
+def test_launch_inside_triton_op():
+    """The launchers run with wrap=torch.library.wrap_triton inside a triton_op (floats,
+    bools, ints, an optional tensor, constexpr keywords) and give the direct launch's bits."""
+    T, R, C = 2, 7, 5
+    s = _bn_state(T, R, C, True, seed=5)
+    outs = [_nan(*sh, dtype=torch.float64) for sh in ((T, R, C), (T, R, C), (T, C))]
+    _bn_fwd_op(s["x"], s["gamma"], s["beta"], *outs, EPS, True)
+    want = [_nan(*o.shape, dtype=torch.float64) for o in outs]
+    engine.bn_fwd(s["x"], s["gamma"], s["beta"], *want, EPS, True)
+    assert all(torch.equal(o, w) for o, w in zip(outs, want))
+
+    for relu_y in (s["relu_y"], None):
+        outs = [_nan(*sh, dtype=torch.float64) for sh in ((T, R, C), (T, C), (T, C))]
+        _bn_bwd_op(s["gy"], s["xhat"], s["rstd"], s["gamma"], relu_y, *outs)
+        for o, w in zip(outs, ref.bn_bwd(s["gy"], s["xhat"], s["rstd"], s["gamma"], relu_y)):
+            _close(o, w, "bn_bwd op")
+
+    phi, grad, theta = s["x"][0], s["gy"][0], s["rx"][0, 0]  # [7, 5] tasks, shared theta [5]
+    lam = torch.rand(R, dtype=torch.float64) + 0.5
+    out = phi.clone()
+    _prox_op(out, grad, theta, lam, 0.1)
+    _close(out, ref.prox_step(phi.clone(), grad, theta, lam[:, None], 0.1), "prox op")
+
+    gcols = _randn(_gen(9), 1, 2, 3, 3, 3, 3, C)
+    gx = _nan(1, 2, 5, 5, C, dtype=torch.float64)
+    _col2im_op(gcols, gx, 3, 2, 1, 1)
+    _close(gx, _col2im_ref(gcols, 5, 5, 3, 2, 1, 1), "col2im op")
+
+    logits, y = _softmax_inputs(2, 7, 5)
+    outs = [_nan(*sh, dtype=torch.float64) for sh in ((2,), (2, 7, 5), (2, 7, 5))]
+    _softmax_ce_op(logits, y, *outs)
+    for o, w, n in zip(outs, _softmax_ref(logits, y), ("loss", "prob", "grad")):
+        _close(o, w, f"softmax_ce op {n}")
