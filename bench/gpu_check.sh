@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check (H100/H200 with torch+cu, triton, nvcc, pybind11, ninja, cmake):
 # build with all cores, run the GPU tests, run the benchmarks, print tables. Writes a copy of
-# everything to ${OUT:-bench/results/gpu}/gpu_check.md. Target: a few minutes.
+# everything to ${OUT:-bench/results/gpu}/gpu_check.md. Target: under 8 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR="${OUT:-bench/results/gpu}"
@@ -21,7 +21,9 @@ export IMAML_DATA="${IMAML_DATA:-$PWD/../shared/data/omniglot}"
   python3 -m pytest -q tests/test_gpu.py 2>&1 | tail -15
   python3 -m bench cg --device cuda
   for P in 10000 1000000; do python3 -m bench cg --device cuda --params $P | sed -n '/^| backend/,/^cuda:/p'; done
+  # The engine's targets: Omniglot 5w1s (T=32, 16 steps) and 20w1s (T=16, 25 steps).
   python3 -m bench meta-step --device cuda
+  python3 -m bench meta-step --device cuda --way 20 --tasks 16 --inner-steps 25
   python3 -m bench hvp --device cuda
   python3 -m bench memory --device cuda --tasks 32 --out "$OUTDIR"
   echo '```'
