@@ -251,3 +251,14 @@ def test_triton_backend_end_to_end_through_interpreter():
     phi = net.inner_loop(base, x, y, lam=2.0, steps=2, lr=0.1)
     ref_phi = BatchedNet(model, (1, 6, 6), backend="reference").inner_loop(base, x, y, lam=2.0, steps=2, lr=0.1)
     assert rel(phi, ref_phi) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_non_finite_parameters_give_a_non_finite_loss_for_that_task_only(backend):
+    """A diverged task must show up as a non-finite loss (implicit_adapt drops it): the
+    fused BatchNorm+ReLU keeps NaN like torch.relu instead of clamping it to 0."""
+    model, params, x, y, _ = make_problem("omniglot", 3, 5, torch.float32)
+    net = BatchedNet(model, model.input_shape, backend=backend)
+    params[1, 5] = float("nan")  # a first-layer weight of task 1
+    loss = net.loss(params, x, y)
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()

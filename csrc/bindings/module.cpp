@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "cg.h"
+#include "engine.h"
 
 namespace py = pybind11;
 using imaml::DType;
@@ -47,6 +48,109 @@ PYBIND11_MODULE(_C, m) {
                              ptr<int32_t>(iters), ptr<const double>(thresh), ntasks, n, chunk);
       },
       "Fused x += a p; r -= a Ap; p = r + b p with per-task a, b from the partials.");
+
+  // ---- the engine's fused elementwise stages (engine.h); relu_y = 0 means no ReLU mask.
+  m.def(
+      "bn_fwd_cpu",
+      [](int dtype, uintptr_t x, uintptr_t gamma, uintptr_t beta, uintptr_t y, uintptr_t xhat,
+         uintptr_t rstd, int64_t T, int64_t R, int64_t C, double eps, bool relu) {
+        py::gil_scoped_release nogil;
+        imaml::bn_fwd_cpu(to_dtype(dtype), ptr<const void>(x), ptr<const void>(gamma),
+                          ptr<const void>(beta), ptr<void>(y), ptr<void>(xhat), ptr<void>(rstd), T,
+                          R, C, eps, relu);
+      },
+      py::arg("dtype"), py::arg("x"), py::arg("gamma"), py::arg("beta"), py::arg("y"),
+      py::arg("xhat"), py::arg("rstd"), py::arg("T"), py::arg("R"), py::arg("C"), py::arg("eps"),
+      py::arg("relu"),
+      "BatchNorm forward over x [T,R,C]: y, xhat [T,R,C], rstd [T,C] (batch statistics).");
+  m.def(
+      "bn_bwd_cpu",
+      [](int dtype, uintptr_t gy, uintptr_t xhat, uintptr_t rstd, uintptr_t gamma, uintptr_t relu_y,
+         uintptr_t gx, uintptr_t ggamma, uintptr_t gbeta, int64_t T, int64_t R, int64_t C) {
+        py::gil_scoped_release nogil;
+        imaml::bn_bwd_cpu(to_dtype(dtype), ptr<const void>(gy), ptr<const void>(xhat),
+                          ptr<const void>(rstd), ptr<const void>(gamma), ptr<const void>(relu_y),
+                          ptr<void>(gx), ptr<void>(ggamma), ptr<void>(gbeta), T, R, C);
+      },
+      py::arg("dtype"), py::arg("gy"), py::arg("xhat"), py::arg("rstd"), py::arg("gamma"),
+      py::arg("relu_y"), py::arg("gx"), py::arg("ggamma"), py::arg("gbeta"), py::arg("T"),
+      py::arg("R"), py::arg("C"), "BatchNorm backward: gx [T,R,C], ggamma, gbeta [T,C].");
+  m.def(
+      "bn_tfwd_cpu",
+      [](int dtype, uintptr_t rx, uintptr_t xhat, uintptr_t rstd, uintptr_t gamma, uintptr_t rgamma,
+         uintptr_t rbeta, uintptr_t relu_y, uintptr_t ry, uintptr_t rxhat, uintptr_t a, int64_t T,
+         int64_t R, int64_t C) {
+        py::gil_scoped_release nogil;
+        imaml::bn_tfwd_cpu(to_dtype(dtype), ptr<const void>(rx), ptr<const void>(xhat),
+                           ptr<const void>(rstd), ptr<const void>(gamma), ptr<const void>(rgamma),
+                           ptr<const void>(rbeta), ptr<const void>(relu_y), ptr<void>(ry),
+                           ptr<void>(rxhat), ptr<void>(a), T, R, C);
+      },
+      py::arg("dtype"), py::arg("rx"), py::arg("xhat"), py::arg("rstd"), py::arg("gamma"),
+      py::arg("rgamma"), py::arg("rbeta"), py::arg("relu_y"), py::arg("ry"), py::arg("rxhat"),
+      py::arg("a"), py::arg("T"), py::arg("R"), py::arg("C"),
+      "BatchNorm tangent: ry, rxhat [T,R,C], a = mean(xhat rx) [T,C].");
+  m.def(
+      "bn_tbwd_cpu",
+      [](int dtype, uintptr_t gy, uintptr_t rgy, uintptr_t xhat, uintptr_t rxhat, uintptr_t rstd,
+         uintptr_t a, uintptr_t gamma, uintptr_t rgamma, uintptr_t relu_y, uintptr_t rgx,
+         uintptr_t rggamma, uintptr_t rgbeta, int64_t T, int64_t R, int64_t C) {
+        py::gil_scoped_release nogil;
+        imaml::bn_tbwd_cpu(to_dtype(dtype), ptr<const void>(gy), ptr<const void>(rgy),
+                           ptr<const void>(xhat), ptr<const void>(rxhat), ptr<const void>(rstd),
+                           ptr<const void>(a), ptr<const void>(gamma), ptr<const void>(rgamma),
+                           ptr<const void>(relu_y), ptr<void>(rgx), ptr<void>(rggamma),
+                           ptr<void>(rgbeta), T, R, C);
+      },
+      py::arg("dtype"), py::arg("gy"), py::arg("rgy"), py::arg("xhat"), py::arg("rxhat"),
+      py::arg("rstd"), py::arg("a"), py::arg("gamma"), py::arg("rgamma"), py::arg("relu_y"),
+      py::arg("rgx"), py::arg("rggamma"), py::arg("rgbeta"), py::arg("T"), py::arg("R"),
+      py::arg("C"), "Tangent of the BatchNorm backward: rgx [T,R,C], rggamma, rgbeta [T,C].");
+  m.def(
+      "prox_step_cpu",
+      [](int dtype, uintptr_t phi, uintptr_t grad, uintptr_t theta, int64_t theta_task_stride,
+         uintptr_t lam, double lr, int64_t T, int64_t P) {
+        py::gil_scoped_release nogil;
+        imaml::prox_step_cpu(to_dtype(dtype), ptr<void>(phi), ptr<const void>(grad),
+                             ptr<const void>(theta), theta_task_stride, ptr<const void>(lam), lr, T,
+                             P);
+      },
+      py::arg("dtype"), py::arg("phi"), py::arg("grad"), py::arg("theta"),
+      py::arg("theta_task_stride"), py::arg("lam"), py::arg("lr"), py::arg("T"), py::arg("P"),
+      "In place phi -= lr (grad + lam (phi - theta)); theta stride 0 (shared) or P.");
+  m.def(
+      "col2im_cpu",
+      [](int dtype, uintptr_t gcols, uintptr_t gx, int64_t T, int64_t N, int64_t H, int64_t W,
+         int64_t C, int64_t Ho, int64_t Wo, int64_t k, int64_t s, int64_t ph, int64_t pw) {
+        py::gil_scoped_release nogil;
+        imaml::col2im_cpu(to_dtype(dtype), ptr<const void>(gcols), ptr<void>(gx), T, N, H, W, C, Ho,
+                          Wo, k, s, ph, pw);
+      },
+      py::arg("dtype"), py::arg("gcols"), py::arg("gx"), py::arg("T"), py::arg("N"), py::arg("H"),
+      py::arg("W"), py::arg("C"), py::arg("Ho"), py::arg("Wo"), py::arg("k"), py::arg("s"),
+      py::arg("ph"), py::arg("pw"),
+      "Adjoint of im2col: gcols [T,N,Ho,Wo,k,k,C] -> gx [T,N,H,W,C] (fully written).");
+  m.def(
+      "softmax_ce_cpu",
+      [](int dtype, uintptr_t logits, uintptr_t y, uintptr_t loss, uintptr_t prob, uintptr_t grad,
+         int64_t T, int64_t N, int64_t K) {
+        py::gil_scoped_release nogil;
+        imaml::softmax_ce_cpu(to_dtype(dtype), ptr<const void>(logits), ptr<const int64_t>(y),
+                              ptr<void>(loss), ptr<void>(prob), ptr<void>(grad), T, N, K);
+      },
+      py::arg("dtype"), py::arg("logits"), py::arg("y"), py::arg("loss"), py::arg("prob"),
+      py::arg("grad"), py::arg("T"), py::arg("N"), py::arg("K"),
+      "Cross-entropy: loss [T], softmax prob and (prob - onehot(y))/N [T,N,K]; y int64 [T,N].");
+  m.def(
+      "softmax_ce_tangent_cpu",
+      [](int dtype, uintptr_t prob, uintptr_t rlogits, uintptr_t rg, int64_t T, int64_t N,
+         int64_t K) {
+        py::gil_scoped_release nogil;
+        imaml::softmax_ce_tangent_cpu(to_dtype(dtype), ptr<const void>(prob),
+                                      ptr<const void>(rlogits), ptr<void>(rg), T, N, K);
+      },
+      py::arg("dtype"), py::arg("prob"), py::arg("rlogits"), py::arg("rg"), py::arg("T"),
+      py::arg("N"), py::arg("K"), "Tangent of the cross-entropy gradient: prob (r - <prob, r>) / N.");
 
 #ifdef IMAML_WITH_CUDA
   m.attr("has_cuda") = true;

@@ -103,7 +103,7 @@ def _bn_fwd_kernel(
         xh = (tl.load(x_ptr + off, mask=m, other=0.0) - mean[None, :]) * rstd[None, :]
         y = xh * gam[None, :] + bet[None, :]
         if RELU:
-            y = tl.maximum(y, 0.0)
+            y = tl.where(y > 0.0, y, y * 0.0)  # max(y, 0) that keeps NaN, as torch.relu
         tl.store(xhat_ptr + off, xh, mask=m)
         tl.store(y_ptr + off, y, mask=m)
 
