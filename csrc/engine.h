@@ -45,6 +45,12 @@ void prox_step_cpu(DType dtype, void* phi, const void* grad, const void* theta,
                    int64_t theta_task_stride, const void* lam, double lr, int64_t T, int64_t P);
 
 // Adjoint of im2col (gx fully written, not accumulated): gcols [T, N, Ho, Wo, k, k, C] ->
+// The patches of a k x k, stride-s convolution, zero padding (ph, pw) fused:
+// x [T, N, H, W, C] -> cols [T, N, Ho, Wo, k, k, C], cols[t,n,ho,wo,i,j,c] =
+// x[t, n, s*ho + i - ph, s*wo + j - pw, c] or 0 outside the image. The adjoint of col2im.
+void im2col_cpu(DType dtype, const void* x, void* cols, int64_t T, int64_t N, int64_t H, int64_t W,
+                int64_t C, int64_t Ho, int64_t Wo, int64_t k, int64_t s, int64_t ph, int64_t pw);
+
 // gx [T, N, H, W, C] (unpadded); gx[t,n,h,w,c] = sum of gcols[t,n,ho,wo,i,j,c] over
 // h + ph = s*ho + i, w + pw = s*wo + j, 0 <= ho < Ho, 0 <= wo < Wo (windows may reach past
 // the padded input on the bottom/right: those terms are dropped). No atomics: each thread

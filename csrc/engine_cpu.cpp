@@ -656,6 +656,47 @@ void col2im_impl(const T* gcols, T* gx, int64_t nt, int64_t N, int64_t H, int64_
   }
 }
 
+// ----------------------------------------------------------------------------- im2col
+//
+// The patches of a k x k, stride-s convolution with zero padding (ph, pw), channels-last:
+// x [T, N, H, W, C] -> cols [T, N, Ho, Wo, k, k, C]. The padding is fused (out-of-range taps
+// are written as zeros), so no padded copy of x is made. One job per (t, n, output row ho);
+// each (i, j) tap is one contiguous C-element copy.
+
+template <typename T>
+IMAML_JOB void im2col_job(const T* __restrict x, T* __restrict out, int64_t ho, int64_t H,
+                          int64_t W, int64_t C, int64_t Wo, int64_t k, int64_t s, int64_t ph,
+                          int64_t pw) {
+  for (int64_t wo = 0; wo < Wo; ++wo) {
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t h = s * ho + i - ph;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t w = s * wo + j - pw;
+        T* dst = out + ((wo * k + i) * k + j) * C;
+        if (h < 0 || h >= H || w < 0 || w >= W) {
+          for (int64_t c = 0; c < C; ++c) dst[c] = T(0);
+        } else {
+          const T* src = x + (h * W + w) * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) dst[c] = src[c];
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void im2col_impl(const T* x, T* cols, int64_t nt, int64_t N, int64_t H, int64_t W, int64_t C,
+                 int64_t Ho, int64_t Wo, int64_t k, int64_t s, int64_t ph, int64_t pw) {
+  const int64_t per_in = H * W * C, per_row = Wo * k * k * C;
+  const bool parallel = nt * N * Ho * per_row >= kParallelMin;
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t job = 0; job < nt * N * Ho; ++job) {
+    const int64_t img = job / Ho, ho = job % Ho;
+    im2col_job<T>(x + img * per_in, cols + job * per_row, ho, H, W, C, Wo, k, s, ph, pw);
+  }
+}
+
 // ----------------------------------------------------------------------------- softmax CE
 
 template <typename T>
@@ -791,6 +832,15 @@ void prox_step_cpu(DType dtype, void* phi, const void* grad, const void* theta,
   check_sizes("prox_step_cpu", {T, P, theta_task_stride});
   IMAML_DISPATCH(dtype, prox_step_impl(mp<scalar_t>(phi), cp<scalar_t>(grad), cp<scalar_t>(theta),
                                        theta_task_stride, cp<scalar_t>(lam), lr, T, P));
+}
+
+void im2col_cpu(DType dtype, const void* x, void* cols, int64_t T, int64_t N, int64_t H, int64_t W,
+                int64_t C, int64_t Ho, int64_t Wo, int64_t k, int64_t s, int64_t ph, int64_t pw) {
+  check_sizes("im2col_cpu", {T, N, H, W, C, Ho, Wo, k, ph, pw});
+  if (s < 1) throw std::invalid_argument("im2col_cpu: stride must be >= 1");
+  if (T * N * Ho * Wo * k * C == 0) return;
+  IMAML_DISPATCH(dtype, im2col_impl(cp<scalar_t>(x), mp<scalar_t>(cols), T, N, H, W, C, Ho, Wo, k,
+                                    s, ph, pw));
 }
 
 void col2im_cpu(DType dtype, const void* gcols, void* gx, int64_t T, int64_t N, int64_t H, int64_t W,

@@ -5,7 +5,7 @@ Each stage computes a primal and its tangent (or a cotangent) in one pass over t
 - ``bn_fwd`` / ``bn_bwd`` / ``bn_tfwd`` / ``bn_tbwd``: BatchNorm with batch statistics per
   ``(task, channel)`` over ``x [T, R, C]`` (channels-last rows), optionally followed by ReLU;
 - ``softmax_ce`` (loss, softmax and gradient together) and ``softmax_ce_tangent``;
-- ``col2im``: the adjoint of the engine's im2col, a gather with no atomics;
+- ``im2col`` (zero padding fused) and its adjoint ``col2im`` (a gather, no atomics);
 - ``prox_step``: the proximal gradient step of the fused inner loop, in place.
 
 Backends, chosen by :func:`engine_backend` from static facts (the one dispatch point,
@@ -31,7 +31,7 @@ from .dispatch import backend_problems, select_backend
 
 
 def _cpu_kernels_built():
-    return _ext.HAS_EXT and hasattr(_ext._C, "bn_fwd_cpu")
+    return _ext.HAS_EXT and hasattr(_ext._C, "im2col_cpu")
 
 
 def engine_backend(t: Tensor, backend: Optional[str] = None) -> str:
@@ -288,7 +288,47 @@ _softmax_ce_tangent_cpu.register_fake(_softmax_ce_tangent_fake)
 _softmax_ce_tangent_triton.register_fake(_softmax_ce_tangent_fake)
 
 
-# --------------------------------------------------------------------------- col2im
+# --------------------------------------------------------------------------- im2col / col2im
+
+
+def _im2col_fake(x, Ho: int, Wo: int, k: int, s: int, ph: int, pw: int):
+    _expect(isinstance(x, Tensor) and x.dim() == 5, ValueError, f"x must be [T, N, H, W, C], got {tuple(getattr(x, 'shape', ()))}")
+    _expect(x.dtype in (torch.float32, torch.float64), TypeError, f"x must be float32 or float64, got {x.dtype}")
+    _expect(x.is_contiguous(), ValueError, "x must be contiguous")
+    _expect(k >= 1 and s >= 1 and ph >= 0 and pw >= 0 and Ho >= 1 and Wo >= 1, ValueError,
+            f"bad geometry Ho={Ho} Wo={Wo} k={k} s={s} ph={ph} pw={pw}")
+    T, N, _, _, C = x.shape
+    return x.new_empty(T, N, Ho, Wo, k, k, C)
+
+
+@custom_op("imaml::im2col", mutates_args=())
+def _im2col_cpu(x: Tensor, Ho: int, Wo: int, k: int, s: int, ph: int, pw: int) -> Tensor:
+    cols = _im2col_fake(x, Ho, Wo, k, s, ph, pw)
+    T, N, H, W, C = x.shape
+    _ext._C.im2col_cpu(_code(x), x.data_ptr(), cols.data_ptr(), T, N, H, W, C, Ho, Wo, k, s, ph, pw)
+    return cols
+
+
+@triton_op("imaml::im2col_triton", mutates_args=())
+def _im2col_triton(x: Tensor, Ho: int, Wo: int, k: int, s: int, ph: int, pw: int) -> Tensor:
+    cols = _im2col_fake(x, Ho, Wo, k, s, ph, pw)
+    _triton().im2col(x, cols, k, s, ph, pw, wrap=wrap_triton)
+    return cols
+
+
+_im2col_cpu.register_fake(_im2col_fake)
+_im2col_triton.register_fake(_im2col_fake)
+
+
+def im2col_reference(x, Ho, Wo, k, s, ph, pw):
+    """Pad, then one strided copy (the twin of :func:`im2col`)."""
+    T, N, H, W, C = x.shape
+    Hp, Wp = max(H + 2 * ph, s * (Ho - 1) + k), max(W + 2 * pw, s * (Wo - 1) + k)
+    xp = x.new_zeros(T, N, Hp, Wp, C)
+    xp[:, :, ph : ph + H, pw : pw + W] = x
+    sT, sN, sH, sW, sC = xp.stride()
+    v = xp.as_strided((T, N, Ho, Wo, k, k, C), (sT, sN, s * sH, s * sW, sH, sW, sC))
+    return v.contiguous()
 
 
 def _col2im_fake(gcols, H: int, W: int, s: int, ph: int, pw: int):
@@ -442,6 +482,17 @@ def softmax_ce_tangent(prob, rlogits, backend=None):
     if b == "triton":
         return torch.ops.imaml.softmax_ce_tangent_triton(prob, rlogits)
     return ref.softmax_ce_tangent(prob, rlogits)
+
+
+def im2col(x, Ho: int, Wo: int, k: int, s: int, ph: int, pw: int, backend=None):
+    """``x [T,N,H,W,C]`` -> the zero-padded conv patches ``[T,N,Ho,Wo,k,k,C]``."""
+    b = engine_backend(x, backend)
+    x = x.contiguous()
+    if b == "cpu":
+        return torch.ops.imaml.im2col(x, Ho, Wo, k, s, ph, pw)
+    if b == "triton":
+        return torch.ops.imaml.im2col_triton(x, Ho, Wo, k, s, ph, pw)
+    return im2col_reference(x, Ho, Wo, k, s, ph, pw)
 
 
 def col2im(gcols, H: int, W: int, s: int, ph: int, pw: int, backend=None):

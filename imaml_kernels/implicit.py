@@ -187,6 +187,19 @@ class ObjectiveLinearization:
         """``[T, P]``: its gradient."""
         return self._value_grad()[1]
 
+    def to_work(self, v):
+        """``[T, P]`` in θ's order -> the order :meth:`task_hvp_work` works in (the engine's
+        own parameter order, so a CG solve there skips two permutes per product)."""
+        return self._lin.net.to_native(v) if self._lin is not None else v
+
+    def from_work(self, v):
+        """The inverse of :meth:`to_work`."""
+        return self._lin.net.from_native(v) if self._lin is not None else v
+
+    def task_hvp_work(self, v):
+        """:meth:`task_hvp` in the work order."""
+        return self._lin.hvp_native(v) if self._lin is not None else self.task_hvp(v)
+
     def task_hvp(self, v):
         """``H_t v_t`` (no proximal term): ``[T, P]`` -> ``[T, P]``."""
         if self._lin is not None:
@@ -306,9 +319,11 @@ class _ImplicitGrad(torch.autograd.Function):
                 lin = obj.linearize(layout.flatten(phi))
 
                 def matvec(v):
-                    return v + lin.task_hvp(v) / lam
+                    return v + lin.task_hvp_work(v) / lam
 
-                x, info = cg_solve(matvec, g, iters=st["cg_iters"], tol=st["cg_tol"], backend=st["backend"])
+                # CG is elementwise in the coordinates: it runs in the HVP's own order.
+                x, info = cg_solve(matvec, lin.to_work(g), iters=st["cg_iters"], tol=st["cg_tol"], backend=st["backend"])
+                x = lin.from_work(x)
             # A breakdown (I + H/λ indefinite for a non-convex task) keeps CG's last good
             # iterate, a usable partial solve; it is reported in info["cg"].breakdown.
             bad = ~finite_g | ~torch.isfinite(x).all(1)

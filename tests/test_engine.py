@@ -262,3 +262,62 @@ def test_non_finite_parameters_give_a_non_finite_loss_for_that_task_only(backend
     params[1, 5] = float("nan")  # a first-layer weight of task 1
     loss = net.loss(params, x, y)
     assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+
+
+# --------------------------------------------------------------------------- the fused ops
+
+
+GEOMS = [(7, 7, 3, 1, 1), (14, 14, 3, 2, 1), (8, 5, 3, 2, 0), (5, 8, 2, 1, 0)]  # H, W, k, s, pad
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("H,W,k,s,pad", GEOMS)
+def test_im2col_matches_reference_and_is_the_adjoint_of_col2im(backend, H, W, k, s, pad):
+    if backend == "cpu" and not fused._cpu_kernels_built():
+        pytest.skip("extension without engine kernels")
+    torch.manual_seed(0)
+    T, N, C = 2, 2, 5
+    Ho, Wo = (H + 2 * pad - k) // s + 1, (W + 2 * pad - k) // s + 1
+    x = torch.randn(T, N, H, W, C, dtype=torch.float64)
+    cols = fused.im2col(x, Ho, Wo, k, s, pad, pad, backend=backend)
+    assert torch.equal(cols, fused.im2col_reference(x, Ho, Wo, k, s, pad, pad))
+    g = torch.randn_like(cols)
+    gx = fused.col2im(g, H, W, s, pad, pad, backend=backend)
+    assert torch.allclose((cols * g).sum(), (x * gx).sum(), rtol=1e-12)
+
+
+def test_engine_ops_pass_opcheck():
+    if not fused._cpu_kernels_built():
+        pytest.skip("extension without engine kernels")
+    torch.manual_seed(0)
+    T, R, C = 2, 6, 3
+    x, rx, gy, rgy = (torch.randn(T, R, C, dtype=torch.float64) for _ in range(4))
+    g, b, rg, rb = (torch.randn(T, C, dtype=torch.float64) for _ in range(4))
+    y, xhat, rstd = torch.ops.imaml.bn_fwd(x, g, b, 1e-5, True)
+    ry, rxhat, a = torch.ops.imaml.bn_tfwd(rx, xhat, rstd, g, rg, rb, y)
+    logits, labels = torch.randn(T, 4, 3, dtype=torch.float64), torch.randint(0, 3, (T, 4))
+    prob = torch.softmax(logits, -1)
+    cases = [
+        (torch.ops.imaml.bn_fwd, (x, g, b, 1e-5, True)),
+        (torch.ops.imaml.bn_bwd, (gy, xhat, rstd, g, y)),
+        (torch.ops.imaml.bn_bwd, (gy, xhat, rstd, g, None)),
+        (torch.ops.imaml.bn_tfwd, (rx, xhat, rstd, g, rg, rb, y)),
+        (torch.ops.imaml.bn_tbwd, (gy, rgy, xhat, rxhat, rstd, a, g, rg, y)),
+        (torch.ops.imaml.softmax_ce, (logits, labels)),
+        (torch.ops.imaml.softmax_ce_tangent, (prob, torch.randn_like(prob))),
+        (torch.ops.imaml.im2col, (torch.randn(T, 2, 5, 5, 3, dtype=torch.float64), 3, 3, 3, 2, 1, 1)),
+        (torch.ops.imaml.col2im, (torch.randn(T, 2, 3, 3, 3, 3, 4, dtype=torch.float64), 5, 5, 2, 1, 1)),
+        (torch.ops.imaml.prox_step, (torch.randn(T, 7, dtype=torch.float64), torch.randn(T, 7, dtype=torch.float64),
+                                     torch.randn(7, dtype=torch.float64), torch.rand(T, dtype=torch.float64), 0.1)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_engine_loss_and_grad_compiles_fullgraph():
+    """torch.compile(fullgraph=True) traces the engine through the ops' fake implementations."""
+    model, params, x, y, _ = make_problem("omniglot", 2, 3, torch.float32)
+    net = BatchedNet(model, model.input_shape)
+    eager = net.loss_and_grad(params, x, y)
+    compiled = torch.compile(lambda p, a, b: net.loss_and_grad(p, a, b), fullgraph=True, backend="eager")(params, x, y)
+    assert torch.allclose(compiled[0], eager[0], rtol=1e-6) and torch.allclose(compiled[1], eager[1], rtol=1e-5, atol=1e-8)

@@ -119,6 +119,18 @@ PYBIND11_MODULE(_C, m) {
       py::arg("theta_task_stride"), py::arg("lam"), py::arg("lr"), py::arg("T"), py::arg("P"),
       "In place phi -= lr (grad + lam (phi - theta)); theta stride 0 (shared) or P.");
   m.def(
+      "im2col_cpu",
+      [](int dtype, uintptr_t x, uintptr_t cols, int64_t T, int64_t N, int64_t H, int64_t W,
+         int64_t C, int64_t Ho, int64_t Wo, int64_t k, int64_t s, int64_t ph, int64_t pw) {
+        py::gil_scoped_release nogil;
+        imaml::im2col_cpu(to_dtype(dtype), ptr<const void>(x), ptr<void>(cols), T, N, H, W, C, Ho,
+                          Wo, k, s, ph, pw);
+      },
+      py::arg("dtype"), py::arg("x"), py::arg("cols"), py::arg("T"), py::arg("N"), py::arg("H"),
+      py::arg("W"), py::arg("C"), py::arg("Ho"), py::arg("Wo"), py::arg("k"), py::arg("s"),
+      py::arg("ph"), py::arg("pw"),
+      "Conv patches with fused zero padding: x [T,N,H,W,C] -> cols [T,N,Ho,Wo,k,k,C].");
+  m.def(
       "col2im_cpu",
       [](int dtype, uintptr_t gcols, uintptr_t gx, int64_t T, int64_t N, int64_t H, int64_t W,
          int64_t C, int64_t Ho, int64_t Wo, int64_t k, int64_t s, int64_t ph, int64_t pw) {

@@ -340,6 +340,43 @@ def _prox_step_kernel(
 
 
 @triton.jit
+def _im2col_kernel(
+    x_ptr,  # [T, N, H, W, C] input (unpadded, channels-last)
+    cols_ptr,  # [T, N, Ho, Wo, K, K, C] out: the patches (overwritten)
+    M,  # T * N * Ho * Wo * K * K patch rows of C channels
+    H,  # input height
+    W,  # input width
+    Ho,  # output height
+    Wo,  # output width
+    C,  # channels
+    ph,  # top padding
+    pw,  # left padding
+    K: tl.constexpr,  # kernel size
+    S: tl.constexpr,  # stride
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # The padding is fused: taps outside the image load 0 (masked), so no padded copy of x.
+    mb = tl.program_id(0).to(tl.int64)  # int64: the patch offsets exceed 2**31 at paper sizes
+    cb = tl.program_id(1).to(tl.int64)
+    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    chans = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask = rows < M  # the last row block is partial
+    cmask = chans < C  # the last channel block is partial
+    j = rows % K
+    i = (rows // K) % K
+    wo = (rows // (K * K)) % Wo
+    ho = (rows // (K * K * Wo)) % Ho
+    img = rows // (K * K * Wo * Ho)  # t * N + n
+    h = S * ho + i - ph
+    w = S * wo + j - pw
+    inside = rmask & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    src = ((img * H + h) * W + w) * C
+    v = tl.load(x_ptr + src[:, None] + chans[None, :], mask=inside[:, None] & cmask[None, :], other=0.0)
+    tl.store(cols_ptr + rows[:, None] * C + chans[None, :], v, mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
 def _col2im_kernel(
     gcols_ptr,  # [T, N, Ho, Wo, K, K, C] cotangent of the im2col patches
     gx_ptr,  # [T, N, H, W, C] out: unpadded input cotangent (overwritten)
@@ -561,6 +598,23 @@ def prox_step(phi, grad, theta, lam, lr: float, wrap=_id):
     wrap(_prox_step_kernel)[(T, triton.cdiv(P, block))](
         phi, grad, theta, lam, P, P if theta.dim() == 2 else 0, lr_hi, lr_lo,
         BLOCK=block, num_warps=PROX_NUM_WARPS,
+    )
+
+
+def im2col(x, cols, k, s, ph, pw, wrap=_id):
+    """Conv patches with fused zero padding: ``x [T,N,H,W,C]`` -> overwrites
+    ``cols [T,N,Ho,Wo,k,k,C]``."""
+    T, N, H, W, C = x.shape
+    Ho, Wo = cols.shape[2], cols.shape[3]
+    _check(x, (T, N, H, W, C), cols=(cols, (T, N, Ho, Wo, k, k, C)))
+    M = T * N * Ho * Wo * k * k
+    if M * C == 0:
+        return
+    block_c = min(triton.next_power_of_2(C), BN_MAX_BLOCK_C)
+    block_m = max(1, min(BN_TILE // block_c, triton.next_power_of_2(M)))
+    wrap(_im2col_kernel)[(triton.cdiv(M, block_m), triton.cdiv(C, block_c))](
+        x, cols, M, H, W, Ho, Wo, C, ph, pw,
+        K=int(k), S=int(s), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=BN_NUM_WARPS,
     )
 
 
