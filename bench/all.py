@@ -97,6 +97,13 @@ def main(args):
     _csv(out / "cg.csv", header, cg_rows)
     _plot_cg(out / "cg_time_vs_T.png", cg_records, f"CG iteration, {device}")
     report += ["## cg: one CG iteration's vector work (float32)", "", markdown_table(header, cg_rows), ""]
+    solve_rows = []
+    for T, P in [(T, P) for P in Ps for T in Ts if T * P <= 32 * 1_000_000]:
+        rows, _ = cg.run_solve(T=T, P=P, device=device, repeat=3 if quick else 10)
+        solve_rows += [(T, P, *r) for r in rows]
+    header = ("T", "P", "backend", "ms / 5-iteration solve", "ms / iteration")
+    _csv(out / "cg_solve.csv", header, solve_rows)
+    report += ["## cg: a full 5-iteration cg_solve (diagonal matvec, float32)", "", markdown_table(header, solve_rows), ""]
 
     hvp_rows, _ = hvp.run(["omniglot-5w1s"] if quick else list(hvp.SHAPES), device=device, repeat=2 if quick else 5, T=8 if quick else None)
     _csv(out / "hvp.csv", hvp.HEADER, hvp_rows)

@@ -84,6 +84,24 @@ def run(T=32, P=113_221, dtype=torch.float32, device="cpu", backends=None, repea
     return rows, results
 
 
+def run_solve(T=32, P=113_221, dtype=torch.float32, device="cpu", iters=5, repeat=10):
+    """A full ``cg_solve`` of ``iters`` iterations per backend (diagonal SPD matvec, so the
+    vector work dominates): rows ``(backend, ms / solve, ms / iteration)``."""
+    import imaml_kernels as ik
+
+    g = torch.Generator(device="cpu").manual_seed(1)
+    d = (torch.rand(T, P, generator=g, dtype=dtype) + 0.5).to(device)
+    b = torch.randn(T, P, generator=g, dtype=dtype).to(device)
+    names = [n for n in ("cuda", "triton", "cpu") if not dispatch.backend_problems(n, device, dtype)]
+    if torch.device(device).type == "cpu":
+        names = [n for n in names if n != "triton"]
+    results = {}
+    for name in names + ["reference"]:
+        results[name] = time_fn(lambda: ik.cg_solve(lambda v: d * v, b, iters=iters, backend=name), device=device, repeat=repeat)[0]
+    rows = [(name, f"{sec * 1e3:.2f}", f"{sec * 1e3 / iters:.2f}") for name, sec in results.items()]
+    return rows, results
+
+
 def copy_bandwidth(T, P, dtype, device):
     """Measured device copy bandwidth (GB/s, read + write) for a [T, P] tensor."""
     a = torch.randn(T, P, dtype=dtype, device=device)
@@ -106,4 +124,7 @@ def main(args):
         print(f"{n}: fused vs eager (same semantics) = {results['eager (masked, same semantics)'] / results[n]:.2f}x "
               f"(target >= 3x on CPU), vs the float64 reference = {results['reference'] / results[n]:.1f}x, vs plain eager = {results['eager (plain, no masks)'] / results[n]:.2f}x, "
               f"{100 * eff / bw:.0f}% of copy bandwidth (target >= 80% on GPU)")
+    solve_rows, _ = run_solve(T=args.tasks, P=args.params, device=device, repeat=max(3, args.repeat // 2))
+    print(f"\n## Full 5-iteration cg_solve (diagonal matvec), T={args.tasks}, P={args.params}, float32, {device}\n")
+    print(markdown_table(("backend", "ms / solve", "ms / iteration"), solve_rows))
     return rows

@@ -11,9 +11,9 @@ K support and K query drawings per class, and the damped CG system of their code
 inner loop (λ = 2, lr 0.1) and damped implicit gradient, but 5 inner steps instead of 16,
 3 CG iterations instead of 5 (the damped system is well conditioned: the logged relative
 residual stays around 1e-2), meta-batch 8, Adam lr 3e-3 and 5 query drawings per class, for
-700 meta-steps: about 9 minutes of training on 2 CPU cores. It reaches about 86% meta-test
-accuracy (not the paper's 99%: that takes tens of thousands of meta-steps). The measurement
-is in ``bench/results/cpu_demo.md``.
+1200 meta-steps: about 9 minutes of training on 2 CPU cores with the fused engine. It reaches
+about 88% meta-test accuracy (not the paper's 99%: that takes tens of thousands of
+meta-steps). The measurement is in ``bench/results/cpu_demo.md``.
 
 Example::
 
@@ -67,7 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU demo: measured on 2 cores (bench/results/cpu_demo.md).
     "omniglot-5w1s-demo": {
         "way": 5, "shot": 1, "query": 5, "meta_batch": 8, "inner_steps": 5, "inner_lr": 0.1,
-        "cg_iters": 3, "outer_lr": 3e-3, "steps": 700, "eval_tasks": 600,
+        "cg_iters": 3, "outer_lr": 3e-3, "steps": 1200, "eval_tasks": 600,
     },
 }
 

@@ -21,6 +21,8 @@ def test_cg_bench_rows():
     assert "cpu" in names and "reference" in names and "eager (plain, no masks)" in names
     assert all(v > 0 for v in results.values())
     assert "| backend" in markdown_table(("backend", "x"), [("a", 1)])
+    rows, results = cg.run_solve(T=2, P=3000, repeat=1)
+    assert [r[0] for r in rows] == ["cpu", "reference"] and all(v > 0 for v in results.values())
 
 
 def test_meta_step_bench_rows():
