@@ -1,5 +1,6 @@
 """Self-check: run every backend that can run here on a small multi-task CG problem and print
-a table (error against a dense float64 solve, time, iterations).
+a table (error against a dense float64 solve, time, iterations); then the fused network
+engine's HVP on each backend against a float64 ``torch.func`` reference.
 
 Usage: ``python -m imaml_kernels.selfcheck`` (``TRITON_INTERPRET=1`` adds Triton on a CPU).
 """
@@ -47,6 +48,62 @@ def run(T=8, P=300, iters=60):
     return rows
 
 
+def run_engine(T=3, N=5):
+    """The engine's HVP (OmniglotConv, 8 filters) per backend vs float64 torch.func."""
+    import torch.nn.functional as F
+    from torch.func import functional_call, grad, jvp, vmap
+
+    from .engine import BatchedNet
+    from .fused import engine_backend
+    from .nets import OmniglotConv
+
+    torch.manual_seed(0)
+    model = OmniglotConv(5, channels=8).double()
+    net0 = BatchedNet(model, model.input_shape)
+    base = model.flat_params()
+    p = base + 0.05 * torch.randn(T, base.numel(), dtype=torch.float64)
+    v = torch.randn_like(p)
+    x = torch.randn(T, N, 1, 28, 28, dtype=torch.float64)
+    y = torch.arange(N).remainder(5).expand(T, -1).contiguous()
+
+    def f(q, xb, yb):
+        params = {k: t[0] for k, t in net0.layout.unflatten(q[None]).items()}
+        return F.cross_entropy(functional_call(model, params, (xb,)), yb)
+
+    ref = vmap(lambda a, t, xb, yb: jvp(lambda q: grad(f)(q, xb, yb), (a,), (t,))[1])(p, v, x, y)
+    rows = []
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        for dtype in (torch.float64, torch.float32):
+            for backend in ("cpu", "triton", "reference"):
+                probe = torch.empty(0, device=device, dtype=dtype)
+                try:
+                    if engine_backend(probe, backend) != backend:
+                        raise RuntimeError(f"resolves to {engine_backend(probe, backend)}")
+                except RuntimeError as e:
+                    rows.append((backend, device, str(dtype)[6:], "-", "-", "skipped: " + str(e).split(": ", 1)[-1][:60]))
+                    continue
+                net = BatchedNet(model, model.input_shape, backend=backend)
+                args = [t.to(device, dtype) for t in (p, v, x)]
+                start = time.perf_counter()
+                hv = net.hvp(args[0], args[1], args[2], y.to(device))
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                ms = (time.perf_counter() - start) * 1e3
+                err = ((hv.double().cpu() - ref).norm() / ref.norm()).item()
+                ok = "ok" if err <= (1e-10 if dtype == torch.float64 else 1e-5) else "FAILED"
+                rows.append((backend, device, str(dtype)[6:], f"{err:.1e}", f"{ms:.1f}", ok))
+    return rows
+
+
+def _print_table(head, rows):
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    print(line(head))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print(line(r))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=8)
@@ -57,14 +114,11 @@ def main(argv=None):
           f" | extension: {'built' if _ext.HAS_EXT else 'missing'}{' with CUDA' if _ext.HAS_CUDA_EXT else ''}")
     print(f"problem: T={args.tasks} SPD systems of size P={args.size}, {args.iters} CG iterations\n")
     rows = run(args.tasks, args.size, args.iters)
-    head = ("backend", "device", "dtype", "rel. error", "ms", "iters", "status")
-    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    print(line(head))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print(line(r))
-    failed = [r for r in rows if r[-1] == "FAILED"]
+    _print_table(("backend", "device", "dtype", "rel. error", "ms", "iters", "status"), rows)
+    print("\nfused engine: HVP of OmniglotConv (8 filters), T=3, 5 images per task, vs float64 torch.func\n")
+    erows = run_engine()
+    _print_table(("backend", "device", "dtype", "rel. error", "ms", "status"), erows)
+    failed = [r for r in rows + erows if r[-1] == "FAILED"]
     return 1 if failed else 0
 
 

@@ -321,3 +321,12 @@ def test_engine_loss_and_grad_compiles_fullgraph():
     eager = net.loss_and_grad(params, x, y)
     compiled = torch.compile(lambda p, a, b: net.loss_and_grad(p, a, b), fullgraph=True, backend="eager")(params, x, y)
     assert torch.allclose(compiled[0], eager[0], rtol=1e-6) and torch.allclose(compiled[1], eager[1], rtol=1e-5, atol=1e-8)
+
+
+def test_selfcheck_engine_rows_are_ok():
+    from imaml_kernels import selfcheck
+
+    rows = selfcheck.run_engine(T=1, N=3)
+    ran = [r for r in rows if not r[-1].startswith("skipped")]
+    assert {r[0] for r in ran} >= {"cpu", "reference"}
+    assert all(r[-1] == "ok" for r in ran), rows
