@@ -45,6 +45,16 @@ void prox_step_cpu(DType dtype, void* phi, const void* grad, const void* theta,
                    int64_t theta_task_stride, const void* lam, double lr, int64_t T, int64_t P);
 
 // Adjoint of im2col (gx fully written, not accumulated): gcols [T, N, Ho, Wo, k, k, C] ->
+// 2x2 max-pool, stride 2, floor mode, channels-last. fwd: x [T,N,H,W,C] -> y [T,N,H/2,W/2,C]
+// and idx [T,N,H/2,W/2,C] uint8 (2*di + dj of the first maximum; NaN wins). gather: y = x at idx
+// (the tangent). scatter: gx [T,N,H,W,C] = gy at idx, 0 elsewhere (the adjoint).
+void maxpool_fwd_cpu(DType dtype, const void* x, void* y, uint8_t* idx, int64_t T, int64_t N,
+                     int64_t H, int64_t W, int64_t C);
+void maxpool_gather_cpu(DType dtype, const void* x, const uint8_t* idx, void* y, int64_t T,
+                        int64_t N, int64_t H, int64_t W, int64_t C);
+void maxpool_scatter_cpu(DType dtype, const void* gy, const uint8_t* idx, void* gx, int64_t T,
+                         int64_t N, int64_t H, int64_t W, int64_t C);
+
 // The patches of a k x k, stride-s convolution, zero padding (ph, pw) fused:
 // x [T, N, H, W, C] -> cols [T, N, Ho, Wo, k, k, C], cols[t,n,ho,wo,i,j,c] =
 // x[t, n, s*ho + i - ph, s*wo + j - pw, c] or 0 outside the image. The adjoint of col2im.

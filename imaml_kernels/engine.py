@@ -245,40 +245,23 @@ class _Tanh(_Layer):
 
 
 class _MaxPool(_Layer):
-    """2×2 max-pool, stride 2, floor mode (odd rows/columns dropped, as in ``nn.MaxPool2d(2)``)."""
-
-    def _windows(self, x):
-        T, N, H, W, C = x.shape
-        Ho, Wo = H // 2, W // 2
-        v = x[:, :, : 2 * Ho, : 2 * Wo].reshape(T, N, Ho, 2, Wo, 2, C)
-        return v.permute(0, 1, 2, 4, 6, 3, 5).reshape(T, N, Ho, Wo, C, 4)
-
-    def _unwindows(self, g, shape):
-        T, N, H, W, C = shape
-        Ho, Wo = H // 2, W // 2
-        out = g.new_zeros(shape)
-        out[:, :, : 2 * Ho, : 2 * Wo] = g.view(T, N, Ho, Wo, C, 2, 2).permute(0, 1, 2, 5, 3, 6, 4).reshape(T, N, 2 * Ho, 2 * Wo, C)
-        return out
+    """2×2 max-pool, stride 2, floor mode (odd rows/columns dropped, as in ``nn.MaxPool2d(2)``);
+    the forward keeps the argmax (uint8) for the tangent (a gather) and the adjoint (a scatter)."""
 
     def fwd(self, p, x, c):
-        w = self._windows(x)
-        idx = w.argmax(-1, keepdim=True)
+        y, idx = fused.maxpool_fwd(x, self.backend)
         c.update(idx=idx, shape=x.shape)
-        return w.gather(-1, idx).squeeze(-1)
-
-    def _scatter(self, gy, c):
-        z = gy.new_zeros(*gy.shape, 4)
-        z.scatter_(-1, c["idx"], gy.unsqueeze(-1))
-        return self._unwindows(z, c["shape"])
+        return y
 
     def bwd(self, p, gy, c, gp, need_gx):
-        return self._scatter(gy, c)
+        H, W = c["shape"][2], c["shape"][3]
+        return fused.maxpool_scatter(gy, c["idx"], H, W, self.backend)
 
     def tfwd(self, p, rp, rx, c):
-        return self._windows(rx).gather(-1, c["idx"]).squeeze(-1)
+        return fused.maxpool_gather(rx, c["idx"], self.backend)
 
     def tbwd(self, p, rp, rgy, c, rgp, need_gx):
-        return self._scatter(rgy, c)
+        return self.bwd(p, rgy, c, rgp, need_gx)
 
 
 class _ZeroPad(_Layer):

@@ -6,6 +6,8 @@ Each stage computes a primal and its tangent (or a cotangent) in one pass over t
   ``(task, channel)`` over ``x [T, R, C]`` (channels-last rows), optionally followed by ReLU;
 - ``softmax_ce`` (loss, softmax and gradient together) and ``softmax_ce_tangent``;
 - ``im2col`` (zero padding fused) and its adjoint ``col2im`` (a gather, no atomics);
+- ``maxpool_fwd`` (2×2 max and its argmax) with its tangent ``maxpool_gather`` and adjoint
+  ``maxpool_scatter``;
 - ``prox_step``: the proximal gradient step of the fused inner loop, in place.
 
 Backends, chosen by :func:`engine_backend` from static facts (the one dispatch point,
@@ -31,7 +33,7 @@ from .dispatch import backend_problems, select_backend
 
 
 def _cpu_kernels_built():
-    return _ext.HAS_EXT and hasattr(_ext._C, "im2col_cpu")
+    return _ext.HAS_EXT and hasattr(_ext._C, "maxpool_fwd_cpu")
 
 
 def engine_backend(t: Tensor, backend: Optional[str] = None) -> str:
@@ -288,6 +290,100 @@ _softmax_ce_tangent_cpu.register_fake(_softmax_ce_tangent_fake)
 _softmax_ce_tangent_triton.register_fake(_softmax_ce_tangent_fake)
 
 
+# --------------------------------------------------------------------------- max-pool 2x2
+
+
+def _check_pool_in(name, x):
+    _expect(isinstance(x, Tensor) and x.dim() == 5, ValueError, f"{name} must be [T, N, H, W, C], got {tuple(getattr(x, 'shape', ()))}")
+    _expect(x.dtype in (torch.float32, torch.float64), TypeError, f"{name} must be float32 or float64, got {x.dtype}")
+    _expect(x.is_contiguous(), ValueError, f"{name} must be contiguous")
+
+
+def _check_pool_idx(idx, shape):
+    _expect(isinstance(idx, Tensor) and idx.dtype == torch.uint8 and tuple(idx.shape) == tuple(shape) and idx.is_contiguous(),
+            ValueError, f"idx must be a contiguous uint8 tensor of shape {tuple(shape)}")
+
+
+def _pooled(x):
+    T, N, H, W, C = x.shape
+    return (T, N, H // 2, W // 2, C)
+
+
+def _maxpool_fwd_fake(x):
+    _check_pool_in("x", x)
+    shape = _pooled(x)
+    return x.new_empty(shape), torch.empty(shape, dtype=torch.uint8, device=x.device)
+
+
+@custom_op("imaml::maxpool_fwd", mutates_args=())
+def _maxpool_fwd_cpu(x: Tensor) -> Tuple[Tensor, Tensor]:
+    y, idx = _maxpool_fwd_fake(x)
+    _ext._C.maxpool_fwd_cpu(_code(x), x.data_ptr(), y.data_ptr(), idx.data_ptr(), *x.shape)
+    return y, idx
+
+
+@triton_op("imaml::maxpool_fwd_triton", mutates_args=())
+def _maxpool_fwd_triton(x: Tensor) -> Tuple[Tensor, Tensor]:
+    y, idx = _maxpool_fwd_fake(x)
+    _triton().maxpool_fwd(x, y, idx, wrap=wrap_triton)
+    return y, idx
+
+
+_maxpool_fwd_cpu.register_fake(_maxpool_fwd_fake)
+_maxpool_fwd_triton.register_fake(_maxpool_fwd_fake)
+
+
+def _maxpool_gather_fake(x, idx):
+    _check_pool_in("x", x)
+    _check_pool_idx(idx, _pooled(x))
+    return x.new_empty(_pooled(x))
+
+
+@custom_op("imaml::maxpool_gather", mutates_args=())
+def _maxpool_gather_cpu(x: Tensor, idx: Tensor) -> Tensor:
+    y = _maxpool_gather_fake(x, idx)
+    _ext._C.maxpool_gather_cpu(_code(x), x.data_ptr(), idx.data_ptr(), y.data_ptr(), *x.shape)
+    return y
+
+
+@triton_op("imaml::maxpool_gather_triton", mutates_args=())
+def _maxpool_gather_triton(x: Tensor, idx: Tensor) -> Tensor:
+    y = _maxpool_gather_fake(x, idx)
+    _triton().maxpool_gather(x, idx, y, wrap=wrap_triton)
+    return y
+
+
+_maxpool_gather_cpu.register_fake(_maxpool_gather_fake)
+_maxpool_gather_triton.register_fake(_maxpool_gather_fake)
+
+
+def _maxpool_scatter_fake(gy, idx, H: int, W: int):
+    _check_pool_in("gy", gy)
+    T, N, Ho, Wo, C = gy.shape
+    _expect(H // 2 == Ho and W // 2 == Wo, ValueError, f"H={H}, W={W} do not pool to {Ho}x{Wo}")
+    _check_pool_idx(idx, gy.shape)
+    return gy.new_empty(T, N, H, W, C)
+
+
+@custom_op("imaml::maxpool_scatter", mutates_args=())
+def _maxpool_scatter_cpu(gy: Tensor, idx: Tensor, H: int, W: int) -> Tensor:
+    gx = _maxpool_scatter_fake(gy, idx, H, W)
+    T, N, _, _, C = gy.shape
+    _ext._C.maxpool_scatter_cpu(_code(gy), gy.data_ptr(), idx.data_ptr(), gx.data_ptr(), T, N, H, W, C)
+    return gx
+
+
+@triton_op("imaml::maxpool_scatter_triton", mutates_args=())
+def _maxpool_scatter_triton(gy: Tensor, idx: Tensor, H: int, W: int) -> Tensor:
+    gx = _maxpool_scatter_fake(gy, idx, H, W)
+    _triton().maxpool_scatter(gy, idx, gx, wrap=wrap_triton)
+    return gx
+
+
+_maxpool_scatter_cpu.register_fake(_maxpool_scatter_fake)
+_maxpool_scatter_triton.register_fake(_maxpool_scatter_fake)
+
+
 # --------------------------------------------------------------------------- im2col / col2im
 
 
@@ -482,6 +578,40 @@ def softmax_ce_tangent(prob, rlogits, backend=None):
     if b == "triton":
         return torch.ops.imaml.softmax_ce_tangent_triton(prob, rlogits)
     return ref.softmax_ce_tangent(prob, rlogits)
+
+
+def maxpool_fwd(x, backend=None):
+    """2×2 max-pool, stride 2, floor mode: ``x [T,N,H,W,C]`` -> ``(y, idx)``, both
+    ``[T,N,H//2,W//2,C]`` (``idx`` uint8 ``2·di + dj`` of the first maximum)."""
+    b = engine_backend(x, backend)
+    x = x.contiguous()
+    if b == "cpu":
+        return torch.ops.imaml.maxpool_fwd(x)
+    if b == "triton":
+        return torch.ops.imaml.maxpool_fwd_triton(x)
+    return ref.maxpool_fwd(x)
+
+
+def maxpool_gather(x, idx, backend=None):
+    """The max-pool's tangent: ``x [T,N,H,W,C]`` at ``idx`` -> ``[T,N,H//2,W//2,C]``."""
+    b = engine_backend(x, backend)
+    x = x.contiguous()
+    if b == "cpu":
+        return torch.ops.imaml.maxpool_gather(x, idx)
+    if b == "triton":
+        return torch.ops.imaml.maxpool_gather_triton(x, idx)
+    return ref.maxpool_gather(x, idx)
+
+
+def maxpool_scatter(gy, idx, H: int, W: int, backend=None):
+    """The max-pool's adjoint: ``gy`` at ``idx`` -> ``[T,N,H,W,C]`` (0 elsewhere)."""
+    b = engine_backend(gy, backend)
+    gy = gy.contiguous()
+    if b == "cpu":
+        return torch.ops.imaml.maxpool_scatter(gy, idx, H, W)
+    if b == "triton":
+        return torch.ops.imaml.maxpool_scatter_triton(gy, idx, H, W)
+    return ref.maxpool_scatter(gy, idx, H, W)
 
 
 def im2col(x, Ho: int, Wo: int, k: int, s: int, ph: int, pw: int, backend=None):

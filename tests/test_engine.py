@@ -8,7 +8,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 import imaml_kernels as ik
-from imaml_kernels import fused
+from imaml_kernels import fused, fused_reference
 from imaml_kernels.engine import BatchedNet, UnsupportedModel, functional_logits
 from imaml_kernels.nets import MLP, MiniImagenetConv, OmniglotConv
 
@@ -286,6 +286,27 @@ def test_im2col_matches_reference_and_is_the_adjoint_of_col2im(backend, H, W, k,
     assert torch.allclose((cols * g).sum(), (x * gx).sum(), rtol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("H,W,C", [(6, 6, 3), (7, 5, 5), (2, 3, 1), (21, 21, 2)])
+def test_maxpool_ops_match_reference(backend, H, W, C):
+    if backend == "cpu" and not fused._cpu_kernels_built():
+        pytest.skip("extension without engine kernels")
+    torch.manual_seed(0)
+    T, N = 2, 2
+    x = torch.randn(T, N, H, W, C, dtype=torch.float64)
+    x[0, 0, :2, :2, 0] = 0.0  # a tie: the first maximum in window order wins, as in torch
+    y, idx = fused.maxpool_fwd(x, backend=backend)
+    y_ref, idx_ref = fused_reference.maxpool_fwd(x)
+    assert torch.equal(y, y_ref) and torch.equal(idx, idx_ref) and idx.dtype == torch.uint8
+    assert torch.equal(y, F.max_pool2d(x.permute(0, 1, 4, 2, 3).reshape(T * N, C, H, W), 2).view(T, N, C, H // 2, W // 2).permute(0, 1, 3, 4, 2))
+    rx = torch.randn_like(x)
+    assert torch.equal(fused.maxpool_gather(rx, idx, backend=backend), fused_reference.maxpool_gather(rx, idx))
+    gy = torch.randn_like(y)
+    gx = fused.maxpool_scatter(gy, idx, H, W, backend=backend)
+    assert torch.equal(gx, fused_reference.maxpool_scatter(gy, idx, H, W))
+    assert torch.allclose((fused.maxpool_gather(rx, idx, backend=backend) * gy).sum(), (rx * gx).sum(), rtol=1e-12)
+
+
 def test_engine_ops_pass_opcheck():
     if not fused._cpu_kernels_built():
         pytest.skip("extension without engine kernels")
@@ -306,6 +327,9 @@ def test_engine_ops_pass_opcheck():
         (torch.ops.imaml.softmax_ce, (logits, labels)),
         (torch.ops.imaml.softmax_ce_tangent, (prob, torch.randn_like(prob))),
         (torch.ops.imaml.im2col, (torch.randn(T, 2, 5, 5, 3, dtype=torch.float64), 3, 3, 3, 2, 1, 1)),
+        (torch.ops.imaml.maxpool_fwd, (torch.randn(T, 2, 5, 4, 3, dtype=torch.float64),)),
+        (torch.ops.imaml.maxpool_gather, (torch.randn(T, 2, 5, 4, 3, dtype=torch.float64), torch.randint(0, 4, (T, 2, 2, 2, 3), dtype=torch.uint8))),
+        (torch.ops.imaml.maxpool_scatter, (torch.randn(T, 2, 2, 2, 3, dtype=torch.float64), torch.randint(0, 4, (T, 2, 2, 2, 3), dtype=torch.uint8), 5, 4)),
         (torch.ops.imaml.col2im, (torch.randn(T, 2, 3, 3, 3, 3, 4, dtype=torch.float64), 5, 5, 2, 1, 1)),
         (torch.ops.imaml.prox_step, (torch.randn(T, 7, dtype=torch.float64), torch.randn(T, 7, dtype=torch.float64),
                                      torch.randn(7, dtype=torch.float64), torch.rand(T, dtype=torch.float64), 0.1)),

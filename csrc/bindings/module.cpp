@@ -119,6 +119,33 @@ PYBIND11_MODULE(_C, m) {
       py::arg("theta_task_stride"), py::arg("lam"), py::arg("lr"), py::arg("T"), py::arg("P"),
       "In place phi -= lr (grad + lam (phi - theta)); theta stride 0 (shared) or P.");
   m.def(
+      "maxpool_fwd_cpu",
+      [](int dtype, uintptr_t x, uintptr_t y, uintptr_t idx, int64_t T, int64_t N, int64_t H,
+         int64_t W, int64_t C) {
+        py::gil_scoped_release nogil;
+        imaml::maxpool_fwd_cpu(to_dtype(dtype), ptr<const void>(x), ptr<void>(y), ptr<uint8_t>(idx),
+                               T, N, H, W, C);
+      },
+      "2x2 max-pool: x [T,N,H,W,C] -> y [T,N,H/2,W/2,C], idx uint8 (2*di + dj).");
+  m.def(
+      "maxpool_gather_cpu",
+      [](int dtype, uintptr_t x, uintptr_t idx, uintptr_t y, int64_t T, int64_t N, int64_t H,
+         int64_t W, int64_t C) {
+        py::gil_scoped_release nogil;
+        imaml::maxpool_gather_cpu(to_dtype(dtype), ptr<const void>(x), ptr<const uint8_t>(idx),
+                                  ptr<void>(y), T, N, H, W, C);
+      },
+      "The max-pool's tangent: y = x at the forward's argmax.");
+  m.def(
+      "maxpool_scatter_cpu",
+      [](int dtype, uintptr_t gy, uintptr_t idx, uintptr_t gx, int64_t T, int64_t N, int64_t H,
+         int64_t W, int64_t C) {
+        py::gil_scoped_release nogil;
+        imaml::maxpool_scatter_cpu(to_dtype(dtype), ptr<const void>(gy), ptr<const uint8_t>(idx),
+                                   ptr<void>(gx), T, N, H, W, C);
+      },
+      "The max-pool's adjoint: gx [T,N,H,W,C] = gy at the argmax, 0 elsewhere.");
+  m.def(
       "im2col_cpu",
       [](int dtype, uintptr_t x, uintptr_t cols, int64_t T, int64_t N, int64_t H, int64_t W,
          int64_t C, int64_t Ho, int64_t Wo, int64_t k, int64_t s, int64_t ph, int64_t pw) {
