@@ -665,16 +665,22 @@ class _EngineLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, net, x, *leaves):
         flat = net.layout.flatten({k: t.detach() for k, t in zip(net.layout.names, leaves)})
-        ctx.net, ctx.x = net, x
-        ctx.save_for_backward(flat)
         with torch.no_grad():
-            return net._run_forward(net.to_native(flat), x)[2]
+            native = net.to_native(flat)
+            p, caches, logits = net._run_forward(native, x)
+        # The backward reuses this forward's activations (no recompute).
+        ctx.net, ctx.state = net, (native, p, caches)
+        return logits
 
     @staticmethod
     def backward(ctx, glogits):
-        (flat,) = ctx.saved_tensors
-        g = ctx.net.layout.unflatten(ctx.net.vjp(flat, ctx.x, glogits))
-        return (None, None, *(g[k] for k in ctx.net.layout.names))
+        net = ctx.net
+        native, p, caches = ctx.state
+        ctx.state = None
+        grad = torch.empty_like(native)
+        net._backward(p, caches, glogits.to(native.dtype).contiguous(), grad)
+        g = net.layout.unflatten(net.from_native(grad))
+        return (None, None, *(g[k] for k in net.layout.names))
 
 
 def functional_logits(net: BatchedNet, params, x):

@@ -178,6 +178,14 @@ class ObjectiveLinearization:
         return self._vg
 
     @property
+    def task_loss(self):
+        """``[T]``: ``L̂_t(φ_t)`` (no proximal term)."""
+        if self._lin is not None:
+            return self._lin.loss
+        obj = self.objective
+        return obj.task_value(obj.layout.unflatten(self.phi))
+
+    @property
     def value(self):
         """``[T]``: ``L̂_t(φ_t) + (λ_t/2)‖φ_t − θ‖²``."""
         return self._value_grad()[0]
@@ -316,7 +324,7 @@ class _ImplicitGrad(torch.autograd.Function):
         else:
             lam = obj.lam.to(g.dtype)[:, None]
             with _batch_stats_only(st["model"]):
-                lin = obj.linearize(layout.flatten(phi))
+                lin = st.pop("lin", None) or obj.linearize(layout.flatten(phi))
 
                 def matvec(v):
                     return v + lin.task_hvp_work(v) / lam
@@ -394,7 +402,14 @@ def implicit_adapt(
             if not isinstance(phi, dict) or set(phi) != set(names):
                 raise TypeError(f"the inner solver must return a dict with keys {names}")
             phi = {k: phi[k].detach() for k in names}
-            inner_loss = objective.task_value(phi)
+            lin = None
+            if objective.engine is not None and not first_order:
+                # The backward's linearisation, made now: its loss is the inner loss, so the
+                # support set's forward pass runs once instead of twice.
+                lin = objective.linearize(objective.layout.flatten(phi))
+                inner_loss = lin.task_loss
+            else:
+                inner_loss = objective.task_value(phi)
     result = AdaptedParams()
     state = {
         "objective": objective,
@@ -405,6 +420,7 @@ def implicit_adapt(
         "cg_tol": cg_tol,
         "backend": backend,
         "inner_loss": inner_loss,
+        "lin": lin,
         "result": result,
         "theta_dtypes": {k: v.dtype for k, v in theta.items()},
         "model": model,
