@@ -19,12 +19,9 @@ export IMAML_DATA="${IMAML_DATA:-$PWD/../shared/data/omniglot}"
   python3 -c "import imaml_kernels._C as C; print('CUDA kernels built:', C.has_cuda, 'devices:', C.cuda_device_count())"
   python3 -m imaml_kernels.selfcheck
   python3 -m pytest -q tests/test_gpu.py 2>&1 | tail -15
-  python3 -m bench cg --device cuda
-  for P in 10000 1000000; do python3 -m bench cg --device cuda --params $P | sed -n '/^| backend/,/^cuda:/p'; done
-  # The engine's targets: Omniglot 5w1s (T=32, 16 steps) and 20w1s (T=16, 25 steps).
-  python3 -m bench meta-step --device cuda
+  # Every suite at paper shapes: tables, CSV and PNG plots under $OUTDIR.
+  python3 -m bench all --device cuda --out "$OUTDIR"
+  # The engine's second target shape: Omniglot 20-way 1-shot (T=16, 20 support, 25 steps).
   python3 -m bench meta-step --device cuda --way 20 --tasks 16 --inner-steps 25
-  python3 -m bench hvp --device cuda
-  python3 -m bench memory --device cuda --tasks 32 --out "$OUTDIR"
   echo '```'
 } 2>&1 | tee "$LOG"
