@@ -297,8 +297,11 @@ class _Flatten(_Layer):
     def bwd(self, p, gy, c, gp, need_gx):
         return gy.reshape(c["shape"])
 
-    tfwd = lambda self, p, rp, rx, c: rx.reshape(rx.shape[0], rx.shape[1], -1)  # noqa: E731
-    tbwd = lambda self, p, rp, rgy, c, rgp, need_gx: rgy.reshape(c["shape"])  # noqa: E731
+    def tfwd(self, p, rp, rx, c):
+        return rx.reshape(rx.shape[0], rx.shape[1], -1)
+
+    def tbwd(self, p, rp, rgy, c, rgp, need_gx):
+        return rgy.reshape(c["shape"])
 
 
 class _Linear(_Layer):
@@ -628,7 +631,7 @@ class BatchedNet:
         theta = theta.detach()
         shared = theta.dim() == 1 or theta.stride(0) == 0
         rows = theta.reshape(1, -1) if theta.dim() == 1 else (theta[:1] if shared else theta)
-        start = (rows.expand(T, -1) if phi0 is None else phi0.detach()).contiguous()
+        start = rows.expand(T, -1) if phi0 is None else phi0.detach()  # to_native makes the copy
         self._check(start, x, y)
         if rows.shape[1] != self.numel or (not shared and rows.shape[0] != T):
             raise ValueError(f"theta must be [{self.numel}] or [{T}, {self.numel}], got {list(theta.shape)}")
@@ -644,21 +647,6 @@ class BatchedNet:
             # φ -= lr (g + λ (φ − θ))  ==  φ (1 − lr λ) + lr λ θ − lr g
             fused.prox_step(phi, grad, theta, lam_t, lr, self.backend)
         return self.from_native(phi)
-
-
-def engine_for(model, input_shape=None, loss=None) -> Optional[BatchedNet]:
-    """The engine for ``model`` if it is supported (and the loss is the default
-    cross-entropy), else ``None``. ``input_shape`` defaults to the model's own
-    ``input_shape`` attribute (set by the networks in :mod:`imaml_kernels.nets`)."""
-    if loss is not None or not isinstance(model, nn.Sequential):
-        return None
-    shape = input_shape or getattr(model, "input_shape", None)
-    if shape is None:
-        return None
-    try:
-        return BatchedNet(model, shape)
-    except UnsupportedModel:
-        return None
 
 
 class _EngineLogits(torch.autograd.Function):

@@ -28,6 +28,7 @@ from torch.library import custom_op, triton_op, wrap_triton
 from . import _ext
 from . import fused_reference as ref
 from .dispatch import backend_problems, select_backend
+from .ops import _dtype_code, _expect
 
 # --------------------------------------------------------------------------- dispatch
 
@@ -53,11 +54,6 @@ def engine_backend(t: Tensor, backend: Optional[str] = None) -> str:
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _expect(cond, exc, msg):
-    if not cond:
-        raise exc(msg)
 
 
 def _check_rows(name, t, like=None):
@@ -99,10 +95,6 @@ def _check_labels(y, logits):
     _expect(y.is_contiguous() and y.device == logits.device, ValueError, "y must be contiguous and on the logits' device")
 
 
-def _code(t):
-    return 0 if t.dtype == torch.float32 else 1
-
-
 def _addr(t):
     return 0 if t is None else t.data_ptr()
 
@@ -129,7 +121,7 @@ def _bn_fwd_fake(x, gamma, beta, eps, relu):
 def _bn_fwd_cpu(x: Tensor, gamma: Tensor, beta: Tensor, eps: float, relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
     y, xhat, rstd = _bn_fwd_fake(x, gamma, beta, eps, relu)
     T, R, C = x.shape
-    _ext._C.bn_fwd_cpu(_code(x), x.data_ptr(), gamma.data_ptr(), beta.data_ptr(), y.data_ptr(), xhat.data_ptr(), rstd.data_ptr(), T, R, C, eps, relu)
+    _ext._C.bn_fwd_cpu(_dtype_code(x), x.data_ptr(), gamma.data_ptr(), beta.data_ptr(), y.data_ptr(), xhat.data_ptr(), rstd.data_ptr(), T, R, C, eps, relu)
     return y, xhat, rstd
 
 
@@ -153,7 +145,7 @@ def _bn_bwd_fake(gy, xhat, rstd, gamma, relu_y):
 def _bn_bwd_cpu(gy: Tensor, xhat: Tensor, rstd: Tensor, gamma: Tensor, relu_y: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     gx, gg, gb = _bn_bwd_fake(gy, xhat, rstd, gamma, relu_y)
     T, R, C = gy.shape
-    _ext._C.bn_bwd_cpu(_code(gy), gy.data_ptr(), xhat.data_ptr(), rstd.data_ptr(), gamma.data_ptr(), _addr(relu_y), gx.data_ptr(), gg.data_ptr(), gb.data_ptr(), T, R, C)
+    _ext._C.bn_bwd_cpu(_dtype_code(gy), gy.data_ptr(), xhat.data_ptr(), rstd.data_ptr(), gamma.data_ptr(), _addr(relu_y), gx.data_ptr(), gg.data_ptr(), gb.data_ptr(), T, R, C)
     return gx, gg, gb
 
 
@@ -180,7 +172,7 @@ def _bn_tfwd_cpu(
     ry, rxhat, a = _bn_tfwd_fake(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y)
     T, R, C = rx.shape
     _ext._C.bn_tfwd_cpu(
-        _code(rx), rx.data_ptr(), xhat.data_ptr(), rstd.data_ptr(), gamma.data_ptr(), rgamma.data_ptr(), rbeta.data_ptr(),
+        _dtype_code(rx), rx.data_ptr(), xhat.data_ptr(), rstd.data_ptr(), gamma.data_ptr(), rgamma.data_ptr(), rbeta.data_ptr(),
         _addr(relu_y), ry.data_ptr(), rxhat.data_ptr(), a.data_ptr(), T, R, C,
     )
     return ry, rxhat, a
@@ -217,7 +209,7 @@ def _bn_tbwd_cpu(
     rgx, rgg, rgb = _bn_tbwd_fake(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y)
     T, R, C = gy.shape
     _ext._C.bn_tbwd_cpu(
-        _code(gy), gy.data_ptr(), rgy.data_ptr(), xhat.data_ptr(), rxhat.data_ptr(), rstd.data_ptr(), a.data_ptr(),
+        _dtype_code(gy), gy.data_ptr(), rgy.data_ptr(), xhat.data_ptr(), rxhat.data_ptr(), rstd.data_ptr(), a.data_ptr(),
         gamma.data_ptr(), rgamma.data_ptr(), _addr(relu_y), rgx.data_ptr(), rgg.data_ptr(), rgb.data_ptr(), T, R, C,
     )
     return rgx, rgg, rgb
@@ -250,7 +242,7 @@ def _softmax_ce_fake(logits, y):
 def _softmax_ce_cpu(logits: Tensor, y: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     loss, prob, grad = _softmax_ce_fake(logits, y)
     T, N, K = logits.shape
-    _ext._C.softmax_ce_cpu(_code(logits), logits.data_ptr(), y.data_ptr(), loss.data_ptr(), prob.data_ptr(), grad.data_ptr(), T, N, K)
+    _ext._C.softmax_ce_cpu(_dtype_code(logits), logits.data_ptr(), y.data_ptr(), loss.data_ptr(), prob.data_ptr(), grad.data_ptr(), T, N, K)
     return loss, prob, grad
 
 
@@ -275,7 +267,7 @@ def _softmax_ce_tangent_fake(prob, rlogits):
 def _softmax_ce_tangent_cpu(prob: Tensor, rlogits: Tensor) -> Tensor:
     rg = _softmax_ce_tangent_fake(prob, rlogits)
     T, N, K = prob.shape
-    _ext._C.softmax_ce_tangent_cpu(_code(prob), prob.data_ptr(), rlogits.data_ptr(), rg.data_ptr(), T, N, K)
+    _ext._C.softmax_ce_tangent_cpu(_dtype_code(prob), prob.data_ptr(), rlogits.data_ptr(), rg.data_ptr(), T, N, K)
     return rg
 
 
@@ -318,7 +310,7 @@ def _maxpool_fwd_fake(x):
 @custom_op("imaml::maxpool_fwd", mutates_args=())
 def _maxpool_fwd_cpu(x: Tensor) -> Tuple[Tensor, Tensor]:
     y, idx = _maxpool_fwd_fake(x)
-    _ext._C.maxpool_fwd_cpu(_code(x), x.data_ptr(), y.data_ptr(), idx.data_ptr(), *x.shape)
+    _ext._C.maxpool_fwd_cpu(_dtype_code(x), x.data_ptr(), y.data_ptr(), idx.data_ptr(), *x.shape)
     return y, idx
 
 
@@ -342,7 +334,7 @@ def _maxpool_gather_fake(x, idx):
 @custom_op("imaml::maxpool_gather", mutates_args=())
 def _maxpool_gather_cpu(x: Tensor, idx: Tensor) -> Tensor:
     y = _maxpool_gather_fake(x, idx)
-    _ext._C.maxpool_gather_cpu(_code(x), x.data_ptr(), idx.data_ptr(), y.data_ptr(), *x.shape)
+    _ext._C.maxpool_gather_cpu(_dtype_code(x), x.data_ptr(), idx.data_ptr(), y.data_ptr(), *x.shape)
     return y
 
 
@@ -369,7 +361,7 @@ def _maxpool_scatter_fake(gy, idx, H: int, W: int):
 def _maxpool_scatter_cpu(gy: Tensor, idx: Tensor, H: int, W: int) -> Tensor:
     gx = _maxpool_scatter_fake(gy, idx, H, W)
     T, N, _, _, C = gy.shape
-    _ext._C.maxpool_scatter_cpu(_code(gy), gy.data_ptr(), idx.data_ptr(), gx.data_ptr(), T, N, H, W, C)
+    _ext._C.maxpool_scatter_cpu(_dtype_code(gy), gy.data_ptr(), idx.data_ptr(), gx.data_ptr(), T, N, H, W, C)
     return gx
 
 
@@ -401,7 +393,7 @@ def _im2col_fake(x, Ho: int, Wo: int, k: int, s: int, ph: int, pw: int):
 def _im2col_cpu(x: Tensor, Ho: int, Wo: int, k: int, s: int, ph: int, pw: int) -> Tensor:
     cols = _im2col_fake(x, Ho, Wo, k, s, ph, pw)
     T, N, H, W, C = x.shape
-    _ext._C.im2col_cpu(_code(x), x.data_ptr(), cols.data_ptr(), T, N, H, W, C, Ho, Wo, k, s, ph, pw)
+    _ext._C.im2col_cpu(_dtype_code(x), x.data_ptr(), cols.data_ptr(), T, N, H, W, C, Ho, Wo, k, s, ph, pw)
     return cols
 
 
@@ -416,17 +408,6 @@ _im2col_cpu.register_fake(_im2col_fake)
 _im2col_triton.register_fake(_im2col_fake)
 
 
-def im2col_reference(x, Ho, Wo, k, s, ph, pw):
-    """Pad, then one strided copy (the twin of :func:`im2col`)."""
-    T, N, H, W, C = x.shape
-    Hp, Wp = max(H + 2 * ph, s * (Ho - 1) + k), max(W + 2 * pw, s * (Wo - 1) + k)
-    xp = x.new_zeros(T, N, Hp, Wp, C)
-    xp[:, :, ph : ph + H, pw : pw + W] = x
-    sT, sN, sH, sW, sC = xp.stride()
-    v = xp.as_strided((T, N, Ho, Wo, k, k, C), (sT, sN, s * sH, s * sW, sH, sW, sC))
-    return v.contiguous()
-
-
 def _col2im_fake(gcols, H: int, W: int, s: int, ph: int, pw: int):
     _expect(gcols.dim() == 7 and gcols.shape[4] == gcols.shape[5], ValueError, f"gcols must be [T, N, Ho, Wo, k, k, C], got {tuple(gcols.shape)}")
     _expect(gcols.is_contiguous(), ValueError, "gcols must be contiguous")
@@ -439,7 +420,7 @@ def _col2im_fake(gcols, H: int, W: int, s: int, ph: int, pw: int):
 def _col2im_cpu(gcols: Tensor, H: int, W: int, s: int, ph: int, pw: int) -> Tensor:
     gx = _col2im_fake(gcols, H, W, s, ph, pw)
     T, N, Ho, Wo, k, _, C = gcols.shape
-    _ext._C.col2im_cpu(_code(gcols), gcols.data_ptr(), gx.data_ptr(), T, N, H, W, C, Ho, Wo, k, s, ph, pw)
+    _ext._C.col2im_cpu(_dtype_code(gcols), gcols.data_ptr(), gx.data_ptr(), T, N, H, W, C, Ho, Wo, k, s, ph, pw)
     return gx
 
 
@@ -452,17 +433,6 @@ def _col2im_triton(gcols: Tensor, H: int, W: int, s: int, ph: int, pw: int) -> T
 
 _col2im_cpu.register_fake(_col2im_fake)
 _col2im_triton.register_fake(_col2im_fake)
-
-
-def col2im_reference(gcols, H, W, s, ph, pw):
-    """Scatter-add form of :func:`col2im` (9 strided adds for a 3×3 kernel)."""
-    T, N, Ho, Wo, k, _, C = gcols.shape
-    Hp, Wp = max(H + 2 * ph, s * (Ho - 1) + k), max(W + 2 * pw, s * (Wo - 1) + k)
-    gx = gcols.new_zeros(T, N, Hp, Wp, C)
-    for i in range(k):
-        for j in range(k):
-            gx[:, :, i : i + s * (Ho - 1) + 1 : s, j : j + s * (Wo - 1) + 1 : s, :] += gcols[:, :, :, :, i, j, :]
-    return gx[:, :, ph : ph + H, pw : pw + W, :]
 
 
 # --------------------------------------------------------------------------- proximal step
@@ -484,7 +454,7 @@ def _check_prox(phi, grad, theta, lam):
 def _prox_step_cpu(phi: Tensor, grad: Tensor, theta: Tensor, lam: Tensor, lr: float) -> None:
     _check_prox(phi, grad, theta, lam)
     T, P = phi.shape
-    _ext._C.prox_step_cpu(_code(phi), phi.data_ptr(), grad.data_ptr(), theta.data_ptr(), 0 if theta.dim() == 1 else P, lam.data_ptr(), lr, T, P)
+    _ext._C.prox_step_cpu(_dtype_code(phi), phi.data_ptr(), grad.data_ptr(), theta.data_ptr(), 0 if theta.dim() == 1 else P, lam.data_ptr(), lr, T, P)
 
 
 @triton_op("imaml::prox_step_triton", mutates_args={"phi"})
@@ -622,7 +592,7 @@ def im2col(x, Ho: int, Wo: int, k: int, s: int, ph: int, pw: int, backend=None):
         return torch.ops.imaml.im2col(x, Ho, Wo, k, s, ph, pw)
     if b == "triton":
         return torch.ops.imaml.im2col_triton(x, Ho, Wo, k, s, ph, pw)
-    return im2col_reference(x, Ho, Wo, k, s, ph, pw)
+    return ref.im2col(x, Ho, Wo, k, s, ph, pw)
 
 
 def col2im(gcols, H: int, W: int, s: int, ph: int, pw: int, backend=None):
@@ -633,7 +603,7 @@ def col2im(gcols, H: int, W: int, s: int, ph: int, pw: int, backend=None):
         return torch.ops.imaml.col2im(gcols, H, W, s, ph, pw)
     if b == "triton":
         return torch.ops.imaml.col2im_triton(gcols, H, W, s, ph, pw)
-    return col2im_reference(gcols, H, W, s, ph, pw)
+    return ref.col2im(gcols, H, W, s, ph, pw)
 
 
 def prox_step(phi, grad, theta, lam, lr: float, backend=None):

@@ -125,3 +125,25 @@ def maxpool_scatter(gy, idx, H: int, W: int):
     out = gy.new_zeros(T, N, H, W, C)
     out[:, :, : 2 * Ho, : 2 * Wo] = z.view(T, N, Ho, Wo, C, 2, 2).permute(0, 1, 2, 5, 3, 6, 4).reshape(T, N, 2 * Ho, 2 * Wo, C)
     return out
+
+
+def im2col(x, Ho, Wo, k, s, ph, pw):
+    """Pad, then one strided copy (the twin of :func:`imaml_kernels.fused.im2col`)."""
+    T, N, H, W, C = x.shape
+    Hp, Wp = max(H + 2 * ph, s * (Ho - 1) + k), max(W + 2 * pw, s * (Wo - 1) + k)
+    xp = x.new_zeros(T, N, Hp, Wp, C)
+    xp[:, :, ph : ph + H, pw : pw + W] = x
+    sT, sN, sH, sW, sC = xp.stride()
+    v = xp.as_strided((T, N, Ho, Wo, k, k, C), (sT, sN, s * sH, s * sW, sH, sW, sC))
+    return v.contiguous()
+
+
+def col2im(gcols, H, W, s, ph, pw):
+    """Scatter-add form of :func:`imaml_kernels.fused.col2im` (9 strided adds for a 3×3 kernel)."""
+    T, N, Ho, Wo, k, _, C = gcols.shape
+    Hp, Wp = max(H + 2 * ph, s * (Ho - 1) + k), max(W + 2 * pw, s * (Wo - 1) + k)
+    gx = gcols.new_zeros(T, N, Hp, Wp, C)
+    for i in range(k):
+        for j in range(k):
+            gx[:, :, i : i + s * (Ho - 1) + 1 : s, j : j + s * (Wo - 1) + 1 : s, :] += gcols[:, :, :, :, i, j, :]
+    return gx[:, :, ph : ph + H, pw : pw + W, :]
