@@ -60,12 +60,12 @@ def run(T=32, P=113_221, dtype=torch.float32, device="cpu", backends=None, repea
     if torch.device(device).type == "cpu":
         names = [n for n in names if n != "triton"]  # the interpreter is not a performance path
     for name in names + ["reference"]:
-        partials, chunk = ops.cg_partials(x, name)
+        partials, chunk = ops.cg.cg_partials(x, name)
         s_in = torch.zeros(T, dtype=torch.int32, device=device)
         s_out = torch.zeros_like(s_in)
         it = torch.zeros_like(s_in)
-        dots = {"cpu": ops.cg_dots, "cuda": ops.cg_dots, "triton": ops.cg_dots_triton}.get(name, reference.cg_dots)
-        update = {"cpu": ops.cg_update, "cuda": ops.cg_update, "triton": ops.cg_update_triton}.get(name, reference.cg_update)
+        kern = dispatch.kernels(x.device, x.dtype, name)
+        dots, update = kern.cg_dots, kern.cg_update
 
         def step():
             dots(r, p, Ap, partials, chunk)

@@ -1,5 +1,5 @@
 // CPU kernels (OpenMP) of the engine's fused elementwise stages; the pure-PyTorch twins
-// and the formulas are in imaml_kernels/fused_reference.py.
+// and the formulas are in imaml_kernels/reference/.
 //
 // Layout: every array is contiguous, row-major. BatchNorm data is [T, R, C] (T tasks,
 // R = N*H*W rows, channels innermost); per-(task, channel) arrays are [T, C]. `relu_y`

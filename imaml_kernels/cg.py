@@ -4,8 +4,9 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import ops, reference
-from .dispatch import select_backend
+from .dispatch import kernels
+from .ops.cg import cg_partials
+from .reference.cg import CG_BREAKDOWN
 
 
 class CGInfo(NamedTuple):
@@ -22,14 +23,6 @@ class CGInfo(NamedTuple):
     residual: torch.Tensor
     converged: torch.Tensor
     breakdown: torch.Tensor
-
-
-def _kernels(backend):
-    if backend in ("cpu", "cuda"):
-        return ops.cg_dots, ops.cg_update
-    if backend == "triton":
-        return ops.cg_dots_triton, ops.cg_update_triton
-    return reference.cg_dots, reference.cg_update
 
 
 def _checked_matvec(matvec, v, b):
@@ -89,8 +82,7 @@ def cg_solve(
     if x0 is not None and (x0.shape != b.shape or x0.dtype != b.dtype or x0.device != b.device):
         raise ValueError(f"x0 must match b ({tuple(b.shape)}, {b.dtype}, {b.device}), got {tuple(x0.shape)}, {x0.dtype}, {x0.device}")
 
-    name = select_backend(b.device, b.dtype, backend)
-    dots, update = _kernels(name)
+    kern = kernels(b.device, b.dtype, backend)  # resolved once for the whole solve
     b = b.contiguous()
     T = b.shape[0]
     if x0 is None:
@@ -100,7 +92,7 @@ def cg_solve(
         x = x0.clone(memory_format=torch.contiguous_format)
         r = b - _checked_matvec(matvec, x, b)
     p = r.clone()
-    partials, chunk = ops.cg_partials(b, name)
+    partials, chunk = cg_partials(b, kern.backend)
     bb = b.to(torch.float64).square().sum(-1)
     thresh = bb * (float(tol) ** 2)
     # Ping-pong status buffers: blocks of the update kernel read one while block 0 writes the other.
@@ -108,11 +100,11 @@ def cg_solve(
     count = torch.zeros(T, dtype=torch.int32, device=b.device)
     for k in range(iters):
         Ap = _checked_matvec(matvec, p, b)
-        dots(r, p, Ap, partials, chunk)
-        update(x, r, p, Ap, partials, status[k % 2], status[(k + 1) % 2], count, thresh, chunk)
+        kern.cg_dots(r, p, Ap, partials, chunk)
+        kern.cg_update(x, r, p, Ap, partials, status[k % 2], status[(k + 1) % 2], count, thresh, chunk)
     final = status[iters % 2]
     rr = r.to(torch.float64).square().sum(-1)
     residual = torch.where(bb > 0, (rr / torch.where(bb > 0, bb, 1.0)).sqrt(), rr.sqrt())
-    breakdown = final == reference.CG_BREAKDOWN
+    breakdown = final == CG_BREAKDOWN
     converged = ~breakdown & (residual <= tol)
     return x, CGInfo(count, residual, converged, breakdown)

@@ -13,6 +13,12 @@ The choice uses static facts only (device, dtype, what is built and importable),
 ``IMAML_BACKEND`` environment variable, then the automatic choice. A backend named
 explicitly that cannot run raises a ``RuntimeError`` listing why; the automatic choice
 falls back quietly.
+
+The same choice serves every op family. :func:`kernels` resolves it once (per
+:func:`~imaml_kernels.cg_solve` call, per engine pass) into a :class:`Kernels` table of bound
+implementations, so no op call re-decides. The network engine's stages have no CUDA C++
+kernels: on a GPU ``"cuda"`` runs the CG kernels in CUDA C++ and the engine's stages in
+Triton (named explicitly without Triton, it raises).
 """
 
 import functools
@@ -28,7 +34,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_importable():
+def triton_importable():
+    """True when ``triton`` can be imported (checked once, without importing it)."""
     return importlib.util.find_spec("triton") is not None
 
 
@@ -56,7 +63,7 @@ def backend_problems(backend, device, dtype):
         if device.type != "cpu":
             problems.append(f"tensors are on {device}, not the CPU")
     elif backend == "triton":
-        if not _triton_importable():
+        if not triton_importable():
             problems.append("triton is not installed")
         if device.type == "cpu" and not triton_interpreted():
             problems.append("CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before importing)")
@@ -98,3 +105,69 @@ def select_backend(device, dtype, backend=None):
 def available_backends(device, dtype=torch.float32):
     """Backends that can run on ``device``, in dispatch order (the Triton interpreter included)."""
     return [b for b in BACKENDS if not backend_problems(b, device, dtype)]
+
+
+# Ops of the CG family; every other registered op is a stage of the network engine.
+CG_OPS = ("cg_dots", "cg_update")
+
+
+def _engine_kernels_built():
+    return _ext.HAS_EXT and hasattr(_ext._C, "maxpool_fwd_cpu")
+
+
+class Kernels:
+    """The implementation of every ``imaml::`` op for one choice of backend.
+
+    Attributes: ``backend`` (what the CG ops run), ``engine_backend`` (what the engine's stages
+    run), and one callable per op name (``cg_dots``, ``bn_fwd``, ...) taking the op's public
+    arguments (:mod:`imaml_kernels.ops`)."""
+
+    def __init__(self, backend, engine_backend):
+        from . import ops
+        from .ops._registry import bound
+
+        self.backend, self.engine_backend = backend, engine_backend
+        for name, spec in ops.SPECS.items():
+            setattr(self, name, bound(spec, backend if name in CG_OPS else engine_backend))
+
+    def __repr__(self):
+        return f"Kernels(backend={self.backend!r}, engine_backend={self.engine_backend!r})"
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(backend, engine_backend):
+    return Kernels(backend, engine_backend)
+
+
+def _engine_choice(name, device, dtype, explicit):
+    """The engine stages' backend for the CG-level choice ``name`` (see the module docstring)."""
+    if name == "cuda":
+        problems = backend_problems("triton", device, dtype)
+        if not problems:
+            return "triton"
+        if explicit:
+            raise RuntimeError("imaml_kernels: backend 'cuda' cannot run the network engine here: its GPU kernels are "
+                               "Triton kernels, and " + "; ".join(problems))
+        return "reference"
+    if name == "cpu" and not _engine_kernels_built():
+        if explicit:
+            raise RuntimeError("imaml_kernels: backend 'cpu': the native extension lacks the engine kernels (rebuild it)")
+        return "reference"
+    return name
+
+
+def kernels(device, dtype, backend=None) -> Kernels:
+    """The :class:`Kernels` for tensors on ``device`` with ``dtype`` (``backend`` as in
+    :func:`select_backend`).
+
+    Example::
+
+        >>> k = kernels("cpu", torch.float32)
+        >>> k.backend, k.engine_backend
+        ('cpu', 'cpu')
+        >>> y, xhat, rstd = k.bn_fwd(x, gamma, beta, 1e-5, True)
+    """
+    device = torch.device(device)
+    name = select_backend(device, dtype, backend)
+    explicit = (backend if backend is not None else os.environ.get("IMAML_BACKEND") or None) is not None
+    return _kernels(name, _engine_choice(name, device, dtype, explicit))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 from .cg import cg_solve
-from .engine import BatchedNet, UnsupportedModel, functional_logits
+from .engine import BatchedNet, UnsupportedModel, batched_net, functional_logits
 from .hvp import batched_hvp
 from .layout import ParamLayout
 
@@ -270,13 +270,15 @@ def _check_inputs(theta, support):
     return x.shape[0]
 
 
-def select_engine(model, theta, x, loss=None, engine=None) -> Optional[BatchedNet]:
+def select_engine(model, theta, x, loss=None, engine=None, backend=None) -> Optional[BatchedNet]:
     """The fused engine for this call, or ``None`` for the generic ``torch.func`` path.
 
     ``engine``: ``None`` (automatic: used when ``model`` is a supported ``nn.Sequential``,
     the loss is the default cross-entropy, θ is ``model``'s float32/float64 parameters in
     order and the inputs fit), ``False`` (never), ``True`` (required: raises with the reason
-    when it cannot run) or a :class:`~imaml_kernels.engine.BatchedNet`."""
+    when it cannot run) or a :class:`~imaml_kernels.engine.BatchedNet`. ``backend`` steers the
+    engine's stages (:func:`imaml_kernels.dispatch.kernels`); the net is parsed once per model
+    and reused (:func:`~imaml_kernels.engine.batched_net`)."""
     if engine is False:
         return None
     if isinstance(engine, BatchedNet):
@@ -291,7 +293,7 @@ def select_engine(model, theta, x, loss=None, engine=None) -> Optional[BatchedNe
         dtypes = {v.dtype for v in theta.values()}
         if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.float64}:
             raise UnsupportedModel(f"theta dtypes {sorted(map(str, dtypes))}: the engine needs one of float32/float64")
-        net = BatchedNet(model, tuple(x.shape[2:]))
+        net = batched_net(model, tuple(x.shape[2:]), backend=backend)
         names = list(theta)
         if names != net.layout.names or any(tuple(theta[k].shape) != tuple(net.layout.shapes[k]) for k in names):
             raise UnsupportedModel("theta is not the model's named_parameters() in order")
@@ -370,7 +372,9 @@ def implicit_adapt(
         cg_iters, cg_tol: the CG solve of ``(I + H/λ) x = g`` in the backward pass.
         first_order: skip the solve (the gradient at φ passes straight to θ).
         loss: ``loss(logits, y) -> scalar``; default cross-entropy.
-        hvp_chunk: tasks per HVP group (memory bound, generic path); backend: CG backend.
+        hvp_chunk: tasks per HVP group (memory bound, generic path).
+        backend: the backend of every kernel: the CG solve and the engine's stages
+            (:func:`imaml_kernels.dispatch.kernels`; ``None``: automatic).
         engine: the fused network engine (:func:`select_engine`): ``None`` uses it whenever
             the model is supported (OmniglotConv, MiniImagenetConv, MLP, ...), ``False``
             forces the generic ``torch.func`` path, ``True`` requires the engine.
@@ -394,7 +398,7 @@ def implicit_adapt(
     task_loss = _task_loss_fn(model, loss)
     names = list(theta)
     with _batch_stats_only(model):
-        net = select_engine(model, theta, x, loss, engine)
+        net = select_engine(model, theta, x, loss, engine, backend)
         objective = ProximalObjective(task_loss, theta, lam_t, (x, y), hvp_chunk=hvp_chunk, engine=net)
         with torch.no_grad():
             phi0 = {k: v.detach().unsqueeze(0).expand(T, *v.shape).clone() for k, v in theta.items()}
@@ -471,7 +475,7 @@ def implicit_meta_grad(
         )
         if xq.shape[0] != support[0].shape[0]:
             raise ValueError(f"query has T={xq.shape[0]} tasks but support has T={support[0].shape[0]}")
-        net = select_engine(model, theta, xq, loss, engine)
+        net = select_engine(model, theta, xq, loss, engine, backend)
         with _batch_stats_only(model):
             if net is not None:
                 logits = functional_logits(net, dict(phi), xq)

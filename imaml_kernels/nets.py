@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .engine import BatchedNet
+from .engine import BatchedNet, batched_net
 from .layout import ParamLayout
 
 
@@ -30,8 +30,9 @@ class BatchedMethods:
     input_shape: tuple
 
     def batched(self, backend: Optional[str] = None) -> BatchedNet:
-        """The engine for this network's structure (parameter values are passed per call)."""
-        return BatchedNet(self, self.input_shape, backend=backend)
+        """The engine for this network's structure (parameter values are passed per call),
+        parsed once and reused (:func:`~imaml_kernels.engine.batched_net`)."""
+        return batched_net(self, self.input_shape, backend=backend)
 
     @property
     def layout(self) -> ParamLayout:
@@ -123,7 +124,3 @@ class MLP(BatchedMethods, nn.Sequential):
         layers.append(nn.Linear(sizes[-2], sizes[-1]))
         super().__init__(*layers)
         self.input_shape = (sizes[0],)
-
-
-def num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

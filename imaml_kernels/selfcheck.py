@@ -54,7 +54,7 @@ def run_engine(T=3, N=5):
     from torch.func import functional_call, grad, jvp, vmap
 
     from .engine import BatchedNet
-    from .fused import engine_backend
+    from .dispatch import kernels
     from .nets import OmniglotConv
 
     torch.manual_seed(0)
@@ -77,8 +77,9 @@ def run_engine(T=3, N=5):
             for backend in ("cpu", "triton", "reference"):
                 probe = torch.empty(0, device=device, dtype=dtype)
                 try:
-                    if engine_backend(probe, backend) != backend:
-                        raise RuntimeError(f"resolves to {engine_backend(probe, backend)}")
+                    got = kernels(probe.device, probe.dtype, backend).engine_backend
+                    if got != backend:
+                        raise RuntimeError(f"resolves to {got}")
                 except RuntimeError as e:
                     rows.append((backend, device, str(dtype)[6:], "-", "-", "skipped: " + str(e).split(": ", 1)[-1][:60]))
                     continue

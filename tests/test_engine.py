@@ -8,7 +8,8 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 import imaml_kernels as ik
-from imaml_kernels import fused, fused_reference
+from imaml_kernels import dispatch, ops
+from imaml_kernels import reference as twins
 from imaml_kernels.engine import BatchedNet, UnsupportedModel, functional_logits
 from imaml_kernels.nets import MLP, MiniImagenetConv, OmniglotConv
 from helpers import rel_err as rel
@@ -221,7 +222,7 @@ def test_newton_cg_with_engine_matches_generic():
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_backends_agree(backend):
-    if backend == "cpu" and not fused._cpu_kernels_built():
+    if backend == "cpu" and not dispatch._engine_kernels_built():
         pytest.skip("the native extension was built without the engine kernels")
     model, params, x, y, v = make_problem("omniglot", 3, 5, torch.float64)
     net = BatchedNet(model, model.input_shape, backend=backend)
@@ -270,42 +271,42 @@ GEOMS = [(7, 7, 3, 1, 1), (14, 14, 3, 2, 1), (8, 5, 3, 2, 0), (5, 8, 2, 1, 0)]  
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("H,W,k,s,pad", GEOMS)
 def test_im2col_matches_reference_and_is_the_adjoint_of_col2im(backend, H, W, k, s, pad):
-    if backend == "cpu" and not fused._cpu_kernels_built():
+    if backend == "cpu" and not dispatch._engine_kernels_built():
         pytest.skip("extension without engine kernels")
     torch.manual_seed(0)
     T, N, C = 2, 2, 5
     Ho, Wo = (H + 2 * pad - k) // s + 1, (W + 2 * pad - k) // s + 1
     x = torch.randn(T, N, H, W, C, dtype=torch.float64)
-    cols = fused.im2col(x, Ho, Wo, k, s, pad, pad, backend=backend)
-    assert torch.equal(cols, fused_reference.im2col(x, Ho, Wo, k, s, pad, pad))
+    cols = ops.conv.im2col(x, Ho, Wo, k, s, pad, pad, backend=backend)
+    assert torch.equal(cols, twins.im2col(x, Ho, Wo, k, s, pad, pad))
     g = torch.randn_like(cols)
-    gx = fused.col2im(g, H, W, s, pad, pad, backend=backend)
+    gx = ops.conv.col2im(g, H, W, s, pad, pad, backend=backend)
     assert torch.allclose((cols * g).sum(), (x * gx).sum(), rtol=1e-12)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("H,W,C", [(6, 6, 3), (7, 5, 5), (2, 3, 1), (21, 21, 2)])
 def test_maxpool_ops_match_reference(backend, H, W, C):
-    if backend == "cpu" and not fused._cpu_kernels_built():
+    if backend == "cpu" and not dispatch._engine_kernels_built():
         pytest.skip("extension without engine kernels")
     torch.manual_seed(0)
     T, N = 2, 2
     x = torch.randn(T, N, H, W, C, dtype=torch.float64)
     x[0, 0, :2, :2, 0] = 0.0  # a tie: the first maximum in window order wins, as in torch
-    y, idx = fused.maxpool_fwd(x, backend=backend)
-    y_ref, idx_ref = fused_reference.maxpool_fwd(x)
+    y, idx = ops.maxpool.maxpool_fwd(x, backend=backend)
+    y_ref, idx_ref = twins.maxpool_fwd(x)
     assert torch.equal(y, y_ref) and torch.equal(idx, idx_ref) and idx.dtype == torch.uint8
     assert torch.equal(y, F.max_pool2d(x.permute(0, 1, 4, 2, 3).reshape(T * N, C, H, W), 2).view(T, N, C, H // 2, W // 2).permute(0, 1, 3, 4, 2))
     rx = torch.randn_like(x)
-    assert torch.equal(fused.maxpool_gather(rx, idx, backend=backend), fused_reference.maxpool_gather(rx, idx))
+    assert torch.equal(ops.maxpool.maxpool_gather(rx, idx, backend=backend), twins.maxpool_gather(rx, idx))
     gy = torch.randn_like(y)
-    gx = fused.maxpool_scatter(gy, idx, H, W, backend=backend)
-    assert torch.equal(gx, fused_reference.maxpool_scatter(gy, idx, H, W))
-    assert torch.allclose((fused.maxpool_gather(rx, idx, backend=backend) * gy).sum(), (rx * gx).sum(), rtol=1e-12)
+    gx = ops.maxpool.maxpool_scatter(gy, idx, H, W, backend=backend)
+    assert torch.equal(gx, twins.maxpool_scatter(gy, idx, H, W))
+    assert torch.allclose((ops.maxpool.maxpool_gather(rx, idx, backend=backend) * gy).sum(), (rx * gx).sum(), rtol=1e-12)
 
 
 def test_engine_ops_pass_opcheck():
-    if not fused._cpu_kernels_built():
+    if not dispatch._engine_kernels_built():
         pytest.skip("extension without engine kernels")
     torch.manual_seed(0)
     T, R, C = 2, 6, 3

@@ -1,5 +1,5 @@
 """The C++ (OpenMP) kernels of the engine's fused stages against their pure-PyTorch twins in
-:mod:`imaml_kernels.fused_reference`, called through the raw bindings (integer addresses).
+:mod:`imaml_kernels.reference`, called through the raw bindings (integer addresses).
 
 Outputs are pre-filled with NaN (every element must be written). float64 must match the
 float64 reference to ~1e-12 (relative to the output's scale); float32 is compared with the
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from imaml_kernels import _ext
-from imaml_kernels import fused_reference as ref
+from imaml_kernels import reference as ref
 
 if not _ext.HAS_EXT or not hasattr(_ext._C, "bn_fwd_cpu"):
     pytest.skip("native extension imaml_kernels._C (with the engine kernels) not built", allow_module_level=True)

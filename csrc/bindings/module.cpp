@@ -193,7 +193,6 @@ PYBIND11_MODULE(_C, m) {
 
 #ifdef IMAML_WITH_CUDA
   m.attr("has_cuda") = true;
-  m.attr("cuda_cg_chunk") = imaml::kCudaCgChunk;
   m.def("cuda_device_count", &imaml::cuda_device_count);
   m.def("cg_dots_cuda",
         [](int dtype, uintptr_t r, uintptr_t p, uintptr_t Ap, uintptr_t partials, int64_t ntasks,

@@ -1,11 +1,14 @@
 """Triton kernels of the fused CG iteration: private kernels, then host launchers.
 
 Layout as everywhere: ``[T, P]`` row-major, contiguous. Grid ``(T, NB)`` with one program
-per ``BLOCK`` elements of one task; ``partials`` is ``[T, NB, 4]`` float64.
+per ``BLOCK`` elements of one task; ``partials`` is ``[T, NB, 4]`` float64. The launchers
+validate nothing beyond the block length: :mod:`imaml_kernels.ops.cg` checks every argument.
 """
 
 import triton
 import triton.language as tl
+
+from ._common import ident
 
 # Elements per program. 4096 with 8 warps = 16 elements per thread, enough loads in
 # flight for a bandwidth-bound kernel; not yet swept on a GPU (none was available).
@@ -100,3 +103,27 @@ def _cg_update_kernel(
     tl.store(x_ptr + base + offs, x + a * p, mask=mask)
     tl.store(r_ptr + base + offs, r_new, mask=mask)
     tl.store(p_ptr + base + offs, r_new + be * p, mask=mask)
+
+
+# --------------------------------------------------------------------------- host launchers
+
+
+def cg_dots(r, p, Ap, partials, wrap=ident):
+    """Per-block dot products of ``[T, P]`` vectors into ``partials [T, ceil(P/CG_BLOCK), 4]``."""
+    T, P = r.shape
+    nb = partials.shape[1]
+    if T == 0:  # P = 0 still launches: the blocks write zero partials
+        return
+    wrap(_cg_dots_kernel)[(T, nb)](r, p, Ap, partials, P, nb, BLOCK=CG_BLOCK, num_warps=CG_NUM_WARPS)
+
+
+def cg_update(x, r, p, Ap, partials, status_in, status_out, iters, thresh, wrap=ident):
+    """The fused CG update of every task from the partials of :func:`cg_dots`."""
+    T, P = x.shape
+    nb = partials.shape[1]
+    if T == 0:
+        return
+    wrap(_cg_update_kernel)[(T, nb)](
+        x, r, p, Ap, partials, status_in, status_out, iters, thresh, P, nb,
+        BLOCK=CG_BLOCK, NB_POW2=triton.next_power_of_2(nb), num_warps=CG_NUM_WARPS,
+    )

@@ -1,7 +1,7 @@
-"""Pure-PyTorch references of every kernel. They define the semantics the fused
-kernels must reproduce; tests and benchmarks share them. References never import kernels.
+"""Pure-PyTorch twin of the CG family (:mod:`imaml_kernels.ops.cg`) and a textbook
+multi-task CG (the float64 ground truth of :func:`imaml_kernels.cg_solve`).
 
-Shapes: task-batched tensors lead with ``T``; flat vectors are ``[T, P]``.
+Shapes: flat vectors are ``[T, P]``.
 """
 
 import torch

@@ -1,0 +1,21 @@
+"""The fused batched network engine: loss, gradient and exact Hessian-vector products for
+T tasks at once, with every task's parameters in one flat ``[T, P]`` buffer.
+
+Forward-over-reverse by hand (Pearlmutter's R-operator): every layer (:mod:`.layers`) has a
+forward, a backward, a tangent forward and a tangent backward. :meth:`BatchedNet.linearize`
+(:mod:`.net`) runs the primal forward and backward once at ``φ`` and keeps what the HVP needs
+(im2col patches, normalised activations, ReLU masks, the primal cotangents), so each HVP of a
+CG solve runs only the tangent passes: per conv layer two batched GEMMs forward, four
+backward, no primal recompute and no autograd graph.
+
+Supported: ``nn.Sequential`` of Conv2d (square kernel, any stride/padding, groups 1),
+BatchNorm2d in batch-statistics mode (affine), ReLU, Tanh, MaxPool2d(2), ZeroPad2d, Flatten
+and Linear, with softmax cross-entropy (mean over the task's examples). The fused stages run
+through the ``imaml::`` ops of :mod:`imaml_kernels.ops`, on the backend that
+:func:`imaml_kernels.dispatch.kernels` resolves once per pass.
+"""
+
+from .layers import UnsupportedModel
+from .net import BatchedNet, Linearization, batched_net, functional_logits
+
+__all__ = ["BatchedNet", "Linearization", "UnsupportedModel", "batched_net", "functional_logits"]

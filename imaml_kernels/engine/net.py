@@ -1,0 +1,296 @@
+"""The network: parsing a model into engine layers (:mod:`.layers`), the flat ``[T, P]``
+parameter layout, :class:`Linearization` (one primal pass reused by every HVP of a CG
+solve), :class:`BatchedNet` (loss, gradient, HVP, the fused inner loop) and
+:func:`functional_logits` (the engine's forward and backward behind autograd).
+"""
+
+import weakref
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import dispatch
+from ..layout import ParamLayout
+from .layers import UnsupportedModel, parse  # noqa: F401
+
+
+class Linearization:
+    """The network linearised at ``φ`` for all T tasks (made by :meth:`BatchedNet.linearize`):
+    ``loss [T]``, ``grad [T, P]``, ``logits [T, N, classes]`` and :meth:`hvp`, which reuses the
+    primal activations. ``hvp_native`` works in the engine's parameter order
+    (:meth:`BatchedNet.to_native`): a CG solve run in that order skips two permutes per product.
+    """
+
+    def __init__(self, net, kern, params_native, caches, loss, grad_native):
+        self.net, self.kernels, self.params_native, self.caches = net, kern, params_native, caches
+        self.loss, self.grad_native = loss, grad_native
+        self.logits = caches[-1]["logits"]
+        self._grad = None
+
+    @property
+    def grad(self) -> torch.Tensor:
+        """``[T, P]`` in the module's parameter order."""
+        if self._grad is None:
+            self._grad = self.net.from_native(self.grad_native)
+        return self._grad
+
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        """``H_t v_t`` for all tasks: ``v [T, P]`` -> ``[T, P]`` (same dtype as the params)."""
+        if v.shape != self.params_native.shape:
+            raise ValueError(f"v must have shape {list(self.params_native.shape)} (the params), got {list(v.shape)}")
+        return self.net.from_native(self.hvp_native(self.net.to_native(v.to(self.params_native.dtype))))
+
+    def hvp_native(self, v: torch.Tensor) -> torch.Tensor:
+        """:meth:`hvp` with ``v`` and the result in the engine's parameter order."""
+        net, k = self.net, self.kernels
+        v = v.to(self.params_native.dtype)
+        p = net._views(self.params_native)
+        rp = net._views(v)
+        out = torch.empty_like(v)
+        rgp = net._views(out)
+        scratch = [{} for _ in net.layers]  # per product: the primal caches are only read
+        rx = None
+        for layer, c, s, lp, lrp in zip(net.layers, self.caches, scratch, p, rp):
+            # Before the first layer with parameters the tangent is zero (the input is data).
+            rx = layer.tfwd(k, lp, lrp, rx, c, s) if (rx is not None or layer.params) else None
+        rg = k.softmax_ce_tangent(self.caches[-1]["prob"], rx)
+        for idx in range(len(net.layers) - 1, net.first_needs_gx - 1, -1):
+            layer = net.layers[idx]
+            rg = layer.tbwd(k, p[idx], rp[idx], rg, self.caches[idx], scratch[idx], rgp[idx], need_gx=idx > net.first_needs_gx)
+        return out
+
+
+class BatchedNet:
+    """The batched engine for one network structure (parameter values are passed per call).
+
+    Args:
+        model: a supported ``nn.Sequential`` (e.g. :class:`imaml_kernels.nets.OmniglotConv`).
+        input_shape: one example's shape, ``(C, H, W)`` or ``(D,)``.
+
+    Parameters travel as a flat ``[T, P]`` buffer in ``model.named_parameters()`` order
+    (:attr:`layout`); inputs are ``x [T, N, *input_shape]`` and labels ``y [T, N]`` (int64).
+
+    Example::
+
+        >>> net = BatchedNet(OmniglotConv(5), (1, 28, 28))
+        >>> loss, g = net.loss_and_grad(params, x, y)        # [T], [T, P]
+        >>> hv = net.hvp(params, v, x, y)                     # [T, P]
+    """
+
+    def __init__(self, model: nn.Module, input_shape, backend: Optional[str] = None):
+        self.input_shape = tuple(input_shape)
+        self.backend = backend
+        self.layers, self.num_classes = parse(model, self.input_shape)
+        names = [n for layer in self.layers for n in layer.params]
+        params = dict(model.named_parameters())
+        if sorted(names) != sorted(params):
+            raise UnsupportedModel(f"parameters {sorted(set(params) - set(names))} are not used by supported layers")
+        self.layout = ParamLayout.from_params(params, batched=False)
+        self._native = {k: v for layer in self.layers for k, v in layer.native().items()}
+        self.native_layout = ParamLayout({k: self._native[k][2] if k in self._native else s for k, s in self.layout.shapes.items()})
+        self.spatial = len(self.input_shape) == 3
+        # Layers up to this index need no input gradient (nothing upstream has parameters).
+        with_params = [i for i, layer in enumerate(self.layers) if layer.params]
+        self.first_needs_gx = with_params[0] if with_params else len(self.layers)
+
+    @property
+    def numel(self) -> int:
+        return self.layout.numel
+
+    def kernels(self, t: torch.Tensor):
+        """The :class:`~imaml_kernels.dispatch.Kernels` for ``t``'s device and dtype under this
+        net's backend: resolved once per pass, shared by every stage of it."""
+        return dispatch.kernels(t.device, t.dtype, self.backend)
+
+    def _views(self, flat_native):
+        d = self.native_layout.unflatten(flat_native)
+        return [[d[n] for n in layer.params] for layer in self.layers]
+
+    def _permute(self, flat, src, dst, which):
+        if not self._native:
+            return flat.clone(memory_format=torch.contiguous_format)
+        out = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device)
+        a, b = src.unflatten(flat), dst.unflatten(out)
+        for k in self.layout.names:
+            src = self._native[k][which](a[k]) if k in self._native else a[k]
+            b[k].view(src.shape).copy_(src)
+        return out
+
+    def to_native(self, flat: torch.Tensor) -> torch.Tensor:
+        """``[T, P]`` in the module's order -> the engine's order (conv weights as
+        ``[k, k, Cin, Cout]``, a linear weight after a channels-last flatten as
+        ``[out, H, W, C]``); a new buffer. Elementwise maps (CG, proximal steps) commute with it."""
+        return self._permute(flat, self.layout, self.native_layout, 0)
+
+    def from_native(self, flat: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`to_native`."""
+        return self._permute(flat, self.native_layout, self.layout, 1)
+
+    def _check(self, params, x, y):
+        if not isinstance(params, torch.Tensor) or params.dim() != 2 or params.shape[1] != self.numel:
+            got = list(params.shape) if isinstance(params, torch.Tensor) else type(params).__name__
+            raise ValueError(f"params must be a flat [T, {self.numel}] buffer for this network, got {got}")
+        if not params.is_floating_point():
+            raise TypeError(f"params must be floating point, got {params.dtype}")
+        T = params.shape[0]
+        if x.dim() != 2 + len(self.input_shape) or x.shape[0] != T or tuple(x.shape[2:]) != self.input_shape:
+            raise ValueError(f"x must have shape [T={T}, N, {', '.join(map(str, self.input_shape))}], got {list(x.shape)}")
+        if y.shape != x.shape[:2]:
+            raise ValueError(f"y must have shape {list(x.shape[:2])} (tasks, examples), got {list(y.shape)}")
+        if y.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"y must hold integer class labels, got {y.dtype}")
+        if x.shape[1] < 1:
+            raise ValueError("every task needs at least one example")
+        if torch.compiler.is_compiling():
+            pass  # no value checks while tracing (they would read the labels back)
+        elif y.device.type == "cpu":
+            lo, hi = int(y.min()), int(y.max())
+            if lo < 0 or hi >= self.num_classes:
+                raise ValueError(f"labels must lie in [0, {self.num_classes}), got values in [{lo}, {hi}]")
+        else:  # on a GPU: a device-side assert, no host synchronisation
+            torch._assert_async(((y >= 0) & (y < self.num_classes)).all(), "labels out of range for the network")
+
+    def _input(self, x, dtype):
+        x = x.to(dtype)
+        return x.permute(0, 1, 3, 4, 2) if self.spatial else x  # channels-last
+
+    def _run_forward(self, k, params_native, x):
+        p = self._views(params_native)
+        caches = [{} for _ in self.layers]
+        h = self._input(x, params_native.dtype)
+        for layer, c, lp in zip(self.layers, caches, p):
+            h = layer.fwd(k, lp, h, c)
+        return p, caches, h
+
+    def _forward(self, k, params_native, x, y):
+        p, caches, logits = self._run_forward(k, params_native, x)
+        loss, prob, glogits = k.softmax_ce(logits, y)
+        caches[-1].update(prob=prob, logits=logits)
+        return p, caches, loss, glogits
+
+    def logits(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The network's output ``[T, N, classes]`` (no autograd; see :func:`functional_logits`)."""
+        self._check(params, x, torch.zeros(x.shape[:2], dtype=torch.int64, device=x.device))
+        return self._run_forward(self.kernels(params), self.to_native(params), x)[2]
+
+    def loss(self, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy per task: ``[T]``."""
+        self._check(params, x, y)
+        return self._forward(self.kernels(params), self.to_native(params), x, y)[2]
+
+    def _backward(self, k, p, caches, glogits, grad):
+        gp = self._views(grad)
+        g = glogits
+        for idx in range(len(self.layers) - 1, self.first_needs_gx - 1, -1):
+            g = self.layers[idx].bwd(k, p[idx], g, caches[idx], gp[idx], need_gx=idx > self.first_needs_gx)
+
+    def linearize(self, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> Linearization:
+        """Primal forward and backward at ``params [T, P]``; the result's ``hvp`` reuses them."""
+        self._check(params, x, y)
+        k = self.kernels(params)
+        native = self.to_native(params)
+        p, caches, loss, glogits = self._forward(k, native, x, y)
+        grad = torch.empty_like(native)
+        self._backward(k, p, caches, glogits, grad)
+        return Linearization(self, k, native, caches, loss, grad)
+
+    def loss_and_grad(self, params, x, y):
+        """``(loss [T], grad [T, P])``."""
+        lin = self.linearize(params, x, y)
+        return lin.loss, lin.grad
+
+    def hvp(self, params, v, x, y):
+        """``H_t v_t``: ``[T, P]`` (one primal pass, then the tangent passes)."""
+        return self.linearize(params, x, y).hvp(v)
+
+    def inner_loop(self, theta, x, y, *, lam, steps: int, lr: float, phi0: Optional[torch.Tensor] = None):
+        """``steps`` proximal gradient steps for all tasks in one call:
+        ``φ ← φ − lr (∇L̂_t(φ) + λ_t (φ − θ))``, from ``φ0`` (default θ).
+
+        Args:
+            theta: ``[P]`` (shared) or ``[T, P]``; lam: scalar or ``[T]``.
+            x, y: the support set ``[T, N, ...]``, ``[T, N]``.
+            phi0: ``[T, P]`` starting point (not modified).
+
+        Returns:
+            ``φ [T, P]``, a new buffer.
+
+        Example::
+
+            >>> phi = net.inner_loop(theta, xs, ys, lam=2.0, steps=16, lr=0.1)   # [T, P]
+        """
+        T = x.shape[0]
+        theta = theta.detach()
+        shared = theta.dim() == 1 or theta.stride(0) == 0
+        rows = theta.reshape(1, -1) if theta.dim() == 1 else (theta[:1] if shared else theta)
+        start = rows.expand(T, -1) if phi0 is None else phi0.detach()  # to_native makes the copy
+        self._check(start, x, y)
+        if rows.shape[1] != self.numel or (not shared and rows.shape[0] != T):
+            raise ValueError(f"theta must be [{self.numel}] or [{T}, {self.numel}], got {list(theta.shape)}")
+        lam_t = torch.as_tensor(lam, dtype=start.dtype, device=start.device).expand(T).contiguous()
+        # Work in the engine's order throughout: one permute in, one out.
+        phi = self.to_native(start)
+        theta = self.to_native(rows.contiguous())
+        theta = theta[0] if shared else theta
+        grad = torch.empty_like(phi)
+        k = self.kernels(phi)
+        for _ in range(steps):
+            p, caches, _, glogits = self._forward(k, phi, x, y)
+            self._backward(k, p, caches, glogits, grad)
+            # φ -= lr (g + λ (φ − θ))  ==  φ (1 − lr λ) + lr λ θ − lr g
+            k.prox_step(phi, grad, theta, lam_t, lr)
+        return self.from_native(phi)
+
+
+class _EngineLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, net, x, *leaves):
+        flat = net.layout.flatten({k: t.detach() for k, t in zip(net.layout.names, leaves)})
+        with torch.no_grad():
+            native = net.to_native(flat)
+            k = net.kernels(native)
+            p, caches, logits = net._run_forward(k, native, x)
+        # The backward reuses this forward's activations (no recompute).
+        ctx.net, ctx.state = net, (k, native, p, caches)
+        return logits
+
+    @staticmethod
+    def backward(ctx, glogits):
+        net = ctx.net
+        k, native, p, caches = ctx.state
+        ctx.state = None
+        grad = torch.empty_like(native)
+        net._backward(k, p, caches, glogits.to(native.dtype).contiguous(), grad)
+        g = net.layout.unflatten(net.from_native(grad))
+        return (None, None, *(g[k] for k in net.layout.names))
+
+
+def functional_logits(net: BatchedNet, params, x):
+    """Logits ``[T, N, classes]`` for per-task parameters ``params`` (a dict ``{name: [T, ...]}``
+    or a flat ``[T, P]``), differentiable with respect to them through the engine's backward
+    (no vmap, no autograd graph of the network). The drop-in for
+    ``vmap(functional_call(model, ·, x))``."""
+    if isinstance(params, torch.Tensor):
+        params = net.layout.unflatten(params)
+    leaves = [params[k] for k in net.layout.names]
+    net._check(net.layout.flatten({k: t.detach() for k, t in zip(net.layout.names, leaves)}), x,
+               torch.zeros(x.shape[:2], dtype=torch.int64, device=x.device))
+    return _EngineLogits.apply(net, x, *leaves)
+
+
+_NETS = weakref.WeakKeyDictionary()
+
+
+def batched_net(model: nn.Module, input_shape, backend: Optional[str] = None) -> BatchedNet:
+    """The :class:`BatchedNet` of ``model`` for inputs of ``input_shape``, parsed once and
+    reused while the model's structure (parameter names and shapes, training mode) stays the
+    same. Raises :class:`UnsupportedModel` like the constructor."""
+    key = (tuple(input_shape), backend, model.training,
+           tuple((n, tuple(t.shape)) for n, t in model.named_parameters()),
+           tuple(type(m).__name__ + str(m.training) for m in model.children()))
+    per_model = _NETS.setdefault(model, {})
+    net = per_model.get(key)
+    if net is None:
+        net = per_model[key] = BatchedNet(model, input_shape, backend=backend)
+    return net

@@ -1,0 +1,80 @@
+"""The convolution's data movement on channels-last activations: ``im2col`` with the zero
+padding fused, and its adjoint ``col2im`` (a gather, no atomics). The convolution itself is
+a batched GEMM over tasks (:mod:`imaml_kernels.engine.layers`).
+
+Shapes: ``x [T, N, H, W, C]`` <-> patches ``[T, N, Ho, Wo, k, k, C]``. Kernels:
+``csrc/conv_cpu.cpp`` (C++), :mod:`imaml_kernels.triton.conv` (Triton); twin
+:mod:`imaml_kernels.reference.conv`.
+
+Example::
+
+    >>> cols = im2col(x, Ho, Wo, 3, 2, 1, 1)            # k=3, stride 2, padding 1
+    >>> gx = col2im(gcols, H, W, 2, 1, 1)
+"""
+
+from .. import reference as ref
+from ..dispatch import kernels
+from ._checks import check_tensor, dtype_code, expect, native
+from ._registry import OpSpec, register
+
+# --------------------------------------------------------------------------- validation
+
+
+def _im2col_fake(x, Ho, Wo, k, s, ph, pw):
+    check_tensor("x", x, dim=5)
+    expect(k >= 1 and s >= 1 and ph >= 0 and pw >= 0 and Ho >= 1 and Wo >= 1, ValueError,
+           f"bad geometry Ho={Ho} Wo={Wo} k={k} s={s} ph={ph} pw={pw}")
+    T, N, _, _, C = x.shape
+    return x.new_empty(T, N, Ho, Wo, k, k, C)
+
+
+def _col2im_fake(gcols, H, W, s, ph, pw):
+    check_tensor("gcols", gcols, dim=7)
+    expect(gcols.shape[4] == gcols.shape[5], ValueError, f"gcols must be [T, N, Ho, Wo, k, k, C], got {tuple(gcols.shape)}")
+    expect(s >= 1 and ph >= 0 and pw >= 0 and H >= 1 and W >= 1, ValueError, f"bad geometry H={H} W={W} s={s} ph={ph} pw={pw}")
+    T, N, _, _, _, _, C = gcols.shape
+    return gcols.new_empty(T, N, H, W, C)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _cpu_im2col(x, Ho, Wo, k, s, ph, pw, cols):
+    native().im2col_cpu(dtype_code(x), x.data_ptr(), cols.data_ptr(), *x.shape, Ho, Wo, k, s, ph, pw)
+
+
+def _cpu_col2im(gcols, H, W, s, ph, pw, gx):
+    T, N, Ho, Wo, k, _, C = gcols.shape
+    native().col2im_cpu(dtype_code(gcols), gcols.data_ptr(), gx.data_ptr(), T, N, H, W, C, Ho, Wo, k, s, ph, pw)
+
+
+def _triton_im2col(x, Ho, Wo, k, s, ph, pw, cols, wrap):
+    from ..triton import conv
+
+    conv.im2col(x, cols, k, s, ph, pw, wrap=wrap)
+
+
+def _triton_col2im(gcols, H, W, s, ph, pw, gx, wrap):
+    from ..triton import conv
+
+    conv.col2im(gcols, gx, gcols.shape[4], s, ph, pw, wrap=wrap)
+
+
+# --------------------------------------------------------------------------- registrations
+
+register(OpSpec("im2col", "(Tensor x, int Ho, int Wo, int k, int s, int ph, int pw) -> Tensor", _im2col_fake, ref.im2col,
+                cpu=_cpu_im2col, triton=_triton_im2col))
+register(OpSpec("col2im", "(Tensor gcols, int H, int W, int s, int ph, int pw) -> Tensor", _col2im_fake, ref.col2im,
+                cpu=_cpu_col2im, triton=_triton_col2im))
+
+# --------------------------------------------------------------------------- public functions
+
+
+def im2col(x, Ho: int, Wo: int, k: int, s: int, ph: int, pw: int, backend=None):
+    """``x [T,N,H,W,C]`` -> the zero-padded conv patches ``[T,N,Ho,Wo,k,k,C]``."""
+    return kernels(x.device, x.dtype, backend).im2col(x, Ho, Wo, k, s, ph, pw)
+
+
+def col2im(gcols, H: int, W: int, s: int, ph: int, pw: int, backend=None):
+    """``gcols [T,N,Ho,Wo,k,k,C]`` -> the unpadded input gradient ``[T,N,H,W,C]``."""
+    return kernels(gcols.device, gcols.dtype, backend).col2im(gcols, H, W, s, ph, pw)

@@ -1,0 +1,54 @@
+"""The proximal gradient step of the fused inner loop, in place:
+``φ ← φ − lr (∇L̂(φ) + λ (φ − θ))`` for every task.
+
+Shapes: ``phi, grad [T, P]``, ``theta [P]`` (shared) or ``[T, P]``, ``lam [T]``. Kernels:
+``csrc/prox_cpu.cpp`` (C++), :mod:`imaml_kernels.triton.prox` (Triton); twin
+:mod:`imaml_kernels.reference.prox`.
+
+Example::
+
+    >>> prox_step(phi, grad, theta, lam, 0.1)            # phi updated in place
+"""
+
+from .. import reference as ref
+from ..dispatch import kernels
+from ._checks import check_tensor, dtype_code, expect, native
+from ._registry import OpSpec, register
+
+
+def _check(phi, grad, theta, lam, lr):
+    check_tensor("phi", phi, dim=2)
+    check_tensor("grad", grad, dim=2, like=phi)
+    check_tensor("theta", theta)
+    expect((theta.dim() == 1 and theta.shape[0] == phi.shape[1]) or theta.shape == phi.shape,
+           ValueError, f"theta must be [P] or [T, P] with P={phi.shape[1]}, got {tuple(theta.shape)}")
+    expect(theta.dtype == phi.dtype and theta.device == phi.device, ValueError, "theta must match phi's dtype and device")
+    check_tensor("lam", lam, dim=1)
+    expect(tuple(lam.shape) == (phi.shape[0],) and lam.dtype == phi.dtype and lam.device == phi.device,
+           ValueError, f"lam must be [{phi.shape[0]}] of dtype {phi.dtype} on {phi.device}")
+
+
+def _cpu(phi, grad, theta, lam, lr):
+    T, P = phi.shape
+    native().prox_step_cpu(dtype_code(phi), phi.data_ptr(), grad.data_ptr(), theta.data_ptr(), 0 if theta.dim() == 1 else P,
+                           lam.data_ptr(), lr, T, P)
+
+
+def _triton(phi, grad, theta, lam, lr, wrap):
+    from ..triton import prox
+
+    prox.prox_step(phi, grad, theta, lam, lr, wrap=wrap)
+
+
+def _ref(phi, grad, theta, lam, lr):
+    ref.prox_step(phi, grad, theta if theta.dim() == 2 else theta.unsqueeze(0), lam.unsqueeze(1), lr)
+
+
+register(OpSpec("prox_step", "(Tensor(a!) phi, Tensor grad, Tensor theta, Tensor lam, float lr) -> ()", _check, _ref,
+                cpu=_cpu, triton=_triton, mutates=("phi",)))
+
+
+def prox_step(phi, grad, theta, lam, lr: float, backend=None):
+    """In place ``φ ← φ − lr (g + λ (φ − θ))``; returns ``phi``."""
+    kernels(phi.device, phi.dtype, backend).prox_step(phi, grad, theta, lam, float(lr))
+    return phi

@@ -1,0 +1,94 @@
+"""Softmax cross-entropy, the mean over a task's examples: loss, softmax and gradient in one
+pass, and the tangent of the gradient.
+
+Shapes: ``logits [T, N, K]``, labels ``y [T, N]`` int64 in ``[0, K)``. Formulas:
+:mod:`imaml_kernels.reference.softmax_ce`. Kernels: ``csrc/softmax_ce_cpu.cpp`` (C++),
+:mod:`imaml_kernels.triton.softmax_ce` (Triton).
+
+Example::
+
+    >>> loss, prob, grad = softmax_ce(logits, y)        # [T], [T,N,K], [T,N,K]
+    >>> rg = softmax_ce_tangent(prob, rlogits)           # [T,N,K]
+"""
+
+import torch
+from torch import Tensor
+
+from .. import reference as ref
+from ..dispatch import kernels
+from ._checks import check_tensor, dtype_code, expect, native
+from ._registry import OpSpec, register
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_labels(y, logits):
+    expect(isinstance(y, Tensor) and y.dtype == torch.int64, TypeError, "y must be an int64 tensor of class labels")
+    expect(tuple(y.shape) == tuple(logits.shape[:2]), ValueError, f"y must have shape {tuple(logits.shape[:2])}, got {tuple(y.shape)}")
+    expect(y.is_contiguous() and y.device == logits.device, ValueError, "y must be contiguous and on the logits' device")
+
+
+def _ce_fake(logits, y):
+    check_tensor("logits", logits, dim=3)
+    _check_labels(y, logits)
+    return logits.new_empty(logits.shape[0]), torch.empty_like(logits), torch.empty_like(logits)
+
+
+def _tangent_fake(prob, rlogits):
+    check_tensor("prob", prob, dim=3)
+    check_tensor("rlogits", rlogits, dim=3, like=prob)
+    return torch.empty_like(prob)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _cpu_ce(logits, y, loss, prob, grad):
+    native().softmax_ce_cpu(dtype_code(logits), logits.data_ptr(), y.data_ptr(), loss.data_ptr(), prob.data_ptr(),
+                            grad.data_ptr(), *logits.shape)
+
+
+def _cpu_tangent(prob, rlogits, rg):
+    native().softmax_ce_tangent_cpu(dtype_code(prob), prob.data_ptr(), rlogits.data_ptr(), rg.data_ptr(), *prob.shape)
+
+
+def _triton_ce(logits, y, loss, prob, grad, wrap):
+    from ..triton import softmax_ce as k
+
+    k.softmax_ce(logits, y, loss, prob, grad, wrap=wrap)
+
+
+def _triton_tangent(prob, rlogits, rg, wrap):
+    from ..triton import softmax_ce as k
+
+    k.softmax_ce_tangent(prob, rlogits, rg, wrap=wrap)
+
+
+def _ref_ce(logits, y):
+    loss, prob = ref.softmax_ce(logits, y)
+    return loss, prob, ref.softmax_ce_grad(prob, y)
+
+
+def _prep_ce(logits, y):
+    return logits.contiguous(), y.to(torch.int64).contiguous()
+
+
+# --------------------------------------------------------------------------- registrations
+
+register(OpSpec("softmax_ce", "(Tensor logits, Tensor y) -> (Tensor, Tensor, Tensor)", _ce_fake, _ref_ce,
+                cpu=_cpu_ce, triton=_triton_ce, prep=_prep_ce))
+register(OpSpec("softmax_ce_tangent", "(Tensor prob, Tensor rlogits) -> Tensor", _tangent_fake, ref.softmax_ce_tangent,
+                cpu=_cpu_tangent, triton=_triton_tangent))
+
+# --------------------------------------------------------------------------- public functions
+
+
+def softmax_ce(logits, y, backend=None):
+    """``logits [T,N,K]``, ``y [T,N]`` -> ``(loss [T], prob [T,N,K], grad [T,N,K])``: the mean
+    cross-entropy per task, the softmax and ``∂loss_t/∂logits``."""
+    return kernels(logits.device, logits.dtype, backend).softmax_ce(logits, y)
+
+
+def softmax_ce_tangent(prob, rlogits, backend=None):
+    """``p ⊙ (ṡ − ⟨p, ṡ⟩) / N``: ``[T,N,K]``."""
+    return kernels(prob.device, prob.dtype, backend).softmax_ce_tangent(prob, rlogits)

@@ -1,0 +1,524 @@
+"""Triton kernels of BatchNorm (batch statistics) + ReLU: forward, backward, tangent forward,
+tangent backward; private kernels, then host launchers.
+
+Formulas: :mod:`imaml_kernels.reference.batchnorm`. Layout: ``[T, R, C]`` row-major and
+contiguous (``R = N·H·W`` rows, channels innermost); per-(task, channel) tensors ``[T, C]``.
+
+Work split: a program owns ``BLOCK_C`` channels of one task and a range of ``RPS`` rows (one
+row split), walked in ``[BLOCK_R, BLOCK_C]`` tiles. Every stage is per-channel row sums ->
+per-channel coefficients -> one elementwise writing pass. With one split per task
+(``PHASE=0``) one launch does all of it. With ``NS > 1`` splits (few tasks, many rows: a
+T = 4 MiniImagenet layer has 4 programs otherwise, a T = 32 Omniglot layer 32 on a 132-SM
+GPU) the stage is two launches: ``PHASE=1`` writes each split's partial sums to a float64
+workspace ``[T, NS, K, C]``, then ``PHASE=2`` programs (same grid) each re-reduce their
+task's ``NS`` partials in a fixed order (every program gets the same bits, so the result
+is deterministic and independent of scheduling, like the CG partials) and write their rows.
+The forward's partials are ``(mean, M2)`` of each split (Chan et al.'s parallel variance:
+within a split tiles are merged one by one, across splits ``M2 = Σ M2_s + n_s (mean_s −
+mean)²``), so the statistics take one reading pass instead of two and no raw sum of squares
+cancels; the other stages' partials are plain sums.
+
+Accumulation matches the C++ CPU kernels (``csrc/batchnorm_cpu.cpp``): row sums, partials and
+the per-channel coefficients are float64 for float32 data too; the coefficients are then
+rounded to the data type and the writing pass runs in the data type (as on the CPU). On a
+GPU the float64 sums cost conversions and FP64 adds, which the H100's FP64 rate absorbs in
+these memory-bound passes.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check, ident, split_f64
+
+# Block sizes, read at launch time (tests shrink them to force several tiles, channel blocks
+# and row splits). A tile is BN_TILE_BYTES of data: 2048 float32 / 1024 float64 elements,
+# 8 / 4 per thread at 8 warps, which keeps the widest stage (tbwd: five [T, R, C] inputs,
+# six per-channel coefficients) under 128 registers. Not swept on a GPU (none available).
+BN_TILE_BYTES = 8192
+BN_MAX_BLOCK_C = 64  # channels per program: 64 float32 = one 256-byte row segment
+BN_NUM_WARPS = 8
+# Row splits: enough programs to fill the GPU (4 per SM of an H100's 132), but never splits of
+# fewer than BN_MIN_SPLIT_ROWS rows (a small layer stays one launch) nor more than
+# BN_MAX_SPLITS (each PHASE=2 program re-reads its task's NS partials).
+BN_TARGET_PROGRAMS = 4 * 132
+BN_MIN_SPLIT_ROWS = 32
+BN_MAX_SPLITS = 128
+BN_SPLIT_BLOCK = 32  # partials reduced per step in PHASE=2
+
+
+@triton.jit
+def _ws_sum(ws_ptr, t, k, NS, K: tl.constexpr, C, cols, cmask, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Σ_s ws[t, s, k, cols] over the NS row splits, in a fixed order (float64)."""
+    acc = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for s0 in range(0, NS, BLOCK_S):
+        j = s0 + tl.arange(0, BLOCK_S)
+        m = (j < NS)[:, None] & cmask[None, :]
+        off = ((t * NS + j) * K + k)[:, None] * C + cols[None, :]
+        acc += tl.sum(tl.load(ws_ptr + off, mask=m, other=0.0), axis=0)
+    return acc
+
+
+@triton.jit
+def _ws_store(ws_ptr, t, s, NS, k, K: tl.constexpr, C, cols, cmask, v):
+    tl.store(ws_ptr + ((t * NS + s) * K + k) * C + cols, v, mask=cmask)
+
+
+@triton.jit
+def _bn_fwd_kernel(
+    x_ptr,  # [T, R, C] input
+    gamma_ptr,  # [T, C] scale
+    beta_ptr,  # [T, C] shift
+    y_ptr,  # [T, R, C] out: relu?(gamma xhat + beta)
+    xhat_ptr,  # [T, R, C] out: (x - mean) rstd
+    rstd_ptr,  # [T, C] out: 1 / sqrt(var + eps)
+    ws_ptr,  # [T, NS, 2, C] float64 partials (mean, M2) per split (PHASE 1 writes, 2 reads)
+    R,  # rows per task
+    C,  # channels
+    RPS,  # rows per split (R when PHASE = 0)
+    NS,  # splits per task (1 when PHASE = 0)
+    eps_hi,  # eps = eps_hi + eps_lo, both fp32-exact (see _common)
+    eps_lo,  # see eps_hi
+    RELU: tl.constexpr,  # apply max(., 0) to y
+    PHASE: tl.constexpr,  # 0: all in one; 1: partials only; 2: combine partials, write
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # partials per combining step (PHASE 2)
+):
+    # int64 task base: T * R * C exceeds 2**31 at large T; R * C < 2**31 (the launcher checks),
+    # so in-task offsets stay int32.
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = tl.program_id(2)
+    cmask = cols < C  # the last channel block is partial
+    r_lo = s * RPS
+    r_hi = tl.minimum(R, r_lo + RPS)
+    x_ptr += t * R * C
+    dt = x_ptr.dtype.element_ty
+
+    if PHASE != 2:
+        # This split's (mean, M2): per tile a centred two-pass in registers, tiles merged by
+        # Chan's update (float64).
+        mean = tl.zeros([BLOCK_C], dtype=tl.float64)
+        m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
+        for r0 in range(r_lo, r_hi, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            rm = rows < r_hi  # the last tile of a split is partial
+            m = rm[:, None] & cmask[None, :]
+            v = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=m, other=0.0).to(tl.float64)
+            n_a = (r0 - r_lo).to(tl.float64)  # rows merged so far
+            n_b = tl.minimum(r_hi - r0, BLOCK_R).to(tl.float64)
+            mean_b = tl.sum(v, axis=0) / n_b
+            d = tl.where(m, v - mean_b[None, :], 0.0)
+            m2_b = tl.sum(d * d, axis=0)
+            n = n_a + n_b
+            delta = mean_b - mean
+            mean += delta * (n_b / n)
+            m2 += m2_b + delta * delta * (n_a * n_b / n)
+        if PHASE == 1:
+            _ws_store(ws_ptr, t, s, NS, 0, 2, C, cols, cmask, mean)
+            _ws_store(ws_ptr, t, s, NS, 1, 2, C, cols, cmask, m2)
+    else:
+        # Combine the NS splits: mean = Σ n_s mean_s / R, M2 = Σ M2_s + n_s (mean_s - mean)².
+        acc = tl.zeros([BLOCK_C], dtype=tl.float64)
+        for s0 in range(0, NS, BLOCK_S):
+            j = s0 + tl.arange(0, BLOCK_S)
+            n_j = tl.maximum(tl.minimum(R - j * RPS, RPS), 0).to(tl.float64)
+            m = (j < NS)[:, None] & cmask[None, :]
+            off = ((t * NS + j) * 2)[:, None] * C + cols[None, :]
+            acc += tl.sum(n_j[:, None] * tl.load(ws_ptr + off, mask=m, other=0.0), axis=0)
+        mean = acc / R
+        m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
+        for s0 in range(0, NS, BLOCK_S):
+            j = s0 + tl.arange(0, BLOCK_S)
+            n_j = tl.maximum(tl.minimum(R - j * RPS, RPS), 0).to(tl.float64)
+            m = (j < NS)[:, None] & cmask[None, :]
+            off = ((t * NS + j) * 2)[:, None] * C + cols[None, :]
+            d = tl.load(ws_ptr + off, mask=m, other=0.0) - mean[None, :]
+            m2 += tl.sum(tl.load(ws_ptr + off + C, mask=m, other=0.0) + n_j[:, None] * tl.where(m, d * d, 0.0), axis=0)
+
+    if PHASE != 1:
+        eps = (tl.zeros([BLOCK_C], dtype=tl.float64) + eps_hi) + eps_lo  # exact: two fp32 halves
+        r64 = 1.0 / tl.sqrt(m2 / R + eps)  # biased variance; no rsqrt (absent in the interpreter)
+        tc = t * C + cols
+        tl.store(rstd_ptr + tc, r64.to(dt), mask=cmask & (s == 0))
+        mu = mean.to(dt)[None, :]
+        rs = r64.to(dt)[None, :]
+        gam = tl.load(gamma_ptr + tc, mask=cmask, other=0.0)[None, :]
+        bet = tl.load(beta_ptr + tc, mask=cmask, other=0.0)[None, :]
+        y_ptr += t * R * C
+        xhat_ptr += t * R * C
+        for r0 in range(r_lo, r_hi, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            m = (rows < r_hi)[:, None] & cmask[None, :]
+            off = rows[:, None] * C + cols[None, :]
+            xh = (tl.load(x_ptr + off, mask=m, other=0.0) - mu) * rs
+            y = xh * gam + bet
+            if RELU:
+                y = tl.where(y > 0.0, y, y * 0.0)  # max(y, 0) that keeps NaN, as torch.relu
+            tl.store(xhat_ptr + off, xh, mask=m)
+            tl.store(y_ptr + off, y, mask=m)
+
+
+@triton.jit
+def _bn_bwd_kernel(
+    gy_ptr,  # [T, R, C] output cotangent
+    xhat_ptr,  # [T, R, C] from _bn_fwd_kernel
+    rstd_ptr,  # [T, C] from _bn_fwd_kernel
+    gamma_ptr,  # [T, C] scale
+    relu_ptr,  # [T, R, C] ReLU output gating gy (read only when RELU)
+    gx_ptr,  # [T, R, C] out: input cotangent
+    ggamma_ptr,  # [T, C] out: sum g xhat
+    gbeta_ptr,  # [T, C] out: sum g
+    ws_ptr,  # [T, NS, 2, C] float64 partial sums (g, g xhat) per split
+    R,  # rows per task
+    C,  # channels
+    RPS,  # rows per split
+    NS,  # splits per task
+    RELU: tl.constexpr,  # gate gy by relu > 0
+    PHASE: tl.constexpr,  # as in _bn_fwd_kernel
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)  # int64 task base: see _bn_fwd_kernel
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = tl.program_id(2)
+    cmask = cols < C
+    r_lo = s * RPS
+    r_hi = tl.minimum(R, r_lo + RPS)
+    base = t * R * C
+    gy_ptr += base
+    xhat_ptr += base
+    relu_ptr += base
+    dt = gy_ptr.dtype.element_ty
+
+    if PHASE != 2:
+        sg = tl.zeros([BLOCK_C], dtype=tl.float64)
+        sgx = tl.zeros([BLOCK_C], dtype=tl.float64)
+        for r0 in range(r_lo, r_hi, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            m = (rows < r_hi)[:, None] & cmask[None, :]
+            off = rows[:, None] * C + cols[None, :]
+            g = tl.load(gy_ptr + off, mask=m, other=0.0)
+            if RELU:
+                g = tl.where(tl.load(relu_ptr + off, mask=m, other=0.0) > 0.0, g, 0.0)
+            g = g.to(tl.float64)
+            sg += tl.sum(g, axis=0)
+            sgx += tl.sum(g * tl.load(xhat_ptr + off, mask=m, other=0.0).to(tl.float64), axis=0)
+        if PHASE == 1:
+            _ws_store(ws_ptr, t, s, NS, 0, 2, C, cols, cmask, sg)
+            _ws_store(ws_ptr, t, s, NS, 1, 2, C, cols, cmask, sgx)
+    else:
+        sg = _ws_sum(ws_ptr, t, 0, NS, 2, C, cols, cmask, BLOCK_S, BLOCK_C)
+        sgx = _ws_sum(ws_ptr, t, 1, NS, 2, C, cols, cmask, BLOCK_S, BLOCK_C)
+
+    if PHASE != 1:
+        # gx = rstd gamma ((g - mean(g)) - xhat mean(g xhat)), coefficients as on the CPU.
+        tc = t * C + cols
+        first = cmask & (s == 0)
+        tl.store(ggamma_ptr + tc, sgx.to(dt), mask=first)
+        tl.store(gbeta_ptr + tc, sg.to(dt), mask=first)
+        r = tl.load(rstd_ptr + tc, mask=cmask, other=0.0).to(tl.float64)
+        gam = tl.load(gamma_ptr + tc, mask=cmask, other=0.0).to(tl.float64)
+        mg = (sg / R).to(dt)[None, :]
+        mgx = (sgx / R).to(dt)[None, :]
+        coef = (r * gam).to(dt)[None, :]
+        gx_ptr += base
+        for r0 in range(r_lo, r_hi, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            m = (rows < r_hi)[:, None] & cmask[None, :]
+            off = rows[:, None] * C + cols[None, :]
+            g = tl.load(gy_ptr + off, mask=m, other=0.0)
+            if RELU:
+                g = tl.where(tl.load(relu_ptr + off, mask=m, other=0.0) > 0.0, g, 0.0)
+            xh = tl.load(xhat_ptr + off, mask=m, other=0.0)
+            tl.store(gx_ptr + off, coef * ((g - mg) - xh * mgx), mask=m)
+
+
+@triton.jit
+def _bn_tfwd_kernel(
+    rx_ptr,  # [T, R, C] input tangent
+    xhat_ptr,  # [T, R, C] from _bn_fwd_kernel
+    rstd_ptr,  # [T, C] from _bn_fwd_kernel
+    gamma_ptr,  # [T, C] scale
+    rgamma_ptr,  # [T, C] scale tangent
+    rbeta_ptr,  # [T, C] shift tangent
+    relu_ptr,  # [T, R, C] ReLU output gating ry (read only when RELU)
+    ry_ptr,  # [T, R, C] out: output tangent
+    rxhat_ptr,  # [T, R, C] out: tangent of xhat
+    a_ptr,  # [T, C] out: mean(xhat rx)
+    ws_ptr,  # [T, NS, 2, C] float64 partial sums (rx, xhat rx) per split
+    R,  # rows per task
+    C,  # channels
+    RPS,  # rows per split
+    NS,  # splits per task
+    RELU: tl.constexpr,  # gate ry by relu > 0
+    PHASE: tl.constexpr,  # as in _bn_fwd_kernel
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)  # int64 task base: see _bn_fwd_kernel
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = tl.program_id(2)
+    cmask = cols < C
+    r_lo = s * RPS
+    r_hi = tl.minimum(R, r_lo + RPS)
+    base = t * R * C
+    rx_ptr += base
+    xhat_ptr += base
+    dt = rx_ptr.dtype.element_ty
+
+    if PHASE != 2:
+        srx = tl.zeros([BLOCK_C], dtype=tl.float64)
+        sxr = tl.zeros([BLOCK_C], dtype=tl.float64)
+        for r0 in range(r_lo, r_hi, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            m = (rows < r_hi)[:, None] & cmask[None, :]
+            off = rows[:, None] * C + cols[None, :]
+            rx = tl.load(rx_ptr + off, mask=m, other=0.0).to(tl.float64)
+            srx += tl.sum(rx, axis=0)
+            sxr += tl.sum(rx * tl.load(xhat_ptr + off, mask=m, other=0.0).to(tl.float64), axis=0)
+        if PHASE == 1:
+            _ws_store(ws_ptr, t, s, NS, 0, 2, C, cols, cmask, srx)
+            _ws_store(ws_ptr, t, s, NS, 1, 2, C, cols, cmask, sxr)
+    else:
+        srx = _ws_sum(ws_ptr, t, 0, NS, 2, C, cols, cmask, BLOCK_S, BLOCK_C)
+        sxr = _ws_sum(ws_ptr, t, 1, NS, 2, C, cols, cmask, BLOCK_S, BLOCK_C)
+
+    if PHASE != 1:
+        # rxhat = rstd ((rx - mean(rx)) - xhat a), ry = gate(rgamma xhat + gamma rxhat + rbeta).
+        tc = t * C + cols
+        a = (sxr / R).to(dt)
+        tl.store(a_ptr + tc, a, mask=cmask & (s == 0))
+        a = a[None, :]
+        mrx = (srx / R).to(dt)[None, :]
+        r = tl.load(rstd_ptr + tc, mask=cmask, other=0.0)[None, :]
+        gam = tl.load(gamma_ptr + tc, mask=cmask, other=0.0)[None, :]
+        rgam = tl.load(rgamma_ptr + tc, mask=cmask, other=0.0)[None, :]
+        rbet = tl.load(rbeta_ptr + tc, mask=cmask, other=0.0)[None, :]
+        relu_ptr += base
+        ry_ptr += base
+        rxhat_ptr += base
+        for r0 in range(r_lo, r_hi, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            m = (rows < r_hi)[:, None] & cmask[None, :]
+            off = rows[:, None] * C + cols[None, :]
+            xh = tl.load(xhat_ptr + off, mask=m, other=0.0)
+            rxh = r * ((tl.load(rx_ptr + off, mask=m, other=0.0) - mrx) - xh * a)
+            ry = rgam * xh + gam * rxh + rbet
+            if RELU:
+                ry = tl.where(tl.load(relu_ptr + off, mask=m, other=0.0) > 0.0, ry, 0.0)
+            tl.store(rxhat_ptr + off, rxh, mask=m)
+            tl.store(ry_ptr + off, ry, mask=m)
+
+
+@triton.jit
+def _bn_tbwd_kernel(
+    gy_ptr,  # [T, R, C] output cotangent
+    rgy_ptr,  # [T, R, C] tangent of the output cotangent
+    xhat_ptr,  # [T, R, C] from _bn_fwd_kernel
+    rxhat_ptr,  # [T, R, C] from _bn_tfwd_kernel
+    rstd_ptr,  # [T, C] from _bn_fwd_kernel
+    a_ptr,  # [T, C] from _bn_tfwd_kernel: mean(xhat rx)
+    gamma_ptr,  # [T, C] scale
+    rgamma_ptr,  # [T, C] scale tangent
+    relu_ptr,  # [T, R, C] ReLU output gating gy and rgy (read only when RELU)
+    rgx_ptr,  # [T, R, C] out: tangent of the input cotangent
+    rggamma_ptr,  # [T, C] out: sum(rg xhat + g rxhat)
+    rgbeta_ptr,  # [T, C] out: sum rg
+    ws_ptr,  # [T, NS, 5, C] float64 partial sums (g, g xhat, rg, rg xhat, g rxhat) per split
+    R,  # rows per task
+    C,  # channels
+    RPS,  # rows per split
+    NS,  # splits per task
+    RELU: tl.constexpr,  # gate gy, rgy by relu > 0
+    PHASE: tl.constexpr,  # as in _bn_fwd_kernel
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)  # int64 task base: see _bn_fwd_kernel
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = tl.program_id(2)
+    cmask = cols < C
+    r_lo = s * RPS
+    r_hi = tl.minimum(R, r_lo + RPS)
+    base = t * R * C
+    gy_ptr += base
+    rgy_ptr += base
+    xhat_ptr += base
+    rxhat_ptr += base
+    relu_ptr += base
+    dt = gy_ptr.dtype.element_ty
+
+    if PHASE != 2:
+        # The five per-channel sums every mean in the formula is made of.
+        sg = tl.zeros([BLOCK_C], dtype=tl.float64)  # sum g
+        sgx = tl.zeros([BLOCK_C], dtype=tl.float64)  # sum g xhat
+        srg = tl.zeros([BLOCK_C], dtype=tl.float64)  # sum rg
+        srgx = tl.zeros([BLOCK_C], dtype=tl.float64)  # sum rg xhat
+        sgrx = tl.zeros([BLOCK_C], dtype=tl.float64)  # sum g rxhat
+        for r0 in range(r_lo, r_hi, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            m = (rows < r_hi)[:, None] & cmask[None, :]
+            off = rows[:, None] * C + cols[None, :]
+            g = tl.load(gy_ptr + off, mask=m, other=0.0)
+            rg = tl.load(rgy_ptr + off, mask=m, other=0.0)
+            if RELU:
+                on = tl.load(relu_ptr + off, mask=m, other=0.0) > 0.0
+                g = tl.where(on, g, 0.0)
+                rg = tl.where(on, rg, 0.0)
+            g = g.to(tl.float64)
+            rg = rg.to(tl.float64)
+            xh = tl.load(xhat_ptr + off, mask=m, other=0.0).to(tl.float64)
+            rxh = tl.load(rxhat_ptr + off, mask=m, other=0.0).to(tl.float64)
+            sg += tl.sum(g, axis=0)
+            sgx += tl.sum(g * xh, axis=0)
+            srg += tl.sum(rg, axis=0)
+            srgx += tl.sum(rg * xh, axis=0)
+            sgrx += tl.sum(g * rxh, axis=0)
+        if PHASE == 1:
+            _ws_store(ws_ptr, t, s, NS, 0, 5, C, cols, cmask, sg)
+            _ws_store(ws_ptr, t, s, NS, 1, 5, C, cols, cmask, sgx)
+            _ws_store(ws_ptr, t, s, NS, 2, 5, C, cols, cmask, srg)
+            _ws_store(ws_ptr, t, s, NS, 3, 5, C, cols, cmask, srgx)
+            _ws_store(ws_ptr, t, s, NS, 4, 5, C, cols, cmask, sgrx)
+    else:
+        sg = _ws_sum(ws_ptr, t, 0, NS, 5, C, cols, cmask, BLOCK_S, BLOCK_C)
+        sgx = _ws_sum(ws_ptr, t, 1, NS, 5, C, cols, cmask, BLOCK_S, BLOCK_C)
+        srg = _ws_sum(ws_ptr, t, 2, NS, 5, C, cols, cmask, BLOCK_S, BLOCK_C)
+        srgx = _ws_sum(ws_ptr, t, 3, NS, 5, C, cols, cmask, BLOCK_S, BLOCK_C)
+        sgrx = _ws_sum(ws_ptr, t, 4, NS, 5, C, cols, cmask, BLOCK_S, BLOCK_C)
+
+    if PHASE != 1:
+        # rgx = r [(rgam - r a gam)(g - mg) + gam (rg - mrg) - rxhat m2 + xhat (r a m2 - dm2)],
+        # m2 = gam mean(g xhat), dm2 = gam mean(rg xhat) + rgam mean(g xhat) + gam mean(g rxhat)
+        # (the CPU kernel's coefficients).
+        tc = t * C + cols
+        first = cmask & (s == 0)
+        tl.store(rggamma_ptr + tc, (srgx + sgrx).to(dt), mask=first)
+        tl.store(rgbeta_ptr + tc, srg.to(dt), mask=first)
+        r = tl.load(rstd_ptr + tc, mask=cmask, other=0.0).to(tl.float64)
+        a = tl.load(a_ptr + tc, mask=cmask, other=0.0).to(tl.float64)
+        gam = tl.load(gamma_ptr + tc, mask=cmask, other=0.0).to(tl.float64)
+        rgam = tl.load(rgamma_ptr + tc, mask=cmask, other=0.0).to(tl.float64)
+        m2 = gam * sgx / R
+        dm2 = (gam * (srgx + sgrx) + rgam * sgx) / R
+        mg = (sg / R).to(dt)[None, :]
+        mrg = (srg / R).to(dt)[None, :]
+        cg = (r * (rgam - r * a * gam)).to(dt)[None, :]
+        crg = (r * gam).to(dt)[None, :]
+        crh = (-r * m2).to(dt)[None, :]
+        ch = (r * (r * a * m2 - dm2)).to(dt)[None, :]
+        rgx_ptr += base
+        for r0 in range(r_lo, r_hi, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            m = (rows < r_hi)[:, None] & cmask[None, :]
+            off = rows[:, None] * C + cols[None, :]
+            g = tl.load(gy_ptr + off, mask=m, other=0.0)
+            rg = tl.load(rgy_ptr + off, mask=m, other=0.0)
+            if RELU:
+                on = tl.load(relu_ptr + off, mask=m, other=0.0) > 0.0
+                g = tl.where(on, g, 0.0)
+                rg = tl.where(on, rg, 0.0)
+            xh = tl.load(xhat_ptr + off, mask=m, other=0.0)
+            rxh = tl.load(rxhat_ptr + off, mask=m, other=0.0)
+            rgx = cg * (g - mg) + crg * (rg - mrg) + crh * rxh + ch * xh
+            tl.store(rgx_ptr + off, rgx, mask=m)
+
+
+# --------------------------------------------------------------------------- host launchers
+
+
+def plan(T, R, C, elsize):
+    """Block sizes and row splits of a ``[T, R, C]`` stage ->
+    ``(BLOCK_R, BLOCK_C, channel blocks, rows per split, splits)``."""
+    block_c = min(triton.next_power_of_2(max(C, 1)), BN_MAX_BLOCK_C)
+    cb = triton.cdiv(C, block_c)
+    tile_rows = max(1, BN_TILE_BYTES // elsize // block_c)
+    ns = min(triton.cdiv(BN_TARGET_PROGRAMS, T * cb), R // max(BN_MIN_SPLIT_ROWS, 1), BN_MAX_SPLITS)
+    ns = max(ns, 1)
+    rps = triton.cdiv(R, ns)
+    ns = triton.cdiv(R, rps)
+    block_r = max(1, min(tile_rows, triton.next_power_of_2(rps)))
+    return block_r, block_c, cb, rps, ns
+
+
+def _bn_setup(x, **tensors):
+    """Checks a BatchNorm stage's tensors; -> ``(T, R, C)``."""
+    T, R, C = x.shape
+    if R * C >= 2**31:
+        raise ValueError(f"R * C = {R * C} per task is beyond the kernels' int32 in-task offsets")
+    full, stat = (T, R, C), (T, C)
+    check(x, full, x=(x, full), **{k: (v, full if kind == "full" else stat) for k, (v, kind) in tensors.items()})
+    return T, R, C
+
+
+def _launch(kernel, wrap, x, nsums, tensors, scalars, constexprs):
+    """One launch (no split) or the PHASE 1 + PHASE 2 pair of a stage over ``x [T, R, C]``."""
+    T, R, C = x.shape
+    block_r, block_c, cb, rps, ns = plan(T, R, C, x.element_size())
+    meta = dict(constexprs, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=BN_NUM_WARPS)
+    if ns == 1:
+        # The workspace is never touched: any float64-sized pointer will do, no allocation.
+        wrap(kernel)[(T, cb, 1)](*tensors, x, R, C, R, 1, *scalars, PHASE=0, BLOCK_S=1, **meta)
+        return
+    ws = torch.empty((T, ns, nsums, C), dtype=torch.float64, device=x.device)
+    block_s = min(BN_SPLIT_BLOCK, triton.next_power_of_2(ns))
+    for phase in (1, 2):
+        wrap(kernel)[(T, cb, ns)](*tensors, ws, R, C, rps, ns, *scalars, PHASE=phase, BLOCK_S=block_s, **meta)
+
+
+def bn_fwd(x, gamma, beta, y, xhat, rstd, eps: float, relu: bool, wrap=ident):
+    """BatchNorm forward with batch statistics -> writes ``y``, ``xhat [T,R,C]``, ``rstd [T,C]``."""
+    T, R, C = _bn_setup(
+        x, gamma=(gamma, "stat"), beta=(beta, "stat"), y=(y, "full"), xhat=(xhat, "full"), rstd=(rstd, "stat")
+    )
+    if T * R * C == 0:
+        return
+    _launch(_bn_fwd_kernel, wrap, x, 2, (x, gamma, beta, y, xhat, rstd), split_f64(eps), dict(RELU=bool(relu)))
+
+
+def bn_bwd(gy, xhat, rstd, gamma, relu_y, gx, ggamma, gbeta, wrap=ident):
+    """Backward of :func:`bn_fwd` -> writes ``gx [T,R,C]``, ``ggamma``, ``gbeta [T,C]``."""
+    extra = {} if relu_y is None else {"relu_y": (relu_y, "full")}
+    T, R, C = _bn_setup(
+        gy, xhat=(xhat, "full"), rstd=(rstd, "stat"), gamma=(gamma, "stat"), gx=(gx, "full"),
+        ggamma=(ggamma, "stat"), gbeta=(gbeta, "stat"), **extra,
+    )
+    if T * R * C == 0:
+        return
+    # Without a ReLU the gate pointer is never read; any tensor of the right dtype will do.
+    _launch(_bn_bwd_kernel, wrap, gy, 2, (gy, xhat, rstd, gamma, gy if relu_y is None else relu_y, gx, ggamma, gbeta),
+            (), dict(RELU=relu_y is not None))
+
+
+def bn_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y, ry, rxhat, a, wrap=ident):
+    """Tangent of :func:`bn_fwd` -> writes ``ry``, ``rxhat [T,R,C]``, ``a [T,C]``."""
+    extra = {} if relu_y is None else {"relu_y": (relu_y, "full")}
+    T, R, C = _bn_setup(
+        rx, xhat=(xhat, "full"), rstd=(rstd, "stat"), gamma=(gamma, "stat"), rgamma=(rgamma, "stat"),
+        rbeta=(rbeta, "stat"), ry=(ry, "full"), rxhat=(rxhat, "full"), a=(a, "stat"), **extra,
+    )
+    if T * R * C == 0:
+        return
+    _launch(_bn_tfwd_kernel, wrap, rx, 2,
+            (rx, xhat, rstd, gamma, rgamma, rbeta, rx if relu_y is None else relu_y, ry, rxhat, a),
+            (), dict(RELU=relu_y is not None))
+
+
+def bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rgx, rggamma, rgbeta, wrap=ident):
+    """Tangent of :func:`bn_bwd` -> writes ``rgx [T,R,C]``, ``rggamma``, ``rgbeta [T,C]``."""
+    extra = {} if relu_y is None else {"relu_y": (relu_y, "full")}
+    T, R, C = _bn_setup(
+        gy, rgy=(rgy, "full"), xhat=(xhat, "full"), rxhat=(rxhat, "full"), rstd=(rstd, "stat"),
+        a=(a, "stat"), gamma=(gamma, "stat"), rgamma=(rgamma, "stat"), rgx=(rgx, "full"),
+        rggamma=(rggamma, "stat"), rgbeta=(rgbeta, "stat"), **extra,
+    )
+    if T * R * C == 0:
+        return
+    _launch(_bn_tbwd_kernel, wrap, gy, 5,
+            (gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, gy if relu_y is None else relu_y, rgx, rggamma, rgbeta),
+            (), dict(RELU=relu_y is not None))

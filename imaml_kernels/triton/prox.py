@@ -1,0 +1,51 @@
+"""Triton kernel of the proximal gradient step of the fused inner loop, and its launcher."""
+
+import triton
+import triton.language as tl
+
+from ._common import check, ident, split_f64  # noqa: F401
+
+# Elements per prox_step program (one task's parameters are split into such blocks).
+PROX_BLOCK = 4096
+PROX_NUM_WARPS = 8
+
+
+@triton.jit
+def _prox_step_kernel(
+    phi_ptr,  # [T, P] task parameters, updated in place
+    grad_ptr,  # [T, P] loss gradient at phi
+    theta_ptr,  # [T, P] or [P] (theta_stride 0) proximal centre
+    lam_ptr,  # [T] proximal weight
+    P,  # parameters per task
+    theta_stride,  # P, or 0 when theta is shared by all tasks
+    lr_hi,  # lr = lr_hi + lr_lo, both fp32-exact (module docstring)
+    lr_lo,  # see lr_hi
+    BLOCK: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)  # int64: T * P exceeds 2**31 at large T
+    b = tl.program_id(1).to(tl.int64)
+    offs = b * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < P  # the last block of a task is partial
+    dt = phi_ptr.dtype.element_ty
+    phi = tl.load(phi_ptr + t * P + offs, mask=mask, other=0.0)
+    g = tl.load(grad_ptr + t * P + offs, mask=mask, other=0.0)
+    th = tl.load(theta_ptr + t * theta_stride + offs, mask=mask, other=0.0)
+    lam = tl.load(lam_ptr + t)
+    lr = (tl.zeros([1], dtype=dt) + lr_hi) + lr_lo
+    tl.store(phi_ptr + t * P + offs, phi - lr * (g + lam * (phi - th)), mask=mask)
+
+
+def prox_step(phi, grad, theta, lam, lr: float, wrap=ident):
+    """In place: ``phi -= lr (grad + lam[t] (phi - theta))``; ``theta`` is ``[T,P]`` or shared ``[P]``."""
+    T, P = phi.shape
+    check(phi, (T, P), grad=(grad, (T, P)), theta=(theta, tuple(theta.shape)), lam=(lam, (T,)))
+    if tuple(theta.shape) not in ((T, P), (P,)):
+        raise ValueError(f"theta: shape {tuple(theta.shape)}, expected {(T, P)} or {(P,)}")
+    if T * P == 0:
+        return
+    block = min(PROX_BLOCK, triton.next_power_of_2(P))
+    lr_hi, lr_lo = split_f64(lr)
+    wrap(_prox_step_kernel)[(T, triton.cdiv(P, block))](
+        phi, grad, theta, lam, P, P if theta.dim() == 2 else 0, lr_hi, lr_lo,
+        BLOCK=block, num_warps=PROX_NUM_WARPS,
+    )
