@@ -9,8 +9,8 @@ import torch
 class ParamLayout:
     """The per-task layout of a parameter dict: names, shapes, offsets into a flat ``[T, P]``.
 
-    ``unflatten`` returns views into the flat buffer (no copy); ``flatten`` copies once
-    (``torch.cat``) unless the dict already consists of such views of one buffer.
+    ``unflatten`` returns views into the flat buffer (no copy); ``flatten`` always makes one
+    new buffer (one ``torch.cat``), even from views of a flat buffer.
 
     Example::
 

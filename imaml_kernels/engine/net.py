@@ -90,6 +90,7 @@ class BatchedNet:
         self._native = {k: v for layer in self.layers for k, v in layer.native().items()}
         self.native_layout = ParamLayout({k: self._native[k][2] if k in self._native else s for k, s in self.layout.shapes.items()})
         self.spatial = len(self.input_shape) == 3
+        self._run_list = self._runs()
         # Layers up to this index need no input gradient (nothing upstream has parameters).
         with_params = [i for i, layer in enumerate(self.layers) if layer.params]
         self.first_needs_gx = with_params[0] if with_params else len(self.layers)
@@ -107,14 +108,31 @@ class BatchedNet:
         d = self.native_layout.unflatten(flat_native)
         return [[d[n] for n in layer.params] for layer in self.layers]
 
+    def _runs(self):
+        """The layout as ``(name, None)`` for a permuted parameter and ``(None, (lo, hi))``
+        for a maximal run of parameters stored alike in both orders (one copy each)."""
+        runs = []
+        for k in self.layout.names:
+            lo, hi = self.layout.offsets[k], self.layout.offsets[k] + self.layout.numels[k]
+            if k in self._native:
+                runs.append((k, None))
+            elif runs and runs[-1][0] is None:
+                runs[-1] = (None, (runs[-1][1][0], hi))
+            else:
+                runs.append((None, (lo, hi)))
+        return runs
+
     def _permute(self, flat, src, dst, which):
         if not self._native:
             return flat.clone(memory_format=torch.contiguous_format)
         out = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device)
         a, b = src.unflatten(flat), dst.unflatten(out)
-        for k in self.layout.names:
-            src = self._native[k][which](a[k]) if k in self._native else a[k]
-            b[k].view(src.shape).copy_(src)
+        for k, span in self._run_list:
+            if k is None:
+                out[:, span[0] : span[1]].copy_(flat[:, span[0] : span[1]])
+            else:
+                moved = self._native[k][which](a[k])
+                b[k].view(moved.shape).copy_(moved)
         return out
 
     def to_native(self, flat: torch.Tensor) -> torch.Tensor:
