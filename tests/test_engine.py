@@ -352,3 +352,79 @@ def test_selfcheck_engine_rows_are_ok():
     ran = [r for r in rows if not r[-1].startswith("skipped")]
     assert {r[0] for r in ran} >= {"cpu", "reference"}
     assert all(r[-1] == "ok" for r in ran), rows
+
+
+# --------------------------------------------------------------------------- dispatch and reuse
+
+
+class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the names of the ops that reach the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.name()))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_implicit_meta_grad_backend_steers_every_stage(backend):
+    """``backend=`` reaches the engine's stages as well as CG: "reference" runs no imaml:: op."""
+    if backend == "cpu" and not dispatch._engine_kernels_built():
+        pytest.skip("extension without engine kernels")
+    torch.manual_seed(0)
+    model = OmniglotConv(5, channels=4)
+    theta = dict(model.named_parameters())
+    T = 2
+    xs, xq = torch.randn(T, 5, 1, 28, 28), torch.randn(T, 5, 1, 28, 28)
+    ys = yq = torch.arange(5).expand(T, -1).contiguous()
+    with _OpNames() as seen:
+        g, _ = ik.implicit_meta_grad(model, theta, (xs, ys), (xq, yq), lam=2.0, inner=ik.GD(2, 0.1), cg_iters=2,
+                                     backend=backend, engine=True)
+    ours = {n.split("::")[1] for n in seen.names if n.startswith("imaml::")}
+    if backend == "reference":
+        assert ours == set(), ours
+    else:
+        assert {"bn_fwd", "bn_tbwd", "im2col", "col2im", "softmax_ce", "prox_step", "cg_dots", "cg_update"} <= ours, ours
+    ref, _ = ik.implicit_meta_grad(model, theta, (xs, ys), (xq, yq), lam=2.0, inner=ik.GD(2, 0.1), cg_iters=2, engine=False)
+    for k in g:
+        assert torch.allclose(g[k], ref[k], rtol=1e-3, atol=1e-5), k
+
+
+def test_linearization_is_reentrant():
+    """HVPs keep their scratch out of the primal caches: interleaved and nested products give
+    the same results as sequential ones, and the caches are unchanged by a product."""
+    model, params, x, y, v = make_problem("omniglot", 3, 5, torch.float64)
+    lin = BatchedNet(model, model.input_shape).linearize(params, x, y)
+    keys = [dict((k, id(t)) for k, t in c.items()) for c in lin.caches]
+    w = torch.randn_like(v)
+    hv, hw = lin.hvp(v), lin.hvp(w)
+    assert [dict((k, id(t)) for k, t in c.items()) for c in lin.caches] == keys
+    nested = lin.hvp(v + lin.hvp(w))  # a product inside another product's argument
+    assert torch.allclose(nested, hv + lin.hvp(hw), rtol=1e-10, atol=1e-12)
+    assert torch.equal(lin.hvp(v), hv)
+
+
+def test_one_parsed_net_per_model_is_reused():
+    from imaml_kernels.engine import batched_net
+    from imaml_kernels.implicit import select_engine
+
+    model = OmniglotConv(5, channels=4)
+    theta = dict(model.named_parameters())
+    x = torch.randn(2, 5, 1, 28, 28)
+    a = select_engine(model, theta, x)
+    assert select_engine(model, theta, x) is a and model.batched() is batched_net(model, (1, 28, 28))
+    assert select_engine(model, theta, x, backend="reference") is not a  # another backend, another net
+    model.eval()  # its BatchNorm keeps no running statistics: eval mode is still batch statistics
+    b = select_engine(model, theta, x)
+    assert b is not None and b is not a
+    model.train()
+    assert select_engine(model, theta, x) is a
+    # A BatchNorm with running statistics in eval mode: the engine does not apply (no stale net).
+    tracked = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 26 * 26, 5))
+    th = dict(tracked.named_parameters())
+    assert select_engine(tracked, th, x) is not None
+    tracked.eval()
+    assert select_engine(tracked, th, x) is None
