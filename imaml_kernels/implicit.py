@@ -98,8 +98,12 @@ class ProximalObjective:
 
     @property
     def theta_flat(self) -> torch.Tensor:
-        """θ as one ``[P]`` vector."""
-        return self.layout.flatten({k: v.unsqueeze(0) for k, v in self.theta.items()})[0]
+        """θ as one ``[P]`` vector (made once while θ is unchanged: keyed by the tensors' versions)."""
+        key = tuple((id(v), v._version) for v in self.theta.values())
+        if getattr(self, "_theta_flat_key", None) != key or torch.compiler.is_compiling():
+            self._theta_flat = self.layout.flatten({k: v.unsqueeze(0) for k, v in self.theta.items()})[0]
+            self._theta_flat_key = key
+        return self._theta_flat
 
     def with_lam(self, lam):
         """The same objective with another ``[T]`` λ."""
@@ -115,7 +119,7 @@ class ProximalObjective:
     def task_value(self, phi):
         """``L̂_t(φ_t)`` ``[T]``."""
         if self.engine is not None:
-            return self.engine.loss(self.layout.flatten(phi), *self.batch)
+            return self.engine.loss(self.layout.as_flat(phi), *self.batch)
         return self._value(phi, *self.batch)
 
     def value(self, phi):
@@ -130,7 +134,7 @@ class ProximalObjective:
 
     def value_and_grad(self, phi):
         if self.engine is not None:
-            v, g = self.engine.loss_and_grad(self.layout.flatten(phi), *self.batch)
+            v, g = self.engine.loss_and_grad(self.layout.as_flat(phi), *self.batch)
             g = self.layout.unflatten(g)
         else:
             g, v = self._grad_value(phi, *self.batch)
@@ -308,8 +312,11 @@ class _ImplicitGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, state, *theta_leaves):
         ctx.state = state
-        # Clones: an autograd op must never return an alias of a saved buffer.
-        return tuple(state["phi"][k].clone() for k in state["names"])
+        # A copy: an autograd op must never return an alias of a saved buffer. One buffer,
+        # returned as views (one launch, not one per tensor).
+        layout = state["objective"].layout
+        out = layout.unflatten(layout.as_flat(state["phi"]).clone())
+        return tuple(out[k] for k in state["names"])
 
     @staticmethod
     def backward(ctx, *grads):
@@ -326,7 +333,7 @@ class _ImplicitGrad(torch.autograd.Function):
         else:
             lam = obj.lam.to(g.dtype)[:, None]
             with _batch_stats_only(st["model"]):
-                lin = st.pop("lin", None) or obj.linearize(layout.flatten(phi))
+                lin = st.pop("lin", None) or obj.linearize(layout.as_flat(phi))
 
                 def matvec(v):
                     return v + lin.task_hvp_work(v) / lam
@@ -340,8 +347,8 @@ class _ImplicitGrad(torch.autograd.Function):
         bad = bad | ~torch.isfinite(st["inner_loss"])
         x = torch.where(bad[:, None], torch.zeros_like(x), x)
         st["result"].info = {"cg": info, "dropped": bad}
-        total = layout.unflatten(x)
-        return (None, *(total[k].sum(0).to(st["theta_dtypes"][k]) for k in st["names"]))
+        total = layout.unflatten(x.sum(0, keepdim=True))  # one reduction over the tasks
+        return (None, *(total[k][0].to(st["theta_dtypes"][k]) for k in st["names"]))
 
 
 def implicit_adapt(
@@ -401,7 +408,11 @@ def implicit_adapt(
         net = select_engine(model, theta, x, loss, engine, backend)
         objective = ProximalObjective(task_loss, theta, lam_t, (x, y), hvp_chunk=hvp_chunk, engine=net)
         with torch.no_grad():
-            phi0 = {k: v.detach().unsqueeze(0).expand(T, *v.shape).clone() for k, v in theta.items()}
+            if len({v.dtype for v in theta.values()}) == 1:
+                # One copy of θ per task, as views of one [T, P] buffer (one launch, not one per tensor).
+                phi0 = objective.layout.unflatten(objective.theta_flat.detach().expand(T, -1).clone())
+            else:
+                phi0 = {k: v.detach().unsqueeze(0).expand(T, *v.shape).clone() for k, v in theta.items()}
             phi = inner(objective, phi0)
             if not isinstance(phi, dict) or set(phi) != set(names):
                 raise TypeError(f"the inner solver must return a dict with keys {names}")
@@ -410,7 +421,7 @@ def implicit_adapt(
             if objective.engine is not None and not first_order:
                 # The backward's linearisation, made now: its loss is the inner loss, so the
                 # support set's forward pass runs once instead of twice.
-                lin = objective.linearize(objective.layout.flatten(phi))
+                lin = objective.linearize(objective.layout.as_flat(phi))
                 inner_loss = lin.task_loss
             else:
                 inner_loss = objective.task_value(phi)

@@ -35,7 +35,7 @@ class GD:
             layout = objective.layout
             phi = engine.inner_loop(
                 objective.theta_flat, *objective.batch, lam=objective.lam, steps=self.steps, lr=self.lr,
-                phi0=layout.flatten(phi0),
+                phi0=layout.as_flat(phi0),  # inner_loop copies it
             )
             return layout.unflatten(phi)
         phi = {k: v.clone() for k, v in phi0.items()}

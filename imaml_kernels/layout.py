@@ -52,6 +52,40 @@ class ParamLayout:
             parts.append(v.reshape(T, -1))
         return torch.cat(parts, dim=1)
 
+    def as_flat(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`flatten` for a caller that will not write to the result: when ``params`` are
+        the views :meth:`unflatten` made of one ``[T, P]`` buffer (in order), that buffer,
+        with no copy; else a new buffer. A host-side test of strides and storages, no sync."""
+        if not torch.compiler.is_compiling():
+            flat = self._viewed_buffer(params)
+            if flat is not None:
+                return flat
+        return self.flatten(params)
+
+    def _viewed_buffer(self, params):
+        first = params.get(self.names[0]) if self.names else None
+        if not isinstance(first, torch.Tensor) or first.dim() < 1:
+            return None
+        T, storage = first.shape[0], first.untyped_storage()._cdata
+        row = first.stride(0) if T > 1 else self.numel
+        base = first.storage_offset() - self.offsets[self.names[0]]
+        for k in self.names:
+            v = params.get(k)
+            if (not isinstance(v, torch.Tensor) or v.dtype != first.dtype or v.device != first.device
+                    or tuple(v.shape) != (T, *self.shapes[k]) or v.untyped_storage()._cdata != storage
+                    or v.storage_offset() != base + self.offsets[k]):
+                return None
+            if T > 1 and v.stride(0) != row:
+                return None
+            expect = 1
+            for size, stride in zip(reversed(v.shape[1:]), reversed(v.stride()[1:])):
+                if size != 1 and stride != expect:
+                    return None
+                expect *= size
+        if base < 0 or row < self.numel:
+            return None
+        return first.as_strided((T, self.numel), (row, 1), base)
+
     def unflatten(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``[T, P]`` -> ``{name: [T, *shape]}``, views into ``flat``."""
         if flat.dim() != 2 or flat.shape[1] != self.numel:

@@ -264,7 +264,7 @@ class BatchedNet:
 class _EngineLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, net, x, *leaves):
-        flat = net.layout.flatten({k: t.detach() for k, t in zip(net.layout.names, leaves)})
+        flat = net.layout.as_flat({k: t.detach() for k, t in zip(net.layout.names, leaves)})  # to_native copies
         with torch.no_grad():
             native = net.to_native(flat)
             k = net.kernels(native)
@@ -292,7 +292,7 @@ def functional_logits(net: BatchedNet, params, x):
     if isinstance(params, torch.Tensor):
         params = net.layout.unflatten(params)
     leaves = [params[k] for k in net.layout.names]
-    net._check(net.layout.flatten({k: t.detach() for k, t in zip(net.layout.names, leaves)}), x,
+    net._check(net.layout.as_flat({k: t.detach() for k, t in zip(net.layout.names, leaves)}), x,
                torch.zeros(x.shape[:2], dtype=torch.int64, device=x.device))
     return _EngineLogits.apply(net, x, *leaves)
 
