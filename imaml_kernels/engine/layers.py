@@ -84,10 +84,16 @@ class Conv(Layer):
         if not isinstance(m.padding, tuple) or m.padding_mode != "zeros":
             raise UnsupportedModel(f"Conv2d {m}: only numeric zero padding")
         self.k, self.s = m.kernel_size[0], m.stride[0]
-        self.ph, self.pw = m.padding
+        self.ph, self.pw = m.padding  # top / left: the taps before the first row / column
+        self.pb, self.pr = m.padding  # bottom / right: only the output size sees them
         self.cin, self.cout = m.in_channels, m.out_channels
         self.bias = m.bias is not None
         self.params = (prefix + "weight",) + ((prefix + "bias",) if self.bias else ())
+
+    def absorb(self, pad: "ZeroPad"):
+        """Take a preceding ``ZeroPad2d`` into this convolution's (fused, zero) padding: one
+        im2col instead of a padded copy, and no crop of the cotangent."""
+        self.ph, self.pb, self.pw, self.pr = self.ph + pad.t, self.pb + pad.b, self.pw + pad.l, self.pr + pad.r
 
     def native(self):
         # The weight lives as [k, k, Cin, Cout] in the engine's layout: a [k·k·Cin, Cout] GEMM
@@ -99,7 +105,7 @@ class Conv(Layer):
         return w.view(w.shape[0], self.k * self.k * self.cin, self.cout)
 
     def out_hw(self, H, W):
-        return (H + 2 * self.ph - self.k) // self.s + 1, (W + 2 * self.pw - self.k) // self.s + 1
+        return (H + self.ph + self.pb - self.k) // self.s + 1, (W + self.pw + self.pr - self.k) // self.s + 1
 
     def _cols(self, kern, x, Ho, Wo):
         T, N = x.shape[:2]
@@ -274,6 +280,7 @@ class ZeroPad(Layer):
     """ZeroPad2d. Cache: ``shape``."""
 
     def __init__(self, m: nn.ZeroPad2d):
+        self.padding = tuple(m.padding)
         self.l, self.r, self.t, self.b = m.padding
 
     def fwd(self, k, p, x, c):
@@ -385,6 +392,10 @@ def parse(model: nn.Module, in_shape):
             if not spatial or shape[0] != m.in_channels:
                 raise UnsupportedModel(f"layer {name}: Conv2d input shape {shape} does not fit {m}")
             layer = Conv(m, prefix)
+            if layers and isinstance(layers[-1], ZeroPad) and min(layers[-1].padding) >= 0:  # fold the pad into the conv
+                pad = layers.pop()
+                shape = (shape[0], shape[1] - pad.t - pad.b, shape[2] - pad.l - pad.r)
+                layer.absorb(pad)
             shape = (m.out_channels, *layer.out_hw(shape[1], shape[2]))
             layers.append(layer)
         elif isinstance(m, nn.BatchNorm2d):

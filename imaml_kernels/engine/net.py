@@ -91,6 +91,7 @@ class BatchedNet:
         self.native_layout = ParamLayout({k: self._native[k][2] if k in self._native else s for k, s in self.layout.shapes.items()})
         self.spatial = len(self.input_shape) == 3
         self._run_list = self._runs()
+        self._last_inner = None  # (output, its native buffer, output version) of inner_loop
         # Layers up to this index need no input gradient (nothing upstream has parameters).
         with_params = [i for i, layer in enumerate(self.layers) if layer.params]
         self.first_needs_gx = with_params[0] if with_params else len(self.layers)
@@ -144,6 +145,21 @@ class BatchedNet:
     def from_native(self, flat: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`to_native`."""
         return self._permute(flat, self.native_layout, self.layout, 1)
+
+    def _native_for_reading(self, flat: torch.Tensor) -> torch.Tensor:
+        """:meth:`to_native` for a consumer that never writes the result: the native buffer
+        :meth:`inner_loop` converted ``flat`` from, when ``flat`` is its (unchanged) output,
+        so φ makes no round trip between the inner loop and the linearisation."""
+        last = self._last_inner
+        if last is not None and not torch.compiler.is_compiling():
+            out, native, version = last
+            if (flat.shape == out.shape and flat.dtype == out.dtype and flat.device == out.device
+                    and flat.untyped_storage()._cdata == out.untyped_storage()._cdata
+                    and flat.storage_offset() == out.storage_offset() and flat.stride() == out.stride()
+                    and out._version == version):
+                self._last_inner = None  # used once: the linearisation now owns the buffer
+                return native
+        return self.to_native(flat)
 
     def _check(self, params, x, y):
         if not isinstance(params, torch.Tensor) or params.dim() != 2 or params.shape[1] != self.numel:
@@ -207,7 +223,7 @@ class BatchedNet:
         """Primal forward and backward at ``params [T, P]``; the result's ``hvp`` reuses them."""
         self._check(params, x, y)
         k = self.kernels(params)
-        native = self.to_native(params)
+        native = self._native_for_reading(params)
         p, caches, loss, glogits = self._forward(k, native, x, y)
         grad = torch.empty_like(native)
         self._backward(k, p, caches, glogits, grad)
@@ -258,7 +274,9 @@ class BatchedNet:
             self._backward(k, p, caches, glogits, grad)
             # φ -= lr (g + λ (φ − θ))  ==  φ (1 − lr λ) + lr λ θ − lr g
             k.prox_step(phi, grad, theta, lam_t, lr)
-        return self.from_native(phi)
+        out = self.from_native(phi)
+        self._last_inner = None if torch.compiler.is_compiling() else (out, phi, out._version)
+        return out
 
 
 class _EngineLogits(torch.autograd.Function):
