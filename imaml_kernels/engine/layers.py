@@ -74,9 +74,10 @@ class Layer:
 
 
 class Conv(Layer):
-    """Conv2d, square kernel, equal strides, groups 1. Cache: ``cols`` (the im2col patches),
-    ``wt`` (the weight as a ``[T, k·k·Cin, Cout]`` GEMM operand), ``xshape``, ``hw``; ``gz``
-    (the output cotangent) after ``bwd``. Scratch: ``rwt``, ``rcols``."""
+    """Conv2d, square kernel, equal strides, groups 1. Cache: ``cols`` (the im2col patches;
+    ``fwd`` uses them when already present, see :meth:`patches`), ``wt`` (the weight as a
+    ``[T, k·k·Cin, Cout]`` GEMM operand), ``xshape``, ``hw``; ``gz`` (the output cotangent)
+    after ``bwd``. Scratch: ``rwt``, ``rcols``."""
 
     def __init__(self, m: nn.Conv2d, prefix):
         if m.groups != 1 or m.dilation != (1, 1) or m.kernel_size[0] != m.kernel_size[1] or m.stride[0] != m.stride[1]:
@@ -112,13 +113,22 @@ class Conv(Layer):
         cols = kern.im2col(x, Ho, Wo, self.k, self.s, self.ph, self.pw)
         return cols.view(T, N * Ho * Wo, self.k * self.k * self.cin)
 
-    def fwd(self, k, p, x, c):
+    def patches(self, k, x):
+        """The cache entries that depend on the input alone (``cols``, ``xshape``, ``hw``): for
+        the first layer, where the input is data, made once and preset in ``c`` by the net."""
         T, N, H, W, _ = x.shape
         Ho, Wo = self.out_hw(H, W)
-        cols = self._cols(k, x, Ho, Wo)
+        return dict(cols=self._cols(k, x, Ho, Wo), xshape=x.shape, hw=(Ho, Wo))
+
+    def fwd(self, k, p, x, c):
+        if "cols" not in c:
+            c.update(self.patches(k, x))
+        T, N = x.shape[:2]
+        Ho, Wo = c["hw"]
+        cols = c["cols"]
         wt = self._wt(p[0])
         z = torch.baddbmm(p[1].unsqueeze(1), cols, wt) if self.bias else torch.bmm(cols, wt)
-        c.update(cols=cols, wt=wt, xshape=x.shape, hw=(Ho, Wo))
+        c["wt"] = wt
         return z.view(T, N, Ho, Wo, self.cout)
 
     def _gx(self, k, gcols, c):

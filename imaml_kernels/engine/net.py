@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import dispatch
 from ..layout import ParamLayout
-from .layers import UnsupportedModel, parse  # noqa: F401
+from .layers import Conv, UnsupportedModel, parse  # noqa: F401
 
 
 class Linearization:
@@ -92,6 +92,7 @@ class BatchedNet:
         self.spatial = len(self.input_shape) == 3
         self._run_list = self._runs()
         self._last_inner = None  # (output, its native buffer, output version) of inner_loop
+        self._last_data = None  # (x, x version, dtype, _prepare(x)) of the last inner loop
         # Layers up to this index need no input gradient (nothing upstream has parameters).
         with_params = [i for i, layer in enumerate(self.layers) if layer.params]
         self.first_needs_gx = with_params[0] if with_params else len(self.layers)
@@ -189,16 +190,31 @@ class BatchedNet:
         x = x.to(dtype)
         return x.permute(0, 1, 3, 4, 2) if self.spatial else x  # channels-last
 
-    def _run_forward(self, k, params_native, x):
+    def _prepare(self, k, x, dtype):
+        """What depends on the data alone: the input channels-last and, when the first layer
+        is a convolution, its patches. Made once per inner loop, not once per step."""
+        h = self._input(x, dtype)
+        first = self.layers[0]
+        return h, (first.patches(k, h.contiguous()) if isinstance(first, Conv) else {})
+
+    def _data_for(self, k, x, dtype):
+        """:meth:`_prepare`, or the last inner loop's when it ran on the same (unchanged) ``x``."""
+        last = self._last_data
+        if last is not None and last[0] is x and last[1] == x._version and last[2] == dtype and not torch.compiler.is_compiling():
+            return last[3]
+        return self._prepare(k, x, dtype)
+
+    def _run_forward(self, k, params_native, x, data=None):
         p = self._views(params_native)
         caches = [{} for _ in self.layers]
-        h = self._input(x, params_native.dtype)
+        h, pre = data if data is not None else self._prepare(k, x, params_native.dtype)
+        caches[0].update(pre)
         for layer, c, lp in zip(self.layers, caches, p):
             h = layer.fwd(k, lp, h, c)
         return p, caches, h
 
-    def _forward(self, k, params_native, x, y):
-        p, caches, logits = self._run_forward(k, params_native, x)
+    def _forward(self, k, params_native, x, y, data=None):
+        p, caches, logits = self._run_forward(k, params_native, x, data)
         loss, prob, glogits = k.softmax_ce(logits, y)
         caches[-1].update(prob=prob, logits=logits)
         return p, caches, loss, glogits
@@ -224,7 +240,7 @@ class BatchedNet:
         self._check(params, x, y)
         k = self.kernels(params)
         native = self._native_for_reading(params)
-        p, caches, loss, glogits = self._forward(k, native, x, y)
+        p, caches, loss, glogits = self._forward(k, native, x, y, self._data_for(k, x, native.dtype))
         grad = torch.empty_like(native)
         self._backward(k, p, caches, glogits, grad)
         return Linearization(self, k, native, caches, loss, grad)
@@ -269,8 +285,10 @@ class BatchedNet:
         theta = theta[0] if shared else theta
         grad = torch.empty_like(phi)
         k = self.kernels(phi)
+        data = self._prepare(k, x, phi.dtype)  # the support set's first-layer patches, once
+        self._last_data = None if torch.compiler.is_compiling() else (x, x._version, phi.dtype, data)
         for _ in range(steps):
-            p, caches, _, glogits = self._forward(k, phi, x, y)
+            p, caches, _, glogits = self._forward(k, phi, x, y, data)
             self._backward(k, p, caches, glogits, grad)
             # φ -= lr (g + λ (φ − θ))  ==  φ (1 − lr λ) + lr λ θ − lr g
             k.prox_step(phi, grad, theta, lam_t, lr)
