@@ -5,7 +5,8 @@ import argparse
 import torch
 
 from . import all as all_suite
-from . import cg, distributed, hvp, memory, meta_step
+from . import cg, distributed, hvp, launches, memory, meta_step
+from . import compile as compile_suite
 from .common import machine_header, set_threads
 
 
@@ -50,11 +51,27 @@ def main(argv=None):
     p.add_argument("--meta-batch", type=int, default=16)
     p.add_argument("--channels", type=int, default=32)
     p.set_defaults(func=distributed.main)
+    p = sub.add_parser("launches", help="kernel launches and host syncs per meta-step on the GPU path (fake CUDA tensors, no GPU needed)")
+    p.add_argument("--shapes", nargs="*", default=None, help=f"presets (default: {' '.join(launches.SHAPES)})")
+    p.add_argument("--tasks", type=int, default=None, help="override T (default: the preset's)")
+    p.add_argument("--inner-steps", type=int, default=None)
+    p.add_argument("--cg-iters", type=int, default=None)
+    p.add_argument("--no-baseline", action="store_true", help="skip the per-task baseline")
+    p.add_argument("--top", type=int, default=15, help="ops in the breakdown")
+    p.add_argument("--out", default=None, help="also write the markdown report here")
+    p.add_argument("--json", default=None, help="write the raw counts (JSON) here")
+    p.set_defaults(func=launches.main)
     p = sub.add_parser("all", help="every suite: tables, CSV and PNG plots under --out")
     p.add_argument("--quick", action="store_true", help="small sizes: a few minutes on a 2-core CPU")
     p.add_argument("--device", default=dev)
     p.add_argument("--out", default=None, help="default: bench/results/<machine>/")
     p.set_defaults(func=all_suite.main)
+    p = sub.add_parser("compile", help="Triton kernels compiled at the paper's shapes: registers, spills, occupancy (no GPU)")
+    p.add_argument("--configs", nargs="*", choices=list(compile_suite.CONFIGS))
+    p.add_argument("--dtypes", nargs="*", choices=list(compile_suite.DTYPES))
+    p.add_argument("--arch", type=int, nargs="*", choices=[80, 90], help="default: 90 80")
+    p.add_argument("--out", default=None, help="also write the table here (e.g. bench/results/compile.md)")
+    p.set_defaults(func=compile_suite.main)
     args = parser.parse_args(argv)
     set_threads()
     print(machine_header())

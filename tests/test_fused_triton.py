@@ -1,5 +1,5 @@
-"""Triton kernels of the fused engine stages (imaml_kernels.triton.engine) against the
-pure-PyTorch twins in imaml_kernels.fused_reference, through the Triton interpreter.
+"""Triton kernels of the fused engine stages (imaml_kernels.triton.*) against the
+pure-PyTorch twins in imaml_kernels.reference, through the Triton interpreter.
 
 Every output is pre-filled with NaN (so an unwritten element fails), inputs are random and
 non-zero, and each case runs in float64 (vs the reference: rtol 1e-10) and float32 (vs the
@@ -17,8 +17,12 @@ import struct  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from imaml_kernels import fused_reference as ref  # noqa: E402
-from imaml_kernels.triton import engine  # noqa: E402
+try:  # noqa: E402
+    from imaml_kernels import reference as ref
+    ref.bn_fwd  # noqa: B018 - the per-family references (imaml_kernels.reference.<family>)
+except (ImportError, AttributeError):  # before the move
+    from imaml_kernels import fused_reference as ref
+from imaml_kernels.triton import _common, batchnorm, conv, maxpool, prox, softmax_ce  # noqa: E402
 
 DTYPES = (torch.float64, torch.float32)
 # The interpreter turns a runtime loop bound (a 1-element array) into a Python int the way
@@ -80,10 +84,25 @@ BN_CASES = [
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Tiles of 64 elements, 4 channels (BLOCK_R = 16): R = 37 takes three row tiles, C = 5
-    two channel blocks, so the accumulation loops and partial blocks are exercised."""
-    monkeypatch.setattr(engine, "BN_TILE", 64)
-    monkeypatch.setattr(engine, "BN_MAX_BLOCK_C", 4)
+    """256-byte tiles of 4 channels (BLOCK_R = 16 float32, 8 float64 rows): R = 37 takes three
+    or five row tiles, C = 5 two channel blocks, so the accumulation loops and partial blocks
+    are exercised (conv and max-pool tiles likewise)."""
+    monkeypatch.setattr(batchnorm, "BN_TILE_BYTES", 256)
+    monkeypatch.setattr(batchnorm, "BN_TBWD_TILE_BYTES", 256)
+    monkeypatch.setattr(batchnorm, "BN_MAX_BLOCK_C", 4)
+    monkeypatch.setattr(conv, "CONV_TILE_BYTES", 256)
+    monkeypatch.setattr(conv, "CONV_MAX_BLOCK_C", 4)
+    monkeypatch.setattr(maxpool, "POOL_TILE_BYTES", 256)
+    monkeypatch.setattr(maxpool, "POOL_MAX_BLOCK_C", 4)
+
+
+def _bn_splits(monkeypatch, min_rows):
+    """Row splits at test sizes: as many as ``min_rows`` rows per split allow, partials
+    combined 2 at a time (several combining steps, a partial last one)."""
+    monkeypatch.setattr(batchnorm, "BN_TARGET_PROGRAMS", 10**6)
+    monkeypatch.setattr(batchnorm, "BN_SPLIT_MIN_R", 0)
+    monkeypatch.setattr(batchnorm, "BN_MIN_SPLIT_ROWS", min_rows)
+    monkeypatch.setattr(batchnorm, "BN_SPLIT_BLOCK", 2)
 
 
 def _bn_state(T, R, C, relu, seed):
@@ -104,7 +123,7 @@ def _bn_state(T, R, C, relu, seed):
 def _bn_fwd_case(T, R, C, relu, dtype):
     s = _bn_state(T, R, C, relu, seed=100 * T + 10 * R + C)
     _run(
-        lambda x, ga, be, *o: engine.bn_fwd(x, ga, be, *o, EPS, relu),
+        lambda x, ga, be, *o: batchnorm.bn_fwd(x, ga, be, *o, EPS, relu),
         lambda x, ga, be: ref.bn_fwd(x, ga, be, EPS, relu),
         [s["x"], s["gamma"], s["beta"]], [(T, R, C), (T, R, C), (T, C)], dtype, ("y", "xhat", "rstd"),
     )
@@ -113,7 +132,7 @@ def _bn_fwd_case(T, R, C, relu, dtype):
 def _bn_bwd_case(T, R, C, relu, dtype):
     s = _bn_state(T, R, C, relu, seed=200 * T + 10 * R + C)
     _run(
-        engine.bn_bwd, ref.bn_bwd,
+        batchnorm.bn_bwd, ref.bn_bwd,
         [s["gy"], s["xhat"], s["rstd"], s["gamma"], s["relu_y"]], [(T, R, C), (T, C), (T, C)], dtype,
         ("gx", "ggamma", "gbeta"),
     )
@@ -122,7 +141,7 @@ def _bn_bwd_case(T, R, C, relu, dtype):
 def _bn_tfwd_case(T, R, C, relu, dtype):
     s = _bn_state(T, R, C, relu, seed=300 * T + 10 * R + C)
     _run(
-        engine.bn_tfwd, ref.bn_tfwd,
+        batchnorm.bn_tfwd, ref.bn_tfwd,
         [s["rx"], s["xhat"], s["rstd"], s["gamma"], s["rgamma"], s["rbeta"], s["relu_y"]],
         [(T, R, C), (T, R, C), (T, C)], dtype, ("ry", "rxhat", "a"),
     )
@@ -131,7 +150,7 @@ def _bn_tfwd_case(T, R, C, relu, dtype):
 def _bn_tbwd_case(T, R, C, relu, dtype):
     s = _bn_state(T, R, C, relu, seed=400 * T + 10 * R + C)
     _run(
-        engine.bn_tbwd, ref.bn_tbwd,
+        batchnorm.bn_tbwd, ref.bn_tbwd,
         [s[k] for k in ("gy", "rgy", "xhat", "rxhat", "rstd", "a", "gamma", "rgamma", "relu_y")],
         [(T, R, C), (T, C), (T, C)], dtype, ("rgx", "rggamma", "rgbeta"),
     )
@@ -154,6 +173,38 @@ def test_bn_small_tiles(small_tiles, stage):
             BN_STAGES[stage](2, 37, 5, relu, dtype)
 
 
+@pytest.mark.parametrize("min_rows", (5, 12))  # R = 37: 7 splits of 6 rows / 3 of 13 (+ a partial one)
+@pytest.mark.parametrize("stage", list(BN_STAGES))
+def test_bn_row_splits(small_tiles, monkeypatch, stage, min_rows):
+    _bn_splits(monkeypatch, min_rows)
+    T, R, C = 2, 37, 5
+    assert batchnorm.plan(T, R, C, 4)[4] == (7 if min_rows == 5 else 3)
+    for relu in (True,) if min_rows == 5 else (False, True):  # (the interpreter is slow)
+        for dtype in DTYPES:
+            BN_STAGES[stage](T, R, C, relu, dtype)
+
+
+@pytest.mark.parametrize("stage", list(BN_STAGES))
+def test_bn_row_splits_default_tiles(monkeypatch, stage):
+    # Default tiles and channel blocks: 4 splits of 41 rows (the last of 38).
+    _bn_splits(monkeypatch, 40)
+    assert batchnorm.plan(1, 161, 20, 8)[3:] == (41, 4)
+    for dtype in DTYPES:
+        BN_STAGES[stage](1, 161, 20, True, dtype)
+
+
+def test_bn_plan_paper_shapes():
+    """Splits where rows are plentiful and programs are not (the first Omniglot layer at T = 32
+    gets at least 2 programs per SM of an H100); small layers stay one launch."""
+    for T, R, C in ((32, 980, 64), (16, 3920, 64), (16, 980, 64), (4, 35280, 32), (4, 529200, 32), (4, 2205, 32)):
+        for elsize in (4, 8):
+            _, _, cb, rps, ns = batchnorm.plan(T, R, C, elsize)
+            assert T * cb * ns >= 2 * 132 and rps * ns >= R > rps * (ns - 1), (T, R, C)
+            assert ns <= batchnorm.BN_MAX_SPLITS and rps >= batchnorm.BN_MIN_SPLIT_ROWS
+    for T, R, C in ((32, 245, 64), (32, 20, 64), (16, 320, 64), (4, 500, 32)):
+        assert batchnorm.plan(T, R, C, 4)[4] == 1, (T, R, C)
+
+
 def test_bn_fwd_constant_channel():
     # var = 0: rstd = 1/sqrt(eps) exactly as the reference has it (eps reaches a CUDA kernel
     # as fp32 hi + lo, so float64 keeps ~48 bits of it).
@@ -161,7 +212,7 @@ def test_bn_fwd_constant_channel():
     x[..., 1] += torch.linspace(-1, 1, 9, dtype=torch.float64)
     gamma, beta = torch.ones(1, 3, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64)
     _run(
-        lambda x, ga, be, *o: engine.bn_fwd(x, ga, be, *o, EPS, False),
+        lambda x, ga, be, *o: batchnorm.bn_fwd(x, ga, be, *o, EPS, False),
         lambda x, ga, be: ref.bn_fwd(x, ga, be, EPS, False),
         [x, gamma, beta], [(1, 9, 3), (1, 9, 3), (1, 3)], torch.float64, ("y", "xhat", "rstd"),
     )
@@ -170,7 +221,7 @@ def test_bn_fwd_constant_channel():
 # --------------------------------------------------------------------------- prox step
 
 
-@pytest.mark.parametrize("T,P", [(1, 1), (2, 37), (2, 5000)])  # 5000: two blocks per task
+@pytest.mark.parametrize("T,P", [(1, 1), (2, 37), (2, 5000)])  # 5000: 3 / 5 blocks per task
 @pytest.mark.parametrize("shared", (False, True), ids=("theta", "shared-theta"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=("f64", "f32"))
 def test_prox_step(T, P, shared, dtype):
@@ -181,7 +232,7 @@ def test_prox_step(T, P, shared, dtype):
     lr = 0.1  # not fp32-exact
     want = ref.prox_step(phi.double().clone(), grad.double(), theta.double(), lam.double()[:, None], lr)
     out = phi.clone()
-    engine.prox_step(out, grad, theta, lam, lr)
+    prox.prox_step(out, grad, theta, lam, lr)
     _close(out, want, f"phi {dtype}")
 
 
@@ -192,7 +243,7 @@ def _col2im_case(T, N, H, W, C, k, s, p, dtype):
     Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
     g = _randn(_gen(T + 3 * H + 5 * W + 7 * C + 11 * s + 13 * p), T, N, Ho, Wo, k, k, C)
     _run(
-        lambda gc, gx: engine.col2im(gc, gx, k, s, p, p),
+        lambda gc, gx: conv.col2im(gc, gx, k, s, p, p),
         lambda gc: (ref.col2im(gc, H, W, s, p, p),),
         [g], [(T, N, H, W, C)], dtype, ("gx",),
     )
@@ -214,6 +265,85 @@ def test_col2im(T, H, C, s, p):
 def test_col2im_small_tiles_non_square(small_tiles, s, p):
     for dtype in DTYPES:
         _col2im_case(2, 1, 5, 8, 5, 3, s, p, dtype)
+
+
+# --------------------------------------------------------------------------- im2col
+
+
+def _im2col_case(T, N, H, W, C, k, s, p, dtype):
+    Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    x = _randn(_gen(T + 3 * H + 5 * W + 7 * C + 11 * s + 13 * p), T, N, H, W, C)
+    _run(
+        lambda xx, cols: conv.im2col(xx, cols, k, s, p, p),
+        lambda xx: (ref.im2col(xx, Ho, Wo, k, s, p, p),),
+        [x], [(T, N, Ho, Wo, k, k, C)], dtype, ("cols",),
+    )
+
+
+# C = 1, 3, 5: patch rows of 9, 27, 45 entries (the whole-row kernel); 8, 20: per-tap tiles.
+IM2COL_CASES = [
+    pytest.param(T, H, C, s, p, id=f"T{T}-H{H}-C{C}-s{s}-p{p}")
+    for T, H, C, s, p in itertools.product((1, 2), (5, 8), (1, 3, 5, 8, 20), (1, 2), (0, 1))
+]
+
+
+@pytest.mark.parametrize("T,H,C,s,p", IM2COL_CASES)
+def test_im2col(T, H, C, s, p):
+    for dtype in DTYPES:
+        _im2col_case(T, 2, H, H, C, 3, s, p, dtype)
+
+
+@pytest.mark.parametrize("C", (3, 5))  # several channel blocks of the per-tap kernel / whole rows
+@pytest.mark.parametrize("s,p", [(1, 1), (2, 0), (2, 1)])
+def test_im2col_small_tiles_non_square(small_tiles, monkeypatch, s, p, C):
+    monkeypatch.setattr(conv, "CONV_ROWS_MAX", 27 if C == 5 else 64)
+    for dtype in DTYPES:
+        _im2col_case(2, 1, 5, 8, C, 3, s, p, dtype)
+
+
+def test_im2col_rejects_int32_overflow():
+    x = torch.empty(2**16, 2**15, 1, 1, 1, device="meta")
+    with pytest.raises(ValueError, match="int32"):
+        conv.im2col(x, torch.empty(2**16, 2**15, 1, 1, 1, 1, 1, device="meta"), 1, 1, 0, 0)
+
+
+# --------------------------------------------------------------------------- max-pool
+
+
+def _pool_inputs(T, N, H, W, C, seed):
+    g = _gen(seed)
+    x = _randn(g, T, N, H, W, C)
+    return x, _randn(g, T, N, H // 2, W // 2, C)
+
+
+POOL_CASES = [
+    pytest.param(T, H, W, C, id=f"T{T}-H{H}-W{W}-C{C}")
+    for T, H, W, C in ((1, 2, 2, 1), (2, 5, 4, 3), (2, 7, 9, 20), (1, 10, 10, 37))
+]
+
+
+@pytest.mark.parametrize("T,H,W,C", POOL_CASES)
+def test_maxpool(T, H, W, C):
+    x, gy = _pool_inputs(T, 2, H, W, C, seed=T + H + W + C)
+    out = (T, 2, H // 2, W // 2, C)
+    for dtype in DTYPES:
+        xd, gyd = x.to(dtype), gy.to(dtype)
+        y, idx = _nan(*out, dtype=dtype), torch.full(out, 77, dtype=torch.uint8)
+        maxpool.maxpool_fwd(xd, y, idx)
+        want_y, want_idx = ref.maxpool_fwd(xd.double())
+        _close(y, want_y, f"maxpool y {dtype}")
+        assert torch.equal(idx, want_idx), dtype
+        rx = _randn(_gen(3), T, 2, H, W, C).to(dtype)
+        ry = _nan(*out, dtype=dtype)
+        maxpool.maxpool_gather(rx, idx, ry)
+        _close(ry, ref.maxpool_gather(rx.double(), idx), f"maxpool gather {dtype}")
+        gx = _nan(T, 2, H, W, C, dtype=dtype)
+        maxpool.maxpool_scatter(gyd, idx, gx)
+        _close(gx, ref.maxpool_scatter(gyd.double(), idx, H, W), f"maxpool scatter {dtype}")
+
+
+def test_maxpool_small_tiles(small_tiles):
+    test_maxpool(2, 7, 9, 5)
 
 
 # --------------------------------------------------------------------------- softmax cross-entropy
@@ -240,17 +370,17 @@ SOFTMAX_CASES = [
 def test_softmax_ce(T, N, K):
     logits, y = _softmax_inputs(T, N, K)
     for dtype in DTYPES:
-        _run(lambda lg, yy, *o: engine.softmax_ce(lg, yy, *o), _softmax_ref, [logits, y],
+        _run(lambda lg, yy, *o: softmax_ce.softmax_ce(lg, yy, *o), _softmax_ref, [logits, y],
              [(T,), (T, N, K), (T, N, K)], dtype, ("loss", "prob", "grad"))
 
 
 def test_softmax_ce_large_logits_and_small_tiles(monkeypatch):
-    # Logits near 1000 overflow exp without the max shift; 16-element tiles with K = 5 take
-    # 2 rows per tile, so N = 7 runs several row tiles with a partial last one.
-    monkeypatch.setattr(engine, "BN_TILE", 16)
+    # Logits near 1000 overflow exp without the max shift; 64-byte tiles with K = 5 take
+    # 2 float32 rows / 1 float64 row per tile, so N = 7 runs several row tiles (a partial last one).
+    monkeypatch.setattr(softmax_ce, "SOFTMAX_TILE_BYTES", 64)
     logits, y = _softmax_inputs(2, 7, 5, shift=1000.0)
     for dtype in DTYPES:
-        _run(lambda lg, yy, *o: engine.softmax_ce(lg, yy, *o), _softmax_ref, [logits, y],
+        _run(lambda lg, yy, *o: softmax_ce.softmax_ce(lg, yy, *o), _softmax_ref, [logits, y],
              [(2,), (2, 7, 5), (2, 7, 5)], dtype, ("loss", "prob", "grad"))
 
 
@@ -260,7 +390,7 @@ def test_softmax_ce_tangent(T, N, K):
     prob = torch.softmax(logits, -1)
     rlogits = _randn(_gen(N * K), T, N, K)
     for dtype in DTYPES:
-        _run(engine.softmax_ce_tangent, lambda p, r: (ref.softmax_ce_tangent(p, r),), [prob, rlogits],
+        _run(softmax_ce.softmax_ce_tangent, lambda p, r: (ref.softmax_ce_tangent(p, r),), [prob, rlogits],
              [(T, N, K)], dtype, ("rg",))
 
 
@@ -271,7 +401,7 @@ def test_softmax_ce_tangent(T, N, K):
 def test_scalar_split(v):
     # Each half survives the fp32 argument a CUDA kernel receives for a Python float; the
     # sum keeps ~48 bits (the interpreter passes floats exactly, so it cannot check this).
-    hi, lo = engine._split_f64(v)
+    hi, lo = _common.split_f64(v)
     for h in (hi, lo):
         assert struct.unpack("f", struct.pack("f", h))[0] == h
     assert abs((hi + lo) - v) <= 2.0**-46 * abs(v)
@@ -280,29 +410,29 @@ def test_scalar_split(v):
 @torch.library.triton_op("imaml_fused_test::bn_fwd", mutates_args={"y", "xhat", "rstd"})
 def _bn_fwd_op(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, y: torch.Tensor, xhat: torch.Tensor,
                rstd: torch.Tensor, eps: float, relu: bool) -> None:
-    engine.bn_fwd(x, gamma, beta, y, xhat, rstd, eps, relu, wrap=torch.library.wrap_triton)
+    batchnorm.bn_fwd(x, gamma, beta, y, xhat, rstd, eps, relu, wrap=torch.library.wrap_triton)
 
 
 @torch.library.triton_op("imaml_fused_test::bn_bwd", mutates_args={"gx", "ggamma", "gbeta"})
 def _bn_bwd_op(gy: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor, gamma: torch.Tensor,
                relu_y: torch.Tensor | None, gx: torch.Tensor, ggamma: torch.Tensor, gbeta: torch.Tensor) -> None:
-    engine.bn_bwd(gy, xhat, rstd, gamma, relu_y, gx, ggamma, gbeta, wrap=torch.library.wrap_triton)
+    batchnorm.bn_bwd(gy, xhat, rstd, gamma, relu_y, gx, ggamma, gbeta, wrap=torch.library.wrap_triton)
 
 
 @torch.library.triton_op("imaml_fused_test::prox_step", mutates_args={"phi"})
 def _prox_op(phi: torch.Tensor, grad: torch.Tensor, theta: torch.Tensor, lam: torch.Tensor, lr: float) -> None:
-    engine.prox_step(phi, grad, theta, lam, lr, wrap=torch.library.wrap_triton)
+    prox.prox_step(phi, grad, theta, lam, lr, wrap=torch.library.wrap_triton)
 
 
 @torch.library.triton_op("imaml_fused_test::col2im", mutates_args={"gx"})
 def _col2im_op(gcols: torch.Tensor, gx: torch.Tensor, k: int, s: int, ph: int, pw: int) -> None:
-    engine.col2im(gcols, gx, k, s, ph, pw, wrap=torch.library.wrap_triton)
+    conv.col2im(gcols, gx, k, s, ph, pw, wrap=torch.library.wrap_triton)
 
 
 @torch.library.triton_op("imaml_fused_test::softmax_ce", mutates_args={"loss", "prob", "grad"})
 def _softmax_ce_op(logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor, prob: torch.Tensor,
                    grad: torch.Tensor) -> None:
-    engine.softmax_ce(logits, y, loss, prob, grad, wrap=torch.library.wrap_triton)
+    softmax_ce.softmax_ce(logits, y, loss, prob, grad, wrap=torch.library.wrap_triton)
 
 
 def test_launch_inside_triton_op():
@@ -313,7 +443,7 @@ def test_launch_inside_triton_op():
     outs = [_nan(*sh, dtype=torch.float64) for sh in ((T, R, C), (T, R, C), (T, C))]
     _bn_fwd_op(s["x"], s["gamma"], s["beta"], *outs, EPS, True)
     want = [_nan(*o.shape, dtype=torch.float64) for o in outs]
-    engine.bn_fwd(s["x"], s["gamma"], s["beta"], *want, EPS, True)
+    batchnorm.bn_fwd(s["x"], s["gamma"], s["beta"], *want, EPS, True)
     assert all(torch.equal(o, w) for o, w in zip(outs, want))
 
     for relu_y in (s["relu_y"], None):

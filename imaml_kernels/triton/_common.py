@@ -9,7 +9,11 @@ Float scalars (``eps``, ``lr``): a Python float reaches a compiled CUDA kernel a
 argument, which would cost float64 stages ~1e-8 relative error (``rstd`` of a constant
 channel is ``1/sqrt(eps)``). The launchers pass each as ``hi + lo``, two fp32-exact floats,
 recombined in the kernel in the data type (~48 significant bits). The interpreter keeps Python
-floats exact, so it cannot show the difference; ``test_scalar_split`` checks the split.
+floats exact, so it cannot show the difference; ``test_scalar_split`` checks the split. (A
+parameter annotated ``tl.float64`` is received as fp64 instead: BatchNorm's ``inv_r``.)
+
+Every launcher launches through ``wrap(kernel)[grid](...)`` only, so a recording ``wrap``
+sees each launch (``bench compile`` compiles exactly those specialisations).
 """
 
 import struct

@@ -6,17 +6,18 @@ contiguous (``R = N·H·W`` rows, channels innermost); per-(task, channel) tenso
 
 Work split: a program owns ``BLOCK_C`` channels of one task and a range of ``RPS`` rows (one
 row split), walked in ``[BLOCK_R, BLOCK_C]`` tiles. Every stage is per-channel row sums ->
-per-channel coefficients -> one elementwise writing pass. With one split per task
+per-channel coefficients -> one elementwise writing pass. The sums accumulate per lane over
+the tiles and are reduced across the tile once, after the loop. With one split per task
 (``PHASE=0``) one launch does all of it. With ``NS > 1`` splits (few tasks, many rows: a
 T = 4 MiniImagenet layer has 4 programs otherwise, a T = 32 Omniglot layer 32 on a 132-SM
-GPU) the stage is two launches: ``PHASE=1`` writes each split's partial sums to a float64
-workspace ``[T, NS, K, C]``, then ``PHASE=2`` programs (same grid) each re-reduce their
-task's ``NS`` partials in a fixed order (every program gets the same bits, so the result
-is deterministic and independent of scheduling, like the CG partials) and write their rows.
-The forward's partials are ``(mean, M2)`` of each split (Chan et al.'s parallel variance:
-within a split tiles are merged one by one, across splits ``M2 = Σ M2_s + n_s (mean_s −
-mean)²``), so the statistics take one reading pass instead of two and no raw sum of squares
-cancels; the other stages' partials are plain sums.
+GPU; see :func:`plan`) a stage is two launches: ``PHASE=1`` writes each split's partials to a
+float64 workspace ``[T, NS, K, C]`` (allocated by the launcher on the tensors' device), then
+``PHASE=2`` programs (same grid) each re-reduce their task's ``NS`` partials in a fixed order
+(every program computes the same bits: deterministic, independent of scheduling, like the CG
+partials) and write their rows. The forward's partials are each split's ``(mean, M2)``: within
+a split, sums of ``x - k`` shifted by the split's first row ``k`` (one reading pass, no raw sum
+of squares to cancel); across splits Chan et al.'s combination ``M2 = Σ M2_s + n_s (mean_s −
+mean)²``. The other stages' partials are plain sums.
 
 Accumulation matches the C++ CPU kernels (``csrc/batchnorm_cpu.cpp``): row sums, partials and
 the per-channel coefficients are float64 for float32 data too; the coefficients are then
@@ -33,18 +34,27 @@ from ._common import check, ident, split_f64
 
 # Block sizes, read at launch time (tests shrink them to force several tiles, channel blocks
 # and row splits). A tile is BN_TILE_BYTES of data: 2048 float32 / 1024 float64 elements,
-# 8 / 4 per thread at 8 warps, which keeps the widest stage (tbwd: five [T, R, C] inputs,
-# six per-channel coefficients) under 128 registers. Not swept on a GPU (none available).
+# 8 / 4 per thread at 8 warps (one or two 16-byte vectors per input); tbwd, with five float64
+# sums per lane, takes half that. Every stage then stays under 100 registers without spilling
+# (bench/results/compile.md). Not swept on a GPU (none was available).
 BN_TILE_BYTES = 8192
+BN_TBWD_TILE_BYTES = 4096
 BN_MAX_BLOCK_C = 64  # channels per program: 64 float32 = one 256-byte row segment
 BN_NUM_WARPS = 8
-# Row splits: enough programs to fill the GPU (4 per SM of an H100's 132), but never splits of
-# fewer than BN_MIN_SPLIT_ROWS rows (a small layer stays one launch) nor more than
-# BN_MAX_SPLITS (each PHASE=2 program re-reads its task's NS partials).
+# Row splits: a stage whose tasks have at least BN_SPLIT_MIN_R rows is split into enough
+# programs to fill the GPU (4 per SM of an H100's 132: at T = 32 the 980-row first Omniglot
+# layer runs 544 programs, not 32), in splits of at least BN_MIN_SPLIT_ROWS rows and at most
+# BN_MAX_SPLITS of them (each PHASE=2 program re-reads its task's NS partials). Smaller layers
+# (Omniglot's 245, 80 and 20 rows at T = 32) stay one launch: a second launch would cost more
+# than the few row tiles per program it saves, and launches per meta-step are budgeted.
 BN_TARGET_PROGRAMS = 4 * 132
-BN_MIN_SPLIT_ROWS = 32
+BN_SPLIT_MIN_R = 512
+BN_MIN_SPLIT_ROWS = 24
 BN_MAX_SPLITS = 128
 BN_SPLIT_BLOCK = 32  # partials reduced per step in PHASE=2
+# Row counts need no specialisation (C, the row stride, carries the alignment): one compile
+# per block configuration instead of one per divisibility of R, RPS and NS.
+_NO_SPEC = ("R", "RPS", "NS")
 
 
 @triton.jit
@@ -60,11 +70,18 @@ def _ws_sum(ws_ptr, t, k, NS, K: tl.constexpr, C, cols, cmask, BLOCK_S: tl.const
 
 
 @triton.jit
+def _inv(n):
+    """1 / n in float64 ([1]-shaped, broadcasts): one division per program, products after
+    (a float64 division is a subroutine call on the GPU)."""
+    return 1.0 / (tl.zeros([1], dtype=tl.float64) + n)
+
+
+@triton.jit
 def _ws_store(ws_ptr, t, s, NS, k, K: tl.constexpr, C, cols, cmask, v):
     tl.store(ws_ptr + ((t * NS + s) * K + k) * C + cols, v, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _bn_fwd_kernel(
     x_ptr,  # [T, R, C] input
     gamma_ptr,  # [T, C] scale
@@ -77,6 +94,7 @@ def _bn_fwd_kernel(
     C,  # channels
     RPS,  # rows per split (R when PHASE = 0)
     NS,  # splits per task (1 when PHASE = 0)
+    inv_r: tl.float64,  # 1 / R, from the host (a float64 division is a subroutine call on the GPU)
     eps_hi,  # eps = eps_hi + eps_lo, both fp32-exact (see _common)
     eps_lo,  # see eps_hi
     RELU: tl.constexpr,  # apply max(., 0) to y
@@ -97,24 +115,23 @@ def _bn_fwd_kernel(
     dt = x_ptr.dtype.element_ty
 
     if PHASE != 2:
-        # This split's (mean, M2): per tile a centred two-pass in registers, tiles merged by
-        # Chan's update (float64).
-        mean = tl.zeros([BLOCK_C], dtype=tl.float64)
-        m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
+        # This split's (mean, M2) from sums of d = x - k shifted by the split's first row k
+        # (a sample, so mean - k is of the order of the spread: the float64 sums lose no
+        # digits worth having), accumulated per lane and reduced once.
+        k = tl.load(x_ptr + r_lo * C + cols, mask=cmask, other=0.0).to(tl.float64)
+        sd = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
+        sdd = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
         for r0 in range(r_lo, r_hi, BLOCK_R):
             rows = r0 + tl.arange(0, BLOCK_R)
-            rm = rows < r_hi  # the last tile of a split is partial
-            m = rm[:, None] & cmask[None, :]
+            m = (rows < r_hi)[:, None] & cmask[None, :]  # the last tile of a split is partial
             v = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=m, other=0.0).to(tl.float64)
-            n_a = (r0 - r_lo).to(tl.float64)  # rows merged so far
-            n_b = tl.minimum(r_hi - r0, BLOCK_R).to(tl.float64)
-            mean_b = tl.sum(v, axis=0) / n_b
-            d = tl.where(m, v - mean_b[None, :], 0.0)
-            m2_b = tl.sum(d * d, axis=0)
-            n = n_a + n_b
-            delta = mean_b - mean
-            mean += delta * (n_b / n)
-            m2 += m2_b + delta * delta * (n_a * n_b / n)
+            d = tl.where(m, v - k[None, :], 0.0)
+            sd += d
+            sdd += d * d
+        inv_n = _inv(r_hi - r_lo)
+        s1 = tl.sum(sd, axis=0)
+        mean = k + s1 * inv_n
+        m2 = tl.maximum(tl.sum(sdd, axis=0) - s1 * (s1 * inv_n), 0.0)
         if PHASE == 1:
             _ws_store(ws_ptr, t, s, NS, 0, 2, C, cols, cmask, mean)
             _ws_store(ws_ptr, t, s, NS, 1, 2, C, cols, cmask, m2)
@@ -127,7 +144,7 @@ def _bn_fwd_kernel(
             m = (j < NS)[:, None] & cmask[None, :]
             off = ((t * NS + j) * 2)[:, None] * C + cols[None, :]
             acc += tl.sum(n_j[:, None] * tl.load(ws_ptr + off, mask=m, other=0.0), axis=0)
-        mean = acc / R
+        mean = acc * inv_r
         m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
         for s0 in range(0, NS, BLOCK_S):
             j = s0 + tl.arange(0, BLOCK_S)
@@ -139,7 +156,7 @@ def _bn_fwd_kernel(
 
     if PHASE != 1:
         eps = (tl.zeros([BLOCK_C], dtype=tl.float64) + eps_hi) + eps_lo  # exact: two fp32 halves
-        r64 = 1.0 / tl.sqrt(m2 / R + eps)  # biased variance; no rsqrt (absent in the interpreter)
+        r64 = 1.0 / tl.sqrt(m2 * inv_r + eps)  # biased variance; no rsqrt (absent in the interpreter)
         tc = t * C + cols
         tl.store(rstd_ptr + tc, r64.to(dt), mask=cmask & (s == 0))
         mu = mean.to(dt)[None, :]
@@ -160,7 +177,7 @@ def _bn_fwd_kernel(
             tl.store(y_ptr + off, y, mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _bn_bwd_kernel(
     gy_ptr,  # [T, R, C] output cotangent
     xhat_ptr,  # [T, R, C] from _bn_fwd_kernel
@@ -175,6 +192,7 @@ def _bn_bwd_kernel(
     C,  # channels
     RPS,  # rows per split
     NS,  # splits per task
+    inv_r: tl.float64,  # 1 / R (see _bn_fwd_kernel)
     RELU: tl.constexpr,  # gate gy by relu > 0
     PHASE: tl.constexpr,  # as in _bn_fwd_kernel
     BLOCK_R: tl.constexpr,
@@ -194,8 +212,9 @@ def _bn_bwd_kernel(
     dt = gy_ptr.dtype.element_ty
 
     if PHASE != 2:
-        sg = tl.zeros([BLOCK_C], dtype=tl.float64)
-        sgx = tl.zeros([BLOCK_C], dtype=tl.float64)
+        # Row sums accumulated per lane (float64), reduced once after the loop.
+        ag = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
+        agx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
         for r0 in range(r_lo, r_hi, BLOCK_R):
             rows = r0 + tl.arange(0, BLOCK_R)
             m = (rows < r_hi)[:, None] & cmask[None, :]
@@ -204,8 +223,10 @@ def _bn_bwd_kernel(
             if RELU:
                 g = tl.where(tl.load(relu_ptr + off, mask=m, other=0.0) > 0.0, g, 0.0)
             g = g.to(tl.float64)
-            sg += tl.sum(g, axis=0)
-            sgx += tl.sum(g * tl.load(xhat_ptr + off, mask=m, other=0.0).to(tl.float64), axis=0)
+            ag += g
+            agx += g * tl.load(xhat_ptr + off, mask=m, other=0.0).to(tl.float64)
+        sg = tl.sum(ag, axis=0)
+        sgx = tl.sum(agx, axis=0)
         if PHASE == 1:
             _ws_store(ws_ptr, t, s, NS, 0, 2, C, cols, cmask, sg)
             _ws_store(ws_ptr, t, s, NS, 1, 2, C, cols, cmask, sgx)
@@ -221,8 +242,8 @@ def _bn_bwd_kernel(
         tl.store(gbeta_ptr + tc, sg.to(dt), mask=first)
         r = tl.load(rstd_ptr + tc, mask=cmask, other=0.0).to(tl.float64)
         gam = tl.load(gamma_ptr + tc, mask=cmask, other=0.0).to(tl.float64)
-        mg = (sg / R).to(dt)[None, :]
-        mgx = (sgx / R).to(dt)[None, :]
+        mg = (sg * inv_r).to(dt)[None, :]
+        mgx = (sgx * inv_r).to(dt)[None, :]
         coef = (r * gam).to(dt)[None, :]
         gx_ptr += base
         for r0 in range(r_lo, r_hi, BLOCK_R):
@@ -236,7 +257,7 @@ def _bn_bwd_kernel(
             tl.store(gx_ptr + off, coef * ((g - mg) - xh * mgx), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _bn_tfwd_kernel(
     rx_ptr,  # [T, R, C] input tangent
     xhat_ptr,  # [T, R, C] from _bn_fwd_kernel
@@ -253,6 +274,7 @@ def _bn_tfwd_kernel(
     C,  # channels
     RPS,  # rows per split
     NS,  # splits per task
+    inv_r: tl.float64,  # 1 / R (see _bn_fwd_kernel)
     RELU: tl.constexpr,  # gate ry by relu > 0
     PHASE: tl.constexpr,  # as in _bn_fwd_kernel
     BLOCK_R: tl.constexpr,
@@ -271,15 +293,17 @@ def _bn_tfwd_kernel(
     dt = rx_ptr.dtype.element_ty
 
     if PHASE != 2:
-        srx = tl.zeros([BLOCK_C], dtype=tl.float64)
-        sxr = tl.zeros([BLOCK_C], dtype=tl.float64)
+        arx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)  # per lane, reduced once
+        axr = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
         for r0 in range(r_lo, r_hi, BLOCK_R):
             rows = r0 + tl.arange(0, BLOCK_R)
             m = (rows < r_hi)[:, None] & cmask[None, :]
             off = rows[:, None] * C + cols[None, :]
             rx = tl.load(rx_ptr + off, mask=m, other=0.0).to(tl.float64)
-            srx += tl.sum(rx, axis=0)
-            sxr += tl.sum(rx * tl.load(xhat_ptr + off, mask=m, other=0.0).to(tl.float64), axis=0)
+            arx += rx
+            axr += rx * tl.load(xhat_ptr + off, mask=m, other=0.0).to(tl.float64)
+        srx = tl.sum(arx, axis=0)
+        sxr = tl.sum(axr, axis=0)
         if PHASE == 1:
             _ws_store(ws_ptr, t, s, NS, 0, 2, C, cols, cmask, srx)
             _ws_store(ws_ptr, t, s, NS, 1, 2, C, cols, cmask, sxr)
@@ -290,10 +314,10 @@ def _bn_tfwd_kernel(
     if PHASE != 1:
         # rxhat = rstd ((rx - mean(rx)) - xhat a), ry = gate(rgamma xhat + gamma rxhat + rbeta).
         tc = t * C + cols
-        a = (sxr / R).to(dt)
+        a = (sxr * inv_r).to(dt)
         tl.store(a_ptr + tc, a, mask=cmask & (s == 0))
         a = a[None, :]
-        mrx = (srx / R).to(dt)[None, :]
+        mrx = (srx * inv_r).to(dt)[None, :]
         r = tl.load(rstd_ptr + tc, mask=cmask, other=0.0)[None, :]
         gam = tl.load(gamma_ptr + tc, mask=cmask, other=0.0)[None, :]
         rgam = tl.load(rgamma_ptr + tc, mask=cmask, other=0.0)[None, :]
@@ -314,7 +338,7 @@ def _bn_tfwd_kernel(
             tl.store(ry_ptr + off, ry, mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _bn_tbwd_kernel(
     gy_ptr,  # [T, R, C] output cotangent
     rgy_ptr,  # [T, R, C] tangent of the output cotangent
@@ -333,6 +357,7 @@ def _bn_tbwd_kernel(
     C,  # channels
     RPS,  # rows per split
     NS,  # splits per task
+    inv_r: tl.float64,  # 1 / R (see _bn_fwd_kernel)
     RELU: tl.constexpr,  # gate gy, rgy by relu > 0
     PHASE: tl.constexpr,  # as in _bn_fwd_kernel
     BLOCK_R: tl.constexpr,
@@ -355,11 +380,12 @@ def _bn_tbwd_kernel(
 
     if PHASE != 2:
         # The five per-channel sums every mean in the formula is made of.
-        sg = tl.zeros([BLOCK_C], dtype=tl.float64)  # sum g
-        sgx = tl.zeros([BLOCK_C], dtype=tl.float64)  # sum g xhat
-        srg = tl.zeros([BLOCK_C], dtype=tl.float64)  # sum rg
-        srgx = tl.zeros([BLOCK_C], dtype=tl.float64)  # sum rg xhat
-        sgrx = tl.zeros([BLOCK_C], dtype=tl.float64)  # sum g rxhat
+        # (per lane, reduced once after the loop)
+        ag = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)  # sum g
+        agx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)  # sum g xhat
+        arg = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)  # sum rg
+        argx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)  # sum rg xhat
+        agrx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)  # sum g rxhat
         for r0 in range(r_lo, r_hi, BLOCK_R):
             rows = r0 + tl.arange(0, BLOCK_R)
             m = (rows < r_hi)[:, None] & cmask[None, :]
@@ -374,11 +400,16 @@ def _bn_tbwd_kernel(
             rg = rg.to(tl.float64)
             xh = tl.load(xhat_ptr + off, mask=m, other=0.0).to(tl.float64)
             rxh = tl.load(rxhat_ptr + off, mask=m, other=0.0).to(tl.float64)
-            sg += tl.sum(g, axis=0)
-            sgx += tl.sum(g * xh, axis=0)
-            srg += tl.sum(rg, axis=0)
-            srgx += tl.sum(rg * xh, axis=0)
-            sgrx += tl.sum(g * rxh, axis=0)
+            ag += g
+            agx += g * xh
+            arg += rg
+            argx += rg * xh
+            agrx += g * rxh
+        sg = tl.sum(ag, axis=0)
+        sgx = tl.sum(agx, axis=0)
+        srg = tl.sum(arg, axis=0)
+        srgx = tl.sum(argx, axis=0)
+        sgrx = tl.sum(agrx, axis=0)
         if PHASE == 1:
             _ws_store(ws_ptr, t, s, NS, 0, 5, C, cols, cmask, sg)
             _ws_store(ws_ptr, t, s, NS, 1, 5, C, cols, cmask, sgx)
@@ -404,10 +435,10 @@ def _bn_tbwd_kernel(
         a = tl.load(a_ptr + tc, mask=cmask, other=0.0).to(tl.float64)
         gam = tl.load(gamma_ptr + tc, mask=cmask, other=0.0).to(tl.float64)
         rgam = tl.load(rgamma_ptr + tc, mask=cmask, other=0.0).to(tl.float64)
-        m2 = gam * sgx / R
-        dm2 = (gam * (srgx + sgrx) + rgam * sgx) / R
-        mg = (sg / R).to(dt)[None, :]
-        mrg = (srg / R).to(dt)[None, :]
+        m2 = gam * sgx * inv_r
+        dm2 = (gam * (srgx + sgrx) + rgam * sgx) * inv_r
+        mg = (sg * inv_r).to(dt)[None, :]
+        mrg = (srg * inv_r).to(dt)[None, :]
         cg = (r * (rgam - r * a * gam)).to(dt)[None, :]
         crg = (r * gam).to(dt)[None, :]
         crh = (-r * m2).to(dt)[None, :]
@@ -432,14 +463,15 @@ def _bn_tbwd_kernel(
 # --------------------------------------------------------------------------- host launchers
 
 
-def plan(T, R, C, elsize):
+def plan(T, R, C, elsize, tile_bytes=None):
     """Block sizes and row splits of a ``[T, R, C]`` stage ->
     ``(BLOCK_R, BLOCK_C, channel blocks, rows per split, splits)``."""
     block_c = min(triton.next_power_of_2(max(C, 1)), BN_MAX_BLOCK_C)
     cb = triton.cdiv(C, block_c)
-    tile_rows = max(1, BN_TILE_BYTES // elsize // block_c)
-    ns = min(triton.cdiv(BN_TARGET_PROGRAMS, T * cb), R // max(BN_MIN_SPLIT_ROWS, 1), BN_MAX_SPLITS)
-    ns = max(ns, 1)
+    tile_rows = max(1, (tile_bytes or BN_TILE_BYTES) // elsize // block_c)
+    ns = 1
+    if R >= BN_SPLIT_MIN_R:
+        ns = max(1, min(triton.cdiv(BN_TARGET_PROGRAMS, T * cb), R // max(BN_MIN_SPLIT_ROWS, 1), BN_MAX_SPLITS))
     rps = triton.cdiv(R, ns)
     ns = triton.cdiv(R, rps)
     block_r = max(1, min(tile_rows, triton.next_power_of_2(rps)))
@@ -456,19 +488,19 @@ def _bn_setup(x, **tensors):
     return T, R, C
 
 
-def _launch(kernel, wrap, x, nsums, tensors, scalars, constexprs):
+def _launch(kernel, wrap, x, nsums, tensors, scalars, constexprs, tile_bytes=None):
     """One launch (no split) or the PHASE 1 + PHASE 2 pair of a stage over ``x [T, R, C]``."""
     T, R, C = x.shape
-    block_r, block_c, cb, rps, ns = plan(T, R, C, x.element_size())
-    meta = dict(constexprs, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=BN_NUM_WARPS)
+    block_r, block_c, cb, rps, ns = plan(T, R, C, x.element_size(), tile_bytes)
+    # BLOCK_S is fixed (masked): one compile serves every split count.
+    meta = dict(constexprs, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_S=BN_SPLIT_BLOCK, num_warps=BN_NUM_WARPS)
     if ns == 1:
-        # The workspace is never touched: any float64-sized pointer will do, no allocation.
-        wrap(kernel)[(T, cb, 1)](*tensors, x, R, C, R, 1, *scalars, PHASE=0, BLOCK_S=1, **meta)
+        # The workspace is never touched: any pointer will do, and nothing is allocated.
+        wrap(kernel)[(T, cb, 1)](*tensors, x, R, C, R, 1, 1.0 / R, *scalars, PHASE=0, **meta)
         return
     ws = torch.empty((T, ns, nsums, C), dtype=torch.float64, device=x.device)
-    block_s = min(BN_SPLIT_BLOCK, triton.next_power_of_2(ns))
     for phase in (1, 2):
-        wrap(kernel)[(T, cb, ns)](*tensors, ws, R, C, rps, ns, *scalars, PHASE=phase, BLOCK_S=block_s, **meta)
+        wrap(kernel)[(T, cb, ns)](*tensors, ws, R, C, rps, ns, 1.0 / R, *scalars, PHASE=phase, **meta)
 
 
 def bn_fwd(x, gamma, beta, y, xhat, rstd, eps: float, relu: bool, wrap=ident):
@@ -521,4 +553,4 @@ def bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rgx, rggamma, 
         return
     _launch(_bn_tbwd_kernel, wrap, gy, 5,
             (gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, gy if relu_y is None else relu_y, rgx, rggamma, rgbeta),
-            (), dict(RELU=relu_y is not None))
+            (), dict(RELU=relu_y is not None), BN_TBWD_TILE_BYTES)

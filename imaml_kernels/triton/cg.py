@@ -10,9 +10,12 @@ import triton.language as tl
 
 from ._common import ident
 
-# Elements per program. 4096 with 8 warps = 16 elements per thread, enough loads in
-# flight for a bandwidth-bound kernel; not yet swept on a GPU (none was available).
+# Elements per program: fixed (it is the partials' chunk, imaml_kernels.ops.cg). A program
+# walks its block in CG_SUB-element steps (4 per thread at 8 warps), so the float64 products
+# of cg_dots and the four vectors of cg_update stay under 128 registers in float64 too (the
+# whole block at once took 122-142). Not swept on a GPU (none was available).
 CG_BLOCK = 4096
+CG_SUB = 1024
 CG_NUM_WARPS = 8
 
 
@@ -25,22 +28,33 @@ def _cg_dots_kernel(
     n,  # P
     nb,  # NB
     BLOCK: tl.constexpr,
+    SUB: tl.constexpr,  # elements per step (BLOCK is a multiple)
 ):
     # int64 before offset arithmetic: T * P exceeds 2**31 at paper sizes x large T.
     t = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
-    offs = b * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n  # the last block of a task is partial
     base = t * n
-    # float64 accumulation regardless of the data type (P is 1e5..1e6).
-    r = tl.load(r_ptr + base + offs, mask=mask, other=0.0).to(tl.float64)
-    p = tl.load(p_ptr + base + offs, mask=mask, other=0.0).to(tl.float64)
-    ap = tl.load(ap_ptr + base + offs, mask=mask, other=0.0).to(tl.float64)
+    # float64 accumulation regardless of the data type (P is 1e5..1e6), per lane over the
+    # steps, then one reduction: a fixed order, so the partials are deterministic.
+    rr = tl.zeros([SUB], dtype=tl.float64)
+    pap = tl.zeros([SUB], dtype=tl.float64)
+    rap = tl.zeros([SUB], dtype=tl.float64)
+    apap = tl.zeros([SUB], dtype=tl.float64)
+    for k in range(0, BLOCK, SUB):
+        offs = b * BLOCK + k + tl.arange(0, SUB)
+        mask = offs < n  # the last block of a task is partial
+        r = tl.load(r_ptr + base + offs, mask=mask, other=0.0).to(tl.float64)
+        p = tl.load(p_ptr + base + offs, mask=mask, other=0.0).to(tl.float64)
+        ap = tl.load(ap_ptr + base + offs, mask=mask, other=0.0).to(tl.float64)
+        rr += r * r
+        pap += p * ap
+        rap += r * ap
+        apap += ap * ap
     out = partials_ptr + (t * nb + b) * 4
-    tl.store(out + 0, tl.sum(r * r, axis=0))
-    tl.store(out + 1, tl.sum(p * ap, axis=0))
-    tl.store(out + 2, tl.sum(r * ap, axis=0))
-    tl.store(out + 3, tl.sum(ap * ap, axis=0))
+    tl.store(out + 0, tl.sum(rr, axis=0))
+    tl.store(out + 1, tl.sum(pap, axis=0))
+    tl.store(out + 2, tl.sum(rap, axis=0))
+    tl.store(out + 3, tl.sum(apap, axis=0))
 
 
 @triton.jit
@@ -57,6 +71,7 @@ def _cg_update_kernel(
     n,  # P
     nb,  # NB
     BLOCK: tl.constexpr,
+    SUB: tl.constexpr,  # elements per step (BLOCK is a multiple)
     NB_POW2: tl.constexpr,  # next power of two >= NB, for the partials reduction
 ):
     t = tl.program_id(0).to(tl.int64)
@@ -90,19 +105,21 @@ def _cg_update_kernel(
     it = tl.load(iters_ptr + t)
     tl.store(iters_ptr + t, it + update.to(tl.int32), mask=first)
 
-    offs = b * BLOCK + tl.arange(0, BLOCK)
-    mask = (offs < n) & update
     base = t * n
-    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0)
-    r = tl.load(r_ptr + base + offs, mask=mask, other=0.0)
-    p = tl.load(p_ptr + base + offs, mask=mask, other=0.0)
-    ap = tl.load(ap_ptr + base + offs, mask=mask, other=0.0)
-    a = alpha.to(x.dtype)
-    be = beta.to(x.dtype)
-    r_new = r - a * ap
-    tl.store(x_ptr + base + offs, x + a * p, mask=mask)
-    tl.store(r_ptr + base + offs, r_new, mask=mask)
-    tl.store(p_ptr + base + offs, r_new + be * p, mask=mask)
+    dt = x_ptr.dtype.element_ty
+    a = alpha.to(dt)
+    be = beta.to(dt)
+    for k in range(0, BLOCK, SUB):
+        offs = b * BLOCK + k + tl.arange(0, SUB)
+        mask = (offs < n) & update
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0)
+        r = tl.load(r_ptr + base + offs, mask=mask, other=0.0)
+        p = tl.load(p_ptr + base + offs, mask=mask, other=0.0)
+        ap = tl.load(ap_ptr + base + offs, mask=mask, other=0.0)
+        r_new = r - a * ap
+        tl.store(x_ptr + base + offs, x + a * p, mask=mask)
+        tl.store(r_ptr + base + offs, r_new, mask=mask)
+        tl.store(p_ptr + base + offs, r_new + be * p, mask=mask)
 
 
 # --------------------------------------------------------------------------- host launchers
@@ -114,7 +131,7 @@ def cg_dots(r, p, Ap, partials, wrap=ident):
     nb = partials.shape[1]
     if T == 0:  # P = 0 still launches: the blocks write zero partials
         return
-    wrap(_cg_dots_kernel)[(T, nb)](r, p, Ap, partials, P, nb, BLOCK=CG_BLOCK, num_warps=CG_NUM_WARPS)
+    wrap(_cg_dots_kernel)[(T, nb)](r, p, Ap, partials, P, nb, BLOCK=CG_BLOCK, SUB=CG_SUB, num_warps=CG_NUM_WARPS)
 
 
 def cg_update(x, r, p, Ap, partials, status_in, status_out, iters, thresh, wrap=ident):
@@ -125,5 +142,5 @@ def cg_update(x, r, p, Ap, partials, status_in, status_out, iters, thresh, wrap=
         return
     wrap(_cg_update_kernel)[(T, nb)](
         x, r, p, Ap, partials, status_in, status_out, iters, thresh, P, nb,
-        BLOCK=CG_BLOCK, NB_POW2=triton.next_power_of_2(nb), num_warps=CG_NUM_WARPS,
+        BLOCK=CG_BLOCK, SUB=CG_SUB, NB_POW2=triton.next_power_of_2(nb), num_warps=CG_NUM_WARPS,
     )

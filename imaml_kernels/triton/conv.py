@@ -1,21 +1,40 @@
 """Triton kernels of the convolution's data movement: ``im2col`` (zero padding fused) and its
-adjoint ``col2im`` (a gather, no atomics), on channels-last ``[T, N, H, W, C]``."""
+adjoint ``col2im`` (a gather, no atomics), on channels-last ``[T, N, H, W, C]``.
+
+Both walk pixels in ``[BLOCK_P, BLOCK_C]`` tiles (channels innermost, contiguous) with the
+``K × K`` taps unrolled, so the pixel's coordinates are divided out once per pixel, not per
+patch entry, in int32 (the launchers check that pixel and patch-row counts stay below
+2**31); only element offsets are int64 (``T·N·H·W·C`` and the patch buffers pass 2**31 at
+large ``T``). When a whole patch row is short (``K·K·C <= CONV_ROWS_MAX``: the first layer,
+C = 1 or 3), ``im2col`` copies patch rows instead: a ``[BLOCK_P, next_pow2(K·K·C)]`` tile, one
+contiguous row per pixel, rather than a 1- or 3-channel tile per tap.
+"""
 
 import triton
 import triton.language as tl
 
-from ._common import check, ident, split_f64  # noqa: F401
+from ._common import check, ident
 
-# Elements per program (patch rows x channels); read at launch time so tests can shrink them.
-CONV_TILE = 4096
+# Tile bytes per program: 2048 float32 / 1024 float64 elements, 8 / 4 per thread at 8
+# warps. col2im issues its K*K loads together (they are independent): half the tile, with
+# int32 pixel arithmetic, takes it from 255 registers and 300+ bytes of spills (the old
+# 4096-element tile, int64 indices) to under 40. Read at launch time so tests can shrink them.
+# Not swept on a GPU (none was available).
+CONV_TILE_BYTES = 8192
+COL2IM_TILE_BYTES = 4096
 CONV_MAX_BLOCK_C = 64
 CONV_NUM_WARPS = 8
+CONV_ROWS_MAX = 64  # im2col copies whole patch rows when K*K*C is at most this
+# Pixel counts and image sizes need no specialisation (C carries the alignment; padding 1 and
+# sizes that happen to be 1 would each be another compile).
+_NO_SPEC = ("P", "H", "W", "Ho", "Wo", "ph", "pw")
 
-@triton.jit
+
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _im2col_kernel(
     x_ptr,  # [T, N, H, W, C] input (unpadded, channels-last)
     cols_ptr,  # [T, N, Ho, Wo, K, K, C] out: the patches (overwritten)
-    M,  # T * N * Ho * Wo * K * K patch rows of C channels
+    P,  # T * N * Ho * Wo output pixels
     H,  # input height
     W,  # input width
     Ho,  # output height
@@ -23,36 +42,77 @@ def _im2col_kernel(
     C,  # channels
     ph,  # top padding
     pw,  # left padding
-    K: tl.constexpr,  # kernel size
+    K: tl.constexpr,  # kernel size (unrolled K x K taps)
     S: tl.constexpr,  # stride
-    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     # The padding is fused: taps outside the image load 0 (masked), so no padded copy of x.
-    mb = tl.program_id(0).to(tl.int64)  # int64: the patch offsets exceed 2**31 at paper sizes
-    cb = tl.program_id(1).to(tl.int64)
-    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    chans = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    rmask = rows < M  # the last row block is partial
-    cmask = chans < C  # the last channel block is partial
-    j = rows % K
-    i = (rows // K) % K
-    wo = (rows // (K * K)) % Wo
-    ho = (rows // (K * K * Wo)) % Ho
-    img = rows // (K * K * Wo * Ho)  # t * N + n
-    h = S * ho + i - ph
-    w = S * wo + j - pw
-    inside = rmask & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-    src = ((img * H + h) * W + w) * C
-    v = tl.load(x_ptr + src[:, None] + chans[None, :], mask=inside[:, None] & cmask[None, :], other=0.0)
-    tl.store(cols_ptr + rows[:, None] * C + chans[None, :], v, mask=rmask[:, None] & cmask[None, :])
+    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # int32: P < 2**31 (launcher)
+    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pm = pix < P  # the last pixel block is partial
+    cm = chans < C  # the last channel block is partial
+    wo = pix % Wo
+    ho = (pix // Wo) % Ho
+    img = pix // (Wo * Ho)  # t * N + n
+    h0 = S * ho - ph
+    w0 = S * wo - pw
+    dst = cols_ptr + (pix.to(tl.int64) * (K * K * C))[:, None] + chans[None, :]
+    out_m = pm[:, None] & cm[None, :]
+    for i in tl.static_range(K):
+        h = h0 + i
+        okh = pm & (h >= 0) & (h < H)
+        rowbase = (img * H + h) * W  # an input pixel index: int32 (T N H W < 2**31)
+        for j in tl.static_range(K):
+            w = w0 + j
+            ok = okh & (w >= 0) & (w < W)
+            src = (rowbase + w).to(tl.int64) * C
+            v = tl.load(x_ptr + src[:, None] + chans[None, :], mask=ok[:, None] & cm[None, :], other=0.0)
+            tl.store(dst + (i * K + j) * C, v, mask=out_m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC)
+def _im2col_rows_kernel(
+    x_ptr,  # [T, N, H, W, C] input (unpadded, channels-last)
+    cols_ptr,  # [T, N, Ho, Wo, K, K, C] out: the patches (overwritten)
+    P,  # T * N * Ho * Wo output pixels
+    H,  # input height
+    W,  # input width
+    Ho,  # output height
+    Wo,  # output width
+    ph,  # top padding
+    pw,  # left padding
+    C: tl.constexpr,  # channels (constexpr: the patch-row decomposition divides by it)
+    K: tl.constexpr,  # kernel size
+    S: tl.constexpr,  # stride
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,  # >= K * K * C: a patch row is held whole
+):
+    # One patch row (i, j, c) per pixel: contiguous K*K*C elements of cols.
+    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # int32: P < 2**31 (launcher)
+    q = tl.arange(0, BLOCK_Q)
+    pm = pix < P
+    qm = q < K * K * C  # padding lanes of the row
+    wo = pix % Wo
+    ho = (pix // Wo) % Ho
+    img = pix // (Wo * Ho)
+    i = q // (K * C)
+    j = (q // C) % K
+    c = q % C
+    h = (S * ho - ph)[:, None] + i[None, :]
+    w = (S * wo - pw)[:, None] + j[None, :]
+    ok = (pm[:, None] & qm[None, :]) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    src = ((img[:, None] * H + h) * W + w).to(tl.int64) * C + c[None, :]
+    v = tl.load(x_ptr + src, mask=ok, other=0.0)
+    dst = (pix.to(tl.int64) * (K * K * C))[:, None] + q[None, :]
+    tl.store(cols_ptr + dst, v, mask=pm[:, None] & qm[None, :])
+
+
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _col2im_kernel(
     gcols_ptr,  # [T, N, Ho, Wo, K, K, C] cotangent of the im2col patches
     gx_ptr,  # [T, N, H, W, C] out: unpadded input cotangent (overwritten)
-    M,  # T * N * H * W output pixels
+    P,  # T * N * H * W input pixels
     H,  # input height
     W,  # input width
     Ho,  # output height
@@ -62,36 +122,52 @@ def _col2im_kernel(
     pw,  # left padding
     K: tl.constexpr,  # kernel size (unrolled K x K gather)
     S: tl.constexpr,  # stride (constexpr: the divisibility tests fold for S = 1)
-    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     # Gather, not scatter: every output element sums its <= K*K patch entries in (i, j)
     # order, so the result is deterministic and needs no atomics or zero-fill.
-    mb = tl.program_id(0).to(tl.int64)  # int64: T N H W C and the gcols offsets exceed 2**31
-    cb = tl.program_id(1).to(tl.int64)
-    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    rmask = rows < M  # the last pixel block is partial
-    cmask = cols < C  # the last channel block is partial
-    w = rows % W
-    h = (rows // W) % H
-    img = rows // (H * W)  # t * N + n
+    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # int32: P < 2**31 (launcher)
+    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pm = pix < P  # the last pixel block is partial
+    cm = chans < C  # the last channel block is partial
+    w = pix % W
+    h = (pix // W) % H
+    img = pix // (H * W)  # t * N + n
     hp = h + ph
     wp = w + pw
-    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=gx_ptr.dtype.element_ty)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=gx_ptr.dtype.element_ty)
     for i in tl.static_range(K):
         dh = hp - i
         ho = dh // S
         # Patch row i of output row ho covers padded row hp iff hp = S ho + i, 0 <= ho < Ho
         # (dh >= 0 first: // and % truncate towards zero for negatives).
-        okh = (dh >= 0) & (dh % S == 0) & (ho < Ho)
+        okh = pm & (dh >= 0) & (dh % S == 0) & (ho < Ho)
+        rb = (img * Ho + ho) * Wo
         for j in tl.static_range(K):
             dw = wp - j
             wo = dw // S
-            ok = rmask & okh & (dw >= 0) & (dw % S == 0) & (wo < Wo)
-            src = (((img * Ho + ho) * Wo + wo) * (K * K) + (i * K + j)) * C
-            acc += tl.load(gcols_ptr + src[:, None] + cols[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
-    tl.store(gx_ptr + rows[:, None] * C + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+            ok = okh & (dw >= 0) & (dw % S == 0) & (wo < Wo)
+            # a patch-row index: int32 (T N Ho Wo K K < 2**31, launcher)
+            src = ((rb + wo) * (K * K) + (i * K + j)).to(tl.int64) * C
+            acc += tl.load(gcols_ptr + src[:, None] + chans[None, :], mask=ok[:, None] & cm[None, :], other=0.0)
+    out = (pix.to(tl.int64) * C)[:, None] + chans[None, :]
+    tl.store(gx_ptr + out, acc, mask=pm[:, None] & cm[None, :])
+
+
+# --------------------------------------------------------------------------- host launchers
+
+
+def _blocks(P, C, elsize, tile_bytes):
+    block_c = min(triton.next_power_of_2(max(C, 1)), CONV_MAX_BLOCK_C)
+    block_p = max(1, min(tile_bytes // elsize // block_c, triton.next_power_of_2(max(P, 1))))
+    return block_p, block_c
+
+
+def _check_int32(**counts):
+    for name, n in counts.items():
+        if n >= 2**31:
+            raise ValueError(f"{name} = {n} is beyond the kernels' int32 pixel indices")
 
 
 def im2col(x, cols, k, s, ph, pw, wrap=ident):
@@ -100,14 +176,23 @@ def im2col(x, cols, k, s, ph, pw, wrap=ident):
     T, N, H, W, C = x.shape
     Ho, Wo = cols.shape[2], cols.shape[3]
     check(x, (T, N, H, W, C), cols=(cols, (T, N, Ho, Wo, k, k, C)))
-    M = T * N * Ho * Wo * k * k
-    if M * C == 0:
+    P = T * N * Ho * Wo
+    if P * C == 0:
         return
-    block_c = min(triton.next_power_of_2(C), CONV_MAX_BLOCK_C)
-    block_m = max(1, min(CONV_TILE // block_c, triton.next_power_of_2(M)))
-    wrap(_im2col_kernel)[(triton.cdiv(M, block_m), triton.cdiv(C, block_c))](
-        x, cols, M, H, W, Ho, Wo, C, ph, pw,
-        K=int(k), S=int(s), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=CONV_NUM_WARPS,
+    _check_int32(pixels=T * N * max(H * W, Ho * Wo))
+    k, s = int(k), int(s)
+    if k * k * C <= CONV_ROWS_MAX:
+        block_q = triton.next_power_of_2(k * k * C)
+        block_p = max(1, min(CONV_TILE_BYTES // x.element_size() // block_q, triton.next_power_of_2(P)))
+        wrap(_im2col_rows_kernel)[(triton.cdiv(P, block_p),)](
+            x, cols, P, H, W, Ho, Wo, ph, pw,
+            C=C, K=k, S=s, BLOCK_P=block_p, BLOCK_Q=block_q, num_warps=CONV_NUM_WARPS,
+        )
+        return
+    block_p, block_c = _blocks(P, C, x.element_size(), CONV_TILE_BYTES)
+    wrap(_im2col_kernel)[(triton.cdiv(P, block_p), triton.cdiv(C, block_c))](
+        x, cols, P, H, W, Ho, Wo, C, ph, pw,
+        K=k, S=s, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=CONV_NUM_WARPS,
     )
 
 
@@ -116,12 +201,12 @@ def col2im(gcols, gx, k, s, ph, pw, wrap=ident):
     T, N, H, W, C = gx.shape
     Ho, Wo = gcols.shape[2], gcols.shape[3]
     check(gx, (T, N, H, W, C), gcols=(gcols, (T, N, Ho, Wo, k, k, C)))
-    if T * N * H * W * C == 0:
+    P = T * N * H * W
+    if P * C == 0:
         return
-    M = T * N * H * W
-    block_c = min(triton.next_power_of_2(C), CONV_MAX_BLOCK_C)
-    block_m = max(1, min(CONV_TILE // block_c, triton.next_power_of_2(M)))
-    wrap(_col2im_kernel)[(triton.cdiv(M, block_m), triton.cdiv(C, block_c))](
-        gcols, gx, M, H, W, Ho, Wo, C, ph, pw,
-        K=int(k), S=int(s), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=CONV_NUM_WARPS,
+    _check_int32(pixels=P, patch_rows=T * N * Ho * Wo * k * k)
+    block_p, block_c = _blocks(P, C, gx.element_size(), COL2IM_TILE_BYTES)
+    wrap(_col2im_kernel)[(triton.cdiv(P, block_p), triton.cdiv(C, block_c))](
+        gcols, gx, P, H, W, Ho, Wo, C, ph, pw,
+        K=int(k), S=int(s), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=CONV_NUM_WARPS,
     )

@@ -5,14 +5,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, ident, split_f64  # noqa: F401
+from ._common import check, ident
 
-# Elements per program (pixels x channels); read at launch time so tests can shrink them.
-POOL_TILE = 4096
+# Tile bytes per program (pixels x channels): 2048 float32 / 1024 float64 elements, 8 / 4 per
+# thread at 8 warps (the forward holds its 4 window loads at once). Read at launch time so
+# tests can shrink them. Pixel coordinates are int32 (the launchers check the pixel count is
+# below 2**31), element offsets int64.
+POOL_TILE_BYTES = 8192
 POOL_MAX_BLOCK_C = 64
 POOL_NUM_WARPS = 8
+_NO_SPEC = ("M", "H", "W", "Ho", "Wo")  # C carries the alignment; no compile per image size
 
-@triton.jit
+
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _maxpool_fwd_kernel(
     x_ptr,  # [T, N, H, W, C] input (channels-last)
     y_ptr,  # [T, N, Ho, Wo, C] out: window maxima
@@ -26,15 +31,13 @@ def _maxpool_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    mb = tl.program_id(0).to(tl.int64)
-    cb = tl.program_id(1).to(tl.int64)
-    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    chans = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # int32 output pixels
+    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m = (rows < M)[:, None] & (chans < C)[None, :]  # partial pixel and channel blocks
     wo = rows % Wo
     ho = (rows // Wo) % Ho
     img = rows // (Wo * Ho)
-    base = ((img * H + 2 * ho) * W + 2 * wo) * C
+    base = ((img * H + 2 * ho) * W + 2 * wo).to(tl.int64) * C  # top-left input pixel
     best = tl.load(x_ptr + base[:, None] + chans[None, :], mask=m, other=0.0)
     k = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.int32)
     for q in tl.static_range(1, 4):
@@ -43,12 +46,12 @@ def _maxpool_fwd_kernel(
         take = (v > best) | ((v != v) & (best == best))  # strict: the first maximum wins ties
         best = tl.where(take, v, best)
         k = tl.where(take, q, k)
-    out = rows[:, None] * C + chans[None, :]
+    out = (rows.to(tl.int64) * C)[:, None] + chans[None, :]
     tl.store(y_ptr + out, best, mask=m)
     tl.store(idx_ptr + out, k.to(tl.uint8), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _maxpool_gather_kernel(
     x_ptr,  # [T, N, H, W, C] tangent input
     idx_ptr,  # [T, N, Ho, Wo, C] uint8 argmax of the forward
@@ -62,21 +65,20 @@ def _maxpool_gather_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    mb = tl.program_id(0).to(tl.int64)
-    cb = tl.program_id(1).to(tl.int64)
-    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    chans = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # int32 output pixels
+    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m = (rows < M)[:, None] & (chans < C)[None, :]
     wo = rows % Wo
     ho = (rows // Wo) % Ho
     img = rows // (Wo * Ho)
-    out = rows[:, None] * C + chans[None, :]
-    k = tl.load(idx_ptr + out, mask=m, other=0).to(tl.int64)
-    src = (((img * H + 2 * ho)[:, None] + k // 2) * W + (2 * wo)[:, None] + k % 2) * C + chans[None, :]
+    out = (rows.to(tl.int64) * C)[:, None] + chans[None, :]
+    k = tl.load(idx_ptr + out, mask=m, other=0).to(tl.int32)
+    base = ((img * H + 2 * ho) * W + 2 * wo).to(tl.int64) * C  # top-left input pixel
+    src = base[:, None] + ((k // 2) * W + k % 2) * C + chans[None, :]
     tl.store(y_ptr + out, tl.load(x_ptr + src, mask=m, other=0.0), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _maxpool_scatter_kernel(
     gy_ptr,  # [T, N, Ho, Wo, C] cotangent of the maxima
     idx_ptr,  # [T, N, Ho, Wo, C] uint8 argmax of the forward
@@ -91,27 +93,28 @@ def _maxpool_scatter_kernel(
     BLOCK_C: tl.constexpr,
 ):
     # A gather over input pixels: each reads its window's argmax, so no zero-fill pass.
-    mb = tl.program_id(0).to(tl.int64)
-    cb = tl.program_id(1).to(tl.int64)
-    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    chans = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # int32 input pixels
+    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     rm = rows < M
     cm = chans < C
     w = rows % W
     h = (rows // W) % H
     img = rows // (W * H)
     inside = rm & (h // 2 < Ho) & (w // 2 < Wo)  # odd last row/column: dropped by the pool
-    win = ((img * Ho + h // 2) * Wo + w // 2) * C
+    win = ((img * Ho + h // 2) * Wo + w // 2).to(tl.int64) * C
     m = inside[:, None] & cm[None, :]
     k = tl.load(idx_ptr + win[:, None] + chans[None, :], mask=m, other=255).to(tl.int32)
     g = tl.load(gy_ptr + win[:, None] + chans[None, :], mask=m, other=0.0)
-    mine = (k == ((h % 2) * 2 + (w % 2)).to(tl.int32)[:, None]) & m
-    tl.store(gx_ptr + rows[:, None] * C + chans[None, :], tl.where(mine, g, 0.0), mask=rm[:, None] & cm[None, :])
+    mine = (k == ((h % 2) * 2 + (w % 2))[:, None]) & m
+    out = (rows.to(tl.int64) * C)[:, None] + chans[None, :]
+    tl.store(gx_ptr + out, tl.where(mine, g, 0.0), mask=rm[:, None] & cm[None, :])
 
 
-def _pool_grid(M, C):
+def _pool_grid(M, C, elsize, pixels):
+    if pixels >= 2**31:
+        raise ValueError(f"{pixels} pixels are beyond the kernels' int32 pixel indices")
     block_c = min(triton.next_power_of_2(max(C, 1)), POOL_MAX_BLOCK_C)
-    block_m = max(1, min(POOL_TILE // block_c, triton.next_power_of_2(max(M, 1))))
+    block_m = max(1, min(POOL_TILE_BYTES // elsize // block_c, triton.next_power_of_2(max(M, 1))))
     return (triton.cdiv(M, block_m), triton.cdiv(C, block_c)), block_m, block_c
 
 
@@ -130,7 +133,7 @@ def maxpool_fwd(x, y, idx, wrap=ident):
     M = T * N * (H // 2) * (W // 2)
     if M * C == 0:
         return
-    grid, bm, bc = _pool_grid(M, C)
+    grid, bm, bc = _pool_grid(M, C, x.element_size(), T * N * H * W)
     wrap(_maxpool_fwd_kernel)[grid](x, y, idx, M, H, W, H // 2, W // 2, C, BLOCK_M=bm, BLOCK_C=bc, num_warps=POOL_NUM_WARPS)
 
 
@@ -143,7 +146,7 @@ def maxpool_gather(x, idx, y, wrap=ident):
     M = T * N * (H // 2) * (W // 2)
     if M * C == 0:
         return
-    grid, bm, bc = _pool_grid(M, C)
+    grid, bm, bc = _pool_grid(M, C, x.element_size(), T * N * H * W)
     wrap(_maxpool_gather_kernel)[grid](x, idx, y, M, H, W, H // 2, W // 2, C, BLOCK_M=bm, BLOCK_C=bc, num_warps=POOL_NUM_WARPS)
 
 
@@ -156,5 +159,5 @@ def maxpool_scatter(gy, idx, gx, wrap=ident):
     M = T * N * H * W
     if M * C == 0:
         return
-    grid, bm, bc = _pool_grid(M, C)
+    grid, bm, bc = _pool_grid(M, C, gx.element_size(), M)
     wrap(_maxpool_scatter_kernel)[grid](gy, idx, gx, M, H, W, H // 2, W // 2, C, BLOCK_M=bm, BLOCK_C=bc, num_warps=POOL_NUM_WARPS)

@@ -5,16 +5,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, ident, split_f64  # noqa: F401
+from ._common import check, ident
 
-# Elements per program (rows x padded classes); read at launch time so tests can shrink it.
-SOFTMAX_TILE = 4096
+# Bytes per tile (rows x padded classes): 2048 float32 / 1024 float64 elements; read at
+# launch time so tests can shrink it. Warps: one per 128 elements of the tile, at most
+# SOFTMAX_NUM_WARPS (5-way logits make 64-element tiles: one warp, not eight mostly idle).
+SOFTMAX_TILE_BYTES = 8192
 SOFTMAX_NUM_WARPS = 8
 # Softmax rows are held whole in one tile: classes beyond this are not supported.
 SOFTMAX_MAX_K = 16384
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("N",))
 def _softmax_ce_kernel(
     logits_ptr,  # [T, N, K] logits
     y_ptr,  # [T, N] int64 labels in [0, K)
@@ -55,7 +57,7 @@ def _softmax_ce_kernel(
     tl.store(loss_ptr + t, tl.sum(total, axis=0) / N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("M", "N"))
 def _softmax_ce_tangent_kernel(
     prob_ptr,  # [T, N, K] softmax from _softmax_ce_kernel
     rlogits_ptr,  # [T, N, K] logits tangent
@@ -77,11 +79,13 @@ def _softmax_ce_tangent_kernel(
     tl.store(rg_ptr + off, p * (rl - dot[:, None]) / N, mask=m)
 
 
-def _softmax_blocks(n, K):
+def _softmax_blocks(n, K, elsize):
+    """-> ``(BLOCK rows, BLOCK_K, num_warps)``."""
     if K > SOFTMAX_MAX_K:
         raise ValueError(f"{K} classes: at most {SOFTMAX_MAX_K} supported (a row is held in one tile)")
     block_k = triton.next_power_of_2(K)
-    return max(1, min(SOFTMAX_TILE // block_k, triton.next_power_of_2(n))), block_k
+    block_n = max(1, min(SOFTMAX_TILE_BYTES // elsize // block_k, triton.next_power_of_2(n)))
+    return block_n, block_k, max(1, min(SOFTMAX_NUM_WARPS, block_n * block_k // 128))
 
 
 def softmax_ce(logits, y, loss, prob, grad, wrap=ident):
@@ -92,9 +96,9 @@ def softmax_ce(logits, y, loss, prob, grad, wrap=ident):
         raise ValueError(f"y: {y.dtype} {tuple(y.shape)}, expected contiguous int64 {(T, N)}")
     if T == 0 or N * K == 0:
         return
-    block_n, block_k = _softmax_blocks(N, K)
+    block_n, block_k, warps = _softmax_blocks(N, K, logits.element_size())
     wrap(_softmax_ce_kernel)[(T,)](
-        logits, y, loss, prob, grad, N, K, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=SOFTMAX_NUM_WARPS,
+        logits, y, loss, prob, grad, N, K, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )
 
 
@@ -104,7 +108,7 @@ def softmax_ce_tangent(prob, rlogits, rg, wrap=ident):
     check(prob, (T, N, K), rlogits=(rlogits, (T, N, K)), rg=(rg, (T, N, K)))
     if T * N * K == 0:
         return
-    block_m, block_k = _softmax_blocks(T * N, K)
+    block_m, block_k, warps = _softmax_blocks(T * N, K, prob.element_size())
     wrap(_softmax_ce_tangent_kernel)[(triton.cdiv(T * N, block_m),)](
-        prob, rlogits, rg, T * N, N, K, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=SOFTMAX_NUM_WARPS,
+        prob, rlogits, rg, T * N, N, K, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
     )
