@@ -213,11 +213,12 @@ struct FwdState {
 
 template <typename T, bool Relu>
 void bn_fwd_impl(const T* x, const T* gamma, const T* beta, T* y, T* xhat, T* rstd, int64_t nt,
-                 int64_t R, int64_t C, double eps) {
+                 int64_t R, int64_t C, int64_t ps, double eps) {
   const Plan p = make_plan(nt, R, C);
   const double inv_r = R > 0 ? 1.0 / double(R) : 0.0;
   auto at = [&](int64_t u, int64_t r0) { return p.t(u) * R * C + r0 * C + p.c0(u); };
-  auto tc = [&](int64_t u) { return p.t(u) * C + p.c0(u); };
+  auto tc = [&](int64_t u) { return p.t(u) * C + p.c0(u); };   // rstd, a: [T, C]
+  auto tp = [&](int64_t u) { return p.t(u) * ps + p.c0(u); };  // parameter-like: row stride ps
   run_bn<1, 1, FwdState<T>>(
       p, R,
       [&](int64_t u, int64_t r0, int64_t r1, double* s) {
@@ -239,7 +240,7 @@ void bn_fwd_impl(const T* x, const T* gamma, const T* beta, T* y, T* xhat, T* rs
       },
       [&](int64_t u, int64_t r0, int64_t r1, const FwdState<T>& st) {
         fwd_write_job<T, Relu>(x + at(u, r0), y + at(u, r0), xhat + at(u, r0), r1 - r0, C, p.n(u),
-                               st.mu_t, st.r_t, gamma + tc(u), beta + tc(u));
+                               st.mu_t, st.r_t, gamma + tp(u), beta + tp(u));
       });
 }
 
@@ -299,11 +300,12 @@ struct BwdState {
 
 template <typename T, bool Masked>
 void bn_bwd_impl(const T* gy, const T* xhat, const T* rstd, const T* gamma, const T* relu_y, T* gx,
-                 T* ggamma, T* gbeta, int64_t nt, int64_t R, int64_t C) {
+                 T* ggamma, T* gbeta, int64_t nt, int64_t R, int64_t C, int64_t ps) {
   const Plan p = make_plan(nt, R, C);
   const double inv_r = R > 0 ? 1.0 / double(R) : 0.0;
   auto at = [&](int64_t u, int64_t r0) { return p.t(u) * R * C + r0 * C + p.c0(u); };
-  auto tc = [&](int64_t u) { return p.t(u) * C + p.c0(u); };
+  auto tc = [&](int64_t u) { return p.t(u) * C + p.c0(u); };   // rstd, a: [T, C]
+  auto tp = [&](int64_t u) { return p.t(u) * ps + p.c0(u); };  // parameter-like: row stride ps
   auto mask = [&](int64_t u, int64_t r0) { return Masked ? relu_y + at(u, r0) : nullptr; };
   run_bn<2, 0, BwdState<T>>(
       p, R,
@@ -313,12 +315,12 @@ void bn_bwd_impl(const T* gy, const T* xhat, const T* rstd, const T* gamma, cons
       // gx = rstd gamma ((g - mean(g)) - xhat mean(g xhat)); ggamma = sum g xhat; gbeta = sum g
       [&](int64_t u, const double* s, BwdState<T>& st) {
         for (int64_t j = 0; j < p.n(u); ++j) {
-          const int64_t k = tc(u) + j;
-          ggamma[k] = T(s[kMaxCB + j]);
-          gbeta[k] = T(s[j]);
+          const int64_t k = tc(u) + j, q = tp(u) + j;
+          ggamma[q] = T(s[kMaxCB + j]);
+          gbeta[q] = T(s[j]);
           st.mg[j] = T(s[j] * inv_r);
           st.mgx[j] = T(s[kMaxCB + j] * inv_r);
-          st.coef[j] = T(double(rstd[k]) * double(gamma[k]));
+          st.coef[j] = T(double(rstd[k]) * double(gamma[q]));
         }
       },
       NoStage(), NoStage(),
@@ -388,11 +390,12 @@ IMAML_JOB void tfwd_write_job(const T* __restrict rx, const T* __restrict xhat,
 template <typename T, bool Masked>
 void bn_tfwd_impl(const T* rx, const T* xhat, const T* rstd, const T* gamma, const T* rgamma,
                   const T* rbeta, const T* relu_y, T* ry, T* rxhat, T* a, int64_t nt, int64_t R,
-                  int64_t C) {
+                  int64_t C, int64_t ps) {
   const Plan p = make_plan(nt, R, C);
   const double inv_r = R > 0 ? 1.0 / double(R) : 0.0;
   auto at = [&](int64_t u, int64_t r0) { return p.t(u) * R * C + r0 * C + p.c0(u); };
-  auto tc = [&](int64_t u) { return p.t(u) * C + p.c0(u); };
+  auto tc = [&](int64_t u) { return p.t(u) * C + p.c0(u); };   // rstd, a: [T, C]
+  auto tp = [&](int64_t u) { return p.t(u) * ps + p.c0(u); };  // parameter-like: row stride ps
   run_bn<2, 0, TfwdState<T>>(
       p, R,
       [&](int64_t u, int64_t r0, int64_t r1, double* s) {
@@ -402,15 +405,15 @@ void bn_tfwd_impl(const T* rx, const T* xhat, const T* rstd, const T* gamma, con
       // ry = gate(rgamma xhat + gamma rxhat + rbeta)
       [&](int64_t u, const double* s, TfwdState<T>& st) {
         for (int64_t j = 0; j < p.n(u); ++j) {
-          const int64_t k = tc(u) + j;
+          const int64_t k = tc(u) + j, q = tp(u) + j;
           const double aj = s[kMaxCB + j] * inv_r;
           a[k] = T(aj);
           st.a[j] = T(aj);
           st.mrx[j] = T(s[j] * inv_r);
           st.r[j] = rstd[k];
-          st.g[j] = gamma[k];
-          st.rg[j] = rgamma[k];
-          st.rb[j] = rbeta[k];
+          st.g[j] = gamma[q];
+          st.rg[j] = rgamma[q];
+          st.rb[j] = rbeta[q];
         }
       },
       NoStage(), NoStage(),
@@ -496,11 +499,12 @@ IMAML_JOB void tbwd_write_job(const T* __restrict gy, const T* __restrict rgy,
 template <typename T, bool Masked>
 void bn_tbwd_impl(const T* gy, const T* rgy, const T* xhat, const T* rxhat, const T* rstd, const T* a,
                   const T* gamma, const T* rgamma, const T* relu_y, T* rgx, T* rggamma, T* rgbeta,
-                  int64_t nt, int64_t R, int64_t C) {
+                  int64_t nt, int64_t R, int64_t C, int64_t ps) {
   const Plan p = make_plan(nt, R, C);
   const double inv_r = R > 0 ? 1.0 / double(R) : 0.0;
   auto at = [&](int64_t u, int64_t r0) { return p.t(u) * R * C + r0 * C + p.c0(u); };
-  auto tc = [&](int64_t u) { return p.t(u) * C + p.c0(u); };
+  auto tc = [&](int64_t u) { return p.t(u) * C + p.c0(u); };   // rstd, a: [T, C]
+  auto tp = [&](int64_t u) { return p.t(u) * ps + p.c0(u); };  // parameter-like: row stride ps
   auto mask = [&](int64_t u, int64_t r0) { return Masked ? relu_y + at(u, r0) : nullptr; };
   run_bn<5, 0, TbwdState<T>>(
       p, R,
@@ -513,15 +517,15 @@ void bn_tbwd_impl(const T* gy, const T* rgy, const T* xhat, const T* rxhat, cons
       // m2 = gam mean(g xhat), dm2 = gam mean(rg xhat) + rgam mean(g xhat) + gam mean(g rxhat).
       [&](int64_t u, const double* s, TbwdState<T>& st) {
         for (int64_t j = 0; j < p.n(u); ++j) {
-          const int64_t k = tc(u) + j;
+          const int64_t k = tc(u) + j, q = tp(u) + j;
           const double sg = s[j], sgx = s[kMaxCB + j], srg = s[2 * kMaxCB + j];
           const double srgx = s[3 * kMaxCB + j], sgrx = s[4 * kMaxCB + j];
           const double r = double(rstd[k]), aj = double(a[k]);
-          const double gam = double(gamma[k]), rgam = double(rgamma[k]);
+          const double gam = double(gamma[q]), rgam = double(rgamma[q]);
           const double m2 = gam * sgx * inv_r;
           const double dm2 = (gam * (srgx + sgrx) + rgam * sgx) * inv_r;
-          rggamma[k] = T(srgx + sgrx);
-          rgbeta[k] = T(srg);
+          rggamma[q] = T(srgx + sgrx);
+          rgbeta[q] = T(srg);
           st.mg[j] = T(sg * inv_r);
           st.mrg[j] = T(srg * inv_r);
           st.cg[j] = T(r * (rgam - r * aj * gam));
@@ -539,51 +543,59 @@ void bn_tbwd_impl(const T* gy, const T* rgy, const T* xhat, const T* rxhat, cons
 }
 
 
+void check_stride(const char* name, int64_t T, int64_t C, int64_t ps) {
+  if (T > 1 && ps < C) throw std::invalid_argument(std::string(name) + ": parameter row stride below C");
+}
+
 }  // namespace
 
 void bn_fwd_cpu(DType dtype, const void* x, const void* gamma, const void* beta, void* y, void* xhat,
-                void* rstd, int64_t T, int64_t R, int64_t C, double eps, bool relu) {
+                void* rstd, int64_t T, int64_t R, int64_t C, double eps, bool relu, int64_t ps) {
   check_sizes("bn_fwd_cpu", {T, R, C});
+  check_stride("bn_fwd_cpu", T, C, ps);
   IMAML_DISPATCH(dtype, {
     auto f = relu ? bn_fwd_impl<scalar_t, true> : bn_fwd_impl<scalar_t, false>;
     f(cp<scalar_t>(x), cp<scalar_t>(gamma), cp<scalar_t>(beta), mp<scalar_t>(y), mp<scalar_t>(xhat),
-      mp<scalar_t>(rstd), T, R, C, eps);
+      mp<scalar_t>(rstd), T, R, C, ps, eps);
   });
 }
 
 void bn_bwd_cpu(DType dtype, const void* gy, const void* xhat, const void* rstd, const void* gamma,
                 const void* relu_y, void* gx, void* ggamma, void* gbeta, int64_t T, int64_t R,
-                int64_t C) {
+                int64_t C, int64_t ps) {
   check_sizes("bn_bwd_cpu", {T, R, C});
+  check_stride("bn_bwd_cpu", T, C, ps);
   IMAML_DISPATCH(dtype, {
     auto f = relu_y ? bn_bwd_impl<scalar_t, true> : bn_bwd_impl<scalar_t, false>;
     f(cp<scalar_t>(gy), cp<scalar_t>(xhat), cp<scalar_t>(rstd), cp<scalar_t>(gamma),
-      cp<scalar_t>(relu_y), mp<scalar_t>(gx), mp<scalar_t>(ggamma), mp<scalar_t>(gbeta), T, R, C);
+      cp<scalar_t>(relu_y), mp<scalar_t>(gx), mp<scalar_t>(ggamma), mp<scalar_t>(gbeta), T, R, C, ps);
   });
 }
 
 void bn_tfwd_cpu(DType dtype, const void* rx, const void* xhat, const void* rstd, const void* gamma,
                  const void* rgamma, const void* rbeta, const void* relu_y, void* ry, void* rxhat,
-                 void* a, int64_t T, int64_t R, int64_t C) {
+                 void* a, int64_t T, int64_t R, int64_t C, int64_t ps) {
   check_sizes("bn_tfwd_cpu", {T, R, C});
+  check_stride("bn_tfwd_cpu", T, C, ps);
   IMAML_DISPATCH(dtype, {
     auto f = relu_y ? bn_tfwd_impl<scalar_t, true> : bn_tfwd_impl<scalar_t, false>;
     f(cp<scalar_t>(rx), cp<scalar_t>(xhat), cp<scalar_t>(rstd), cp<scalar_t>(gamma),
       cp<scalar_t>(rgamma), cp<scalar_t>(rbeta), cp<scalar_t>(relu_y), mp<scalar_t>(ry),
-      mp<scalar_t>(rxhat), mp<scalar_t>(a), T, R, C);
+      mp<scalar_t>(rxhat), mp<scalar_t>(a), T, R, C, ps);
   });
 }
 
 void bn_tbwd_cpu(DType dtype, const void* gy, const void* rgy, const void* xhat, const void* rxhat,
                  const void* rstd, const void* a, const void* gamma, const void* rgamma,
                  const void* relu_y, void* rgx, void* rggamma, void* rgbeta, int64_t T, int64_t R,
-                 int64_t C) {
+                 int64_t C, int64_t ps) {
   check_sizes("bn_tbwd_cpu", {T, R, C});
+  check_stride("bn_tbwd_cpu", T, C, ps);
   IMAML_DISPATCH(dtype, {
     auto f = relu_y ? bn_tbwd_impl<scalar_t, true> : bn_tbwd_impl<scalar_t, false>;
     f(cp<scalar_t>(gy), cp<scalar_t>(rgy), cp<scalar_t>(xhat), cp<scalar_t>(rxhat),
       cp<scalar_t>(rstd), cp<scalar_t>(a), cp<scalar_t>(gamma), cp<scalar_t>(rgamma),
-      cp<scalar_t>(relu_y), mp<scalar_t>(rgx), mp<scalar_t>(rggamma), mp<scalar_t>(rgbeta), T, R, C);
+      cp<scalar_t>(relu_y), mp<scalar_t>(rgx), mp<scalar_t>(rggamma), mp<scalar_t>(rgbeta), T, R, C, ps);
   });
 }
 

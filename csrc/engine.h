@@ -16,28 +16,33 @@
 
 namespace imaml {
 
+// The per-(task, channel) parameters and their (co)tangents -- gamma, beta, rgamma, rbeta,
+// ggamma, gbeta, rggamma, rgbeta -- are [T, C] rows of row stride `ps` (>= C): views into
+// flat [T, P] parameter buffers are read and written in place (ps = P), no copies. The
+// statistics rstd and a are contiguous [T, C].
+
 // y = relu?(gamma * xhat + beta), xhat = (x - mean) * rstd, rstd = 1/sqrt(var + eps)
 // (batch statistics over R, biased variance, two-pass).
 void bn_fwd_cpu(DType dtype, const void* x, const void* gamma, const void* beta, void* y, void* xhat,
-                void* rstd, int64_t T, int64_t R, int64_t C, double eps, bool relu);
+                void* rstd, int64_t T, int64_t R, int64_t C, double eps, bool relu, int64_t ps);
 
 // g = mask * gy; ggamma = sum_R g xhat; gbeta = sum_R g;
 // gx = rstd * gamma * (g - mean(g) - xhat * mean(g xhat)).
 void bn_bwd_cpu(DType dtype, const void* gy, const void* xhat, const void* rstd, const void* gamma,
                 const void* relu_y, void* gx, void* ggamma, void* gbeta, int64_t T, int64_t R,
-                int64_t C);
+                int64_t C, int64_t ps);
 
 // a = mean(xhat rx); rxhat = rstd (rx - mean(rx) - xhat a);
 // ry = mask * (rgamma xhat + gamma rxhat + rbeta).
 void bn_tfwd_cpu(DType dtype, const void* rx, const void* xhat, const void* rstd, const void* gamma,
                  const void* rgamma, const void* rbeta, const void* relu_y, void* ry, void* rxhat,
-                 void* a, int64_t T, int64_t R, int64_t C);
+                 void* a, int64_t T, int64_t R, int64_t C, int64_t ps);
 
-// The tangent of bn_bwd (see fused_reference.bn_tbwd): one reduction pass, one writing pass.
+// The tangent of bn_bwd (see reference/batchnorm.py bn_tbwd): one reduction pass, one writing pass.
 void bn_tbwd_cpu(DType dtype, const void* gy, const void* rgy, const void* xhat, const void* rxhat,
                  const void* rstd, const void* a, const void* gamma, const void* rgamma,
                  const void* relu_y, void* rgx, void* rggamma, void* rgbeta, int64_t T, int64_t R,
-                 int64_t C);
+                 int64_t C, int64_t ps);
 
 // In place: phi[t, i] -= lr * (grad[t, i] + lam[t] * (phi[t, i] - theta[t * theta_task_stride + i]));
 // phi, grad [T, P]; theta [P] (stride 0) or [T, P] (stride P); lam [T].

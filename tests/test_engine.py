@@ -316,12 +316,16 @@ def test_engine_ops_pass_opcheck():
     ry, rxhat, a = torch.ops.imaml.bn_tfwd(rx, xhat, rstd, g, rg, rb, y)
     logits, labels = torch.randn(T, 4, 3, dtype=torch.float64), torch.randint(0, 3, (T, 4))
     prob = torch.softmax(logits, -1)
+    flat, out = torch.randn(T, 17, dtype=torch.float64), torch.randn(T, 17, dtype=torch.float64)
     cases = [
         (torch.ops.imaml.bn_fwd, (x, g, b, 1e-5, True)),
-        (torch.ops.imaml.bn_bwd, (gy, xhat, rstd, g, y)),
-        (torch.ops.imaml.bn_bwd, (gy, xhat, rstd, g, None)),
+        (torch.ops.imaml.bn_bwd, (gy, xhat, rstd, g, y, torch.empty_like(g), torch.empty_like(g))),
+        (torch.ops.imaml.bn_bwd, (gy, xhat, rstd, g, None, torch.empty_like(g), torch.empty_like(g))),
         (torch.ops.imaml.bn_tfwd, (rx, xhat, rstd, g, rg, rb, y)),
-        (torch.ops.imaml.bn_tbwd, (gy, rgy, xhat, rxhat, rstd, a, g, rg, y)),
+        (torch.ops.imaml.bn_tbwd, (gy, rgy, xhat, rxhat, rstd, a, g, rg, y, torch.empty_like(g), torch.empty_like(g))),
+        # parameter-like arrays as views into a flat [T, P] buffer (row stride P, in place)
+        (torch.ops.imaml.bn_fwd, (x, flat[:, 1:1 + C], flat[:, 9:9 + C], 1e-5, True)),
+        (torch.ops.imaml.bn_bwd, (gy, xhat, rstd, flat[:, 1:1 + C], y, out[:, 2:2 + C], out[:, 7:7 + C])),
         (torch.ops.imaml.softmax_ce, (logits, labels)),
         (torch.ops.imaml.softmax_ce_tangent, (prob, torch.randn_like(prob))),
         (torch.ops.imaml.im2col, (torch.randn(T, 2, 5, 5, 3, dtype=torch.float64), 3, 3, 3, 2, 1, 1)),
@@ -428,3 +432,42 @@ def test_one_parsed_net_per_model_is_reused():
     assert select_engine(tracked, th, x) is not None
     tracked.eval()
     assert select_engine(tracked, th, x) is None
+
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batchnorm_reads_and_writes_parameter_views_in_place(backend, dtype):
+    """γ, β and their (co)tangents as views into flat [T, P] buffers: values equal the
+    contiguous case, the gradients land in their views and nothing around them changes."""
+    if backend == "cpu" and not dispatch._engine_kernels_built():
+        pytest.skip("extension without engine kernels")
+    torch.manual_seed(1)
+    T, R, C, P = 3, 37, 5, 23
+    bn = ops.batchnorm
+    x, gy, rx, rgy = (torch.randn(T, R, C, dtype=dtype) for _ in range(4))
+    params, tangent = torch.randn(T, P, dtype=dtype), torch.randn(T, P, dtype=dtype)
+    g, b = params[:, 3:3 + C], params[:, 11:11 + C]
+    rg, rb = tangent[:, 3:3 + C], tangent[:, 11:11 + C]
+    y, xhat, rstd = bn.bn_fwd(x, g, b, 1e-5, True, backend=backend)
+    want = bn.bn_fwd(x, g.contiguous(), b.contiguous(), 1e-5, True, backend="reference")
+    for o, w in zip((y, xhat, rstd), want):
+        assert torch.allclose(o, w, rtol=1e-5, atol=1e-6)
+    grad = torch.full((T, P), 7.0, dtype=dtype)
+    gx, gg, gb = bn.bn_bwd(gy, xhat, rstd, g, y, grad[:, 3:3 + C], grad[:, 11:11 + C], backend=backend)
+    wgx, wgg, wgb = bn.bn_bwd(gy, xhat, rstd, g.contiguous(), y, backend="reference")
+    assert torch.allclose(gx, wgx, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(grad[:, 3:3 + C], wgg, rtol=1e-5, atol=1e-5) and torch.allclose(grad[:, 11:11 + C], wgb, rtol=1e-5, atol=1e-5)
+    untouched = torch.ones(P, dtype=torch.bool)
+    untouched[3:3 + C] = untouched[11:11 + C] = False
+    assert (grad[:, untouched] == 7.0).all()
+    ry, rxhat, a = bn.bn_tfwd(rx, xhat, rstd, g, rg, rb, y, backend=backend)
+    hv = torch.full((T, P), -3.0, dtype=dtype)
+    rgx, _, _ = bn.bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, g, rg, y, hv[:, 3:3 + C], hv[:, 11:11 + C], backend=backend)
+    w = bn.bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, g.contiguous(), rg.contiguous(), y, backend="reference")
+    assert torch.allclose(rgx, w[0], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(hv[:, 3:3 + C], w[1], rtol=1e-5, atol=1e-4) and torch.allclose(hv[:, 11:11 + C], w[2], rtol=1e-5, atol=1e-4)
+    assert (hv[:, untouched] == -3.0).all()
+    if backend != "reference":  # the ops validate; the twin is plain PyTorch
+        with pytest.raises(ValueError, match="share one row stride"):
+            bn.bn_bwd(gy, xhat, rstd, g, y, torch.empty(T, C, dtype=dtype), grad[:, 11:11 + C], backend=backend)

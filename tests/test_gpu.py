@@ -120,9 +120,9 @@ def batchnorm_family(dtype, device):
         relu_y = None if relu_y is None else relu_y.to(dtype)
         cid = f"T{T}-R{R}-C{C}-{'relu' if relu else 'id'}"
         out["bn_fwd"].append((cid, (x, gamma, beta, EPS, relu)))
-        out["bn_bwd"].append((cid, (gy, xhat, rstd, gamma, relu_y)))
+        out["bn_bwd"].append((cid, (gy, xhat, rstd, gamma, relu_y, torch.empty_like(gamma), torch.empty_like(gamma))))
         out["bn_tfwd"].append((cid, (rx, xhat, rstd, gamma, rgamma, rbeta, relu_y)))
-        out["bn_tbwd"].append((cid, (gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y)))
+        out["bn_tbwd"].append((cid, (gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, torch.empty_like(gamma), torch.empty_like(gamma))))
     return out
 
 

@@ -53,59 +53,60 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "bn_fwd_cpu",
       [](int dtype, uintptr_t x, uintptr_t gamma, uintptr_t beta, uintptr_t y, uintptr_t xhat,
-         uintptr_t rstd, int64_t T, int64_t R, int64_t C, double eps, bool relu) {
+         uintptr_t rstd, int64_t T, int64_t R, int64_t C, double eps, bool relu, int64_t ps) {
         py::gil_scoped_release nogil;
         imaml::bn_fwd_cpu(to_dtype(dtype), ptr<const void>(x), ptr<const void>(gamma),
                           ptr<const void>(beta), ptr<void>(y), ptr<void>(xhat), ptr<void>(rstd), T,
-                          R, C, eps, relu);
+                          R, C, eps, relu, ps ? ps : C);
       },
       py::arg("dtype"), py::arg("x"), py::arg("gamma"), py::arg("beta"), py::arg("y"),
       py::arg("xhat"), py::arg("rstd"), py::arg("T"), py::arg("R"), py::arg("C"), py::arg("eps"),
-      py::arg("relu"),
+      py::arg("relu"), py::arg("ps") = 0,
       "BatchNorm forward over x [T,R,C]: y, xhat [T,R,C], rstd [T,C] (batch statistics).");
   m.def(
       "bn_bwd_cpu",
       [](int dtype, uintptr_t gy, uintptr_t xhat, uintptr_t rstd, uintptr_t gamma, uintptr_t relu_y,
-         uintptr_t gx, uintptr_t ggamma, uintptr_t gbeta, int64_t T, int64_t R, int64_t C) {
+         uintptr_t gx, uintptr_t ggamma, uintptr_t gbeta, int64_t T, int64_t R, int64_t C,
+         int64_t ps) {
         py::gil_scoped_release nogil;
         imaml::bn_bwd_cpu(to_dtype(dtype), ptr<const void>(gy), ptr<const void>(xhat),
                           ptr<const void>(rstd), ptr<const void>(gamma), ptr<const void>(relu_y),
-                          ptr<void>(gx), ptr<void>(ggamma), ptr<void>(gbeta), T, R, C);
+                          ptr<void>(gx), ptr<void>(ggamma), ptr<void>(gbeta), T, R, C, ps ? ps : C);
       },
       py::arg("dtype"), py::arg("gy"), py::arg("xhat"), py::arg("rstd"), py::arg("gamma"),
       py::arg("relu_y"), py::arg("gx"), py::arg("ggamma"), py::arg("gbeta"), py::arg("T"),
-      py::arg("R"), py::arg("C"), "BatchNorm backward: gx [T,R,C], ggamma, gbeta [T,C].");
+      py::arg("R"), py::arg("C"), py::arg("ps") = 0, "BatchNorm backward: gx [T,R,C], ggamma, gbeta [T,C].");
   m.def(
       "bn_tfwd_cpu",
       [](int dtype, uintptr_t rx, uintptr_t xhat, uintptr_t rstd, uintptr_t gamma, uintptr_t rgamma,
          uintptr_t rbeta, uintptr_t relu_y, uintptr_t ry, uintptr_t rxhat, uintptr_t a, int64_t T,
-         int64_t R, int64_t C) {
+         int64_t R, int64_t C, int64_t ps) {
         py::gil_scoped_release nogil;
         imaml::bn_tfwd_cpu(to_dtype(dtype), ptr<const void>(rx), ptr<const void>(xhat),
                            ptr<const void>(rstd), ptr<const void>(gamma), ptr<const void>(rgamma),
                            ptr<const void>(rbeta), ptr<const void>(relu_y), ptr<void>(ry),
-                           ptr<void>(rxhat), ptr<void>(a), T, R, C);
+                           ptr<void>(rxhat), ptr<void>(a), T, R, C, ps ? ps : C);
       },
       py::arg("dtype"), py::arg("rx"), py::arg("xhat"), py::arg("rstd"), py::arg("gamma"),
       py::arg("rgamma"), py::arg("rbeta"), py::arg("relu_y"), py::arg("ry"), py::arg("rxhat"),
-      py::arg("a"), py::arg("T"), py::arg("R"), py::arg("C"),
+      py::arg("a"), py::arg("T"), py::arg("R"), py::arg("C"), py::arg("ps") = 0,
       "BatchNorm tangent: ry, rxhat [T,R,C], a = mean(xhat rx) [T,C].");
   m.def(
       "bn_tbwd_cpu",
       [](int dtype, uintptr_t gy, uintptr_t rgy, uintptr_t xhat, uintptr_t rxhat, uintptr_t rstd,
          uintptr_t a, uintptr_t gamma, uintptr_t rgamma, uintptr_t relu_y, uintptr_t rgx,
-         uintptr_t rggamma, uintptr_t rgbeta, int64_t T, int64_t R, int64_t C) {
+         uintptr_t rggamma, uintptr_t rgbeta, int64_t T, int64_t R, int64_t C, int64_t ps) {
         py::gil_scoped_release nogil;
         imaml::bn_tbwd_cpu(to_dtype(dtype), ptr<const void>(gy), ptr<const void>(rgy),
                            ptr<const void>(xhat), ptr<const void>(rxhat), ptr<const void>(rstd),
                            ptr<const void>(a), ptr<const void>(gamma), ptr<const void>(rgamma),
                            ptr<const void>(relu_y), ptr<void>(rgx), ptr<void>(rggamma),
-                           ptr<void>(rgbeta), T, R, C);
+                           ptr<void>(rgbeta), T, R, C, ps ? ps : C);
       },
       py::arg("dtype"), py::arg("gy"), py::arg("rgy"), py::arg("xhat"), py::arg("rxhat"),
       py::arg("rstd"), py::arg("a"), py::arg("gamma"), py::arg("rgamma"), py::arg("relu_y"),
       py::arg("rgx"), py::arg("rggamma"), py::arg("rgbeta"), py::arg("T"), py::arg("R"),
-      py::arg("C"), "Tangent of the BatchNorm backward: rgx [T,R,C], rggamma, rgbeta [T,C].");
+      py::arg("C"), py::arg("ps") = 0, "Tangent of the BatchNorm backward: rgx [T,R,C], rggamma, rgbeta [T,C].");
   m.def(
       "prox_step_cpu",
       [](int dtype, uintptr_t phi, uintptr_t grad, uintptr_t theta, int64_t theta_task_stride,

@@ -206,9 +206,8 @@ class BatchNorm(Layer):
         T, C = gy.shape[0], gy.shape[-1]
         gy = gy.reshape(T, -1, C)
         c["gy"] = gy
-        gx, ggamma, gbeta = k.bn_bwd(gy, c["xhat"], c["rstd"], p[0], c["y"])
-        gp[0].copy_(ggamma)
-        gp[1].copy_(gbeta)
+        # γ's and β's gradients are written straight into their views of the flat gradient.
+        gx = k.bn_bwd(gy, c["xhat"], c["rstd"], p[0], c["y"], gp[0], gp[1])
         return gx.view(c["shape"])
 
     def tfwd(self, k, p, rp, rx, c, s):
@@ -219,9 +218,7 @@ class BatchNorm(Layer):
 
     def tbwd(self, k, p, rp, rgy, c, s, rgp, need_gx):
         T, C = rgy.shape[0], rgy.shape[-1]
-        rgx, rggamma, rgbeta = k.bn_tbwd(c["gy"], rgy.reshape(T, -1, C), c["xhat"], s["rxhat"], c["rstd"], s["a"], p[0], rp[0], c["y"])
-        rgp[0].copy_(rggamma)
-        rgp[1].copy_(rgbeta)
+        rgx = k.bn_tbwd(c["gy"], rgy.reshape(T, -1, C), c["xhat"], s["rxhat"], c["rstd"], s["a"], p[0], rp[0], c["y"], rgp[0], rgp[1])
         return rgx.view(c["shape"])
 
 

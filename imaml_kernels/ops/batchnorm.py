@@ -1,35 +1,59 @@
 """BatchNorm with batch statistics, optionally followed by ReLU: forward, backward, tangent
 forward and tangent backward, each one fused pass per direction.
 
-Shapes: ``x [T, R, C]`` (``R = N·H·W`` channels-last rows of one task), statistics per
-``(task, channel)`` ``[T, C]``; ``relu_y`` is the stage's output when a ReLU follows (its mask
-gates the cotangents), else ``None``. Formulas: :mod:`imaml_kernels.reference.batchnorm`.
-Kernels: ``csrc/batchnorm_cpu.cpp`` (C++), :mod:`imaml_kernels.triton.batchnorm` (Triton).
+Shapes: ``x [T, R, C]`` (``R = N·H·W`` channels-last rows of one task); the statistics
+``rstd``, ``a`` are contiguous ``[T, C]``; ``relu_y`` is the stage's output when a ReLU follows
+(its mask gates the cotangents), else ``None``. The parameter-like ``[T, C]`` arrays (``gamma``,
+``beta``, their tangents ``rgamma``, ``rbeta`` and gradients ``ggamma``, ``gbeta``, ``rggamma``,
+``rgbeta``) are rows of one shared row stride: views into a flat ``[T, P]`` parameter buffer
+are read in place, and the backward ops write their parameter gradients into such views (no
+copies). Formulas: :mod:`imaml_kernels.reference.batchnorm`. Kernels:
+``csrc/batchnorm_cpu.cpp`` (C++), :mod:`imaml_kernels.triton.batchnorm` (Triton).
 
 Example::
 
     >>> y, xhat, rstd = bn_fwd(x, gamma, beta, 1e-5, True)        # x [T,R,C], gamma [T,C]
-    >>> gx, ggamma, gbeta = bn_bwd(gy, xhat, rstd, gamma, y)
+    >>> gx, ggamma, gbeta = bn_bwd(gy, xhat, rstd, gamma, y)      # or into views: ggamma=..., gbeta=...
 """
 
 from torch import Tensor
 
 from .. import reference as ref
 from ..dispatch import kernels
-from ._checks import addr, check_shape, check_tensor, dtype_code, native
+from ._checks import addr, check_shape, check_tensor, dtype_code, expect, native
 from ._registry import OpSpec, register
 
 # --------------------------------------------------------------------------- validation
 
 
-def _check(full, stat, relu_y, like):
+def _param_stride(params, like):
+    """The one row stride of the parameter-like ``[T, C]`` arguments (``C`` when contiguous)."""
+    T, _, C = like.shape
+    strides = []  # a list: under dynamic shapes strides are SymInts (unhashable)
+    for name, t in params:
+        expect(isinstance(t, Tensor), TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        expect(tuple(t.shape) == (T, C), ValueError, f"{name} must have shape {(T, C)}, got {tuple(t.shape)}")
+        expect(t.dtype == like.dtype, TypeError, f"{name} must have dtype {like.dtype}, got {t.dtype}")
+        expect(t.device == like.device, ValueError, f"{name} must be on {like.device}, got {t.device}")
+        expect(C <= 1 or t.stride(1) == 1, ValueError, f"{name} must have unit stride along the channels")
+        if T > 1:
+            strides.append(t.stride(0))
+    expect(all(s == strides[0] for s in strides), ValueError,
+           f"the [T, C] parameter arrays must share one row stride, got {strides}")
+    ps = strides[0] if strides else C
+    expect(ps >= C, ValueError, f"parameter row stride {ps} is below C = {C}")
+    return ps
+
+
+def _check(full, stats, params, relu_y, like):
     T, _, C = like.shape
     for name, t in full:
         check_tensor(name, t, dim=3, like=like)
-    for name, t in stat:
+    for name, t in stats:
         check_shape(name, t, (T, C), like)
     if relu_y is not None:
         check_tensor("relu_y", relu_y, dim=3, like=like)
+    return _param_stride(params, like)
 
 
 def _stats(x):
@@ -38,59 +62,56 @@ def _stats(x):
 
 def _fwd_fake(x, gamma, beta, eps, relu):
     check_tensor("x", x, dim=3)
-    _check([], [("gamma", gamma), ("beta", beta)], None, x)
+    _check([], [], [("gamma", gamma), ("beta", beta)], None, x)
     return x.new_empty(x.shape), x.new_empty(x.shape), _stats(x)
 
 
-def _bwd_fake(gy, xhat, rstd, gamma, relu_y):
+def _bwd_fake(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta):
     check_tensor("gy", gy, dim=3)
-    _check([("xhat", xhat)], [("rstd", rstd), ("gamma", gamma)], relu_y, gy)
-    return gy.new_empty(gy.shape), _stats(gy), _stats(gy)
+    _check([("xhat", xhat)], [("rstd", rstd)], [("gamma", gamma), ("ggamma", ggamma), ("gbeta", gbeta)], relu_y, gy)
+    return gy.new_empty(gy.shape)
 
 
 def _tfwd_fake(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y):
     check_tensor("rx", rx, dim=3)
-    _check([("xhat", xhat)], [("rstd", rstd), ("gamma", gamma), ("rgamma", rgamma), ("rbeta", rbeta)], relu_y, rx)
+    _check([("xhat", xhat)], [("rstd", rstd)], [("gamma", gamma), ("rgamma", rgamma), ("rbeta", rbeta)], relu_y, rx)
     return rx.new_empty(rx.shape), rx.new_empty(rx.shape), _stats(rx)
 
 
-def _tbwd_fake(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y):
+def _tbwd_fake(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta):
     check_tensor("gy", gy, dim=3)
-    _check([("rgy", rgy), ("xhat", xhat), ("rxhat", rxhat)], [("rstd", rstd), ("a", a), ("gamma", gamma), ("rgamma", rgamma)], relu_y, gy)
-    return gy.new_empty(gy.shape), _stats(gy), _stats(gy)
+    _check([("rgy", rgy), ("xhat", xhat), ("rxhat", rxhat)], [("rstd", rstd), ("a", a)],
+           [("gamma", gamma), ("rgamma", rgamma), ("rggamma", rggamma), ("rgbeta", rgbeta)], relu_y, gy)
+    return gy.new_empty(gy.shape)
 
 
 # --------------------------------------------------------------------------- launchers
 
 
+def _ps(x, *params):
+    return _param_stride([(str(i), t) for i, t in enumerate(params)], x)
+
+
 def _cpu_fwd(x, gamma, beta, eps, relu, y, xhat, rstd):
     native().bn_fwd_cpu(dtype_code(x), x.data_ptr(), gamma.data_ptr(), beta.data_ptr(), y.data_ptr(), xhat.data_ptr(),
-                        rstd.data_ptr(), *x.shape, eps, relu)
+                        rstd.data_ptr(), *x.shape, eps, relu, _ps(x, gamma, beta))
 
 
-def _cpu_bwd(gy, xhat, rstd, gamma, relu_y, gx, ggamma, gbeta):
+def _cpu_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta, gx):
     native().bn_bwd_cpu(dtype_code(gy), gy.data_ptr(), xhat.data_ptr(), rstd.data_ptr(), gamma.data_ptr(), addr(relu_y),
-                        gx.data_ptr(), ggamma.data_ptr(), gbeta.data_ptr(), *gy.shape)
+                        gx.data_ptr(), ggamma.data_ptr(), gbeta.data_ptr(), *gy.shape, _ps(gy, gamma, ggamma, gbeta))
 
 
 def _cpu_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y, ry, rxhat, a):
     native().bn_tfwd_cpu(dtype_code(rx), rx.data_ptr(), xhat.data_ptr(), rstd.data_ptr(), gamma.data_ptr(), rgamma.data_ptr(),
-                         rbeta.data_ptr(), addr(relu_y), ry.data_ptr(), rxhat.data_ptr(), a.data_ptr(), *rx.shape)
+                         rbeta.data_ptr(), addr(relu_y), ry.data_ptr(), rxhat.data_ptr(), a.data_ptr(), *rx.shape,
+                         _ps(rx, gamma, rgamma, rbeta))
 
 
-def _cpu_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rgx, rggamma, rgbeta):
+def _cpu_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta, rgx):
     native().bn_tbwd_cpu(dtype_code(gy), gy.data_ptr(), rgy.data_ptr(), xhat.data_ptr(), rxhat.data_ptr(), rstd.data_ptr(),
                          a.data_ptr(), gamma.data_ptr(), rgamma.data_ptr(), addr(relu_y), rgx.data_ptr(), rggamma.data_ptr(),
-                         rgbeta.data_ptr(), *gy.shape)
-
-
-def _triton(name):
-    def launch(*args, wrap):
-        from ..triton import batchnorm
-
-        getattr(batchnorm, name)(*args, wrap=wrap)
-
-    return launch
+                         rgbeta.data_ptr(), *gy.shape, _ps(gy, gamma, rgamma, rggamma, rgbeta))
 
 
 def _triton_fwd(x, gamma, beta, eps, relu, y, xhat, rstd, wrap):
@@ -99,26 +120,76 @@ def _triton_fwd(x, gamma, beta, eps, relu, y, xhat, rstd, wrap):
     batchnorm.bn_fwd(x, gamma, beta, y, xhat, rstd, eps, relu, wrap=wrap)
 
 
+def _triton_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta, gx, wrap):
+    from ..triton import batchnorm
+
+    batchnorm.bn_bwd(gy, xhat, rstd, gamma, relu_y, gx, ggamma, gbeta, wrap=wrap)
+
+
+def _triton_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y, ry, rxhat, a, wrap):
+    from ..triton import batchnorm
+
+    batchnorm.bn_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y, ry, rxhat, a, wrap=wrap)
+
+
+def _triton_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta, rgx, wrap):
+    from ..triton import batchnorm
+
+    batchnorm.bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rgx, rggamma, rgbeta, wrap=wrap)
+
+
+def _ref_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta):
+    gx, gg, gb = ref.bn_bwd(gy, xhat, rstd, gamma, relu_y)
+    ggamma.copy_(gg)
+    gbeta.copy_(gb)
+    return gx
+
+
+def _ref_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta):
+    rgx, rgg, rgb = ref.bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y)
+    rggamma.copy_(rgg)
+    rgbeta.copy_(rgb)
+    return rgx
+
+
+def _prep_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta):
+    # The parameter-like arrays stay views (the kernels take their row stride).
+    return gy.contiguous(), xhat, rstd, gamma, None if relu_y is None else relu_y.contiguous(), ggamma, gbeta
+
+
+def _prep_fwd(x, gamma, beta, eps, relu):
+    return x.contiguous(), gamma, beta, eps, relu
+
+
+def _prep_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y):
+    return rx.contiguous(), xhat, rstd, gamma, rgamma, rbeta, None if relu_y is None else relu_y.contiguous()
+
+
+def _prep_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta):
+    return (gy.contiguous(), rgy.contiguous(), xhat, rxhat, rstd, a, gamma, rgamma,
+            None if relu_y is None else relu_y.contiguous(), rggamma, rgbeta)
+
+
 # --------------------------------------------------------------------------- registrations
 
 register(OpSpec(
     "bn_fwd", "(Tensor x, Tensor gamma, Tensor beta, float eps, bool relu) -> (Tensor, Tensor, Tensor)",
-    _fwd_fake, ref.bn_fwd, cpu=_cpu_fwd, triton=_triton_fwd,
+    _fwd_fake, ref.bn_fwd, cpu=_cpu_fwd, triton=_triton_fwd, prep=_prep_fwd,
 ))
 register(OpSpec(
-    "bn_bwd", "(Tensor gy, Tensor xhat, Tensor rstd, Tensor gamma, Tensor? relu_y) -> (Tensor, Tensor, Tensor)",
-    _bwd_fake, ref.bn_bwd, cpu=_cpu_bwd, triton=_triton("bn_bwd"),
+    "bn_bwd", "(Tensor gy, Tensor xhat, Tensor rstd, Tensor gamma, Tensor? relu_y, Tensor(a!) ggamma, Tensor(b!) gbeta) -> Tensor",
+    _bwd_fake, _ref_bwd, cpu=_cpu_bwd, triton=_triton_bwd, mutates=("ggamma", "gbeta"), prep=_prep_bwd,
 ))
 register(OpSpec(
     "bn_tfwd",
     "(Tensor rx, Tensor xhat, Tensor rstd, Tensor gamma, Tensor rgamma, Tensor rbeta, Tensor? relu_y) -> (Tensor, Tensor, Tensor)",
-    _tfwd_fake, ref.bn_tfwd, cpu=_cpu_tfwd, triton=_triton("bn_tfwd"),
+    _tfwd_fake, ref.bn_tfwd, cpu=_cpu_tfwd, triton=_triton_tfwd, prep=_prep_tfwd,
 ))
 register(OpSpec(
     "bn_tbwd",
-    "(Tensor gy, Tensor rgy, Tensor xhat, Tensor rxhat, Tensor rstd, Tensor a, Tensor gamma, Tensor rgamma, Tensor? relu_y)"
-    " -> (Tensor, Tensor, Tensor)",
-    _tbwd_fake, ref.bn_tbwd, cpu=_cpu_tbwd, triton=_triton("bn_tbwd"),
+    "(Tensor gy, Tensor rgy, Tensor xhat, Tensor rxhat, Tensor rstd, Tensor a, Tensor gamma, Tensor rgamma, Tensor? relu_y,"
+    " Tensor(a!) rggamma, Tensor(b!) rgbeta) -> Tensor",
+    _tbwd_fake, _ref_tbwd, cpu=_cpu_tbwd, triton=_triton_tbwd, mutates=("rggamma", "rgbeta"), prep=_prep_tbwd,
 ))
 
 # --------------------------------------------------------------------------- public functions
@@ -129,9 +200,11 @@ def bn_fwd(x: Tensor, gamma: Tensor, beta: Tensor, eps: float, relu: bool, backe
     return kernels(x.device, x.dtype, backend).bn_fwd(x, gamma, beta, float(eps), bool(relu))
 
 
-def bn_bwd(gy, xhat, rstd, gamma, relu_y, backend=None):
-    """-> ``(gx [T,R,C], ggamma [T,C], gbeta [T,C])``."""
-    return kernels(gy.device, gy.dtype, backend).bn_bwd(gy, xhat, rstd, gamma, relu_y)
+def bn_bwd(gy, xhat, rstd, gamma, relu_y, ggamma=None, gbeta=None, backend=None):
+    """-> ``(gx [T,R,C], ggamma [T,C], gbeta [T,C])``; ``ggamma``/``gbeta`` given: written in place."""
+    ggamma = _stats(gy) if ggamma is None else ggamma
+    gbeta = _stats(gy) if gbeta is None else gbeta
+    return kernels(gy.device, gy.dtype, backend).bn_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta), ggamma, gbeta
 
 
 def bn_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y, backend=None):
@@ -139,6 +212,9 @@ def bn_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y, backend=None):
     return kernels(rx.device, rx.dtype, backend).bn_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y)
 
 
-def bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, backend=None):
-    """Tangent backward -> ``(rgx [T,R,C], rggamma [T,C], rgbeta [T,C])``."""
-    return kernels(gy.device, gy.dtype, backend).bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y)
+def bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma=None, rgbeta=None, backend=None):
+    """Tangent backward -> ``(rgx [T,R,C], rggamma [T,C], rgbeta [T,C])`` (given: written in place)."""
+    rggamma = _stats(gy) if rggamma is None else rggamma
+    rgbeta = _stats(gy) if rgbeta is None else rgbeta
+    rgx = kernels(gy.device, gy.dtype, backend).bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta)
+    return rgx, rggamma, rgbeta

@@ -2,7 +2,10 @@
 tangent backward; private kernels, then host launchers.
 
 Formulas: :mod:`imaml_kernels.reference.batchnorm`. Layout: ``[T, R, C]`` row-major and
-contiguous (``R = N·H·W`` rows, channels innermost); per-(task, channel) tensors ``[T, C]``.
+contiguous (``R = N·H·W`` rows, channels innermost); per-(task, channel) statistics (``rstd``,
+``a``) contiguous ``[T, C]``; the parameter-like ``[T, C]`` arrays (``gamma``, ``beta``, their
+tangents and gradients) are rows of one row stride ``PS`` (views into a flat ``[T, P]``
+parameter buffer are read and written in place).
 
 Work split: a program owns ``BLOCK_C`` channels of one task and a range of ``RPS`` rows (one
 row split), walked in ``[BLOCK_R, BLOCK_C]`` tiles. Every stage is per-channel row sums ->
@@ -54,7 +57,7 @@ BN_MAX_SPLITS = 128
 BN_SPLIT_BLOCK = 32  # partials reduced per step in PHASE=2
 # Row counts need no specialisation (C, the row stride, carries the alignment): one compile
 # per block configuration instead of one per divisibility of R, RPS and NS.
-_NO_SPEC = ("R", "RPS", "NS")
+_NO_SPEC = ("R", "PS", "RPS", "NS")
 
 
 @triton.jit
@@ -92,6 +95,7 @@ def _bn_fwd_kernel(
     ws_ptr,  # [T, NS, 2, C] float64 partials (mean, M2) per split (PHASE 1 writes, 2 reads)
     R,  # rows per task
     C,  # channels
+    PS,  # row stride of the parameter-like [T, C] arrays (gamma, beta and their (co)tangents)
     RPS,  # rows per split (R when PHASE = 0)
     NS,  # splits per task (1 when PHASE = 0)
     inv_r: tl.float64,  # 1 / R, from the host (a float64 division is a subroutine call on the GPU)
@@ -157,12 +161,13 @@ def _bn_fwd_kernel(
     if PHASE != 1:
         eps = (tl.zeros([BLOCK_C], dtype=tl.float64) + eps_hi) + eps_lo  # exact: two fp32 halves
         r64 = 1.0 / tl.sqrt(m2 * inv_r + eps)  # biased variance; no rsqrt (absent in the interpreter)
-        tc = t * C + cols
+        tc = t * C + cols  # rstd, a
+        tp = t * PS + cols  # parameter-like
         tl.store(rstd_ptr + tc, r64.to(dt), mask=cmask & (s == 0))
         mu = mean.to(dt)[None, :]
         rs = r64.to(dt)[None, :]
-        gam = tl.load(gamma_ptr + tc, mask=cmask, other=0.0)[None, :]
-        bet = tl.load(beta_ptr + tc, mask=cmask, other=0.0)[None, :]
+        gam = tl.load(gamma_ptr + tp, mask=cmask, other=0.0)[None, :]
+        bet = tl.load(beta_ptr + tp, mask=cmask, other=0.0)[None, :]
         y_ptr += t * R * C
         xhat_ptr += t * R * C
         for r0 in range(r_lo, r_hi, BLOCK_R):
@@ -190,6 +195,7 @@ def _bn_bwd_kernel(
     ws_ptr,  # [T, NS, 2, C] float64 partial sums (g, g xhat) per split
     R,  # rows per task
     C,  # channels
+    PS,  # row stride of the parameter-like [T, C] arrays (gamma, beta and their (co)tangents)
     RPS,  # rows per split
     NS,  # splits per task
     inv_r: tl.float64,  # 1 / R (see _bn_fwd_kernel)
@@ -236,12 +242,13 @@ def _bn_bwd_kernel(
 
     if PHASE != 1:
         # gx = rstd gamma ((g - mean(g)) - xhat mean(g xhat)), coefficients as on the CPU.
-        tc = t * C + cols
+        tc = t * C + cols  # rstd, a
+        tp = t * PS + cols  # parameter-like
         first = cmask & (s == 0)
-        tl.store(ggamma_ptr + tc, sgx.to(dt), mask=first)
-        tl.store(gbeta_ptr + tc, sg.to(dt), mask=first)
+        tl.store(ggamma_ptr + tp, sgx.to(dt), mask=first)
+        tl.store(gbeta_ptr + tp, sg.to(dt), mask=first)
         r = tl.load(rstd_ptr + tc, mask=cmask, other=0.0).to(tl.float64)
-        gam = tl.load(gamma_ptr + tc, mask=cmask, other=0.0).to(tl.float64)
+        gam = tl.load(gamma_ptr + tp, mask=cmask, other=0.0).to(tl.float64)
         mg = (sg * inv_r).to(dt)[None, :]
         mgx = (sgx * inv_r).to(dt)[None, :]
         coef = (r * gam).to(dt)[None, :]
@@ -272,6 +279,7 @@ def _bn_tfwd_kernel(
     ws_ptr,  # [T, NS, 2, C] float64 partial sums (rx, xhat rx) per split
     R,  # rows per task
     C,  # channels
+    PS,  # row stride of the parameter-like [T, C] arrays (gamma, beta and their (co)tangents)
     RPS,  # rows per split
     NS,  # splits per task
     inv_r: tl.float64,  # 1 / R (see _bn_fwd_kernel)
@@ -313,15 +321,16 @@ def _bn_tfwd_kernel(
 
     if PHASE != 1:
         # rxhat = rstd ((rx - mean(rx)) - xhat a), ry = gate(rgamma xhat + gamma rxhat + rbeta).
-        tc = t * C + cols
+        tc = t * C + cols  # rstd, a
+        tp = t * PS + cols  # parameter-like
         a = (sxr * inv_r).to(dt)
         tl.store(a_ptr + tc, a, mask=cmask & (s == 0))
         a = a[None, :]
         mrx = (srx * inv_r).to(dt)[None, :]
         r = tl.load(rstd_ptr + tc, mask=cmask, other=0.0)[None, :]
-        gam = tl.load(gamma_ptr + tc, mask=cmask, other=0.0)[None, :]
-        rgam = tl.load(rgamma_ptr + tc, mask=cmask, other=0.0)[None, :]
-        rbet = tl.load(rbeta_ptr + tc, mask=cmask, other=0.0)[None, :]
+        gam = tl.load(gamma_ptr + tp, mask=cmask, other=0.0)[None, :]
+        rgam = tl.load(rgamma_ptr + tp, mask=cmask, other=0.0)[None, :]
+        rbet = tl.load(rbeta_ptr + tp, mask=cmask, other=0.0)[None, :]
         relu_ptr += base
         ry_ptr += base
         rxhat_ptr += base
@@ -355,6 +364,7 @@ def _bn_tbwd_kernel(
     ws_ptr,  # [T, NS, 5, C] float64 partial sums (g, g xhat, rg, rg xhat, g rxhat) per split
     R,  # rows per task
     C,  # channels
+    PS,  # row stride of the parameter-like [T, C] arrays (gamma, beta and their (co)tangents)
     RPS,  # rows per split
     NS,  # splits per task
     inv_r: tl.float64,  # 1 / R (see _bn_fwd_kernel)
@@ -427,14 +437,15 @@ def _bn_tbwd_kernel(
         # rgx = r [(rgam - r a gam)(g - mg) + gam (rg - mrg) - rxhat m2 + xhat (r a m2 - dm2)],
         # m2 = gam mean(g xhat), dm2 = gam mean(rg xhat) + rgam mean(g xhat) + gam mean(g rxhat)
         # (the CPU kernel's coefficients).
-        tc = t * C + cols
+        tc = t * C + cols  # rstd, a
+        tp = t * PS + cols  # parameter-like
         first = cmask & (s == 0)
-        tl.store(rggamma_ptr + tc, (srgx + sgrx).to(dt), mask=first)
-        tl.store(rgbeta_ptr + tc, srg.to(dt), mask=first)
+        tl.store(rggamma_ptr + tp, (srgx + sgrx).to(dt), mask=first)
+        tl.store(rgbeta_ptr + tp, srg.to(dt), mask=first)
         r = tl.load(rstd_ptr + tc, mask=cmask, other=0.0).to(tl.float64)
         a = tl.load(a_ptr + tc, mask=cmask, other=0.0).to(tl.float64)
-        gam = tl.load(gamma_ptr + tc, mask=cmask, other=0.0).to(tl.float64)
-        rgam = tl.load(rgamma_ptr + tc, mask=cmask, other=0.0).to(tl.float64)
+        gam = tl.load(gamma_ptr + tp, mask=cmask, other=0.0).to(tl.float64)
+        rgam = tl.load(rgamma_ptr + tp, mask=cmask, other=0.0).to(tl.float64)
         m2 = gam * sgx * inv_r
         dm2 = (gam * (srgx + sgrx) + rgam * sgx) * inv_r
         mg = (sg * inv_r).to(dt)[None, :]
@@ -479,64 +490,90 @@ def plan(T, R, C, elsize, tile_bytes=None):
 
 
 def _bn_setup(x, **tensors):
-    """Checks a BatchNorm stage's tensors; -> ``(T, R, C)``."""
+    """Checks a BatchNorm stage's tensors (kinds: ``full`` ``[T,R,C]``, ``stat`` contiguous
+    ``[T,C]``, ``param`` ``[T,C]`` rows of one shared row stride); -> ``(T, R, C, ps)``."""
     T, R, C = x.shape
     if R * C >= 2**31:
         raise ValueError(f"R * C = {R * C} per task is beyond the kernels' int32 in-task offsets")
     full, stat = (T, R, C), (T, C)
-    check(x, full, x=(x, full), **{k: (v, full if kind == "full" else stat) for k, (v, kind) in tensors.items()})
-    return T, R, C
+    params = {k: v for k, (v, kind) in tensors.items() if kind == "param"}
+    check(x, full, x=(x, full), **{k: (v, full if kind == "full" else stat) for k, (v, kind) in tensors.items() if kind != "param"})
+    ps = param_stride(x, params)
+    return T, R, C, ps
 
 
-def _launch(kernel, wrap, x, nsums, tensors, scalars, constexprs, tile_bytes=None):
-    """One launch (no split) or the PHASE 1 + PHASE 2 pair of a stage over ``x [T, R, C]``."""
+def param_stride(x, params):
+    """The one row stride of the ``[T, C]`` parameter-like arrays (views into ``[T, P]``
+    buffers allowed: unit channel stride, rows ``ps >= C`` apart); ``C`` for contiguous ones."""
+    T, _, C = x.shape
+    strides = set()
+    for name, t in params.items():
+        if t.dtype != x.dtype or t.device != x.device:
+            raise TypeError(f"{name}: {t.dtype} on {t.device}, expected {x.dtype} on {x.device}")
+        if tuple(t.shape) != (T, C):
+            raise ValueError(f"{name}: shape {tuple(t.shape)}, expected {(T, C)}")
+        if C > 1 and t.stride(1) != 1:
+            raise ValueError(f"{name} must have unit stride along the channels")
+        if T > 1:
+            strides.add(t.stride(0))
+    if len(strides) > 1:
+        raise ValueError(f"the [T, C] parameter-like arrays must share one row stride, got {sorted(strides)}")
+    ps = strides.pop() if strides else C
+    if ps < C:
+        raise ValueError(f"parameter row stride {ps} is below C = {C}")
+    return ps
+
+
+def _launch(kernel, wrap, x, ps, nsums, tensors, scalars, constexprs, tile_bytes=None):
+    """One launch (no split) or the PHASE 1 + PHASE 2 pair of a stage over ``x [T, R, C]``;
+    ``ps``: the parameter-like arrays' row stride."""
     T, R, C = x.shape
     block_r, block_c, cb, rps, ns = plan(T, R, C, x.element_size(), tile_bytes)
     # BLOCK_S is fixed (masked): one compile serves every split count.
     meta = dict(constexprs, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_S=BN_SPLIT_BLOCK, num_warps=BN_NUM_WARPS)
     if ns == 1:
         # The workspace is never touched: any pointer will do, and nothing is allocated.
-        wrap(kernel)[(T, cb, 1)](*tensors, x, R, C, R, 1, 1.0 / R, *scalars, PHASE=0, **meta)
+        wrap(kernel)[(T, cb, 1)](*tensors, x, R, C, ps, R, 1, 1.0 / R, *scalars, PHASE=0, **meta)
         return
     ws = torch.empty((T, ns, nsums, C), dtype=torch.float64, device=x.device)
     for phase in (1, 2):
-        wrap(kernel)[(T, cb, ns)](*tensors, ws, R, C, rps, ns, 1.0 / R, *scalars, PHASE=phase, **meta)
+        wrap(kernel)[(T, cb, ns)](*tensors, ws, R, C, ps, rps, ns, 1.0 / R, *scalars, PHASE=phase, **meta)
 
 
 def bn_fwd(x, gamma, beta, y, xhat, rstd, eps: float, relu: bool, wrap=ident):
     """BatchNorm forward with batch statistics -> writes ``y``, ``xhat [T,R,C]``, ``rstd [T,C]``."""
-    T, R, C = _bn_setup(
-        x, gamma=(gamma, "stat"), beta=(beta, "stat"), y=(y, "full"), xhat=(xhat, "full"), rstd=(rstd, "stat")
+    T, R, C, ps = _bn_setup(
+        x, gamma=(gamma, "param"), beta=(beta, "param"), y=(y, "full"), xhat=(xhat, "full"), rstd=(rstd, "stat")
     )
     if T * R * C == 0:
         return
-    _launch(_bn_fwd_kernel, wrap, x, 2, (x, gamma, beta, y, xhat, rstd), split_f64(eps), dict(RELU=bool(relu)))
+    _launch(_bn_fwd_kernel, wrap, x, ps, 2, (x, gamma, beta, y, xhat, rstd), split_f64(eps), dict(RELU=bool(relu)))
 
 
 def bn_bwd(gy, xhat, rstd, gamma, relu_y, gx, ggamma, gbeta, wrap=ident):
     """Backward of :func:`bn_fwd` -> writes ``gx [T,R,C]``, ``ggamma``, ``gbeta [T,C]``."""
     extra = {} if relu_y is None else {"relu_y": (relu_y, "full")}
-    T, R, C = _bn_setup(
-        gy, xhat=(xhat, "full"), rstd=(rstd, "stat"), gamma=(gamma, "stat"), gx=(gx, "full"),
-        ggamma=(ggamma, "stat"), gbeta=(gbeta, "stat"), **extra,
+    T, R, C, ps = _bn_setup(
+        gy, xhat=(xhat, "full"), rstd=(rstd, "stat"), gamma=(gamma, "param"), gx=(gx, "full"),
+        ggamma=(ggamma, "param"), gbeta=(gbeta, "param"), **extra,
     )
     if T * R * C == 0:
         return
     # Without a ReLU the gate pointer is never read; any tensor of the right dtype will do.
-    _launch(_bn_bwd_kernel, wrap, gy, 2, (gy, xhat, rstd, gamma, gy if relu_y is None else relu_y, gx, ggamma, gbeta),
+    _launch(_bn_bwd_kernel, wrap, gy, ps, 2, (gy, xhat, rstd, gamma, gy if relu_y is None else relu_y, gx, ggamma, gbeta),
             (), dict(RELU=relu_y is not None))
 
 
 def bn_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y, ry, rxhat, a, wrap=ident):
     """Tangent of :func:`bn_fwd` -> writes ``ry``, ``rxhat [T,R,C]``, ``a [T,C]``."""
     extra = {} if relu_y is None else {"relu_y": (relu_y, "full")}
-    T, R, C = _bn_setup(
-        rx, xhat=(xhat, "full"), rstd=(rstd, "stat"), gamma=(gamma, "stat"), rgamma=(rgamma, "stat"),
-        rbeta=(rbeta, "stat"), ry=(ry, "full"), rxhat=(rxhat, "full"), a=(a, "stat"), **extra,
+    T, R, C, ps = _bn_setup(
+        rx, xhat=(xhat, "full"), rstd=(rstd, "stat"), gamma=(gamma, "param"), rgamma=(rgamma, "param"),
+        rbeta=(rbeta, "param"), ry=(ry, "full"), rxhat=(rxhat, "full"), a=(a, "stat"), **extra,
     )
     if T * R * C == 0:
         return
-    _launch(_bn_tfwd_kernel, wrap, rx, 2,
+    _launch(_bn_tfwd_kernel, wrap, rx, ps, 2,
             (rx, xhat, rstd, gamma, rgamma, rbeta, rx if relu_y is None else relu_y, ry, rxhat, a),
             (), dict(RELU=relu_y is not None))
 
@@ -544,13 +581,13 @@ def bn_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y, ry, rxhat, a, wrap=ide
 def bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rgx, rggamma, rgbeta, wrap=ident):
     """Tangent of :func:`bn_bwd` -> writes ``rgx [T,R,C]``, ``rggamma``, ``rgbeta [T,C]``."""
     extra = {} if relu_y is None else {"relu_y": (relu_y, "full")}
-    T, R, C = _bn_setup(
+    T, R, C, ps = _bn_setup(
         gy, rgy=(rgy, "full"), xhat=(xhat, "full"), rxhat=(rxhat, "full"), rstd=(rstd, "stat"),
-        a=(a, "stat"), gamma=(gamma, "stat"), rgamma=(rgamma, "stat"), rgx=(rgx, "full"),
-        rggamma=(rggamma, "stat"), rgbeta=(rgbeta, "stat"), **extra,
+        a=(a, "stat"), gamma=(gamma, "param"), rgamma=(rgamma, "param"), rgx=(rgx, "full"),
+        rggamma=(rggamma, "param"), rgbeta=(rgbeta, "param"), **extra,
     )
     if T * R * C == 0:
         return
-    _launch(_bn_tbwd_kernel, wrap, gy, 5,
+    _launch(_bn_tbwd_kernel, wrap, gy, ps, 5,
             (gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, gy if relu_y is None else relu_y, rgx, rggamma, rgbeta),
             (), dict(RELU=relu_y is not None), BN_TBWD_TILE_BYTES)
