@@ -77,7 +77,13 @@ class Conv(Layer):
     """Conv2d, square kernel, equal strides, groups 1. Cache: ``cols`` (the im2col patches;
     ``fwd`` uses them when already present, see :meth:`patches`), ``wt`` (the weight as a
     ``[T, k·k·Cin, Cout]`` GEMM operand), ``xshape``, ``hw``; ``gz`` (the output cotangent)
-    after ``bwd``. Scratch: ``rwt``, ``rcols``."""
+    after ``bwd``. Scratch: ``rwt``, ``rcols``.
+
+    A bias that feeds a batch-statistics BatchNorm (``dead_bias``) changes no output: the
+    BatchNorm subtracts each channel's batch mean, bias included, for any input. Its gradient
+    and every Hessian entry involving it are exactly zero, so the engine neither adds it nor
+    reduces for it; the net hands the backward methods gradient buffers already zero there
+    (:meth:`~imaml_kernels.engine.BatchedNet.linearize`), so ``gp[1]``/``rgp[1]`` are not written."""
 
     def __init__(self, m: nn.Conv2d, prefix):
         if m.groups != 1 or m.dilation != (1, 1) or m.kernel_size[0] != m.kernel_size[1] or m.stride[0] != m.stride[1]:
@@ -89,7 +95,12 @@ class Conv(Layer):
         self.pb, self.pr = m.padding  # bottom / right: only the output size sees them
         self.cin, self.cout = m.in_channels, m.out_channels
         self.bias = m.bias is not None
+        self.dead_bias = False  # set by parse() when a batch-statistics BatchNorm follows
         self.params = (prefix + "weight",) + ((prefix + "bias",) if self.bias else ())
+
+    @property
+    def live_bias(self):
+        return self.bias and not self.dead_bias
 
     def absorb(self, pad: "ZeroPad"):
         """Take a preceding ``ZeroPad2d`` into this convolution's (fused, zero) padding: one
@@ -127,7 +138,7 @@ class Conv(Layer):
         Ho, Wo = c["hw"]
         cols = c["cols"]
         wt = self._wt(p[0])
-        z = torch.baddbmm(p[1].unsqueeze(1), cols, wt) if self.bias else torch.bmm(cols, wt)
+        z = torch.baddbmm(p[1].unsqueeze(1), cols, wt) if self.live_bias else torch.bmm(cols, wt)
         c["wt"] = wt
         return z.view(T, N, Ho, Wo, self.cout)
 
@@ -142,7 +153,7 @@ class Conv(Layer):
         gz = gy.reshape(T, -1, self.cout)
         c["gz"] = gz
         _bmm_into(c["cols"].transpose(1, 2), gz, self._wt(gp[0]))
-        if self.bias:
+        if self.live_bias:
             _sum_into(gz, gp[1])
         if need_gx:
             return self._gx(k, torch.bmm(gz, c["wt"].transpose(1, 2)), c)
@@ -153,7 +164,7 @@ class Conv(Layer):
         Ho, Wo = c["hw"]
         rwt = self._wt(rp[0])
         s["rwt"] = rwt
-        rz = torch.baddbmm(rp[1].unsqueeze(1), c["cols"], rwt) if self.bias else torch.bmm(c["cols"], rwt)
+        rz = torch.baddbmm(rp[1].unsqueeze(1), c["cols"], rwt) if self.live_bias else torch.bmm(c["cols"], rwt)
         if rx is not None:
             rcols = self._cols(k, rx, Ho, Wo)
             rz.baddbmm_(rcols, c["wt"])
@@ -170,7 +181,7 @@ class Conv(Layer):
         _bmm_into(cols.transpose(1, 2), rgz, rgw)
         if rcols is not None:
             rgw.baddbmm_(rcols.transpose(1, 2), gz)
-        if self.bias:
+        if self.live_bias:
             _sum_into(rgz, rgp[1])
         if need_gx:
             # Two GEMMs into one output. Stacking them ([rgz | gz] @ [Wᵀ; Ẇᵀ], one GEMM with
@@ -407,7 +418,9 @@ def parse(model: nn.Module, in_shape):
             layers.append(layer)
         elif isinstance(m, nn.BatchNorm2d):
             relu = i + 1 < len(mods) and isinstance(mods[i + 1][1], nn.ReLU)
-            layers.append(BatchNorm(m, prefix, relu))
+            layers.append(BatchNorm(m, prefix, relu))  # batch statistics (eval mode refused)
+            if len(layers) > 1 and isinstance(layers[-2], Conv):
+                layers[-2].dead_bias = True
             i += relu
         elif isinstance(m, nn.ReLU):
             layers.append(ReLU())

@@ -47,7 +47,7 @@ class Linearization:
         v = v.to(self.params_native.dtype)
         p = net._views(self.params_native)
         rp = net._views(v)
-        out = torch.empty_like(v)
+        out = net._grad_buffer(v)
         rgp = net._views(out)
         scratch = [{} for _ in net.layers]  # per product: the primal caches are only read
         rx = None
@@ -93,6 +93,9 @@ class BatchedNet:
         self._run_list = self._runs()
         self._last_inner = None  # (output, its native buffer, output version) of inner_loop
         self._last_data = None  # (x, x version, dtype, _prepare(x)) of the last inner loop
+        self._perms = {}  # the layout permutations' gather indices, per device
+        # Gradient-like buffers start at zero where no backward method writes (dead conv biases).
+        self._zeroed = any(isinstance(layer, Conv) and layer.bias and layer.dead_bias for layer in self.layers)
         # Layers up to this index need no input gradient (nothing upstream has parameters).
         with_params = [i for i, layer in enumerate(self.layers) if layer.params]
         self.first_needs_gx = with_params[0] if with_params else len(self.layers)
@@ -100,6 +103,11 @@ class BatchedNet:
     @property
     def numel(self) -> int:
         return self.layout.numel
+
+    def _grad_buffer(self, like):
+        """An output buffer for a backward pass: zeros where the layers write nothing (one fill),
+        else uninitialised (every element is written)."""
+        return torch.zeros_like(like) if self._zeroed else torch.empty_like(like)
 
     def kernels(self, t: torch.Tensor):
         """The :class:`~imaml_kernels.dispatch.Kernels` for ``t``'s device and dtype under this
@@ -125,8 +133,35 @@ class BatchedNet:
         return runs
 
     def _permute(self, flat, src, dst, which):
+        """One gather (``index_select`` with the layout's permutation): one launch per
+        conversion, not one copy per parameter (the copies below build the index, once)."""
         if not self._native:
             return flat.clone(memory_format=torch.contiguous_format)
+        return flat.index_select(1, self._perm(flat, which))
+
+    def _perm(self, flat, which):
+        """The gather index of conversion ``which`` (0: to native, 1: from native) on
+        ``flat``'s device, made once per device by the copies of :meth:`_permute_copies` on an
+        index ramp (under ``FakeTensorMode``, once per mode: ``bench launches`` counts it once,
+        as a GPU would make it)."""
+        if torch.compiler.is_compiling():
+            mode = None  # traced: a real index made before is a constant of the graph
+        else:
+            from torch._guards import detect_fake_mode
+
+            mode = detect_fake_mode(flat)
+        key = (which, str(flat.device), None if mode is None else id(mode))
+        p = self._perms.get(key)
+        if p is None:
+            # Methods of `flat`, so that a fake `flat` makes a fake index (exact below 2**53).
+            ramp = flat.new_ones((1, self.numel), dtype=torch.float64).cumsum(1) - 1
+            src, dst = (self.layout, self.native_layout) if which == 0 else (self.native_layout, self.layout)
+            p = self._permute_copies(ramp, src, dst, which)[0].to(torch.int64)
+            if not torch.compiler.is_compiling():
+                self._perms[key] = p
+        return p
+
+    def _permute_copies(self, flat, src, dst, which):
         out = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device)
         a, b = src.unflatten(flat), dst.unflatten(out)
         for k, span in self._run_list:
@@ -241,7 +276,7 @@ class BatchedNet:
         k = self.kernels(params)
         native = self._native_for_reading(params)
         p, caches, loss, glogits = self._forward(k, native, x, y, self._data_for(k, x, native.dtype))
-        grad = torch.empty_like(native)
+        grad = self._grad_buffer(native)
         self._backward(k, p, caches, glogits, grad)
         return Linearization(self, k, native, caches, loss, grad)
 
@@ -283,7 +318,7 @@ class BatchedNet:
         phi = self.to_native(start)
         theta = self.to_native(rows.contiguous())
         theta = theta[0] if shared else theta
-        grad = torch.empty_like(phi)
+        grad = self._grad_buffer(phi)  # reused by every step
         k = self.kernels(phi)
         data = self._prepare(k, x, phi.dtype)  # the support set's first-layer patches, once
         self._last_data = None if torch.compiler.is_compiling() else (x, x._version, phi.dtype, data)
@@ -314,7 +349,7 @@ class _EngineLogits(torch.autograd.Function):
         net = ctx.net
         k, native, p, caches = ctx.state
         ctx.state = None
-        grad = torch.empty_like(native)
+        grad = net._grad_buffer(native)
         net._backward(k, p, caches, glogits.to(native.dtype).contiguous(), grad)
         g = net.layout.unflatten(net.from_native(grad))
         return (None, None, *(g[k] for k in net.layout.names))
