@@ -326,7 +326,7 @@ class _ImplicitGrad(torch.autograd.Function):
         phi = st["phi"]
         g = layout.flatten({k: (gr if gr is not None else torch.zeros_like(phi[k])) for k, gr in zip(st["names"], grads)})
         finite_g = torch.isfinite(g).all(1)
-        g = torch.where(finite_g[:, None], g, torch.zeros_like(g))
+        g = g.masked_fill(~finite_g[:, None], 0.0)
         if st["first_order"]:
             x, info = g, None
             bad = ~finite_g
@@ -336,7 +336,7 @@ class _ImplicitGrad(torch.autograd.Function):
                 lin = st.pop("lin", None) or obj.linearize(layout.as_flat(phi))
 
                 def matvec(v):
-                    return v + lin.task_hvp_work(v) / lam
+                    return torch.addcdiv(v, lin.task_hvp_work(v), lam)  # v + Hv/λ, one pass
 
                 # CG is elementwise in the coordinates: it runs in the HVP's own order.
                 x, info = cg_solve(matvec, lin.to_work(g), iters=st["cg_iters"], tol=st["cg_tol"], backend=st["backend"])
@@ -345,7 +345,7 @@ class _ImplicitGrad(torch.autograd.Function):
             # iterate, a usable partial solve; it is reported in info["cg"].breakdown.
             bad = ~finite_g | ~torch.isfinite(x).all(1)
         bad = bad | ~torch.isfinite(st["inner_loss"])
-        x = torch.where(bad[:, None], torch.zeros_like(x), x)
+        x = x.masked_fill(bad[:, None], 0.0)
         st["result"].info = {"cg": info, "dropped": bad}
         total = layout.unflatten(x.sum(0, keepdim=True))  # one reduction over the tasks
         return (None, *(total[k][0].to(st["theta_dtypes"][k]) for k in st["names"]))
