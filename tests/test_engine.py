@@ -500,3 +500,48 @@ def test_conv_bias_before_batchnorm_is_exactly_dead():
     g2 = BatchedNet(m2, m2.input_shape).linearize(p2, x2, y2).grad
     lay2 = ParamLayout.from_params(dict(m2.named_parameters()), batched=False)
     assert g2[:, lay2.offsets["0.bias"]:lay2.offsets["0.bias"] + 6].abs().min() > 0
+
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_col2im_bn_bwd_equals_col2im_then_bn_bwd(backend, relu, monkeypatch):
+    """The fused backward (Triton: col2im in the loads; C++: the two kernels) equals col2im then
+    bn_bwd, with rows split over programs (Triton) and with γ/β gradients written into views."""
+    if backend == "cpu" and not dispatch._engine_kernels_built():
+        pytest.skip("extension without engine kernels")
+    from imaml_kernels.triton import batchnorm as tbn
+
+    monkeypatch.setattr(tbn, "BN_SPLIT_MIN_R", 64)  # split the 3 x 7 x 5 = 105 rows at test size
+    monkeypatch.setattr(tbn, "BN_MIN_SPLIT_ROWS", 16)
+    torch.manual_seed(2)
+    T, N, H, W, C, s, pad = 2, 3, 7, 5, 6, 2, 1
+    Ho, Wo = (H + 2 * pad - 3) // s + 1, (W + 2 * pad - 3) // s + 1
+    x = torch.randn(T, N * H * W, C, dtype=torch.float64)
+    gcols = torch.randn(T, N, Ho, Wo, 3, 3, C, dtype=torch.float64)
+    flat = torch.randn(T, 3 * C + 4, dtype=torch.float64)
+    g, b = flat[:, :C], flat[:, C + 2:2 * C + 2]
+    y, xhat, rstd = ops.batchnorm.bn_fwd(x, g, b, 1e-5, relu, backend="reference")
+    relu_y = y if relu else None
+    gy = twins.col2im(gcols, H, W, s, pad, pad).reshape(T, -1, C)
+    want = ops.batchnorm.bn_bwd(gy, xhat, rstd, g, relu_y, backend="reference")
+    grad = torch.zeros(T, 3 * C + 4, dtype=torch.float64)
+    gx, gg, gb = ops.batchnorm.col2im_bn_bwd(gcols, H, W, s, pad, pad, xhat, rstd, g, relu_y, grad[:, :C], grad[:, C + 2:2 * C + 2],
+                                             backend=backend)
+    assert rel(gx, want[0]) < 1e-12 and rel(grad[:, :C], want[1]) < 1e-12 and rel(grad[:, C + 2:2 * C + 2], want[2]) < 1e-12
+    assert (grad[:, C:C + 2] == 0).all() and (grad[:, 2 * C + 2:] == 0).all()
+    torch.library.opcheck(torch.ops.imaml.col2im_bn_bwd, (gcols, H, W, s, pad, pad, xhat, rstd, g.contiguous(), relu_y,
+                                                          torch.empty(T, C, dtype=torch.float64), torch.empty(T, C, dtype=torch.float64)))
+
+
+def test_inner_loop_on_triton_equals_reference():
+    """The fused inner loop (the gathering BatchNorm backward included) through the Triton
+    interpreter equals the reference backend."""
+    torch.manual_seed(3)
+    model = OmniglotConv(5, channels=4).double()
+    T = 2
+    theta = model.flat_params()
+    x, y = torch.randn(T, 5, 1, 28, 28, dtype=torch.float64), torch.arange(5).expand(T, -1).contiguous()
+    a = model.batched("triton").inner_loop(theta, x, y, lam=2.0, steps=2, lr=0.1)
+    b = model.batched("reference").inner_loop(theta, x, y, lam=2.0, steps=2, lr=0.1)
+    assert rel(a, b) < 1e-12

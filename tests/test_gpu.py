@@ -107,7 +107,7 @@ def conv_family(dtype, device):
 def batchnorm_family(dtype, device):
     """The four BatchNorm stages: R = 37 rows (one program per task and channel block, no
     ReLU) and R = 300 (rows split, partial sums combined; with ReLU)."""
-    out = {n: [] for n in ("bn_fwd", "bn_bwd", "bn_tfwd", "bn_tbwd")}
+    out = {n: [] for n in ("bn_fwd", "bn_bwd", "bn_tfwd", "bn_tbwd", "col2im_bn_bwd")}
     for seed, (T, R, C, relu) in enumerate(((2, 37, 20, False), (2, 300, 20, True))):
         g = _gen(10 + seed)
         x, rx, gy, rgy = (_randn(g, T, R, C, scale=2.0, shift=0.5) for _ in range(4))
@@ -123,6 +123,20 @@ def batchnorm_family(dtype, device):
         out["bn_bwd"].append((cid, (gy, xhat, rstd, gamma, relu_y, torch.empty_like(gamma), torch.empty_like(gamma))))
         out["bn_tfwd"].append((cid, (rx, xhat, rstd, gamma, rgamma, rbeta, relu_y)))
         out["bn_tbwd"].append((cid, (gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, torch.empty_like(gamma), torch.empty_like(gamma))))
+    # The backward gathering its cotangent from the next conv's patch cotangent (3x3, stride 2,
+    # pad 1): R = N H W with N = 1 (R = 37 is prime: 1 x 37 x 1 images) or N = 3 (300 = 3 x 10 x 10).
+    for seed, (T, N, H, W, C, relu) in enumerate(((2, 1, 37, 1, 20, False), (2, 3, 10, 10, 20, True))):
+        g = _gen(20 + seed)
+        R = N * H * W
+        Ho, Wo = (H + 2 - 3) // 2 + 1, (W + 2 - 3) // 2 + 1
+        x, gcols = _randn(g, T, R, C, scale=2.0, shift=0.5), _randn(g, T, N, Ho, Wo, 3, 3, C)
+        gamma, beta = _randn(g, T, C, shift=0.3), _randn(g, T, C, scale=0.5)
+        x, gcols, gamma, beta = _cast([x, gcols, gamma, beta], dtype, device)
+        y, xhat, rstd = reference.bn_fwd(x.double(), gamma.double(), beta.double(), EPS, relu)
+        xhat, rstd = _cast([xhat, rstd], dtype, device)
+        relu_y = y.to(dtype).to(device) if relu else None
+        out["col2im_bn_bwd"].append((f"T{T}-N{N}-{H}x{W}-C{C}", (gcols, H, W, 2, 1, 1, xhat, rstd, gamma, relu_y,
+                                                                  torch.empty_like(gamma), torch.empty_like(gamma))))
     return out
 
 

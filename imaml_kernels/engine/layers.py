@@ -14,7 +14,10 @@ The contract every layer keeps (``k`` is the resolved :class:`~imaml_kernels.dis
   into the primal cache ``c`` (a dict owned by one linearisation).
 - ``bwd(k, p, gy, c, gp, need_gx) -> gx | None``: the primal backward; reads ``c``, writes
   ``gp``, may add the primal cotangent to ``c`` (``c["gy"]``, read by ``tbwd``); returns the
-  input cotangent only when ``need_gx`` (the first layer with parameters skips it).
+  input cotangent only when ``need_gx`` (the first layer with parameters skips it). With
+  ``need_gx == "cols"`` (the inner loop, where no tangent pass follows, for a convolution fed
+  by a BatchNorm) a convolution returns its patch cotangent as :class:`PatchCotangent`, and the
+  BatchNorm's backward gathers from it (``col2im_bn_bwd``: one launch fewer on the GPU).
 - ``tfwd(k, p, rp, rx, c, s) -> ry``: the tangent forward along ``(rx, rp)`` (``rx`` is ``None``
   before the first layer with parameters: the input is data); reads ``c`` only and writes the
   per-product scratch ``s``, a fresh dict for every HVP, so a linearisation is re-entrant.
@@ -48,6 +51,14 @@ def _sum_into(t, out):
         out.copy_(t.sum(1))
     else:
         torch.sum(t, 1, out=out)
+
+
+class PatchCotangent:
+    """A convolution's input cotangent not yet gathered: ``gcols [T, N, Ho, Wo, k, k, C]`` and the
+    geometry of ``col2im(gcols, H, W, s, ph, pw)``."""
+
+    def __init__(self, gcols, H, W, s, ph, pw):
+        self.gcols, self.H, self.W, self.s, self.ph, self.pw = gcols, H, W, s, ph, pw
 
 
 class Layer:
@@ -142,10 +153,12 @@ class Conv(Layer):
         c["wt"] = wt
         return z.view(T, N, Ho, Wo, self.cout)
 
-    def _gx(self, k, gcols, c):
+    def _gx(self, k, gcols, c, lazy=False):
         T, N, H, W, C = c["xshape"]
         Ho, Wo = c["hw"]
         g = gcols.view(T, N, Ho, Wo, self.k, self.k, C)
+        if lazy:
+            return PatchCotangent(g, H, W, self.s, self.ph, self.pw)
         return k.col2im(g, H, W, self.s, self.ph, self.pw)
 
     def bwd(self, k, p, gy, c, gp, need_gx):
@@ -156,7 +169,7 @@ class Conv(Layer):
         if self.live_bias:
             _sum_into(gz, gp[1])
         if need_gx:
-            return self._gx(k, torch.bmm(gz, c["wt"].transpose(1, 2)), c)
+            return self._gx(k, torch.bmm(gz, c["wt"].transpose(1, 2)), c, lazy=need_gx == "cols")
         return None
 
     def tfwd(self, k, p, rp, rx, c, s):
@@ -214,10 +227,14 @@ class BatchNorm(Layer):
         return y.view(shape)
 
     def bwd(self, k, p, gy, c, gp, need_gx):
+        # γ's and β's gradients are written straight into their views of the flat gradient.
+        if isinstance(gy, PatchCotangent):  # the inner loop: no tangent pass reads c["gy"]
+            g = gy
+            gx = k.col2im_bn_bwd(g.gcols, g.H, g.W, g.s, g.ph, g.pw, c["xhat"], c["rstd"], p[0], c["y"], gp[0], gp[1])
+            return gx.view(c["shape"])
         T, C = gy.shape[0], gy.shape[-1]
         gy = gy.reshape(T, -1, C)
         c["gy"] = gy
-        # γ's and β's gradients are written straight into their views of the flat gradient.
         gx = k.bn_bwd(gy, c["xhat"], c["rstd"], p[0], c["y"], gp[0], gp[1])
         return gx.view(c["shape"])
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import dispatch
 from ..layout import ParamLayout
-from .layers import Conv, UnsupportedModel, parse  # noqa: F401
+from .layers import BatchNorm, Conv, UnsupportedModel, parse  # noqa: F401
 
 
 class Linearization:
@@ -264,11 +264,16 @@ class BatchedNet:
         self._check(params, x, y)
         return self._forward(self.kernels(params), self.to_native(params), x, y)[2]
 
-    def _backward(self, k, p, caches, glogits, grad):
+    def _backward(self, k, p, caches, glogits, grad, fuse=False):
+        """``fuse``: no tangent pass follows (the inner loop), so a convolution fed by a
+        BatchNorm hands it its patch cotangent to gather (see :mod:`.layers`)."""
         gp = self._views(grad)
         g = glogits
         for idx in range(len(self.layers) - 1, self.first_needs_gx - 1, -1):
-            g = self.layers[idx].bwd(k, p[idx], g, caches[idx], gp[idx], need_gx=idx > self.first_needs_gx)
+            need = idx > self.first_needs_gx
+            if need and fuse and isinstance(self.layers[idx], Conv) and isinstance(self.layers[idx - 1], BatchNorm):
+                need = "cols"
+            g = self.layers[idx].bwd(k, p[idx], g, caches[idx], gp[idx], need_gx=need)
 
     def linearize(self, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> Linearization:
         """Primal forward and backward at ``params [T, P]``; the result's ``hvp`` reuses them."""
@@ -324,7 +329,7 @@ class BatchedNet:
         self._last_data = None if torch.compiler.is_compiling() else (x, x._version, phi.dtype, data)
         for _ in range(steps):
             p, caches, _, glogits = self._forward(k, phi, x, y, data)
-            self._backward(k, p, caches, glogits, grad)
+            self._backward(k, p, caches, glogits, grad, fuse=True)
             # φ -= lr (g + λ (φ − θ))  ==  φ (1 − lr λ) + lr λ θ − lr g
             k.prox_step(phi, grad, theta, lam_t, lr)
         out = self.from_native(phi)

@@ -10,6 +10,10 @@ are read in place, and the backward ops write their parameter gradients into suc
 copies). Formulas: :mod:`imaml_kernels.reference.batchnorm`. Kernels:
 ``csrc/batchnorm_cpu.cpp`` (C++), :mod:`imaml_kernels.triton.batchnorm` (Triton).
 
+``col2im_bn_bwd`` is the backward whose cotangent is the input cotangent of the convolution
+the BatchNorm feeds, given as that convolution's patch cotangent: on the GPU the col2im is
+fused into the backward's loads (one launch fewer per layer and step).
+
 Example::
 
     >>> y, xhat, rstd = bn_fwd(x, gamma, beta, 1e-5, True)        # x [T,R,C], gamma [T,C]
@@ -60,6 +64,14 @@ def _stats(x):
     return x.new_empty(x.shape[0], x.shape[2])
 
 
+def _like_param(gamma):
+    """A ``[T, C]`` output with ``gamma``'s row stride (the parameter arrays share one)."""
+    T, C = gamma.shape
+    if T <= 1 or gamma.stride(0) == C:
+        return gamma.new_empty(T, C)
+    return gamma.new_empty(T, gamma.stride(0))[:, :C]
+
+
 def _fwd_fake(x, gamma, beta, eps, relu):
     check_tensor("x", x, dim=3)
     _check([], [], [("gamma", gamma), ("beta", beta)], None, x)
@@ -83,6 +95,19 @@ def _tbwd_fake(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rg
     _check([("rgy", rgy), ("xhat", xhat), ("rxhat", rxhat)], [("rstd", rstd), ("a", a)],
            [("gamma", gamma), ("rgamma", rgamma), ("rggamma", rggamma), ("rgbeta", rgbeta)], relu_y, gy)
     return gy.new_empty(gy.shape)
+
+
+def _cols_fake(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbeta):
+    check_tensor("gcols", gcols, dim=7)
+    check_tensor("xhat", xhat, dim=3)
+    T, R, C = xhat.shape
+    expect(gcols.shape[0] == T and gcols.shape[4] == gcols.shape[5] and gcols.shape[6] == C, ValueError,
+           f"gcols must be [T={T}, N, Ho, Wo, k, k, C={C}], got {tuple(gcols.shape)}")
+    expect(gcols.shape[1] * H * W == R, ValueError, f"gcols' N={gcols.shape[1]} times H*W={H * W} must equal R={R}")
+    expect(s >= 1 and ph >= 0 and pw >= 0, ValueError, f"bad geometry s={s} ph={ph} pw={pw}")
+    expect(gcols.dtype == xhat.dtype and gcols.device == xhat.device, TypeError, "gcols must match xhat's dtype and device")
+    _check([], [("rstd", rstd)], [("gamma", gamma), ("ggamma", ggamma), ("gbeta", gbeta)], relu_y, xhat)
+    return xhat.new_empty(xhat.shape)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -112,6 +137,30 @@ def _cpu_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgb
     native().bn_tbwd_cpu(dtype_code(gy), gy.data_ptr(), rgy.data_ptr(), xhat.data_ptr(), rxhat.data_ptr(), rstd.data_ptr(),
                          a.data_ptr(), gamma.data_ptr(), rgamma.data_ptr(), addr(relu_y), rgx.data_ptr(), rggamma.data_ptr(),
                          rgbeta.data_ptr(), *gy.shape, _ps(gy, gamma, rgamma, rggamma, rgbeta))
+
+
+def _cpu_cols(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbeta, gx):
+    # On the CPU launches cost nothing: col2im, then the backward (the Triton twin fuses them).
+    T, R, C = xhat.shape
+    N, Ho, Wo, k = gcols.shape[1], gcols.shape[2], gcols.shape[3], gcols.shape[4]
+    gy = xhat.new_empty(xhat.shape)
+    native().col2im_cpu(dtype_code(gcols), gcols.data_ptr(), gy.data_ptr(), T, N, H, W, C, Ho, Wo, k, s, ph, pw)
+    _cpu_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta, gx)
+
+
+def _triton_cols(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbeta, gx, wrap):
+    from ..triton import batchnorm
+
+    batchnorm.bn_bwd_cols(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, gx, ggamma, gbeta, wrap=wrap)
+
+
+def _ref_cols(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbeta):
+    gy = ref.col2im(gcols, H, W, s, ph, pw).reshape(xhat.shape)
+    return _ref_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta)
+
+
+def _prep_cols(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbeta):
+    return gcols.contiguous(), H, W, s, ph, pw, xhat, rstd, gamma, None if relu_y is None else relu_y.contiguous(), ggamma, gbeta
 
 
 def _triton_fwd(x, gamma, beta, eps, relu, y, xhat, rstd, wrap):
@@ -181,6 +230,12 @@ register(OpSpec(
     _bwd_fake, _ref_bwd, cpu=_cpu_bwd, triton=_triton_bwd, mutates=("ggamma", "gbeta"), prep=_prep_bwd,
 ))
 register(OpSpec(
+    "col2im_bn_bwd",
+    "(Tensor gcols, int H, int W, int s, int ph, int pw, Tensor xhat, Tensor rstd, Tensor gamma, Tensor? relu_y,"
+    " Tensor(a!) ggamma, Tensor(b!) gbeta) -> Tensor",
+    _cols_fake, _ref_cols, cpu=_cpu_cols, triton=_triton_cols, mutates=("ggamma", "gbeta"), prep=_prep_cols,
+))
+register(OpSpec(
     "bn_tfwd",
     "(Tensor rx, Tensor xhat, Tensor rstd, Tensor gamma, Tensor rgamma, Tensor rbeta, Tensor? relu_y) -> (Tensor, Tensor, Tensor)",
     _tfwd_fake, ref.bn_tfwd, cpu=_cpu_tfwd, triton=_triton_tfwd, prep=_prep_tfwd,
@@ -202,9 +257,20 @@ def bn_fwd(x: Tensor, gamma: Tensor, beta: Tensor, eps: float, relu: bool, backe
 
 def bn_bwd(gy, xhat, rstd, gamma, relu_y, ggamma=None, gbeta=None, backend=None):
     """-> ``(gx [T,R,C], ggamma [T,C], gbeta [T,C])``; ``ggamma``/``gbeta`` given: written in place."""
-    ggamma = _stats(gy) if ggamma is None else ggamma
-    gbeta = _stats(gy) if gbeta is None else gbeta
+    ggamma = _like_param(gamma) if ggamma is None else ggamma
+    gbeta = _like_param(gamma) if gbeta is None else gbeta
     return kernels(gy.device, gy.dtype, backend).bn_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta), ggamma, gbeta
+
+
+def col2im_bn_bwd(gcols, H: int, W: int, s: int, ph: int, pw: int, xhat, rstd, gamma, relu_y, ggamma=None, gbeta=None,
+                  backend=None):
+    """:func:`bn_bwd` of the cotangent ``col2im(gcols, H, W, s, ph, pw)`` (the input cotangent of
+    the convolution this BatchNorm feeds), fused on the GPU -> ``(gx, ggamma, gbeta)``."""
+    ggamma = _like_param(gamma) if ggamma is None else ggamma
+    gbeta = _like_param(gamma) if gbeta is None else gbeta
+    gx = kernels(xhat.device, xhat.dtype, backend).col2im_bn_bwd(gcols, int(H), int(W), int(s), int(ph), int(pw), xhat, rstd,
+                                                                 gamma, relu_y, ggamma, gbeta)
+    return gx, ggamma, gbeta
 
 
 def bn_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y, backend=None):
@@ -214,7 +280,7 @@ def bn_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y, backend=None):
 
 def bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma=None, rgbeta=None, backend=None):
     """Tangent backward -> ``(rgx [T,R,C], rggamma [T,C], rgbeta [T,C])`` (given: written in place)."""
-    rggamma = _stats(gy) if rggamma is None else rggamma
-    rgbeta = _stats(gy) if rgbeta is None else rgbeta
+    rggamma = _like_param(gamma) if rggamma is None else rggamma
+    rgbeta = _like_param(gamma) if rgbeta is None else rgbeta
     rgx = kernels(gy.device, gy.dtype, backend).bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta)
     return rgx, rggamma, rgbeta

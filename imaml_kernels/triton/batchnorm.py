@@ -42,6 +42,7 @@ from ._common import check, ident, split_f64
 # (bench/results/compile.md). Not swept on a GPU (none was available).
 BN_TILE_BYTES = 8192
 BN_TBWD_TILE_BYTES = 4096
+BN_GATHER_TILE_BYTES = 4096  # the gathering backward (k*k index sets per tile): no spills at float64 on sm_80
 BN_MAX_BLOCK_C = 64  # channels per program: 64 float32 = one 256-byte row segment
 BN_NUM_WARPS = 8
 # Row splits: a stage whose tasks have at least BN_SPLIT_MIN_R rows is split into enough
@@ -182,9 +183,35 @@ def _bn_fwd_kernel(
             tl.store(y_ptr + off, y, mask=m)
 
 
+@triton.jit
+def _gather_cols(gcols_ptr, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw,
+                 K: tl.constexpr, S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The input cotangent of a K x K, stride-S convolution at rows ``(n, h, w)`` of task ``t``:
+    the sum of its <= K*K entries of the patch cotangent ``gcols [T, N, Ho, Wo, K, K, C]`` in
+    (i, j) order, in the data type -- the same values, bit for bit, as ``_col2im_kernel``'s."""
+    w = rows % W
+    h = (rows // W) % H
+    img = t * (R // (H * W)) + rows // (H * W)  # int64: t * N + n
+    hp = h + ph
+    wp = w + pw
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=gcols_ptr.dtype.element_ty)
+    for i in tl.static_range(K):
+        dh = hp - i
+        ho = dh // S
+        okh = (dh >= 0) & (dh % S == 0) & (ho < Ho)  # dh >= 0 first: // truncates towards 0
+        rb = (img * Ho + ho) * Wo
+        for j in tl.static_range(K):
+            dw = wp - j
+            wo = dw // S
+            ok = okh & (dw >= 0) & (dw % S == 0) & (wo < Wo)
+            src = ((rb + wo) * (K * K) + (i * K + j)) * C
+            acc += tl.load(gcols_ptr + src[:, None] + cols[None, :], mask=m & ok[:, None], other=0.0)
+    return acc
+
+
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _bn_bwd_kernel(
-    gy_ptr,  # [T, R, C] output cotangent
+    gy_ptr,  # [T, R, C] output cotangent; GATHER: the next conv's patch cotangent [T, N, Ho, Wo, K, K, C]
     xhat_ptr,  # [T, R, C] from _bn_fwd_kernel
     rstd_ptr,  # [T, C] from _bn_fwd_kernel
     gamma_ptr,  # [T, C] scale
@@ -199,7 +226,16 @@ def _bn_bwd_kernel(
     RPS,  # rows per split
     NS,  # splits per task
     inv_r: tl.float64,  # 1 / R (see _bn_fwd_kernel)
+    H,  # GATHER: the image height and width (R = N H W), the patch grid Ho x Wo and the
+    W,  # top / left padding of the convolution whose patch cotangent is gathered
+    Ho,
+    Wo,
+    ph,
+    pw,
     RELU: tl.constexpr,  # gate gy by relu > 0
+    GATHER: tl.constexpr,  # gy is gathered from a patch cotangent (col2im fused into the loads)
+    K: tl.constexpr,  # GATHER: kernel size
+    S: tl.constexpr,  # GATHER: stride
     PHASE: tl.constexpr,  # as in _bn_fwd_kernel
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -212,7 +248,8 @@ def _bn_bwd_kernel(
     r_lo = s * RPS
     r_hi = tl.minimum(R, r_lo + RPS)
     base = t * R * C
-    gy_ptr += base
+    if not GATHER:
+        gy_ptr += base
     xhat_ptr += base
     relu_ptr += base
     dt = gy_ptr.dtype.element_ty
@@ -225,7 +262,10 @@ def _bn_bwd_kernel(
             rows = r0 + tl.arange(0, BLOCK_R)
             m = (rows < r_hi)[:, None] & cmask[None, :]
             off = rows[:, None] * C + cols[None, :]
-            g = tl.load(gy_ptr + off, mask=m, other=0.0)
+            if GATHER:
+                g = _gather_cols(gy_ptr, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, K, S, BLOCK_R, BLOCK_C)
+            else:
+                g = tl.load(gy_ptr + off, mask=m, other=0.0)
             if RELU:
                 g = tl.where(tl.load(relu_ptr + off, mask=m, other=0.0) > 0.0, g, 0.0)
             g = g.to(tl.float64)
@@ -257,7 +297,10 @@ def _bn_bwd_kernel(
             rows = r0 + tl.arange(0, BLOCK_R)
             m = (rows < r_hi)[:, None] & cmask[None, :]
             off = rows[:, None] * C + cols[None, :]
-            g = tl.load(gy_ptr + off, mask=m, other=0.0)
+            if GATHER:
+                g = _gather_cols(gy_ptr, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, K, S, BLOCK_R, BLOCK_C)
+            else:
+                g = tl.load(gy_ptr + off, mask=m, other=0.0)
             if RELU:
                 g = tl.where(tl.load(relu_ptr + off, mask=m, other=0.0) > 0.0, g, 0.0)
             xh = tl.load(xhat_ptr + off, mask=m, other=0.0)
@@ -561,7 +604,27 @@ def bn_bwd(gy, xhat, rstd, gamma, relu_y, gx, ggamma, gbeta, wrap=ident):
         return
     # Without a ReLU the gate pointer is never read; any tensor of the right dtype will do.
     _launch(_bn_bwd_kernel, wrap, gy, ps, 2, (gy, xhat, rstd, gamma, gy if relu_y is None else relu_y, gx, ggamma, gbeta),
-            (), dict(RELU=relu_y is not None))
+            (1, 1, 1, 1, 0, 0), dict(RELU=relu_y is not None, GATHER=False, K=1, S=1))
+
+
+def bn_bwd_cols(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, gx, ggamma, gbeta, wrap=ident):
+    """:func:`bn_bwd` with its output cotangent gathered from the patch cotangent ``gcols [T, N,
+    Ho, Wo, k, k, C]`` of the convolution it feeds (stride ``s``, top/left padding ``ph``/``pw``,
+    on ``H x W`` images): the col2im fused into the loads, one launch (or pair) fewer, no
+    ``[T, R, C]`` cotangent in memory. Same results, bit for bit, as col2im then bn_bwd."""
+    extra = {} if relu_y is None else {"relu_y": (relu_y, "full")}
+    T, R, C, ps = _bn_setup(
+        xhat, rstd=(rstd, "stat"), gamma=(gamma, "param"), gx=(gx, "full"), ggamma=(ggamma, "param"),
+        gbeta=(gbeta, "param"), **extra,
+    )
+    Tg, N, Ho, Wo, k, k2, Cg = gcols.shape
+    if (Tg, Cg, k) != (T, C, k2) or N * H * W != R or gcols.dtype != xhat.dtype or not gcols.is_contiguous():
+        raise ValueError(f"gcols {tuple(gcols.shape)} does not fit [T={T}, N, Ho, Wo, k, k, C={C}] with N*H*W = R = {R}")
+    if T * R * C == 0:
+        return
+    _launch(_bn_bwd_kernel, wrap, xhat, ps, 2, (gcols, xhat, rstd, gamma, xhat if relu_y is None else relu_y, gx, ggamma, gbeta),
+            (H, W, Ho, Wo, ph, pw), dict(RELU=relu_y is not None, GATHER=True, K=int(k), S=int(s)),
+            BN_GATHER_TILE_BYTES)
 
 
 def bn_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y, ry, rxhat, a, wrap=ident):
