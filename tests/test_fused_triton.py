@@ -100,6 +100,7 @@ def _bn_splits(monkeypatch, min_rows):
     """Row splits at test sizes: as many as ``min_rows`` rows per split allow, partials
     combined 2 at a time (several combining steps, a partial last one)."""
     monkeypatch.setattr(batchnorm, "BN_TARGET_PROGRAMS", 10**6)
+    monkeypatch.setattr(batchnorm, "BN_MIN_PROGRAMS", 10**6)
     monkeypatch.setattr(batchnorm, "BN_SPLIT_MIN_R", 0)
     monkeypatch.setattr(batchnorm, "BN_MIN_SPLIT_ROWS", min_rows)
     monkeypatch.setattr(batchnorm, "BN_SPLIT_BLOCK", 2)
@@ -194,8 +195,11 @@ def test_bn_row_splits_default_tiles(monkeypatch, stage):
 
 
 def test_bn_plan_paper_shapes():
-    """Splits where rows are plentiful and programs are not (the first Omniglot layer at T = 32
-    gets at least 2 programs per SM of an H100); small layers stay one launch."""
+    """At least 2 programs per SM of an H100 where rows allow: from narrower channel blocks
+    first (every Omniglot layer at T = 32: one launch), then from row splits; small layers
+    stay one launch."""
+    for R in (980, 245, 80, 20):  # Omniglot 5w1s at T = 32: 512 programs, no split
+        assert batchnorm.plan(32, R, 64, 4)[1:] [1:] == (16, R, 1) and batchnorm.plan(32, R, 64, 4)[1] == 4
     for T, R, C in ((32, 980, 64), (16, 3920, 64), (16, 980, 64), (4, 35280, 32), (4, 529200, 32), (4, 2205, 32)):
         for elsize in (4, 8):
             _, _, cb, rps, ns = batchnorm.plan(T, R, C, elsize)

@@ -52,6 +52,8 @@ BN_NUM_WARPS = 8
 # (Omniglot's 245, 80 and 20 rows at T = 32) stay one launch: a second launch would cost more
 # than the few row tiles per program it saves, and launches per meta-step are budgeted.
 BN_TARGET_PROGRAMS = 4 * 132
+BN_MIN_PROGRAMS = 2 * 132  # below this a launch narrows its channel blocks, then splits its rows
+BN_MIN_BLOCK_BYTES = 16  # the narrowest channel block: one 16-byte vector per row
 BN_SPLIT_MIN_R = 512
 BN_MIN_SPLIT_ROWS = 24
 BN_MAX_SPLITS = 128
@@ -519,12 +521,20 @@ def _bn_tbwd_kernel(
 
 def plan(T, R, C, elsize, tile_bytes=None):
     """Block sizes and row splits of a ``[T, R, C]`` stage ->
-    ``(BLOCK_R, BLOCK_C, channel blocks, rows per split, splits)``."""
+    ``(BLOCK_R, BLOCK_C, channel blocks, rows per split, splits)``.
+
+    Programs first come from narrower channel blocks (down to 16-byte row segments), which
+    costs no launch: at T = 32 and 64 channels every Omniglot layer runs 512 programs in one
+    launch. Only when that still leaves fewer than ``BN_MIN_PROGRAMS`` (2 per SM) are the rows
+    split (two launches; e.g. MiniImagenet at T = 4), aiming at ``BN_TARGET_PROGRAMS``."""
     block_c = min(triton.next_power_of_2(max(C, 1)), BN_MAX_BLOCK_C)
+    min_c = max(1, BN_MIN_BLOCK_BYTES // elsize)
+    while block_c > min_c and T * triton.cdiv(C, block_c) < BN_MIN_PROGRAMS:
+        block_c //= 2
     cb = triton.cdiv(C, block_c)
     tile_rows = max(1, (tile_bytes or BN_TILE_BYTES) // elsize // block_c)
     ns = 1
-    if R >= BN_SPLIT_MIN_R:
+    if R >= BN_SPLIT_MIN_R and T * cb < BN_MIN_PROGRAMS:
         ns = max(1, min(triton.cdiv(BN_TARGET_PROGRAMS, T * cb), R // max(BN_MIN_SPLIT_ROWS, 1), BN_MAX_SPLITS))
     rps = triton.cdiv(R, ns)
     ns = triton.cdiv(R, rps)
