@@ -106,8 +106,11 @@ class ProximalObjective:
         return self._theta_flat
 
     def with_lam(self, lam):
-        """The same objective with another ``[T]`` λ."""
-        return ProximalObjective(self.task_loss, self.theta, lam, self.batch, hvp_chunk=self.hvp_chunk, engine=self.engine)
+        """The same objective with another ``[T]`` λ (θ's flat copy is shared)."""
+        other = ProximalObjective(self.task_loss, self.theta, lam, self.batch, hvp_chunk=self.hvp_chunk, engine=self.engine)
+        if getattr(self, "_theta_flat_key", None) is not None:
+            other._theta_flat, other._theta_flat_key = self._theta_flat, self._theta_flat_key
+        return other
 
     def _lam(self, like):
         return self.lam.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
@@ -209,8 +212,12 @@ class ObjectiveLinearization:
         return self._lin.net.from_native(v) if self._lin is not None else v
 
     def task_hvp_work(self, v):
-        """:meth:`task_hvp` in the work order."""
-        return self._lin.hvp_native(v) if self._lin is not None else self.task_hvp(v)
+        """:meth:`task_hvp` in the work order. With the engine the result lives in one buffer
+        reused by every call (a CG matvec consumes it at once): read it before the next call."""
+        if self._lin is None:
+            return self.task_hvp(v)
+        self._hv = self._lin.hvp_native(v, out=getattr(self, "_hv", None))
+        return self._hv
 
     def task_hvp(self, v):
         """``H_t v_t`` (no proximal term): ``[T, P]`` -> ``[T, P]``."""

@@ -41,13 +41,14 @@ class Linearization:
             raise ValueError(f"v must have shape {list(self.params_native.shape)} (the params), got {list(v.shape)}")
         return self.net.from_native(self.hvp_native(self.net.to_native(v.to(self.params_native.dtype))))
 
-    def hvp_native(self, v: torch.Tensor) -> torch.Tensor:
-        """:meth:`hvp` with ``v`` and the result in the engine's parameter order."""
+    def hvp_native(self, v: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:meth:`hvp` with ``v`` and the result in the engine's parameter order; ``out``: a
+        buffer from an earlier call to write into (its zeros where no layer writes are kept)."""
         net, k = self.net, self.kernels
         v = v.to(self.params_native.dtype)
         p = net._views(self.params_native)
         rp = net._views(v)
-        out = net._grad_buffer(v)
+        out = net._grad_buffer(v) if out is None else out
         rgp = net._views(out)
         scratch = [{} for _ in net.layers]  # per product: the primal caches are only read
         rx = None
@@ -94,6 +95,7 @@ class BatchedNet:
         self._last_inner = None  # (output, its native buffer, output version) of inner_loop
         self._last_data = None  # (x, x version, dtype, _prepare(x)) of the last inner loop
         self._perms = {}  # the layout permutations' gather indices, per device
+        self._checked_labels = None  # (weakref to the last labels checked, their version)
         # Gradient-like buffers start at zero where no backward method writes (dead conv biases).
         self._zeroed = any(isinstance(layer, Conv) and layer.bias and layer.dead_bias for layer in self.layers)
         # Layers up to this index need no input gradient (nothing upstream has parameters).
@@ -197,7 +199,10 @@ class BatchedNet:
                 return native
         return self.to_native(flat)
 
-    def _check(self, params, x, y):
+    def _check(self, params, x, y=None):
+        """Shapes and dtypes of ``params``, ``x`` and (given) the labels ``y``, whose values are
+        checked once per labels tensor (its identity and version: the inner loop and the
+        linearisation that follows share one check; on a GPU a device-side assert)."""
         if not isinstance(params, torch.Tensor) or params.dim() != 2 or params.shape[1] != self.numel:
             got = list(params.shape) if isinstance(params, torch.Tensor) else type(params).__name__
             raise ValueError(f"params must be a flat [T, {self.numel}] buffer for this network, got {got}")
@@ -206,20 +211,26 @@ class BatchedNet:
         T = params.shape[0]
         if x.dim() != 2 + len(self.input_shape) or x.shape[0] != T or tuple(x.shape[2:]) != self.input_shape:
             raise ValueError(f"x must have shape [T={T}, N, {', '.join(map(str, self.input_shape))}], got {list(x.shape)}")
+        if x.shape[1] < 1:
+            raise ValueError("every task needs at least one example")
+        if y is None:
+            return
         if y.shape != x.shape[:2]:
             raise ValueError(f"y must have shape {list(x.shape[:2])} (tasks, examples), got {list(y.shape)}")
         if y.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"y must hold integer class labels, got {y.dtype}")
-        if x.shape[1] < 1:
-            raise ValueError("every task needs at least one example")
         if torch.compiler.is_compiling():
             pass  # no value checks while tracing (they would read the labels back)
+        elif self._checked_labels is not None and self._checked_labels[0]() is y and self._checked_labels[1] == y._version:
+            pass
         elif y.device.type == "cpu":
             lo, hi = int(y.min()), int(y.max())
             if lo < 0 or hi >= self.num_classes:
                 raise ValueError(f"labels must lie in [0, {self.num_classes}), got values in [{lo}, {hi}]")
         else:  # on a GPU: a device-side assert, no host synchronisation
             torch._assert_async(((y >= 0) & (y < self.num_classes)).all(), "labels out of range for the network")
+        if not torch.compiler.is_compiling():
+            self._checked_labels = (weakref.ref(y), y._version)
 
     def _input(self, x, dtype):
         x = x.to(dtype)
@@ -256,7 +267,7 @@ class BatchedNet:
 
     def logits(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The network's output ``[T, N, classes]`` (no autograd; see :func:`functional_logits`)."""
-        self._check(params, x, torch.zeros(x.shape[:2], dtype=torch.int64, device=x.device))
+        self._check(params, x)
         return self._run_forward(self.kernels(params), self.to_native(params), x)[2]
 
     def loss(self, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -355,7 +366,7 @@ class _EngineLogits(torch.autograd.Function):
         k, native, p, caches = ctx.state
         ctx.state = None
         grad = net._grad_buffer(native)
-        net._backward(k, p, caches, glogits.to(native.dtype).contiguous(), grad)
+        net._backward(k, p, caches, glogits.to(native.dtype).contiguous(), grad, fuse=True)  # no tangent pass follows
         g = net.layout.unflatten(net.from_native(grad))
         return (None, None, *(g[k] for k in net.layout.names))
 
@@ -368,8 +379,7 @@ def functional_logits(net: BatchedNet, params, x):
     if isinstance(params, torch.Tensor):
         params = net.layout.unflatten(params)
     leaves = [params[k] for k in net.layout.names]
-    net._check(net.layout.as_flat({k: t.detach() for k, t in zip(net.layout.names, leaves)}), x,
-               torch.zeros(x.shape[:2], dtype=torch.int64, device=x.device))
+    net._check(net.layout.as_flat({k: t.detach() for k, t in zip(net.layout.names, leaves)}), x)
     return _EngineLogits.apply(net, x, *leaves)
 
 
