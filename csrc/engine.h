@@ -76,8 +76,11 @@ void col2im_cpu(DType dtype, const void* gcols, void* gx, int64_t T, int64_t N, 
 // logits [T, N, K], y [T, N] int64 in [0, K) (else std::out_of_range, nothing written):
 // loss [T] = mean_n (logsumexp - logit[y]); prob = softmax; grad = (prob - onehot(y)) / N.
 // prob or grad may be nullptr (not written).
+// gbias (optional, row stride gs): sum over each task's rows of grad -- the gradient of a bias
+// added to the logits.
 void softmax_ce_cpu(DType dtype, const void* logits, const int64_t* y, void* loss, void* prob,
-                    void* grad, int64_t T, int64_t N, int64_t K);
+                    void* grad, int64_t T, int64_t N, int64_t K, void* gbias,
+                    int64_t gs);
 
 // rg = prob * (rlogits - sum_k prob * rlogits) / N.
 void softmax_ce_tangent_cpu(DType dtype, const void* prob, const void* rlogits, void* rg, int64_t T,

@@ -64,11 +64,25 @@ void softmax_ce_tangent_impl(const T* __restrict prob, const T* __restrict rl, T
 }  // namespace
 
 void softmax_ce_cpu(DType dtype, const void* logits, const int64_t* y, void* loss, void* prob,
-                    void* grad, int64_t T, int64_t N, int64_t K) {
+                    void* grad, int64_t T, int64_t N, int64_t K, void* gbias, int64_t gs) {
   check_sizes("softmax_ce_cpu", {T, N, K});
   if (N == 0 || K == 0) throw std::invalid_argument("softmax_ce_cpu: N and K must be positive");
-  IMAML_DISPATCH(dtype, softmax_ce_impl(cp<scalar_t>(logits), y, mp<scalar_t>(loss),
-                                        mp<scalar_t>(prob), mp<scalar_t>(grad), T, N, K));
+  if (gbias && T > 1 && gs < K) throw std::invalid_argument("softmax_ce_cpu: gbias row stride below K");
+  IMAML_DISPATCH(dtype, {
+    softmax_ce_impl(cp<scalar_t>(logits), y, mp<scalar_t>(loss), mp<scalar_t>(prob),
+                    mp<scalar_t>(grad), T, N, K);
+    // The gradient of a bias added to the logits: the sum over the task's rows (float64).
+    if (gbias) {
+      const scalar_t* g = cp<scalar_t>(grad);
+      scalar_t* gb = mp<scalar_t>(gbias);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t k = 0; k < K; ++k) {
+          double acc = 0.0;
+          for (int64_t n = 0; n < N; ++n) acc += double(g[(t * N + n) * K + k]);
+          gb[t * gs + k] = scalar_t(acc);
+        }
+    }
+  });
 }
 
 void softmax_ce_tangent_cpu(DType dtype, const void* prob, const void* rlogits, void* rg, int64_t T,

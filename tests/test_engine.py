@@ -393,7 +393,7 @@ def test_implicit_meta_grad_backend_steers_every_stage(backend):
     if backend == "reference":
         assert ours == set(), ours
     else:
-        assert {"bn_fwd", "bn_tbwd", "im2col", "col2im", "softmax_ce", "prox_step", "cg_dots", "cg_update"} <= ours, ours
+        assert {"bn_fwd", "bn_tbwd", "im2col", "col2im", "softmax_ce_bias", "prox_step", "cg_dots", "cg_update"} <= ours, ours
     ref, _ = ik.implicit_meta_grad(model, theta, (xs, ys), (xq, yq), lam=2.0, inner=ik.GD(2, 0.1), cg_iters=2, engine=False)
     for k in g:
         assert torch.allclose(g[k], ref[k], rtol=1e-3, atol=1e-5), k
@@ -532,6 +532,17 @@ def test_col2im_bn_bwd_equals_col2im_then_bn_bwd(backend, relu, monkeypatch):
     assert (grad[:, C:C + 2] == 0).all() and (grad[:, 2 * C + 2:] == 0).all()
     torch.library.opcheck(torch.ops.imaml.col2im_bn_bwd, (gcols, H, W, s, pad, pad, xhat, rstd, g.contiguous(), relu_y,
                                                           torch.empty(T, C, dtype=torch.float64), torch.empty(T, C, dtype=torch.float64)))
+    # The tangent backward, gathering the cotangent's tangent the same way.
+    gy2, rx = torch.randn_like(x), torch.randn_like(x)
+    tangent = torch.randn(T, 3 * C + 4, dtype=torch.float64)  # rows of the same stride as flat
+    rg, rb = tangent[:, :C], tangent[:, C + 2:2 * C + 2]
+    _, rxhat, a = ops.batchnorm.bn_tfwd(rx, xhat, rstd, g, rg, rb, relu_y, backend="reference")
+    want = ops.batchnorm.bn_tbwd(gy2, gy, xhat, rxhat, rstd, a, g, rg, relu_y, backend="reference")
+    got = ops.batchnorm.col2im_bn_tbwd(gy2, gcols, H, W, s, pad, pad, xhat, rxhat, rstd, a, g, rg, relu_y, backend=backend)
+    for o, w in zip(got, want):
+        assert rel(o, w) < 1e-12
+    torch.library.opcheck(torch.ops.imaml.col2im_bn_tbwd, (gy2, gcols, H, W, s, pad, pad, xhat, rxhat, rstd, a, g.contiguous(), rg.contiguous(),
+                                                           relu_y, torch.empty(T, C, dtype=torch.float64), torch.empty(T, C, dtype=torch.float64)))
 
 
 def test_inner_loop_on_triton_equals_reference():
@@ -545,3 +556,23 @@ def test_inner_loop_on_triton_equals_reference():
     a = model.batched("triton").inner_loop(theta, x, y, lam=2.0, steps=2, lr=0.1)
     b = model.batched("reference").inner_loop(theta, x, y, lam=2.0, steps=2, lr=0.1)
     assert rel(a, b) < 1e-12
+
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_softmax_ce_bias_writes_the_bias_gradient_in_place(backend):
+    """The head's bias gradient from the softmax kernel (the sum of its gradient over each task's
+    rows) into a strided view; the other outputs are softmax_ce's."""
+    if backend == "cpu" and not dispatch._engine_kernels_built():
+        pytest.skip("extension without engine kernels")
+    torch.manual_seed(4)
+    T, N, K = 3, 7, 5
+    logits, y = torch.randn(T, N, K, dtype=torch.float64), torch.randint(0, K, (T, N))
+    buf = torch.full((T, K + 3), 9.0, dtype=torch.float64)
+    loss, prob, grad = ops.softmax_ce.softmax_ce_bias(logits, y, buf[:, 1:1 + K], backend=backend)
+    want = ops.softmax_ce.softmax_ce(logits, y, backend="reference")
+    for o, w in zip((loss, prob, grad), want):
+        assert rel(o, w) < 1e-12
+    assert rel(buf[:, 1:1 + K], want[2].sum(1)) < 1e-12
+    assert (buf[:, 0] == 9.0).all() and (buf[:, 1 + K:] == 9.0).all()
+    torch.library.opcheck(torch.ops.imaml.softmax_ce_bias, (logits, y, torch.empty(T, K, dtype=torch.float64)))

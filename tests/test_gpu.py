@@ -107,7 +107,7 @@ def conv_family(dtype, device):
 def batchnorm_family(dtype, device):
     """The four BatchNorm stages: R = 37 rows (one program per task and channel block, no
     ReLU) and R = 300 (rows split, partial sums combined; with ReLU)."""
-    out = {n: [] for n in ("bn_fwd", "bn_bwd", "bn_tfwd", "bn_tbwd", "col2im_bn_bwd")}
+    out = {n: [] for n in ("bn_fwd", "bn_bwd", "bn_tfwd", "bn_tbwd", "col2im_bn_bwd", "col2im_bn_tbwd")}
     for seed, (T, R, C, relu) in enumerate(((2, 37, 20, False), (2, 300, 20, True))):
         g = _gen(10 + seed)
         x, rx, gy, rgy = (_randn(g, T, R, C, scale=2.0, shift=0.5) for _ in range(4))
@@ -137,6 +137,12 @@ def batchnorm_family(dtype, device):
         relu_y = y.to(dtype).to(device) if relu else None
         out["col2im_bn_bwd"].append((f"T{T}-N{N}-{H}x{W}-C{C}", (gcols, H, W, 2, 1, 1, xhat, rstd, gamma, relu_y,
                                                                   torch.empty_like(gamma), torch.empty_like(gamma))))
+        gy, rx, rgamma, rbeta = _cast([_randn(g, T, R, C), _randn(g, T, R, C), _randn(g, T, C), _randn(g, T, C)], dtype, device)
+        _, rxhat, a = reference.bn_tfwd(rx.double(), xhat.double(), rstd.double(), gamma.double(), rgamma.double(),
+                                        rbeta.double(), None if relu_y is None else relu_y.double())
+        rxhat, a = _cast([rxhat, a], dtype, device)
+        out["col2im_bn_tbwd"].append((f"T{T}-N{N}-{H}x{W}-C{C}", (gy, gcols, H, W, 2, 1, 1, xhat, rxhat, rstd, a, gamma, rgamma,
+                                                                   relu_y, torch.empty_like(gamma), torch.empty_like(gamma))))
     return out
 
 
@@ -161,7 +167,8 @@ def softmax_ce_family(dtype, device):
     y = torch.randint(0, K, (T, N), generator=g, dtype=torch.int64).to(device)
     prob = torch.softmax(logits.double(), -1).to(dtype)
     cid = f"T{T}-N{N}-K{K}"
-    return {"softmax_ce": [(cid, (logits, y))], "softmax_ce_tangent": [(cid, (prob, rlogits))]}
+    return {"softmax_ce": [(cid, (logits, y))], "softmax_ce_tangent": [(cid, (prob, rlogits))],
+            "softmax_ce_bias": [(cid, (logits, y, torch.empty(T, K, dtype=dtype, device=device)))]}
 
 
 def prox_family(dtype, device):

@@ -137,10 +137,8 @@ def test_no_host_sync_in_the_fused_meta_step(counts):
     assert r["sync_count"] == 0, r["syncs"]
 
 
-# The budget. Measured on 2026-12-01 at 7fb0aa9 + local engine changes
-# (bench/results/launches.md): 1,760 kernel launches per 5w1s meta-step (1,622 launching ops:
-# 343 clone, 264 copy_), 0 host syncs. Drop the xfail once the engine's copies are gone.
-@pytest.mark.xfail(strict=True, reason="budget not met yet: 1,760 kernel launches per 5w1s meta-step measured (<= 800)")
+# The budget: <= 800 kernel launches and no host sync per 5w1s meta-step on the GPU
+# code path (1,814 at the start of this round; 794 on 2026-12-01, bench/results/launches.md).
 def test_launch_budget_5w1s(counts):
     r = counts["fused"]
     _gpu_path(r)

@@ -173,13 +173,15 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "softmax_ce_cpu",
       [](int dtype, uintptr_t logits, uintptr_t y, uintptr_t loss, uintptr_t prob, uintptr_t grad,
-         int64_t T, int64_t N, int64_t K) {
+         int64_t T, int64_t N, int64_t K, uintptr_t gbias, int64_t gs) {
         py::gil_scoped_release nogil;
         imaml::softmax_ce_cpu(to_dtype(dtype), ptr<const void>(logits), ptr<const int64_t>(y),
-                              ptr<void>(loss), ptr<void>(prob), ptr<void>(grad), T, N, K);
+                              ptr<void>(loss), ptr<void>(prob), ptr<void>(grad), T, N, K,
+                              ptr<void>(gbias), gs);
       },
       py::arg("dtype"), py::arg("logits"), py::arg("y"), py::arg("loss"), py::arg("prob"),
-      py::arg("grad"), py::arg("T"), py::arg("N"), py::arg("K"),
+      py::arg("grad"), py::arg("T"), py::arg("N"), py::arg("K"), py::arg("gbias") = 0,
+      py::arg("gs") = 0,
       "Cross-entropy: loss [T], softmax prob and (prob - onehot(y))/N [T,N,K]; y int64 [T,N].");
   m.def(
       "softmax_ce_tangent_cpu",

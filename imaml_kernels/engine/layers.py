@@ -17,7 +17,8 @@ The contract every layer keeps (``k`` is the resolved :class:`~imaml_kernels.dis
   input cotangent only when ``need_gx`` (the first layer with parameters skips it). With
   ``need_gx == "cols"`` (the inner loop, where no tangent pass follows, for a convolution fed
   by a BatchNorm) a convolution returns its patch cotangent as :class:`PatchCotangent`, and the
-  BatchNorm's backward gathers from it (``col2im_bn_bwd``: one launch fewer on the GPU).
+  BatchNorm's backward gathers from it (``col2im_bn_bwd``: one launch fewer on the GPU). The
+  tangent backward does the same with the cotangent's tangent (``col2im_bn_tbwd``), always.
 - ``tfwd(k, p, rp, rx, c, s) -> ry``: the tangent forward along ``(rx, rp)`` (``rx`` is ``None``
   before the first layer with parameters: the input is data); reads ``c`` only and writes the
   per-product scratch ``s``, a fresh dict for every HVP, so a linearisation is re-entrant.
@@ -201,7 +202,7 @@ class Conv(Layer):
             # K = 2·Cout) measured no faster on the 2-core CPU (12.8 vs 12.9 ms, Omniglot 5w1s).
             rgcols = torch.bmm(rgz, c["wt"].transpose(1, 2))
             rgcols.baddbmm_(gz, s["rwt"].transpose(1, 2))
-            return self._gx(k, rgcols, c)
+            return self._gx(k, rgcols, c, lazy=need_gx == "cols")
         return None
 
 
@@ -245,6 +246,11 @@ class BatchNorm(Layer):
         return ry.view(c["shape"])
 
     def tbwd(self, k, p, rp, rgy, c, s, rgp, need_gx):
+        if isinstance(rgy, PatchCotangent):
+            g = rgy
+            rgx = k.col2im_bn_tbwd(c["gy"], g.gcols, g.H, g.W, g.s, g.ph, g.pw, c["xhat"], s["rxhat"], c["rstd"], s["a"], p[0], rp[0],
+                                   c["y"], rgp[0], rgp[1])
+            return rgx.view(c["shape"])
         T, C = rgy.shape[0], rgy.shape[-1]
         rgx = k.bn_tbwd(c["gy"], rgy.reshape(T, -1, C), c["xhat"], s["rxhat"], c["rstd"], s["a"], p[0], rp[0], c["y"], rgp[0], rgp[1])
         return rgx.view(c["shape"])
@@ -356,7 +362,8 @@ class Flatten(Layer):
 
 
 class Linear(Layer):
-    """Cache: ``x`` (the input), ``w``; ``gy`` after ``bwd``. Scratch: ``rw``, ``rx``."""
+    """Cache: ``x`` (the input), ``w``; ``gy`` after ``bwd``; ``gb_done`` when the softmax kernel
+    of the head already wrote the bias gradient (``softmax_ce_bias``). Scratch: ``rw``, ``rx``."""
 
     def __init__(self, m: nn.Linear, prefix, chw: Optional[tuple] = None):
         self.inf, self.outf = m.in_features, m.out_features
@@ -385,7 +392,7 @@ class Linear(Layer):
     def bwd(self, k, p, gy, c, gp, need_gx):
         c["gy"] = gy
         _bmm_into(gy.transpose(1, 2), c["x"], self._w(gp[0]))
-        if self.bias:
+        if self.bias and not c.get("gb_done"):  # the net's softmax may have written it
             _sum_into(gy, gp[1])
         return torch.bmm(gy, c["w"]) if need_gx else None
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import dispatch
 from ..layout import ParamLayout
-from .layers import BatchNorm, Conv, UnsupportedModel, parse  # noqa: F401
+from .layers import BatchNorm, Conv, Linear, UnsupportedModel, parse  # noqa: F401
 
 
 class Linearization:
@@ -58,7 +58,10 @@ class Linearization:
         rg = k.softmax_ce_tangent(self.caches[-1]["prob"], rx)
         for idx in range(len(net.layers) - 1, net.first_needs_gx - 1, -1):
             layer = net.layers[idx]
-            rg = layer.tbwd(k, p[idx], rp[idx], rg, self.caches[idx], scratch[idx], rgp[idx], need_gx=idx > net.first_needs_gx)
+            need = idx > net.first_needs_gx
+            if need and isinstance(layer, Conv) and isinstance(net.layers[idx - 1], BatchNorm):
+                need = "cols"  # the BatchNorm's tangent backward gathers (see .layers)
+            rg = layer.tbwd(k, p[idx], rp[idx], rg, self.caches[idx], scratch[idx], rgp[idx], need_gx=need)
         return out
 
 
@@ -259,9 +262,16 @@ class BatchedNet:
             h = layer.fwd(k, lp, h, c)
         return p, caches, h
 
-    def _forward(self, k, params_native, x, y, data=None):
+    def _forward(self, k, params_native, x, y, data=None, grad=None):
+        """``grad``: the gradient buffer the backward will fill; the softmax kernel then also
+        writes the head's bias gradient into it (one reduction fewer)."""
         p, caches, logits = self._run_forward(k, params_native, x, data)
-        loss, prob, glogits = k.softmax_ce(logits, y)
+        head = self.layers[-1]
+        if grad is not None and isinstance(head, Linear) and head.bias:
+            loss, prob, glogits = k.softmax_ce_bias(logits, y, self._views(grad)[-1][1])
+            caches[-1]["gb_done"] = True
+        else:
+            loss, prob, glogits = k.softmax_ce(logits, y)
         caches[-1].update(prob=prob, logits=logits)
         return p, caches, loss, glogits
 
@@ -291,8 +301,8 @@ class BatchedNet:
         self._check(params, x, y)
         k = self.kernels(params)
         native = self._native_for_reading(params)
-        p, caches, loss, glogits = self._forward(k, native, x, y, self._data_for(k, x, native.dtype))
         grad = self._grad_buffer(native)
+        p, caches, loss, glogits = self._forward(k, native, x, y, self._data_for(k, x, native.dtype), grad)
         self._backward(k, p, caches, glogits, grad)
         return Linearization(self, k, native, caches, loss, grad)
 
@@ -339,7 +349,7 @@ class BatchedNet:
         data = self._prepare(k, x, phi.dtype)  # the support set's first-layer patches, once
         self._last_data = None if torch.compiler.is_compiling() else (x, x._version, phi.dtype, data)
         for _ in range(steps):
-            p, caches, _, glogits = self._forward(k, phi, x, y, data)
+            p, caches, _, glogits = self._forward(k, phi, x, y, data, grad)
             self._backward(k, p, caches, glogits, grad, fuse=True)
             # φ -= lr (g + λ (φ − θ))  ==  φ (1 − lr λ) + lr λ θ − lr g
             k.prox_step(phi, grad, theta, lam_t, lr)

@@ -110,6 +110,20 @@ def _cols_fake(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbeta)
     return xhat.new_empty(xhat.shape)
 
 
+def _tcols_fake(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta):
+    check_tensor("gy", gy, dim=3)
+    check_tensor("rgcols", rgcols, dim=7)
+    T, R, C = gy.shape
+    expect(rgcols.shape[0] == T and rgcols.shape[4] == rgcols.shape[5] and rgcols.shape[6] == C, ValueError,
+           f"rgcols must be [T={T}, N, Ho, Wo, k, k, C={C}], got {tuple(rgcols.shape)}")
+    expect(rgcols.shape[1] * H * W == R, ValueError, f"rgcols' N={rgcols.shape[1]} times H*W={H * W} must equal R={R}")
+    expect(s >= 1 and ph >= 0 and pw >= 0, ValueError, f"bad geometry s={s} ph={ph} pw={pw}")
+    expect(rgcols.dtype == gy.dtype and rgcols.device == gy.device, TypeError, "rgcols must match gy's dtype and device")
+    _check([("xhat", xhat), ("rxhat", rxhat)], [("rstd", rstd), ("a", a)],
+           [("gamma", gamma), ("rgamma", rgamma), ("rggamma", rggamma), ("rgbeta", rgbeta)], relu_y, gy)
+    return gy.new_empty(gy.shape)
+
+
 # --------------------------------------------------------------------------- launchers
 
 
@@ -161,6 +175,31 @@ def _ref_cols(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbeta):
 
 def _prep_cols(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbeta):
     return gcols.contiguous(), H, W, s, ph, pw, xhat, rstd, gamma, None if relu_y is None else relu_y.contiguous(), ggamma, gbeta
+
+
+def _cpu_tcols(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta, rgx):
+    T, R, C = gy.shape
+    N, Ho, Wo, k = rgcols.shape[1], rgcols.shape[2], rgcols.shape[3], rgcols.shape[4]
+    rgy = gy.new_empty(gy.shape)
+    native().col2im_cpu(dtype_code(rgcols), rgcols.data_ptr(), rgy.data_ptr(), T, N, H, W, C, Ho, Wo, k, s, ph, pw)
+    _cpu_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta, rgx)
+
+
+def _triton_tcols(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta, rgx, wrap):
+    from ..triton import batchnorm
+
+    batchnorm.bn_tbwd_cols(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rgx, rggamma, rgbeta,
+                           wrap=wrap)
+
+
+def _ref_tcols(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta):
+    rgy = ref.col2im(rgcols, H, W, s, ph, pw).reshape(gy.shape)
+    return _ref_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta)
+
+
+def _prep_tcols(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta):
+    return (gy.contiguous(), rgcols.contiguous(), H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma,
+            None if relu_y is None else relu_y.contiguous(), rggamma, rgbeta)
 
 
 def _triton_fwd(x, gamma, beta, eps, relu, y, xhat, rstd, wrap):
@@ -247,6 +286,13 @@ register(OpSpec(
     _tbwd_fake, _ref_tbwd, cpu=_cpu_tbwd, triton=_triton_tbwd, mutates=("rggamma", "rgbeta"), prep=_prep_tbwd,
 ))
 
+register(OpSpec(
+    "col2im_bn_tbwd",
+    "(Tensor gy, Tensor rgcols, int H, int W, int s, int ph, int pw, Tensor xhat, Tensor rxhat, Tensor rstd, Tensor a,"
+    " Tensor gamma, Tensor rgamma, Tensor? relu_y, Tensor(a!) rggamma, Tensor(b!) rgbeta) -> Tensor",
+    _tcols_fake, _ref_tcols, cpu=_cpu_tcols, triton=_triton_tcols, mutates=("rggamma", "rgbeta"), prep=_prep_tcols,
+))
+
 # --------------------------------------------------------------------------- public functions
 
 
@@ -283,4 +329,15 @@ def bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma=None, 
     rggamma = _like_param(gamma) if rggamma is None else rggamma
     rgbeta = _like_param(gamma) if rgbeta is None else rgbeta
     rgx = kernels(gy.device, gy.dtype, backend).bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta)
+    return rgx, rggamma, rgbeta
+
+
+def col2im_bn_tbwd(gy, rgcols, H: int, W: int, s: int, ph: int, pw: int, xhat, rxhat, rstd, a, gamma, rgamma, relu_y,
+                   rggamma=None, rgbeta=None, backend=None):
+    """:func:`bn_tbwd` of the cotangent tangent ``col2im(rgcols, H, W, s, ph, pw)``, fused on the
+    GPU -> ``(rgx, rggamma, rgbeta)``."""
+    rggamma = _like_param(gamma) if rggamma is None else rggamma
+    rgbeta = _like_param(gamma) if rgbeta is None else rgbeta
+    rgx = kernels(gy.device, gy.dtype, backend).col2im_bn_tbwd(gy, rgcols, int(H), int(W), int(s), int(ph), int(pw), xhat, rxhat,
+                                                               rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta)
     return rgx, rggamma, rgbeta

@@ -9,6 +9,7 @@ Example::
 
     >>> loss, prob, grad = softmax_ce(logits, y)        # [T], [T,N,K], [T,N,K]
     >>> rg = softmax_ce_tangent(prob, rlogits)           # [T,N,K]
+    >>> loss, prob, grad = softmax_ce_bias(logits, y, gb) # and gb [T,K] = grad.sum(1), in place
 """
 
 import torch
@@ -34,6 +35,16 @@ def _ce_fake(logits, y):
     return logits.new_empty(logits.shape[0]), torch.empty_like(logits), torch.empty_like(logits)
 
 
+def _bias_fake(logits, y, gbias):
+    res = _ce_fake(logits, y)
+    T, _, K = logits.shape
+    expect(isinstance(gbias, Tensor) and tuple(gbias.shape) == (T, K), ValueError, f"gbias must have shape {(T, K)}")
+    expect(gbias.dtype == logits.dtype and gbias.device == logits.device, TypeError, "gbias must match the logits' dtype and device")
+    expect(K <= 1 or gbias.stride(1) == 1, ValueError, "gbias must have unit stride along the classes")
+    expect(T <= 1 or gbias.stride(0) >= K, ValueError, "gbias' rows must not overlap")
+    return res
+
+
 def _tangent_fake(prob, rlogits):
     check_tensor("prob", prob, dim=3)
     check_tensor("rlogits", rlogits, dim=3, like=prob)
@@ -46,6 +57,28 @@ def _tangent_fake(prob, rlogits):
 def _cpu_ce(logits, y, loss, prob, grad):
     native().softmax_ce_cpu(dtype_code(logits), logits.data_ptr(), y.data_ptr(), loss.data_ptr(), prob.data_ptr(),
                             grad.data_ptr(), *logits.shape)
+
+
+def _cpu_bias(logits, y, gbias, loss, prob, grad):
+    T, _, K = logits.shape
+    native().softmax_ce_cpu(dtype_code(logits), logits.data_ptr(), y.data_ptr(), loss.data_ptr(), prob.data_ptr(),
+                            grad.data_ptr(), *logits.shape, gbias.data_ptr(), gbias.stride(0) if T > 1 else K)
+
+
+def _triton_bias(logits, y, gbias, loss, prob, grad, wrap):
+    from ..triton import softmax_ce as k
+
+    k.softmax_ce(logits, y, loss, prob, grad, wrap=wrap, gbias=gbias)
+
+
+def _ref_bias(logits, y, gbias):
+    loss, prob, grad = _ref_ce(logits, y)
+    gbias.copy_(grad.sum(1))
+    return loss, prob, grad
+
+
+def _prep_bias(logits, y, gbias):
+    return logits.contiguous(), y.to(torch.int64).contiguous(), gbias
 
 
 def _cpu_tangent(prob, rlogits, rg):
@@ -77,6 +110,8 @@ def _prep_ce(logits, y):
 
 register(OpSpec("softmax_ce", "(Tensor logits, Tensor y) -> (Tensor, Tensor, Tensor)", _ce_fake, _ref_ce,
                 cpu=_cpu_ce, triton=_triton_ce, prep=_prep_ce))
+register(OpSpec("softmax_ce_bias", "(Tensor logits, Tensor y, Tensor(a!) gbias) -> (Tensor, Tensor, Tensor)", _bias_fake,
+                _ref_bias, cpu=_cpu_bias, triton=_triton_bias, mutates=("gbias",), prep=_prep_bias))
 register(OpSpec("softmax_ce_tangent", "(Tensor prob, Tensor rlogits) -> Tensor", _tangent_fake, ref.softmax_ce_tangent,
                 cpu=_cpu_tangent, triton=_triton_tangent))
 
@@ -87,6 +122,12 @@ def softmax_ce(logits, y, backend=None):
     """``logits [T,N,K]``, ``y [T,N]`` -> ``(loss [T], prob [T,N,K], grad [T,N,K])``: the mean
     cross-entropy per task, the softmax and ``∂loss_t/∂logits``."""
     return kernels(logits.device, logits.dtype, backend).softmax_ce(logits, y)
+
+
+def softmax_ce_bias(logits, y, gbias, backend=None):
+    """:func:`softmax_ce` that also writes ``gbias [T, K]`` (a view of any row stride, in place):
+    the gradient of a bias added to the logits, the sum of ``grad`` over each task's rows."""
+    return kernels(logits.device, logits.dtype, backend).softmax_ce_bias(logits, y, gbias)
 
 
 def softmax_ce_tangent(prob, rlogits, backend=None):

@@ -43,6 +43,7 @@ from ._common import check, ident, split_f64
 BN_TILE_BYTES = 8192
 BN_TBWD_TILE_BYTES = 4096
 BN_GATHER_TILE_BYTES = 4096  # the gathering backward (k*k index sets per tile): no spills at float64 on sm_80
+BN_TBWD_GATHER_TILE_BYTES = 2048  # the gathering tangent backward: five sums and the gather, no spills
 BN_MAX_BLOCK_C = 64  # channels per program: 64 float32 = one 256-byte row segment
 BN_NUM_WARPS = 8
 # Row splits: a stage whose tasks have at least BN_SPLIT_MIN_R rows is split into enough
@@ -395,7 +396,7 @@ def _bn_tfwd_kernel(
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _bn_tbwd_kernel(
     gy_ptr,  # [T, R, C] output cotangent
-    rgy_ptr,  # [T, R, C] tangent of the output cotangent
+    rgy_ptr,  # [T, R, C] tangent of the output cotangent; GATHER: its patch form [T, N, Ho, Wo, K, K, C]
     xhat_ptr,  # [T, R, C] from _bn_fwd_kernel
     rxhat_ptr,  # [T, R, C] from _bn_tfwd_kernel
     rstd_ptr,  # [T, C] from _bn_fwd_kernel
@@ -413,7 +414,16 @@ def _bn_tbwd_kernel(
     RPS,  # rows per split
     NS,  # splits per task
     inv_r: tl.float64,  # 1 / R (see _bn_fwd_kernel)
+    H,  # GATHER: as in _bn_bwd_kernel, for rgy
+    W,
+    Ho,
+    Wo,
+    ph,
+    pw,
     RELU: tl.constexpr,  # gate gy, rgy by relu > 0
+    GATHER: tl.constexpr,  # rgy is gathered from the next conv's patch cotangent tangent
+    K: tl.constexpr,
+    S: tl.constexpr,
     PHASE: tl.constexpr,  # as in _bn_fwd_kernel
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -427,7 +437,8 @@ def _bn_tbwd_kernel(
     r_hi = tl.minimum(R, r_lo + RPS)
     base = t * R * C
     gy_ptr += base
-    rgy_ptr += base
+    if not GATHER:
+        rgy_ptr += base
     xhat_ptr += base
     rxhat_ptr += base
     relu_ptr += base
@@ -446,7 +457,10 @@ def _bn_tbwd_kernel(
             m = (rows < r_hi)[:, None] & cmask[None, :]
             off = rows[:, None] * C + cols[None, :]
             g = tl.load(gy_ptr + off, mask=m, other=0.0)
-            rg = tl.load(rgy_ptr + off, mask=m, other=0.0)
+            if GATHER:
+                rg = _gather_cols(rgy_ptr, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, K, S, BLOCK_R, BLOCK_C)
+            else:
+                rg = tl.load(rgy_ptr + off, mask=m, other=0.0)
             if RELU:
                 on = tl.load(relu_ptr + off, mask=m, other=0.0) > 0.0
                 g = tl.where(on, g, 0.0)
@@ -505,7 +519,10 @@ def _bn_tbwd_kernel(
             m = (rows < r_hi)[:, None] & cmask[None, :]
             off = rows[:, None] * C + cols[None, :]
             g = tl.load(gy_ptr + off, mask=m, other=0.0)
-            rg = tl.load(rgy_ptr + off, mask=m, other=0.0)
+            if GATHER:
+                rg = _gather_cols(rgy_ptr, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, K, S, BLOCK_R, BLOCK_C)
+            else:
+                rg = tl.load(rgy_ptr + off, mask=m, other=0.0)
             if RELU:
                 on = tl.load(relu_ptr + off, mask=m, other=0.0) > 0.0
                 g = tl.where(on, g, 0.0)
@@ -663,4 +680,23 @@ def bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rgx, rggamma, 
         return
     _launch(_bn_tbwd_kernel, wrap, gy, ps, 5,
             (gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, gy if relu_y is None else relu_y, rgx, rggamma, rgbeta),
-            (), dict(RELU=relu_y is not None), BN_TBWD_TILE_BYTES)
+            (1, 1, 1, 1, 0, 0), dict(RELU=relu_y is not None, GATHER=False, K=1, S=1), BN_TBWD_TILE_BYTES)
+
+
+def bn_tbwd_cols(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rgx, rggamma, rgbeta, wrap=ident):
+    """:func:`bn_tbwd` with the cotangent's tangent gathered from the patch form ``rgcols`` of
+    the convolution this BatchNorm feeds (see :func:`bn_bwd_cols`): same results, bit for bit,
+    as col2im then bn_tbwd."""
+    extra = {} if relu_y is None else {"relu_y": (relu_y, "full")}
+    T, R, C, ps = _bn_setup(
+        gy, xhat=(xhat, "full"), rxhat=(rxhat, "full"), rstd=(rstd, "stat"), a=(a, "stat"), gamma=(gamma, "param"),
+        rgamma=(rgamma, "param"), rgx=(rgx, "full"), rggamma=(rggamma, "param"), rgbeta=(rgbeta, "param"), **extra,
+    )
+    Tg, N, Ho, Wo, k, k2, Cg = rgcols.shape
+    if (Tg, Cg, k) != (T, C, k2) or N * H * W != R or rgcols.dtype != gy.dtype or not rgcols.is_contiguous():
+        raise ValueError(f"rgcols {tuple(rgcols.shape)} does not fit [T={T}, N, Ho, Wo, k, k, C={C}] with N*H*W = R = {R}")
+    if T * R * C == 0:
+        return
+    _launch(_bn_tbwd_kernel, wrap, gy, ps, 5,
+            (gy, rgcols, xhat, rxhat, rstd, a, gamma, rgamma, gy if relu_y is None else relu_y, rgx, rggamma, rgbeta),
+            (H, W, Ho, Wo, ph, pw), dict(RELU=relu_y is not None, GATHER=True, K=int(k), S=int(s)), BN_TBWD_GATHER_TILE_BYTES)

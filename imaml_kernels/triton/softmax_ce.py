@@ -16,15 +16,18 @@ SOFTMAX_NUM_WARPS = 8
 SOFTMAX_MAX_K = 16384
 
 
-@triton.jit(do_not_specialize=("N",))
+@triton.jit(do_not_specialize=("N", "GS"))
 def _softmax_ce_kernel(
     logits_ptr,  # [T, N, K] logits
     y_ptr,  # [T, N] int64 labels in [0, K)
     loss_ptr,  # [T] out: mean over n of logsumexp - logit[y]
     prob_ptr,  # [T, N, K] out: softmax
     grad_ptr,  # [T, N, K] out: (prob - onehot(y)) / N
+    gbias_ptr,  # [T, K] rows of stride GS, out (GBIAS): sum over the task's rows of grad
     N,  # rows per task
     K,  # classes
+    GS,  # gbias row stride
+    GBIAS: tl.constexpr,  # also write the gradient of a bias added to the logits
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # >= K: a row is held whole
 ):
@@ -34,6 +37,7 @@ def _softmax_ce_kernel(
     cmask = cols < K  # padding classes
     dt = logits_ptr.dtype.element_ty
     total = tl.zeros([BLOCK_N], dtype=dt)
+    gsum = tl.zeros([BLOCK_K], dtype=tl.float64)  # float64, as the C++ kernel
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         rmask = rows < N  # the last row tile is partial
@@ -53,8 +57,13 @@ def _softmax_ce_kernel(
         total += tl.where(rmask, lse - zy, 0.0)
         p = e / ssum[:, None]
         tl.store(prob_ptr + off, p, mask=m)
-        tl.store(grad_ptr + off, (p - tl.where(hot, 1.0, 0.0)) / N, mask=m)
+        g = (p - tl.where(hot, 1.0, 0.0)) / N
+        tl.store(grad_ptr + off, g, mask=m)
+        if GBIAS:
+            gsum += tl.sum(tl.where(m, g.to(dt), 0.0).to(tl.float64), axis=0)
     tl.store(loss_ptr + t, tl.sum(total, axis=0) / N)
+    if GBIAS:
+        tl.store(gbias_ptr + t * GS + cols, gsum.to(dt), mask=cmask)
 
 
 @triton.jit(do_not_specialize=("M", "N"))
@@ -88,8 +97,9 @@ def _softmax_blocks(n, K, elsize):
     return block_n, block_k, max(1, min(SOFTMAX_NUM_WARPS, block_n * block_k // 128))
 
 
-def softmax_ce(logits, y, loss, prob, grad, wrap=ident):
-    """Mean cross-entropy per task -> writes ``loss [T]``, ``prob``, ``grad [T,N,K]``."""
+def softmax_ce(logits, y, loss, prob, grad, wrap=ident, gbias=None):
+    """Mean cross-entropy per task -> writes ``loss [T]``, ``prob``, ``grad [T,N,K]`` and, given,
+    ``gbias [T, K]`` (rows of any stride): the sum of ``grad`` over each task's rows."""
     T, N, K = logits.shape
     check(logits, (T, N, K), loss=(loss, (T,)), prob=(prob, (T, N, K)), grad=(grad, (T, N, K)))
     if y.dtype != torch.int64 or tuple(y.shape) != (T, N) or not y.is_contiguous():
@@ -97,8 +107,12 @@ def softmax_ce(logits, y, loss, prob, grad, wrap=ident):
     if T == 0 or N * K == 0:
         return
     block_n, block_k, warps = _softmax_blocks(N, K, logits.element_size())
+    gs = 0 if gbias is None else (gbias.stride(0) if T > 1 else K)
+    if gbias is not None and (tuple(gbias.shape) != (T, K) or (K > 1 and gbias.stride(1) != 1) or gbias.dtype != logits.dtype):
+        raise ValueError(f"gbias: {gbias.dtype} {tuple(gbias.shape)}, expected {logits.dtype} {(T, K)} with unit column stride")
     wrap(_softmax_ce_kernel)[(T,)](
-        logits, y, loss, prob, grad, N, K, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        logits, y, loss, prob, grad, grad if gbias is None else gbias, N, K, gs, GBIAS=gbias is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )
 
 
