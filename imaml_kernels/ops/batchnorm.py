@@ -97,28 +97,28 @@ def _tbwd_fake(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rg
     return gy.new_empty(gy.shape)
 
 
-def _cols_fake(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbeta):
-    check_tensor("gcols", gcols, dim=7)
-    check_tensor("xhat", xhat, dim=3)
-    T, R, C = xhat.shape
+def _check_patches(name, gcols, like, H, W, s, ph, pw):
+    """``gcols`` is the patch cotangent ``[T, N, Ho, Wo, k, k, C]`` of ``like [T, R, C]``'s rows
+    with ``R = N H W``."""
+    check_tensor(name, gcols, dim=7)
+    T, R, C = like.shape
     expect(gcols.shape[0] == T and gcols.shape[4] == gcols.shape[5] and gcols.shape[6] == C, ValueError,
-           f"gcols must be [T={T}, N, Ho, Wo, k, k, C={C}], got {tuple(gcols.shape)}")
-    expect(gcols.shape[1] * H * W == R, ValueError, f"gcols' N={gcols.shape[1]} times H*W={H * W} must equal R={R}")
+           f"{name} must be [T={T}, N, Ho, Wo, k, k, C={C}], got {tuple(gcols.shape)}")
+    expect(gcols.shape[1] * H * W == R, ValueError, f"{name}'s N={gcols.shape[1]} times H*W={H * W} must equal R={R}")
     expect(s >= 1 and ph >= 0 and pw >= 0, ValueError, f"bad geometry s={s} ph={ph} pw={pw}")
-    expect(gcols.dtype == xhat.dtype and gcols.device == xhat.device, TypeError, "gcols must match xhat's dtype and device")
+    expect(gcols.dtype == like.dtype and gcols.device == like.device, TypeError, f"{name} must match the rows' dtype and device")
+
+
+def _cols_fake(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbeta):
+    check_tensor("xhat", xhat, dim=3)
+    _check_patches("gcols", gcols, xhat, H, W, s, ph, pw)
     _check([], [("rstd", rstd)], [("gamma", gamma), ("ggamma", ggamma), ("gbeta", gbeta)], relu_y, xhat)
     return xhat.new_empty(xhat.shape)
 
 
 def _tcols_fake(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta):
     check_tensor("gy", gy, dim=3)
-    check_tensor("rgcols", rgcols, dim=7)
-    T, R, C = gy.shape
-    expect(rgcols.shape[0] == T and rgcols.shape[4] == rgcols.shape[5] and rgcols.shape[6] == C, ValueError,
-           f"rgcols must be [T={T}, N, Ho, Wo, k, k, C={C}], got {tuple(rgcols.shape)}")
-    expect(rgcols.shape[1] * H * W == R, ValueError, f"rgcols' N={rgcols.shape[1]} times H*W={H * W} must equal R={R}")
-    expect(s >= 1 and ph >= 0 and pw >= 0, ValueError, f"bad geometry s={s} ph={ph} pw={pw}")
-    expect(rgcols.dtype == gy.dtype and rgcols.device == gy.device, TypeError, "rgcols must match gy's dtype and device")
+    _check_patches("rgcols", rgcols, gy, H, W, s, ph, pw)
     _check([("xhat", xhat), ("rxhat", rxhat)], [("rstd", rstd), ("a", a)],
            [("gamma", gamma), ("rgamma", rgamma), ("rggamma", rggamma), ("rgbeta", rgbeta)], relu_y, gy)
     return gy.new_empty(gy.shape)

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ._common import check, ident, split_f64
+from .conv import gather_cols
 
 # Block sizes, read at launch time (tests shrink them to force several tiles, channel blocks
 # and row splits). A tile is BN_TILE_BYTES of data: 2048 float32 / 1024 float64 elements,
@@ -186,32 +187,6 @@ def _bn_fwd_kernel(
             tl.store(y_ptr + off, y, mask=m)
 
 
-@triton.jit
-def _gather_cols(gcols_ptr, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw,
-                 K: tl.constexpr, S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The input cotangent of a K x K, stride-S convolution at rows ``(n, h, w)`` of task ``t``:
-    the sum of its <= K*K entries of the patch cotangent ``gcols [T, N, Ho, Wo, K, K, C]`` in
-    (i, j) order, in the data type -- the same values, bit for bit, as ``_col2im_kernel``'s."""
-    w = rows % W
-    h = (rows // W) % H
-    img = t * (R // (H * W)) + rows // (H * W)  # int64: t * N + n
-    hp = h + ph
-    wp = w + pw
-    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=gcols_ptr.dtype.element_ty)
-    for i in tl.static_range(K):
-        dh = hp - i
-        ho = dh // S
-        okh = (dh >= 0) & (dh % S == 0) & (ho < Ho)  # dh >= 0 first: // truncates towards 0
-        rb = (img * Ho + ho) * Wo
-        for j in tl.static_range(K):
-            dw = wp - j
-            wo = dw // S
-            ok = okh & (dw >= 0) & (dw % S == 0) & (wo < Wo)
-            src = ((rb + wo) * (K * K) + (i * K + j)) * C
-            acc += tl.load(gcols_ptr + src[:, None] + cols[None, :], mask=m & ok[:, None], other=0.0)
-    return acc
-
-
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _bn_bwd_kernel(
     gy_ptr,  # [T, R, C] output cotangent; GATHER: the next conv's patch cotangent [T, N, Ho, Wo, K, K, C]
@@ -266,7 +241,7 @@ def _bn_bwd_kernel(
             m = (rows < r_hi)[:, None] & cmask[None, :]
             off = rows[:, None] * C + cols[None, :]
             if GATHER:
-                g = _gather_cols(gy_ptr, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, K, S, BLOCK_R, BLOCK_C)
+                g = gather_cols(gy_ptr, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, K, S, BLOCK_R, BLOCK_C)
             else:
                 g = tl.load(gy_ptr + off, mask=m, other=0.0)
             if RELU:
@@ -301,7 +276,7 @@ def _bn_bwd_kernel(
             m = (rows < r_hi)[:, None] & cmask[None, :]
             off = rows[:, None] * C + cols[None, :]
             if GATHER:
-                g = _gather_cols(gy_ptr, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, K, S, BLOCK_R, BLOCK_C)
+                g = gather_cols(gy_ptr, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, K, S, BLOCK_R, BLOCK_C)
             else:
                 g = tl.load(gy_ptr + off, mask=m, other=0.0)
             if RELU:
@@ -458,7 +433,7 @@ def _bn_tbwd_kernel(
             off = rows[:, None] * C + cols[None, :]
             g = tl.load(gy_ptr + off, mask=m, other=0.0)
             if GATHER:
-                rg = _gather_cols(rgy_ptr, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, K, S, BLOCK_R, BLOCK_C)
+                rg = gather_cols(rgy_ptr, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, K, S, BLOCK_R, BLOCK_C)
             else:
                 rg = tl.load(rgy_ptr + off, mask=m, other=0.0)
             if RELU:
@@ -520,7 +495,7 @@ def _bn_tbwd_kernel(
             off = rows[:, None] * C + cols[None, :]
             g = tl.load(gy_ptr + off, mask=m, other=0.0)
             if GATHER:
-                rg = _gather_cols(rgy_ptr, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, K, S, BLOCK_R, BLOCK_C)
+                rg = gather_cols(rgy_ptr, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, K, S, BLOCK_R, BLOCK_C)
             else:
                 rg = tl.load(rgy_ptr + off, mask=m, other=0.0)
             if RELU:

@@ -30,6 +30,36 @@ CONV_ROWS_MAX = 64  # im2col copies whole patch rows when K*K*C is at most this
 _NO_SPEC = ("P", "H", "W", "Ho", "Wo", "ph", "pw")
 
 
+@triton.jit
+def gather_cols(gcols_ptr, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw,
+                 K: tl.constexpr, S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The input cotangent of a K x K, stride-S convolution at rows ``(n, h, w)`` of task ``t``
+    (``R = N H W`` rows per task): the sum of its <= K*K entries of the patch cotangent ``gcols
+    [T, N, Ho, Wo, K, K, C]`` in (i, j) order, in the data type. ``_col2im_kernel`` (``t = 0``,
+    rows over all tasks) and the BatchNorm backward's fused loads share it, so they agree bit
+    for bit. Gather, not scatter: deterministic, no atomics, no zero-fill."""
+    w = rows % W
+    h = (rows // W) % H
+    img = t * (R // (H * W)) + rows // (H * W)  # int64: t * N + n
+    hp = h + ph
+    wp = w + pw
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=gcols_ptr.dtype.element_ty)
+    for i in tl.static_range(K):
+        dh = hp - i
+        ho = dh // S
+        okh = (dh >= 0) & (dh % S == 0) & (ho < Ho)  # dh >= 0 first: // truncates towards 0
+        rb = (img * Ho + ho) * Wo
+        for j in tl.static_range(K):
+            dw = wp - j
+            wo = dw // S
+            ok = okh & (dw >= 0) & (dw % S == 0) & (wo < Wo)
+            # a patch-row index (int32 where the launcher bounds it), then int64 element offsets
+            src = ((rb + wo) * (K * K) + (i * K + j)).to(tl.int64) * C
+            acc += tl.load(gcols_ptr + src[:, None] + cols[None, :], mask=m & ok[:, None], other=0.0)
+    return acc
+
+
+
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _im2col_kernel(
     x_ptr,  # [T, N, H, W, C] input (unpadded, channels-last)
@@ -125,32 +155,12 @@ def _col2im_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # Gather, not scatter: every output element sums its <= K*K patch entries in (i, j)
-    # order, so the result is deterministic and needs no atomics or zero-fill.
     pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # int32: P < 2**31 (launcher)
     chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     pm = pix < P  # the last pixel block is partial
     cm = chans < C  # the last channel block is partial
-    w = pix % W
-    h = (pix // W) % H
-    img = pix // (H * W)  # t * N + n
-    hp = h + ph
-    wp = w + pw
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=gx_ptr.dtype.element_ty)
-    for i in tl.static_range(K):
-        dh = hp - i
-        ho = dh // S
-        # Patch row i of output row ho covers padded row hp iff hp = S ho + i, 0 <= ho < Ho
-        # (dh >= 0 first: // and % truncate towards zero for negatives).
-        okh = pm & (dh >= 0) & (dh % S == 0) & (ho < Ho)
-        rb = (img * Ho + ho) * Wo
-        for j in tl.static_range(K):
-            dw = wp - j
-            wo = dw // S
-            ok = okh & (dw >= 0) & (dw % S == 0) & (wo < Wo)
-            # a patch-row index: int32 (T N Ho Wo K K < 2**31, launcher)
-            src = ((rb + wo) * (K * K) + (i * K + j)).to(tl.int64) * C
-            acc += tl.load(gcols_ptr + src[:, None] + chans[None, :], mask=ok[:, None] & cm[None, :], other=0.0)
+    acc = gather_cols(gcols_ptr, 0, pix, chans, pm[:, None] & cm[None, :], H * W, C, H, W, Ho, Wo, ph, pw, K, S,
+                      BLOCK_P, BLOCK_C)
     out = (pix.to(tl.int64) * C)[:, None] + chans[None, :]
     tl.store(gx_ptr + out, acc, mask=pm[:, None] & cm[None, :])
 
