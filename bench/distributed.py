@@ -2,13 +2,14 @@
 through ``imaml-train --world-size N`` (see :mod:`imaml_kernels.distributed`)."""
 
 from imaml_kernels.distributed import bench
+from imaml_kernels.train import main as train_main
 
 from .common import markdown_table
 
 
 def main(args):
     extra = ["--meta-batch", str(args.meta_batch), "--channels", str(args.channels)]
-    rates = bench(tuple(args.worlds), args.steps, extra)
+    rates = bench(train_main, tuple(args.worlds), args.steps, extra)
     base = rates[args.worlds[0]]
     rows = [(w, f"{r:.3f}", f"{r / base:.2f}x") for w, r in rates.items()]
     print(f"\n## Data-parallel meta-steps/s: OmniglotConv({args.channels} filters), meta-batch "

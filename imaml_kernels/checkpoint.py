@@ -5,9 +5,9 @@ A checkpoint is one ``torch.save`` dict::
     {"version": 1, "step": int, "config": dict, "model": state_dict, "optimizer": state_dict,
      "sampler": TaskSampler.state_dict(), "torch_rng": ByteTensor, "cuda_rng": ByteTensor | None}
 
-It is written to a temporary file in the target folder, flushed to disk, then moved over the
-target with ``os.replace``: a crash mid-write leaves the previous checkpoint intact, never a
-truncated one.
+It is written with :func:`imaml_kernels._atomic.atomic_write` (a temporary file in the target
+folder, flushed to disk, then moved over the target with ``os.replace``): a crash mid-write
+leaves the previous checkpoint intact, never a truncated one.
 
 Example::
 
@@ -18,11 +18,12 @@ Example::
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ._atomic import atomic_write
 
 CHECKPOINT_VERSION = 1
 CHECKPOINT_NAME = "ckpt.pt"
@@ -35,19 +36,8 @@ class CheckpointError(ValueError):
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Write ``state`` (plus the format version) to ``path`` atomically; returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"version": CHECKPOINT_VERSION, **state}, f)
-            f.flush()
-            # fsync before the rename: otherwise a power loss can leave the new name
-            # pointing at blocks that never reached the disk.
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        torch.save({"version": CHECKPOINT_VERSION, **state}, f)
     return path
 
 

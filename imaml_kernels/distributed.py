@@ -12,12 +12,14 @@ Launch::
 
     $ torchrun --nproc_per_node 4 -m imaml_kernels.train --device cuda ...   # nccl, one GPU per rank
     $ imaml-train --world-size 2 --threads 1 ...                           # spawns 2 CPU ranks (gloo)
-    $ python -m imaml_kernels.distributed bench                             # meta-steps/s, 1 vs 2 ranks
+    $ python -m bench distributed                                           # meta-steps/s, 1 vs 2 ranks
+
+This module knows nothing of the trainer: :func:`spawn` and :func:`bench` take the entry
+point (``imaml_kernels.train.main``) as an argument.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -26,12 +28,15 @@ import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "DistributedError", "env_world_size", "init", "shard", "spawn"]
+__all__ = ["DistContext", "DistributedError", "bench", "env_world_size", "init", "shard", "spawn"]
+
+# An entry point: ``entry(argv) -> exit status``, e.g. imaml_kernels.train.main.
+Entry = Callable[[list[str]], int]
 
 
 class DistributedError(RuntimeError):
@@ -150,28 +155,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, addr: str, port: int, argv: list[str]) -> None:
+def _worker(rank: int, entry: Entry, world_size: int, addr: str, port: int, argv: list[str]) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR=addr, MASTER_PORT=str(port),
     )
-    from .train import main
-
-    rc = main(argv)
+    rc = entry(argv)
     if rc:
         sys.exit(rc)
 
 
-def spawn(argv: Sequence[str], world_size: int) -> int:
-    """Run ``imaml-train argv`` on ``world_size`` local processes (torch.multiprocessing, spawn);
-    returns 0, or the exit status of the first rank that failed (the others are terminated)."""
+def spawn(entry: Entry, argv: Sequence[str], world_size: int) -> int:
+    """Run ``entry(argv)`` on ``world_size`` local processes (torch.multiprocessing, spawn), each
+    with torchrun's environment (RANK, WORLD_SIZE, ..., MASTER_ADDR/PORT) set for its rank;
+    returns 0, or the exit status of the first rank that failed (the others are terminated).
+
+    ``entry`` is pickled to the ranks by reference, so it must be a top-level function of an
+    importable module (``imaml_kernels.train.main``), not a lambda or a closure.
+
+    Example:
+        >>> from imaml_kernels.train import main
+        >>> spawn(main, ["--preset", "omniglot-5w1s", "--threads", "1"], 2)
+        0
+    """
     import torch.multiprocessing as mp
 
     addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = int(os.environ.get("MASTER_PORT") or _free_port())
     try:
         mp.start_processes(
-            _worker, args=(world_size, addr, port, list(argv)), nprocs=world_size, join=True, start_method="spawn"
+            _worker, args=(entry, world_size, addr, port, list(argv)), nprocs=world_size, join=True,
+            start_method="spawn",
         )
     except mp.ProcessExitedException as exc:
         how = f"was killed by signal {-exc.exit_code}" if exc.exit_code < 0 else f"exited with status {exc.exit_code}"
@@ -186,14 +200,14 @@ def spawn(argv: Sequence[str], world_size: int) -> int:
 # ------------------------------------------------------------------ benchmark
 
 
-def bench(worlds=(1, 2), steps: int = 6, extra: Sequence[str] = ()) -> dict[int, float]:
+def bench(entry: Entry, worlds=(1, 2), steps: int = 6, extra: Sequence[str] = ()) -> dict[int, float]:
     """Meta-steps/s of the tiny CPU configuration for each world size (1 thread per rank).
 
-    Times the second half of the run only (from the read-back after ``steps/2`` steps to the
-    one at the end), so process start, data loading and the first step are excluded.
+    ``entry`` is the trainer's entry point (``imaml_kernels.train.main``), run in this process
+    with imaml-train flags and ``--world-size N`` (it spawns the ranks). Times the second half
+    of the run only (from the read-back after ``steps/2`` steps to the one at the end), so
+    process start, data loading and the first step are excluded.
     """
-    from .train import main
-
     half = max(1, steps // 2)
     cfg = [
         "--preset", "omniglot-5w1s", "--meta-batch", "4", "--inner-steps", "2", "--channels", "8",
@@ -203,32 +217,10 @@ def bench(worlds=(1, 2), steps: int = 6, extra: Sequence[str] = ()) -> dict[int,
     rates = {}
     for world in worlds:
         with tempfile.TemporaryDirectory() as out:
-            rc = main([*cfg, "--out", out, "--world-size", str(world)])
+            rc = entry([*cfg, "--out", out, "--world-size", str(world)])
             if rc:
                 raise RuntimeError(f"bench run with world size {world} failed ({rc})")
             rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
             t = [r["time"] for r in rows if r["kind"] == "train"]
             rates[world] = half / (t[2 * half - 1] - t[half - 1])
     return rates
-
-
-def _main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m imaml_kernels.distributed")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("bench", help="meta-steps/s for 1 and 2 processes (1 thread each, CPU)")
-    b.add_argument("--steps", type=int, default=6)
-    b.add_argument("--worlds", default="1,2")
-    b.add_argument("extra", nargs="*", help="more imaml-train flags (after --)")
-    args = p.parse_args(argv)
-    worlds = tuple(int(w) for w in args.worlds.split(","))
-    rates = bench(worlds, args.steps, args.extra)
-    print(f"# {os.cpu_count()} CPUs, torch {torch.__version__}, meta-batch 4, 8 channels, 1 thread per rank"
-          + (f", overridden by: {' '.join(args.extra)}" if args.extra else ""))
-    print("| processes | meta-steps/s | speed-up |\n|---|---|---|")
-    for w, r in rates.items():
-        print(f"| {w} | {r:.3f} | {r / rates[worlds[0]]:.2f}x |")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main())

@@ -8,15 +8,18 @@ costs a few seconds of process start (importing torch in each rank).
 
 from __future__ import annotations
 
+import ast
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from imaml_kernels import distributed
 from imaml_kernels.checkpoint import load_checkpoint
 from imaml_kernels.data import omniglot_root
-from imaml_kernels.distributed import DistContext, shard
+from imaml_kernels.distributed import DistContext, shard, spawn
 from imaml_kernels.train import main
 
 HAVE_OMNIGLOT = (omniglot_root() / "characters.json").is_file()
@@ -69,7 +72,7 @@ def test_two_ranks_match_one_process(two_rank_run, tmp_path):
         if k not in noise:
             torch.testing.assert_close(two["model"][k], v, rtol=0, atol=1e-6, msg=k)
     # The network these parameters define (bias before BN included) is the same function.
-    from imaml_kernels.evaluate import build_model
+    from imaml_kernels.builders import build_model
 
     x = torch.rand(10, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     nets = []
@@ -132,3 +135,21 @@ def test_single_rank_context_is_a_no_op():
     assert torch.equal(p.grad, torch.full((3,), 2.0)) and ctx.reduce_stats(block) is block
     ctx.barrier()
     ctx.close()
+
+
+def _rank_entry(argv: list[str]) -> int:
+    """A spawn entry point without the trainer: rank 1 exits with status ``argv[0]``."""
+    assert os.environ["WORLD_SIZE"] == "2" and os.environ["MASTER_ADDR"]
+    return int(argv[0]) if os.environ["RANK"] == "1" else 0
+
+
+def test_spawn_runs_the_given_entry_point():
+    assert spawn(_rank_entry, ["0"], 2) == 0
+    assert spawn(_rank_entry, ["3"], 2) == 3
+
+
+def test_distributed_does_not_import_the_trainer():
+    tree = ast.parse(Path(distributed.__file__).read_text())
+    imported = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not {m for m in imported if m.split(".")[-1] in ("train", "evaluate")}, imported

@@ -5,34 +5,35 @@ This module is the *writer* side of the data layer:
 * ``resolve_root`` decides which directory a dataset is read from or written to
   (explicit argument, then an environment variable, then the user cache);
 * ``save_npz_atomic`` / ``write_text_atomic`` write through a temporary file
-  and ``os.replace`` so that an interrupted conversion never leaves a
-  half-written file under its final name;
+  and ``os.replace`` (:func:`imaml_kernels._atomic.atomic_write`) so that an
+  interrupted conversion never leaves a half-written file under its final name;
 * ``download_url`` fetches one file with a tqdm progress bar;
 * ``prepare_omniglot`` downloads the upstream release zips of
   ``brendenlake/omniglot`` and ``convert_omniglot_zips`` turns them into the
   array format read by :mod:`imaml_kernels.data.omniglot`.
 
-It imports nothing else from the package, so the readers can import it.
+It imports nothing else from the package but :mod:`imaml_kernels._atomic`, so
+the readers can import it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import os
 import re
-import secrets
 import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
+
+from .._atomic import atomic_write, write_bytes
 
 __all__ = [
     "DEFAULT_CACHE_SUBDIR",
@@ -104,29 +105,6 @@ def resolve_root(
 # ----------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _atomic_file(dest: Path) -> Iterator[io.BufferedWriter]:
-    """Yield a binary file in ``dest``'s directory; rename it onto ``dest`` on success."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory as dest so that os.replace is a rename, not a copy across
-    # file systems (which would not be atomic). Hidden name so a crash leaves
-    # nothing that a directory listing of the dataset would pick up.
-    tmp = dest.parent / f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    # os.open with 0o666 (not mkstemp's 0o600) so the umask decides, as for
-    # any file the user creates: converted data is often shared.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def save_npz_atomic(dest: str | os.PathLike, *, compressed: bool = True, **arrays: np.ndarray) -> Path:
     """Write ``arrays`` to the ``.npz`` file ``dest`` via a temporary file and a rename.
 
@@ -145,7 +123,8 @@ def save_npz_atomic(dest: str | os.PathLike, *, compressed: bool = True, **array
         (2, 20, 28, 28)
     """
     dest = Path(dest)
-    with _atomic_file(dest) as f:
+    # The file is created with 0o666 less the umask (as by open()): converted data is often shared.
+    with atomic_write(dest) as f:
         (np.savez_compressed if compressed else np.savez)(f, **arrays)
     return dest
 
@@ -157,10 +136,7 @@ def write_text_atomic(dest: str | os.PathLike, text: str) -> Path:
         >>> write_text_atomic(tmp / "a.json", "{}").read_text()
         '{}'
     """
-    dest = Path(dest)
-    with _atomic_file(dest) as f:
-        f.write(text.encode("utf-8"))
-    return dest
+    return write_bytes(dest, text.encode("utf-8"))
 
 
 def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
@@ -200,7 +176,7 @@ def download_url(url: str, dest: str | os.PathLike, *, progress: bool = True, ti
             f"could not download {url}: {exc}. If this machine is offline, fetch the file "
             f"elsewhere and pass the folder that holds it as --src (or src=)."
         ) from exc
-    with resp, _atomic_file(dest) as f:
+    with resp, atomic_write(dest) as f:
         total = resp.headers.get("Content-Length") if hasattr(resp, "headers") else None
         with tqdm(
             total=int(total) if total else None,
