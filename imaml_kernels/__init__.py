@@ -5,18 +5,19 @@ Shapes: task-batched tensors lead with ``T``; flat parameters are ``[T, P]``.
 """
 
 from . import _ext, dispatch, ops, reference  # noqa: F401
-from .cg import CGInfo, cg_solve
+from .cg import CG, CGInfo, cg_solve
 from .dispatch import BACKENDS, available_backends, select_backend
 from .engine import BatchedNet, functional_logits
 from .hvp import batched_hvp
-from .implicit import AdaptedParams, ProximalObjective, implicit_adapt, implicit_meta_grad
+from .implicit import AdaptedParams, implicit_adapt, implicit_meta_grad
+from .objective import ProximalObjective, task_loss_fn
 from .inner import GD, SGD, Adam, HessianFree, NewtonCG
 from .layout import ParamLayout
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "CGInfo", "available_backends", "cg_solve", "select_backend",
+    "BACKENDS", "CG", "CGInfo", "available_backends", "cg_solve", "select_backend",
     "batched_hvp", "ParamLayout", "implicit_adapt", "implicit_meta_grad", "AdaptedParams",
-    "ProximalObjective", "GD", "SGD", "Adam", "NewtonCG", "HessianFree", "BatchedNet", "functional_logits",
+    "ProximalObjective", "task_loss_fn", "GD", "SGD", "Adam", "NewtonCG", "HessianFree", "BatchedNet", "functional_logits",
 ]

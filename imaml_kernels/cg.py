@@ -16,13 +16,17 @@ class CGInfo(NamedTuple):
     - ``residual``: float64, final relative residual ``|r| / |b|`` (0 where ``b`` is 0);
     - ``converged``: bool, ``residual <= tol`` (always False for a broken-down task);
     - ``breakdown``: bool, ``p.Ap <= 0`` or a non-finite value was met; the task kept its
-      last good iterate.
+      last good iterate;
+    - ``diverged``: bool, the residual grew: the final ``|r|`` exceeds ``|b|`` (the residual
+      of ``x = 0``) or is not finite, without a breakdown being met. CG on a symmetric
+      positive-definite system never ends there; a nonsymmetric or indefinite ``matvec`` can.
     """
 
     iterations: torch.Tensor
     residual: torch.Tensor
     converged: torch.Tensor
     breakdown: torch.Tensor
+    diverged: torch.Tensor
 
 
 def _checked_matvec(matvec, v, b):
@@ -107,4 +111,37 @@ def cg_solve(
     residual = torch.where(bb > 0, (rr / torch.where(bb > 0, bb, 1.0)).sqrt(), rr.sqrt())
     breakdown = final == CG_BREAKDOWN
     converged = ~breakdown & (residual <= tol)
-    return x, CGInfo(count, residual, converged, breakdown)
+    diverged = ~breakdown & ~(rr <= bb)  # NaN-safe: a non-finite residual counts
+    return x, CGInfo(count, residual, converged, breakdown, diverged)
+
+
+class CG:
+    """The linear solve of the implicit backward: ``iters`` CG iterations of
+    :func:`cg_solve` on ``((1 + damping) I + H/(λ + lam_damping)) x = g``.
+
+    ``CG()`` is the paper's ``(I + H/λ) x = g``; ``CG(damping=1.0, lam_damping=10.0)`` is the
+    damped system of the authors' released code. Any callable ``solve(matvec, b) -> (x, info)``
+    can stand in its place (:func:`~imaml_kernels.implicit_adapt`'s ``solve``); one that has
+    ``damping``/``lam_damping`` attributes is handed the damped operator, like this one.
+
+    Example::
+
+        >>> phi = implicit_adapt(model, theta, (xs, ys), lam=2.0, inner=GD(16, 0.1),
+        ...                      solve=CG(iters=5, damping=1.0, lam_damping=10.0))
+    """
+
+    def __init__(self, iters: int = 5, tol: float = 0.0, damping: float = 0.0, lam_damping: float = 0.0, backend: Optional[str] = None):
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+            raise ValueError(f"CG iters must be an int >= 0, got {iters!r}")
+        for name, val in (("tol", tol), ("damping", damping), ("lam_damping", lam_damping)):
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0.0 <= float(val) < float("inf"):
+                raise ValueError(f"CG {name} must be a finite number >= 0, got {val!r}")
+        self.iters, self.tol, self.backend = iters, float(tol), backend
+        self.damping, self.lam_damping = float(damping), float(lam_damping)
+
+    def __repr__(self):
+        return (f"CG(iters={self.iters}, tol={self.tol}, damping={self.damping}, "
+                f"lam_damping={self.lam_damping}, backend={self.backend!r})")
+
+    def __call__(self, matvec, b):
+        return cg_solve(matvec, b, iters=self.iters, tol=self.tol, backend=self.backend)

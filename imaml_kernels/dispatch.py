@@ -170,4 +170,6 @@ def kernels(device, dtype, backend=None) -> Kernels:
     device = torch.device(device)
     name = select_backend(device, dtype, backend)
     explicit = (backend if backend is not None else os.environ.get("IMAML_BACKEND") or None) is not None
-    return _kernels(name, _engine_choice(name, device, dtype, explicit))
+    # Traced, the table is built afresh (no cache state; dynamo would bypass the cache anyway).
+    make = _kernels.__wrapped__ if torch.compiler.is_compiling() else _kernels
+    return make(name, _engine_choice(name, device, dtype, explicit))

@@ -1,4 +1,5 @@
-"""Meta-test evaluation: ``imaml-eval CHECKPOINT`` and the pieces the trainer shares.
+"""Meta-test evaluation: ``imaml-eval CHECKPOINT`` and the pieces the trainer shares
+(the network, samplers and solver come from :mod:`imaml_kernels.builders`).
 
 Protocol (the paper's): a fixed, seeded set of meta-test tasks (600 by default) from the
 held-out classes; on each task the inner solver adapts θ to the support set (the proximal
@@ -16,77 +17,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
+from . import builders
+from ._atomic import write_text
 from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from .engine import functional_logits
-from .implicit import ProximalObjective, select_engine
-from .inner import GD, NewtonCG
-from .nets import MiniImagenetConv, OmniglotConv
+from .implicit import implicit_adapt, select_engine
 from .presets import ConfigError, apply_overrides
 
-__all__ = ["build_model", "build_samplers", "build_solver", "evaluate", "main"]
-
-
-class DataError(RuntimeError):
-    """Data that is missing or cannot be used (the loader's message, verbatim)."""
-
-
-# ------------------------------------------------------------------ shared builders
-
-
-def build_model(cfg: Mapping[str, Any]) -> torch.nn.Module:
-    """The paper's network for ``cfg["dataset"]`` (BatchNorm with batch statistics)."""
-    kw = {} if cfg.get("channels") is None else {"channels": int(cfg["channels"])}
-    if cfg["dataset"] == "omniglot":
-        return OmniglotConv(cfg["way"], **kw)
-    return MiniImagenetConv(cfg["way"], **kw)
-
-
-def build_samplers(cfg: Mapping[str, Any], device, data_root=None):
-    """``(train_sampler, test_sampler)`` for the configuration, on ``device``.
-
-    Raises:
-        DataError: the data is missing or unusable, or the split cannot supply the tasks
-            (the loader's or the sampler's message, which says what to do).
-    """
-    from .data import miniimagenet_samplers, omniglot_samplers
-
-    args = (cfg["way"], cfg["shot"], cfg["query"])
-    try:
-        if cfg["dataset"] == "omniglot":
-            return omniglot_samplers(*args, root=data_root, device=device, seed=cfg["seed"])
-        # uint8 on the device: a quarter of the memory; the sampler scales on gather.
-        s = miniimagenet_samplers(
-            *args, root=data_root, splits=("train", "test"), dtype=torch.uint8, device=device, seed=cfg["seed"]
-        )
-        return s["train"], s["test"]
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        raise DataError(str(exc)) from exc
-
-
-def build_solver(cfg: Mapping[str, Any]):
-    """The inner solver: ``GD(inner_steps, inner_lr)`` or ``NewtonCG(hf_steps, hf_cg_iters)``."""
-    if cfg["inner"] == "hf":
-        return NewtonCG(cfg["hf_steps"], cg_iters=cfg["hf_cg_iters"])
-    return GD(cfg["inner_steps"], cfg["inner_lr"])
-
-
-def task_loss_fn(model: torch.nn.Module):
-    """``f(params, x [N, ...], y [N]) -> scalar`` cross-entropy of one task (for vmap)."""
-
-    def f(params, x, y):
-        return F.cross_entropy(functional_call(model, params, (x,)), y)
-
-    return f
+__all__ = ["evaluate", "main"]
 
 
 def query_logits(model: torch.nn.Module, phi: Mapping[str, torch.Tensor], x_q: torch.Tensor, engine=None) -> torch.Tensor:
@@ -130,7 +76,7 @@ def evaluate(
         cfg: the run's configuration (``lam`` and the inner solver settings).
         tasks, seed, batch: how many tasks, which, and how many adapted at once (the
             tasks do not depend on ``batch``).
-        solver: inner solver; default :func:`build_solver` of ``cfg``.
+        solver: inner solver; default :func:`~imaml_kernels.builders.build_solver` of ``cfg``.
 
     Returns:
         ``{"accuracy": mean, "ci95": half-width, "tasks": n, "per_task": [n] list, "seconds"}``
@@ -141,17 +87,13 @@ def evaluate(
         >>> r = evaluate(model, test_sampler, cfg, tasks=600)
         >>> print(f"{100 * r['accuracy']:.2f}% ± {100 * r['ci95']:.2f}%")
     """
-    solver = solver or build_solver(cfg)
-    f = task_loss_fn(model)
+    solver = solver or builders.build_solver(cfg)
     theta = {k: v.detach() for k, v in model.named_parameters()}
     t0 = time.perf_counter()
     accs = []
     for x_s, y_s, x_q, y_q in sampler.eval_tasks(tasks, batch, seed=seed):
-        T = x_s.shape[0]
-        lam = torch.full((T,), float(cfg["lam"]), device=x_s.device)
-        objective = ProximalObjective(f, theta, lam, (x_s, y_s), engine=select_engine(model, theta, x_s))
-        phi0 = {k: v.unsqueeze(0).expand(T, *v.shape).clone() for k, v in theta.items()}
-        phi = solver(objective, phi0)
+        # θ detached, under no_grad: the op runs the inner solve only (no backward machinery).
+        phi = implicit_adapt(model, theta, (x_s, y_s), lam=float(cfg["lam"]), inner=solver)
         accs.append((query_logits(model, phi, x_q).argmax(-1) == y_q).float().mean(1))
     per_task = torch.cat(accs).cpu()
     acc, ci = mean_ci95(per_task)
@@ -211,11 +153,11 @@ def main(argv=None) -> int:
         cfg = apply_overrides(
             state["config"], {"inner": args.inner, "inner_steps": args.inner_steps, "hf_steps": args.hf_steps}
         )
-        model = build_model(cfg).to(args.device)
+        model = builders.build_model(cfg).to(args.device)
         model.load_state_dict(state["model"])
-        _, test = build_samplers(cfg, args.device, args.data_root)
+        _, test = builders.build_samplers(cfg, args.device, args.data_root)
         result = evaluate(model, test, cfg, tasks=args.tasks, seed=args.seed, batch=args.batch)
-    except (ConfigError, CheckpointError, DataError) as exc:
+    except (ConfigError, CheckpointError, builders.DataError) as exc:
         print(f"imaml-eval: error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(describe(result, cfg, args.seed, cfg["inner"]))
@@ -226,11 +168,8 @@ def main(argv=None) -> int:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON atomically (temp file + ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Write ``obj`` as JSON atomically (:func:`imaml_kernels._atomic.write_text`)."""
+    write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Batched Hessian-vector products for any model: forward-over-reverse under ``vmap``."""
+"""Batched Hessian-vector products for any model under ``vmap``: forward-over-reverse, or
+reverse-over-reverse for models with an op that has no forward-mode derivative."""
 
 from typing import Callable, Optional
 
@@ -6,6 +7,8 @@ import torch
 from torch.func import grad, jvp, vmap
 
 from .layout import ParamLayout
+
+HVP_MODES = ("fwdrev", "revrev")
 
 
 def _check_same_structure(params, v):
@@ -27,11 +30,15 @@ def batched_hvp(
     *batch,
     chunk: Optional[int] = None,
     layout: Optional[ParamLayout] = None,
+    mode: str = "fwdrev",
 ):
     """``H_t v_t`` for T tasks at once, ``H_t`` the Hessian of ``loss_fn(params_t, *batch_t)``.
 
-    Forward-over-reverse (``jvp`` of ``grad``) under ``vmap``: one forward and one backward
-    pass with tangents, no double-backward graph.
+    ``mode="fwdrev"`` (forward-over-reverse, ``jvp`` of ``grad``): one forward and one
+    backward pass with tangents, no double-backward graph. ``mode="revrev"``
+    (reverse-over-reverse, ``grad`` of ``<grad, v>``): a double backward, for models or losses
+    with an op that has no forward-mode derivative (``F.mse_loss``, ``F.huber_loss``, fused
+    attention kernels). Both give the same product.
 
     Args:
         loss_fn: ``loss_fn(params_t, *batch_t) -> scalar`` for one task (``params_t`` a dict of
@@ -42,6 +49,7 @@ def batched_hvp(
         chunk: process at most this many tasks at once (bounds memory); ``None`` = all.
         layout: with a flat ``params``, a :class:`ParamLayout` so that ``loss_fn`` receives
             dicts of per-task views; without it ``loss_fn`` receives the flat ``[P]`` vector.
+        mode: ``"fwdrev"`` or ``"revrev"``.
 
     Returns:
         ``H v`` with the structure of ``v``.
@@ -51,6 +59,8 @@ def batched_hvp(
         >>> loss = lambda p, x, y: ((x @ p["w"] - y) ** 2).mean()
         >>> Hv = batched_hvp(loss, {"w": w}, {"w": v}, x, y)   # w, v: [T, D]; x: [T, N, D]
     """
+    if mode not in HVP_MODES:
+        raise ValueError(f"mode must be one of {HVP_MODES}, got {mode!r}")
     _check_same_structure(params, v)
     T = (params if isinstance(params, torch.Tensor) else next(iter(params.values()))).shape[0]
     for i, b in enumerate(batch):
@@ -64,10 +74,23 @@ def batched_hvp(
     else:
         inner = loss_fn
 
-    def one(p, t, *b):
-        return jvp(lambda q: grad(inner)(q, *b), (p,), (t,))[1]
+    if mode == "fwdrev":
+
+        def one(p, t, *b):
+            return jvp(lambda q: grad(inner)(q, *b), (p,), (t,))[1]
+
+    else:
+
+        def one(p, t, *b):
+            return grad(lambda q: _dot(grad(inner)(q, *b), t))(p)
 
     return vmap(one, chunk_size=chunk)(params, v, *batch)
+
+
+def _dot(a, b):
+    if isinstance(a, torch.Tensor):
+        return (a * b).sum()
+    return sum((a[k] * b[k]).sum() for k in a)
 
 
 def _unflat1(layout, p):

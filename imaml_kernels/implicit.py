@@ -3,23 +3,29 @@
 For T tasks with meta-parameters θ (shared) and λ > 0:
 
 - inner: ``φ_t ≈ argmin L̂_t(φ) + (λ_t/2)‖φ − θ‖²`` by any inner solver, without a graph;
-- backward: ``∂/∂θ = Σ_t (I + H_t/λ_t)⁻¹ g_t`` with ``g_t = ∂outer/∂φ_t`` and ``H_t = ∇²L̂_t(φ_t)``,
-  solved by :func:`imaml_kernels.cg_solve` with :func:`imaml_kernels.batched_hvp`.
+- backward: ``∂/∂θ = Σ_t x_t`` with ``((1+c) I + H_t/(λ_t+d)) x_t = g_t``, ``g_t = ∂outer/∂φ_t``
+  and ``H_t = ∇²L̂_t(φ_t)``, by a pluggable linear solve (:class:`~imaml_kernels.CG`:
+  c = d = 0 is the paper's ``(I + H_t/λ_t)⁻¹ g_t``, c = 1, d = 10 the authors' released code);
+- parameters of the model that are meta-learned but not adapted (ψ, e.g. ANIL's body)
+  receive the cross term ``−(∂²L̂_t/∂ψ∂φ) x_t/(λ_t+d)`` besides their direct gradient.
 
 Memory does not grow with the number of inner steps: nothing is unrolled.
 """
 
 import contextlib
+import difflib
 from typing import Callable, Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad, grad_and_value, vmap
+import torch.utils._pytree as pytree
+from torch.func import functional_call, vmap
 
-from .cg import cg_solve
+from .cg import CG, cg_solve
 from .engine import BatchedNet, UnsupportedModel, batched_net, functional_logits
-from .hvp import batched_hvp
-from .layout import ParamLayout
+from .objective import ProximalObjective, task_loss_fn
+
+__all__ = ["AdaptedParams", "implicit_adapt", "implicit_meta_grad", "select_engine"]
 
 
 def _host_checks_allowed():
@@ -47,238 +53,187 @@ def _batch_stats_only(model):
             m.track_running_stats = True
 
 
-def _task_loss_fn(model, loss):
-    """``f(params_t, x_t, y_t) -> scalar`` for one task."""
-    loss = loss or F.cross_entropy
-    if isinstance(model, torch.nn.Module):
-        buffers = dict(model.named_buffers())
+class _Diagnostics:
+    __slots__ = ("inner_loss", "info")
 
-        def f(params, x, y):
-            return loss(functional_call(model, (params, buffers), (x,)), y)
-
-    elif callable(model):
-
-        def f(params, x, y):
-            return loss(model(params, x), y)
-
-    else:
-        raise TypeError(f"model must be an nn.Module or a callable f(params, x), got {type(model).__name__}")
-    return f
-
-
-class ProximalObjective:
-    """``L̂_t(φ_t) + (λ_t/2)‖φ_t − θ‖²`` for all T tasks; what inner solvers minimise.
-
-    Args:
-        task_loss: ``f(params_t, *batch_t) -> scalar`` for one task.
-        theta: dict of shared meta-parameters (unbatched; detached here).
-        lam: ``[T]`` tensor of λ_t > 0.
-        batch: tensors with leading T (the support set).
-        engine: a :class:`~imaml_kernels.engine.BatchedNet` computing the same ``task_loss``
-            (cross-entropy of the network): values, gradients and HVPs then run through the
-            fused engine instead of ``torch.func`` under ``vmap``.
-
-    Methods take and return dicts of ``[T, ...]`` tensors; values are ``[T]``.
-    :meth:`linearize` works on flat ``[T, P]`` buffers.
-    """
-
-    def __init__(self, task_loss, theta, lam, batch, hvp_chunk=None, engine: Optional[BatchedNet] = None):
-        self.task_loss = task_loss
-        self.theta = {k: v.detach() for k, v in theta.items()}
-        self.lam = lam
-        self.batch = batch
-        self.hvp_chunk = hvp_chunk
-        self.layout = ParamLayout.from_params(self.theta, batched=False)
-        if engine is not None and (engine.layout.names != self.layout.names or engine.layout.shapes != self.layout.shapes):
-            raise ValueError("the engine's parameter layout differs from theta's (names, order or shapes)")
-        self.engine = engine
-        self._grad_value = vmap(grad_and_value(task_loss))
-        self._grad = vmap(grad(task_loss))
-        self._value = vmap(task_loss)
-
-    @property
-    def theta_flat(self) -> torch.Tensor:
-        """θ as one ``[P]`` vector (made once while θ is unchanged: keyed by the tensors' versions)."""
-        key = tuple((id(v), v._version) for v in self.theta.values())
-        if getattr(self, "_theta_flat_key", None) != key or torch.compiler.is_compiling():
-            self._theta_flat = self.layout.flatten({k: v.unsqueeze(0) for k, v in self.theta.items()})[0]
-            self._theta_flat_key = key
-        return self._theta_flat
-
-    def with_lam(self, lam):
-        """The same objective with another ``[T]`` λ (θ's flat copy is shared)."""
-        other = ProximalObjective(self.task_loss, self.theta, lam, self.batch, hvp_chunk=self.hvp_chunk, engine=self.engine)
-        if getattr(self, "_theta_flat_key", None) is not None:
-            other._theta_flat, other._theta_flat_key = self._theta_flat, self._theta_flat_key
-        return other
-
-    def _lam(self, like):
-        return self.lam.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
-
-    def _prox(self, phi):
-        sq = sum(((phi[k] - self.theta[k]) ** 2).reshape(phi[k].shape[0], -1).sum(1) for k in phi)
-        return 0.5 * self.lam.to(sq.dtype) * sq
-
-    def task_value(self, phi):
-        """``L̂_t(φ_t)`` ``[T]``."""
-        if self.engine is not None:
-            return self.engine.loss(self.layout.as_flat(phi), *self.batch)
-        return self._value(phi, *self.batch)
-
-    def value(self, phi):
-        """Proximal objective ``[T]``."""
-        return self.task_value(phi) + self._prox(phi)
-
-    def grad(self, phi):
-        return self.value_and_grad(phi)[1] if self.engine is not None else self._add_prox_grad(phi, self._grad(phi, *self.batch))
-
-    def _add_prox_grad(self, phi, g):
-        return {k: g[k] + self._lam(phi[k]) * (phi[k] - self.theta[k]) for k in phi}
-
-    def value_and_grad(self, phi):
-        if self.engine is not None:
-            v, g = self.engine.loss_and_grad(self.layout.as_flat(phi), *self.batch)
-            g = self.layout.unflatten(g)
-        else:
-            g, v = self._grad_value(phi, *self.batch)
-        return v + self._prox(phi), self._add_prox_grad(phi, g)
-
-    def task_hvp(self, phi, v):
-        """``H_t v_t`` with ``H_t = ∇²L̂_t(φ_t)`` (no proximal term)."""
-        if self.engine is not None:
-            flat = self.layout.flatten
-            return self.layout.unflatten(self.engine.hvp(flat(phi), flat(v), *self.batch))
-        return batched_hvp(self.task_loss, phi, v, *self.batch, chunk=self.hvp_chunk)
-
-    def hvp(self, phi, v):
-        """``(H_t + λ_t I) v_t``: the Hessian of the proximal objective."""
-        hv = self.task_hvp(phi, v)
-        return {k: hv[k] + self._lam(v[k]) * v[k] for k in v}
-
-    def linearize(self, phi: torch.Tensor) -> "ObjectiveLinearization":
-        """The objective at a flat ``phi [T, P]``: ``value``/``grad`` (proximal term included)
-        and HVPs that, with the engine, reuse one primal pass for every product."""
-        return ObjectiveLinearization(self, phi)
-
-
-class ObjectiveLinearization:
-    """:meth:`ProximalObjective.linearize`: flat ``[T, P]`` in and out; computed lazily."""
-
-    def __init__(self, objective, phi):
-        self.objective, self.phi = objective, phi
-        self._lin = None
-        if objective.engine is not None:
-            self._lin = objective.engine.linearize(phi, *objective.batch)
-        self._vg = None
-
-    def _value_grad(self):
-        if self._vg is None:
-            obj, phi = self.objective, self.phi
-            lam = obj.lam.to(phi.dtype)[:, None]
-            d = phi - obj.theta_flat.to(phi.dtype)
-            if self._lin is not None:
-                v, g = self._lin.loss, self._lin.grad
-            else:
-                g, v = obj._grad_value(obj.layout.unflatten(phi), *obj.batch)
-                g = obj.layout.flatten(g)
-            self._vg = (v + 0.5 * lam[:, 0] * (d * d).sum(1), g + lam * d)
-        return self._vg
-
-    @property
-    def task_loss(self):
-        """``[T]``: ``L̂_t(φ_t)`` (no proximal term)."""
-        if self._lin is not None:
-            return self._lin.loss
-        obj = self.objective
-        return obj.task_value(obj.layout.unflatten(self.phi))
-
-    @property
-    def value(self):
-        """``[T]``: ``L̂_t(φ_t) + (λ_t/2)‖φ_t − θ‖²``."""
-        return self._value_grad()[0]
-
-    @property
-    def grad(self):
-        """``[T, P]``: its gradient."""
-        return self._value_grad()[1]
-
-    def to_work(self, v):
-        """``[T, P]`` in θ's order -> the order :meth:`task_hvp_work` works in (the engine's
-        own parameter order, so a CG solve there skips two permutes per product)."""
-        return self._lin.net.to_native(v) if self._lin is not None else v
-
-    def from_work(self, v):
-        """The inverse of :meth:`to_work`."""
-        return self._lin.net.from_native(v) if self._lin is not None else v
-
-    def task_hvp_work(self, v):
-        """:meth:`task_hvp` in the work order. With the engine the result lives in one buffer
-        reused by every call (a CG matvec consumes it at once): read it before the next call."""
-        if self._lin is None:
-            return self.task_hvp(v)
-        self._hv = self._lin.hvp_native(v, out=getattr(self, "_hv", None))
-        return self._hv
-
-    def task_hvp(self, v):
-        """``H_t v_t`` (no proximal term): ``[T, P]`` -> ``[T, P]``."""
-        if self._lin is not None:
-            return self._lin.hvp(v)
-        obj = self.objective
-        un = obj.layout.unflatten
-        return obj.layout.flatten(batched_hvp(obj.task_loss, un(self.phi), un(v), *obj.batch, chunk=obj.hvp_chunk))
-
-    def hvp(self, v):
-        """``(H_t + λ_t I) v_t``."""
-        return self.task_hvp(v) + self.objective.lam.to(v.dtype)[:, None] * v
+    def __init__(self, inner_loss=None, info=None):
+        self.inner_loss, self.info = inner_loss, info
 
 
 class AdaptedParams(dict):
-    """The adapted ``φ`` (dict of ``[T, ...]`` tensors) with diagnostics:
+    """The adapted ``φ``: a dict ``{name: [T, ...]}`` and a pytree (it goes straight into
+    ``torch.func.vmap``, ``functional_call`` and ``torch.utils._pytree.tree_map``; what those
+    rebuild shares these diagnostics):
 
     - ``inner_loss``: ``[T]`` task loss at φ (NaN/inf marks a task whose inner loop failed);
-    - ``info``: filled by the backward pass: ``{"cg": CGInfo, "dropped": [T] bool}``, where
-      ``dropped`` marks tasks whose contribution was zeroed (non-finite outer gradient or
-      non-finite inner loss). A task whose CG broke down (``info["cg"].breakdown``) keeps
-      CG's last good iterate.
+    - ``info``: filled by the backward pass (``None`` before it, without a meta-gradient, and
+      under ``torch.compile``): ``{"cg": info of the solve, "dropped": [T] bool}``, where
+      ``dropped`` marks tasks whose contribution was zeroed (non-finite outer gradient,
+      solution or inner loss). A task whose CG broke down (``info["cg"].breakdown``) keeps
+      CG's last good iterate; ``info["cg"].diverged`` flags a residual that grew.
     """
 
-    inner_loss: torch.Tensor
-    info: Optional[dict] = None
+    def __init__(self, *args, _diag=None, **kw):
+        super().__init__(*args, **kw)
+        object.__setattr__(self, "_diag", _diag if _diag is not None else _Diagnostics())
+
+    @property
+    def inner_loss(self) -> torch.Tensor:
+        return self._diag.inner_loss
+
+    @property
+    def info(self) -> Optional[dict]:
+        return self._diag.info
+
+    def __reduce__(self):
+        return (dict, (dict(self),))
+
+
+def _flatten_adapted(d):
+    return list(d.values()), (list(d.keys()), d._diag)
+
+
+def _unflatten_adapted(values, context):
+    keys, diag = context
+    return AdaptedParams(zip(keys, values), _diag=diag)
+
+
+pytree.register_pytree_node(
+    AdaptedParams, _flatten_adapted, _unflatten_adapted,
+    serialized_type_name="imaml_kernels.AdaptedParams",
+    flatten_with_keys_fn=lambda d: ([(pytree.MappingKey(k), v) for k, v in d.items()], (list(d.keys()), d._diag)),
+)
+
+
+# ------------------------------------------------------------------------ argument checks
 
 
 def _as_lam(lam, T, device):
+    if isinstance(lam, (list, tuple)):
+        try:
+            lam = torch.tensor([float(v) for v in lam])
+        except (TypeError, ValueError):
+            raise TypeError(f"lam must be a number, a [T] tensor or a list of T numbers, got {lam!r}") from None
     if isinstance(lam, torch.Tensor):
         if lam.dim() == 0:
             lam = lam.expand(T)
         if tuple(lam.shape) != (T,):
             raise ValueError(f"lam must be a scalar or a [T] tensor with T={T}, got shape {list(lam.shape)}")
+        if not lam.is_floating_point():
+            lam = lam.double()
         # Checking values of a device tensor would sync with the host: only CPU tensors are checked.
-        if lam.device.type == "cpu" and _host_checks_allowed() and not bool((lam > 0).all()):
-            raise ValueError("lam must be > 0 for every task")
+        if lam.device.type == "cpu" and _host_checks_allowed() and not bool(((lam > 0) & torch.isfinite(lam)).all()):
+            raise ValueError("lam must be finite and > 0 for every task")
         return lam.detach().to(device, torch.float64 if lam.dtype == torch.float64 else torch.float32)
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+        raise TypeError(f"lam must be a number, a [T] tensor or a list of T numbers, got {type(lam).__name__}")
     lam = float(lam)
-    if not lam > 0:
-        raise ValueError(f"lam must be > 0, got {lam}")
+    if not 0 < lam < float("inf"):
+        raise ValueError(f"lam must be finite and > 0, got {lam}")
     return torch.full((T,), lam, device=device)
 
 
-def _check_inputs(theta, support):
+def _check_theta(theta):
     if not isinstance(theta, dict) or not theta:
-        raise TypeError("theta must be a non-empty dict {name: tensor} of meta-parameters")
+        raise TypeError(f"theta must be a non-empty dict {{name: tensor}} of meta-parameters, got {type(theta).__name__}")
     for k, v in theta.items():
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"theta[{k!r}] must be a tensor, got {type(v).__name__}")
-        if not v.requires_grad:
-            raise ValueError(
-                f"theta[{k!r}] does not require grad: its meta-gradient would be lost "
-                "(use tensors with requires_grad=True, e.g. dict(model.named_parameters()))"
-            )
-    if not isinstance(support, (tuple, list)) or len(support) != 2:
-        raise TypeError("support must be a pair (x, y) of tensors with a leading task dim T")
+        if not v.is_floating_point():
+            raise TypeError(f"theta[{k!r}] must be a floating-point tensor, got {v.dtype}")
+
+
+def _check_support(support, name="support"):
+    if not isinstance(support, (tuple, list)) or len(support) != 2 or not all(isinstance(t, torch.Tensor) for t in support):
+        raise TypeError(f"{name} must be a pair (x, y) of tensors with a leading task dim T, got {type(support).__name__}")
     x, y = support
+    for which, t in (("x", x), ("y", y)):
+        if t.dim() < 2:
+            raise ValueError(
+                f"{name} {which} must be [T, N, ...] (tasks, examples, ...), got shape {list(t.shape)}; "
+                f"for one task add the task dim: {which}[None]"
+            )
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"support x has T={x.shape[0]} tasks but y has T={y.shape[0]}")
+        raise ValueError(f"{name} x has T={x.shape[0]} tasks but y has T={y.shape[0]}")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"{name} x has N={x.shape[1]} examples per task but y has N={y.shape[1]}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} has no tasks (T=0)")
     return x.shape[0]
+
+
+def _check_model_params(model, theta):
+    """θ's names against the model's parameters; returns ψ: the model's parameters that
+    require grad and are not in θ (meta-learned, not adapted)."""
+    if not isinstance(model, torch.nn.Module):
+        if not callable(model):
+            raise TypeError(f"model must be an nn.Module or a callable f(params, x), got {type(model).__name__}")
+        return {}
+    named = dict(model.named_parameters())
+    for k, v in theta.items():
+        if k not in named:
+            close = difflib.get_close_matches(k, list(named), n=3, cutoff=0.3)
+            hint = f"; close matches: {close}" if close else f"; the model has {list(named)[:6]}"
+            raise ValueError(f"theta[{k!r}] is not a parameter of the model (names as in model.named_parameters()){hint}")
+        if tuple(v.shape) != tuple(named[k].shape):
+            raise ValueError(f"theta[{k!r}] has shape {list(v.shape)} but the model's parameter has {list(named[k].shape)}")
+    return {k: p for k, p in named.items() if k not in theta and p.requires_grad}
+
+
+def _check_dtypes(model, theta, x):
+    if isinstance(model, torch.nn.Module) and x.is_floating_point():
+        dtypes = {v.dtype for v in theta.values()}
+        if len(dtypes) == 1 and x.dtype not in dtypes:
+            (dt,) = dtypes
+            raise TypeError(f"support x is {x.dtype} but the parameters are {dt}: cast one to the other (e.g. x.to({dt}))")
+
+
+def _check_labels(model, theta, x, y, loss):
+    """Class labels of the default cross-entropy in range (CPU labels only: no sync)."""
+    if loss is not None or y.is_floating_point() or y.device.type != "cpu" or not _host_checks_allowed():
+        return
+    if y.dtype == torch.bool or y.numel() == 0:
+        raise TypeError(f"support y must hold integer class labels for the default cross-entropy, got {y.dtype}")
+    with torch.no_grad():
+        params = {k: v.detach() for k, v in theta.items()}
+        out = functional_call(model, params, (x[0, :1],)) if isinstance(model, torch.nn.Module) else model(params, x[0, :1])
+    classes = out.shape[-1]
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= classes:
+        raise ValueError(f"support y holds labels in [{lo}, {hi}] but the model has {classes} outputs (labels must be in [0, {classes - 1}])")
+
+
+def _check_inner(inner):
+    if isinstance(inner, type):
+        raise TypeError(f"inner must be a solver instance such as GD(16, 0.1), got the class {inner.__name__}")
+    if not callable(inner):
+        raise TypeError(f"inner must be a solver callable(objective, phi0) -> phi, got {type(inner).__name__}")
+
+
+def _resolve_solve(solve, cg_iters, cg_tol, backend, first_order):
+    if solve is not None and (cg_iters is not None or cg_tol is not None):
+        raise ValueError("give either solve=CG(iters, tol, ...) or the shorthands cg_iters/cg_tol, not both")
+    if solve is None:
+        solve = CG(iters=5 if cg_iters is None else cg_iters, tol=0.0 if cg_tol is None else cg_tol, backend=backend)
+    if isinstance(solve, type):
+        raise TypeError(f"solve must be a solver instance such as CG(5), got the class {solve.__name__}")
+    if not callable(solve):
+        raise TypeError(f"solve must be CG(...) or a callable solve(matvec, b) -> (x, info), got {type(solve).__name__}")
+    if isinstance(solve, CG) and solve.iters == 0 and not first_order:
+        raise ValueError("cg_iters=0 solves nothing (the meta-gradient would be zero): use first_order=True to skip the solve")
+    return solve
+
+
+def _check_phi(phi, theta, T):
+    names = list(theta)
+    if not isinstance(phi, dict) or set(phi) != set(names):
+        got = sorted(phi) if isinstance(phi, dict) else type(phi).__name__
+        raise TypeError(f"the inner solver must return a dict with the keys of theta {names}, got {got}")
+    for k in names:
+        want = (T, *theta[k].shape)
+        if not isinstance(phi[k], torch.Tensor) or tuple(phi[k].shape) != want:
+            got = list(phi[k].shape) if isinstance(phi[k], torch.Tensor) else type(phi[k]).__name__
+            raise ValueError(f"the inner solver returned phi[{k!r}] of shape {got}, expected {list(want)} (T={T} tasks)")
 
 
 def select_engine(model, theta, x, loss=None, engine=None, backend=None) -> Optional[BatchedNet]:
@@ -316,8 +271,11 @@ def select_engine(model, theta, x, loss=None, engine=None, backend=None) -> Opti
 
 
 class _ImplicitGrad(torch.autograd.Function):
+    """Outputs φ (a copy); its backward solves for θ's and ψ's gradients. The backward
+    mutates nothing outside ``ctx`` while tracing, so ``torch.compile`` can take it."""
+
     @staticmethod
-    def forward(ctx, state, *theta_leaves):
+    def forward(ctx, state, *leaves):
         ctx.state = state
         # A copy: an autograd op must never return an alias of a saved buffer. One buffer,
         # returned as views (one launch, not one per tensor).
@@ -328,34 +286,64 @@ class _ImplicitGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         st = ctx.state
+        eager = not torch.compiler.is_compiling()
         obj = st["objective"]
         layout = obj.layout
         phi = st["phi"]
         g = layout.flatten({k: (gr if gr is not None else torch.zeros_like(phi[k])) for k, gr in zip(st["names"], grads)})
         finite_g = torch.isfinite(g).all(1)
         g = g.masked_fill(~finite_g[:, None], 0.0)
+        solve = st["solve"]
+        c, d = float(getattr(solve, "damping", 0.0)), float(getattr(solve, "lam_damping", 0.0))
+        lam_d = (obj.lam.to(g.dtype) + d)[:, None]  # λ + d, [T, 1]
+        phi_flat = layout.as_flat(phi)
         if st["first_order"]:
             x, info = g, None
             bad = ~finite_g
         else:
-            lam = obj.lam.to(g.dtype)[:, None]
             with _batch_stats_only(st["model"]):
-                lin = st.pop("lin", None) or obj.linearize(layout.as_flat(phi))
+                lin = (st.pop("lin", None) if eager else st.get("lin")) or obj.linearize(phi_flat)
+                if isinstance(solve, CG):
+                    # ((1+c) I + H/(λ+d)) x = g  <=>  (I + H/λ') x = g/(1+c), λ' = (1+c)(λ+d):
+                    # the same system with a one-pass matvec. CG is elementwise in the
+                    # coordinates, so it runs in the HVP's own order.
+                    lam_p = lam_d * (1.0 + c)
 
-                def matvec(v):
-                    return torch.addcdiv(v, lin.task_hvp_work(v), lam)  # v + Hv/λ, one pass
+                    def matvec(v):
+                        return torch.addcdiv(v, lin.task_hvp_work(v), lam_p)
 
-                # CG is elementwise in the coordinates: it runs in the HVP's own order.
-                x, info = cg_solve(matvec, lin.to_work(g), iters=st["cg_iters"], tol=st["cg_tol"], backend=st["backend"])
+                    b = g / (1.0 + c) if c else g
+                    x, info = cg_solve(matvec, lin.to_work(b), iters=solve.iters, tol=solve.tol, backend=solve.backend)
+                else:
+
+                    def matvec(v):
+                        return torch.addcdiv(v * (1.0 + c) if c else v, lin.task_hvp_work(v), lam_d)
+
+                    out = solve(matvec, lin.to_work(g))
+                    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor) and out[0].shape == g.shape):
+                        raise TypeError(f"solve(matvec, b) must return (x, info) with x of shape {list(g.shape)}")
+                    x, info = out
+                    x = x.to(g.dtype)
                 x = lin.from_work(x)
             # A breakdown (I + H/λ indefinite for a non-convex task) keeps CG's last good
             # iterate, a usable partial solve; it is reported in info["cg"].breakdown.
             bad = ~finite_g | ~torch.isfinite(x).all(1)
         bad = bad | ~torch.isfinite(st["inner_loss"])
         x = x.masked_fill(bad[:, None], 0.0)
-        st["result"].info = {"cg": info, "dropped": bad}
+        if eager:
+            st["diag"].info = {"cg": info, "dropped": bad}
         total = layout.unflatten(x.sum(0, keepdim=True))  # one reduction over the tasks
-        return (None, *(total[k][0].to(st["theta_dtypes"][k]) for k in st["names"]))
+        out = [total[k][0].to(st["theta_dtypes"][k]) for k in st["names"]]
+        psi = st["psi"]
+        if psi:
+            if st["first_order"]:
+                out += [None] * len(psi)
+            else:
+                # dφ*/dψ = −(H + λ'I)⁻¹ ∂²L̂/∂φ∂ψ, and (H + λ'I)⁻¹ g = x/(λ+d).
+                with _batch_stats_only(st["model"]):
+                    cross = obj.task.cross_vjp(phi_flat, x / lam_d)
+                out += [-cross[k].to(p.dtype) for k, p in psi.items()]
+        return (None, *out)
 
 
 def implicit_adapt(
@@ -365,11 +353,13 @@ def implicit_adapt(
     *,
     lam,
     inner: Callable,
-    cg_iters: int = 5,
-    cg_tol: float = 0.0,
+    solve: Optional[Callable] = None,
+    cg_iters: Optional[int] = None,
+    cg_tol: Optional[float] = None,
     first_order: bool = False,
     loss: Optional[Callable] = None,
     hvp_chunk: Optional[int] = None,
+    hvp_mode: str = "auto",
     backend: Optional[str] = None,
     engine=None,
 ) -> AdaptedParams:
@@ -377,16 +367,27 @@ def implicit_adapt(
 
     Args:
         model: an ``nn.Module`` (called through ``torch.func.functional_call`` with its
-            buffers; BatchNorm in batch-statistics or eval mode) or ``f(params, x) -> logits``.
-        theta: dict of meta-parameters (leaf tensors with ``requires_grad``), unbatched.
-        support: ``(x [T, N, ...], y [T, N])``.
-        lam: λ > 0, a scalar or a per-task ``[T]`` tensor.
-        inner: ``GD(steps, lr)``, ``SGD``, ``Adam``, ``NewtonCG`` or any
+            buffers; BatchNorm in batch-statistics or eval mode) or ``f(params, x) -> out``.
+        theta: dict of meta-parameters, unbatched, named as in ``model.named_parameters()``
+            (any subset: the adapted ones). θ that needs no gradient (``requires_grad=False``,
+            or a call under ``torch.no_grad()``) only runs the inner solve.
+        support: ``(x [T, N, ...], y [T, N, ...])``.
+        lam: λ > 0: a number, a ``[T]`` tensor or a list of T numbers.
+        inner: a solver instance: ``GD(steps, lr)``, ``SGD``, ``Adam``, ``NewtonCG`` or any
             ``solver(objective, phi0) -> phi``.
-        cg_iters, cg_tol: the CG solve of ``(I + H/λ) x = g`` in the backward pass.
+        solve: the linear solve of the backward: :class:`~imaml_kernels.CG` (default
+            ``CG(iters=5)``; ``CG(damping=1.0, lam_damping=10.0)`` is the authors' damped
+            system) or any ``solve(matvec, b) -> (x, info)``, ``matvec`` applying
+            ``((1+damping) I + H/(λ+lam_damping))`` to ``[T, P]`` (damping and lam_damping
+            read from the solve's attributes, 0 when it has none).
+        cg_iters, cg_tol: shorthands for ``solve=CG(cg_iters, cg_tol)``; 0 iterations
+            need ``first_order=True``.
         first_order: skip the solve (the gradient at φ passes straight to θ).
-        loss: ``loss(logits, y) -> scalar``; default cross-entropy.
+        loss: ``loss(out, y) -> scalar`` of one task; default cross-entropy.
         hvp_chunk: tasks per HVP group (memory bound, generic path).
+        hvp_mode: the generic path's HVPs: ``"fwdrev"`` (forward-over-reverse),
+            ``"revrev"`` (reverse-over-reverse) or ``"auto"`` (the first, falling back to the
+            second where an op has no forward-mode derivative, e.g. ``F.mse_loss``).
         backend: the backend of every kernel: the CG solve and the engine's stages
             (:func:`imaml_kernels.dispatch.kernels`; ``None``: automatic).
         engine: the fused network engine (:func:`select_engine`): ``None`` uses it whenever
@@ -394,9 +395,10 @@ def implicit_adapt(
             forces the generic ``torch.func`` path, ``True`` requires the engine.
 
     Returns:
-        :class:`AdaptedParams`: dict ``{name: [T, *theta[name].shape]}`` connected to θ, so that
+        :class:`AdaptedParams`: ``{name: [T, *theta[name].shape]}`` connected to θ, so that
         ``outer_loss(phi).backward()`` accumulates into ``theta[k].grad`` the sum over tasks of
-        ``(I + H_t/λ_t)⁻¹ ∂outer/∂φ_t``.
+        the solve's ``x_t``, and into each non-adapted parameter ψ of the model that
+        requires grad its cross term (the direct term comes from ``outer_loss`` itself).
 
     Example::
 
@@ -405,15 +407,25 @@ def implicit_adapt(
         >>> logits = torch.func.vmap(lambda p, x: torch.func.functional_call(model, p, (x,)))(phi, xq)
         >>> F.cross_entropy(logits.flatten(0, 1), yq.flatten()).backward()
     """
-    T = _check_inputs(theta, support)
+    _check_theta(theta)
+    T = _check_support(support)
     x, y = support
+    psi = _check_model_params(model, theta)
+    _check_inner(inner)
+    solve = _resolve_solve(solve, cg_iters, cg_tol, backend, first_order)
+    _check_dtypes(model, theta, x)
+    meta = torch.is_grad_enabled() and (any(v.requires_grad for v in theta.values()) or bool(psi))
     device = next(iter(theta.values())).device
     lam_t = _as_lam(lam, T, device)
-    task_loss = _task_loss_fn(model, loss)
+    task_loss = task_loss_fn(model, loss)
     names = list(theta)
     with _batch_stats_only(model):
-        net = select_engine(model, theta, x, loss, engine, backend)
-        objective = ProximalObjective(task_loss, theta, lam_t, (x, y), hvp_chunk=hvp_chunk, engine=net)
+        net = None if psi else select_engine(model, theta, x, loss, engine, backend)
+        if psi and engine is True:
+            raise ValueError(f"engine=True but the fused engine adapts every parameter; these are not in theta: {list(psi)}")
+        _check_labels(model, theta, x, y, loss)
+        objective = ProximalObjective(task_loss, theta, lam_t, (x, y), hvp_chunk=hvp_chunk, engine=net, hvp_mode=hvp_mode,
+                                      key=model, psi={k: p.detach() for k, p in psi.items()})
         with torch.no_grad():
             if len({v.dtype for v in theta.values()}) == 1:
                 # One copy of θ per task, as views of one [T, P] buffer (one launch, not one per tensor).
@@ -421,36 +433,34 @@ def implicit_adapt(
             else:
                 phi0 = {k: v.detach().unsqueeze(0).expand(T, *v.shape).clone() for k, v in theta.items()}
             phi = inner(objective, phi0)
-            if not isinstance(phi, dict) or set(phi) != set(names):
-                raise TypeError(f"the inner solver must return a dict with keys {names}")
+            _check_phi(phi, theta, T)
             phi = {k: phi[k].detach() for k in names}
             lin = None
-            if objective.engine is not None and not first_order:
+            if meta and objective.engine is not None and not first_order:
                 # The backward's linearisation, made now: its loss is the inner loss, so the
                 # support set's forward pass runs once instead of twice.
                 lin = objective.linearize(objective.layout.as_flat(phi))
                 inner_loss = lin.task_loss
             else:
                 inner_loss = objective.task_value(phi)
-    result = AdaptedParams()
+    diag = _Diagnostics(inner_loss)
+    if not meta:
+        return AdaptedParams(phi, _diag=diag)
     state = {
         "objective": objective,
         "phi": phi,
         "names": names,
         "first_order": first_order,
-        "cg_iters": cg_iters,
-        "cg_tol": cg_tol,
-        "backend": backend,
+        "solve": solve,
         "inner_loss": inner_loss,
         "lin": lin,
-        "result": result,
+        "diag": diag,
         "theta_dtypes": {k: v.dtype for k, v in theta.items()},
         "model": model,
+        "psi": psi,
     }
-    outs = _ImplicitGrad.apply(state, *(theta[k] for k in names))
-    result.update(zip(names, outs))
-    result.inner_loss = inner_loss
-    return result
+    outs = _ImplicitGrad.apply(state, *(theta[k] for k in names), *psi.values())
+    return AdaptedParams(zip(names, outs), _diag=diag)
 
 
 def implicit_meta_grad(
@@ -461,46 +471,53 @@ def implicit_meta_grad(
     *,
     lam,
     inner,
-    cg_iters: int = 5,
-    cg_tol: float = 0.0,
+    solve: Optional[Callable] = None,
+    cg_iters: Optional[int] = None,
+    cg_tol: Optional[float] = None,
     first_order: bool = False,
     loss: Optional[Callable] = None,
     hvp_chunk: Optional[int] = None,
+    hvp_mode: str = "auto",
     backend: Optional[str] = None,
     engine=None,
 ):
     """The same computation as a plain function, for users with their own training loop.
 
-    Args: as :func:`implicit_adapt`, plus ``query = (x [T, M, ...], y [T, M])``.
+    Args: as :func:`implicit_adapt`, plus ``query = (x [T, M, ...], y [T, M, ...])``.
 
     Returns:
         ``(meta_grad, info)``: ``meta_grad`` a dict shaped like θ holding the sum over tasks of
-        ``(I + H_t/λ_t)⁻¹ ∇φ L_t(query)``; ``info`` a dict with ``outer_loss`` ``[T]``,
-        ``inner_loss`` ``[T]``, ``cg`` (:class:`CGInfo`) and ``dropped`` ``[T]``.
+        the implicit gradients of ``L_t(query)`` (plus, for an ``nn.Module``, an entry per
+        parameter that requires grad and is not in θ: its direct + cross term); ``info`` a
+        dict with ``outer_loss`` ``[T]``, ``inner_loss`` ``[T]``, ``cg`` and ``dropped`` ``[T]``.
 
     Example::
 
         >>> g, info = implicit_meta_grad(model, theta, (xs, ys), (xq, yq), lam=2.0, inner=GD(16, 0.1))
         >>> for k, p in theta.items(): p.grad = g[k] / xs.shape[0]
     """
-    task_loss = _task_loss_fn(model, loss)
+    _check_theta(theta)
+    T = _check_support(support)
+    if _check_support(query, "query") != T:
+        raise ValueError(f"query has T={query[0].shape[0]} tasks but support has T={T}")
+    task_loss = task_loss_fn(model, loss)
     xq, yq = query
     leaves = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in theta.items()}
+    psi = _check_model_params(model, leaves)
     with torch.enable_grad():
         phi = implicit_adapt(
-            model, leaves, support, lam=lam, inner=inner, cg_iters=cg_iters, cg_tol=cg_tol,
-            first_order=first_order, loss=loss, hvp_chunk=hvp_chunk, backend=backend, engine=engine,
+            model, leaves, support, lam=lam, inner=inner, solve=solve, cg_iters=cg_iters, cg_tol=cg_tol,
+            first_order=first_order, loss=loss, hvp_chunk=hvp_chunk, hvp_mode=hvp_mode, backend=backend, engine=engine,
         )
-        if xq.shape[0] != support[0].shape[0]:
-            raise ValueError(f"query has T={xq.shape[0]} tasks but support has T={support[0].shape[0]}")
-        net = select_engine(model, theta, xq, loss, engine, backend)
+        net = None if psi else select_engine(model, theta, xq, loss, engine, backend)
         with _batch_stats_only(model):
             if net is not None:
                 logits = functional_logits(net, dict(phi), xq)
                 outer = F.cross_entropy(logits.flatten(0, 1), yq.flatten(), reduction="none").view(yq.shape).mean(1)
             else:
                 outer = vmap(task_loss)(dict(phi), xq, yq)
-        grads = torch.autograd.grad(outer.sum(), [leaves[k] for k in theta], allow_unused=True)
-    meta = {k: (g if g is not None else torch.zeros_like(theta[k])) for k, g in zip(theta, grads)}
+        wrt = [leaves[k] for k in theta] + list(psi.values())
+        grads = torch.autograd.grad(outer.sum(), wrt, allow_unused=True)
+    meta = {k: (g if g is not None else torch.zeros_like(t)) for k, t, g in zip([*theta, *psi], wrt, grads)}
     info = {"outer_loss": outer.detach(), "inner_loss": phi.inner_loss, **(phi.info or {})}
     return meta, info

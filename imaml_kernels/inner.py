@@ -1,7 +1,7 @@
 """Inner solvers for the proximal objective ``L̂_t(φ) + (λ_t/2)‖φ − θ‖²``, all tasks at once.
 
 Each solver is a callable ``solver(objective, phi0) -> phi`` where ``objective`` is a
-:class:`imaml_kernels.implicit.ProximalObjective` and ``phi0``/``phi`` are dicts of
+:class:`imaml_kernels.objective.ProximalObjective` and ``phi0``/``phi`` are dicts of
 ``[T, ...]`` tensors. Solvers build no autograd graph and never synchronise with the host.
 """
 
@@ -28,22 +28,8 @@ class GD:
         return f"GD(steps={self.steps}, lr={self.lr})"
 
     def __call__(self, objective, phi0):
-        engine = getattr(objective, "engine", None)
-        if engine is not None:
-            # The fused inner loop: all steps on one flat [T, P] buffer, one fused proximal
-            # update per step, no dict traffic.
-            layout = objective.layout
-            phi = engine.inner_loop(
-                objective.theta_flat, *objective.batch, lam=objective.lam, steps=self.steps, lr=self.lr,
-                phi0=layout.as_flat(phi0),  # inner_loop copies it
-            )
-            return layout.unflatten(phi)
-        phi = {k: v.clone() for k, v in phi0.items()}
-        for _ in range(self.steps):
-            g = objective.grad(phi)
-            for k in phi:
-                phi[k].sub_(self.lr * g[k])
-        return phi
+        # The objective runs the loop: fused on one flat [T, P] buffer with the engine.
+        return objective.descend(phi0, self.steps, self.lr)
 
 
 class SGD:
@@ -126,11 +112,15 @@ class NewtonCG:
                 backend=self.backend,
             )
             slope = (g * d).sum(1)  # < 0 for a descent direction
+            # Armijo, with the rounding error of f itself allowed: near the minimum the
+            # decrease of a full Newton step falls below what f can resolve, and a strict
+            # test would stall the task short of convergence.
+            slack = 8 * torch.finfo(f0.dtype).eps * f0.abs()
             step = torch.zeros_like(f0)
             for i in range(self.ls_steps):
                 t = 0.5**i
                 ft = objective.value(layout.unflatten(phi + t * d))
-                ok = torch.isfinite(ft) & (ft <= f0 + self.c1 * t * slope) & (step == 0) & (slope < 0)
+                ok = torch.isfinite(ft) & (ft <= f0 + self.c1 * t * slope + slack) & (step == 0) & (slope < 0)
                 step = torch.where(ok, torch.full_like(step, t), step)
             phi = phi + step.to(phi.dtype)[:, None] * d
         return layout.unflatten(phi)

@@ -37,18 +37,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import distributed
+from ._atomic import atomic_write, write_text
+from .builders import DataError, build_model, build_samplers, build_solver
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
-from .evaluate import (
-    DataError,
-    build_model,
-    build_samplers,
-    build_solver,
-    describe,
-    evaluate,
-    one_line,
-    query_logits,
-    write_json,
-)
+from .evaluate import describe, evaluate, one_line, query_logits, write_json
+from .cg import CG
 from .implicit import implicit_adapt
 from .presets import ConfigError, apply_overrides, config_diff, preset_names, resolve_config
 
@@ -60,28 +53,11 @@ METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "curves.png"
 
 
-class InnerAtLam:
-    """Run ``solver`` on the proximal problem with λ = ``lam``, whatever λ the op was given.
-
-    :func:`implicit_adapt` uses one λ for the inner problem and the backward system
-    ``(I + H/λ) x = g``; the damped system of the authors' code needs a larger λ in the
-    backward only, so the op gets that one and this wrapper restores the inner λ.
-    """
-
-    def __init__(self, solver, lam: float):
-        self.solver, self.lam = solver, float(lam)
-
-    def __repr__(self):
-        return f"InnerAtLam({self.solver!r}, lam={self.lam})"
-
-    def __call__(self, objective, phi0):
-        return self.solver(objective.with_lam(torch.full_like(objective.lam, self.lam)), phi0)
-
-
-def cg_lam(cfg: Mapping[str, Any]) -> float:
-    """The λ of the backward system that equals the damped one of the authors' code:
-    ``((1+c) I + H/(λ+d)) x = g``  <=>  ``x = (I + H/λ') ⁻¹ g / (1+c)`` with ``λ' = (1+c)(λ+d)``."""
-    return (1.0 + cfg["cg_damping"]) * (cfg["lam"] + cfg["lam_damping"])
+def backward_solve(cfg: Mapping[str, Any], backend=None) -> CG:
+    """The backward's linear solve of a run: ``((1+c) I + H/(λ+d)) x = g`` with
+    ``cg_iters`` CG iterations, c = ``cg_damping`` and d = ``lam_damping`` (the authors'
+    released code: c = 1, d = 10; c = d = 0: the paper's ``(I + H/λ) x = g``)."""
+    return CG(cfg["cg_iters"], damping=cfg["cg_damping"], lam_damping=cfg["lam_damping"], backend=backend)
 
 
 def meta_step(model, theta, optimizer, batch, cfg: Mapping[str, Any], solver, dist=None) -> torch.Tensor:
@@ -99,15 +75,13 @@ def meta_step(model, theta, optimizer, batch, cfg: Mapping[str, Any], solver, di
     (c = d = 0: the textbook ``(I + H_t/λ)⁻¹``). Nothing here reads a tensor back to the host.
     """
     x_s, y_s, x_q, y_q = batch
-    phi = implicit_adapt(
-        model, theta, (x_s, y_s), lam=cg_lam(cfg), inner=InnerAtLam(solver, cfg["lam"]), cg_iters=cfg["cg_iters"]
-    )
+    phi = implicit_adapt(model, theta, (x_s, y_s), lam=cfg["lam"], inner=solver, solve=backward_solve(cfg))
     logits = query_logits(model, phi, x_q)  # [T, M, way]
     # Per-task mean cross-entropy, then the mean over tasks: θ.grad = mean of the T
     # implicit gradients (the paper averages the meta-batch).
     loss_t = F.cross_entropy(logits.flatten(0, 1), y_q.flatten(), reduction="none").view(y_q.shape).mean(1)
     optimizer.zero_grad(set_to_none=True)
-    (loss_t.mean() / (1.0 + cfg["cg_damping"])).backward()
+    loss_t.mean().backward()
     if dist is not None:
         dist.average_gradients(model.parameters())
     optimizer.step()
@@ -118,12 +92,6 @@ def meta_step(model, theta, optimizer, batch, cfg: Mapping[str, Any], solver, di
         cg = info.get("cg")
         res = cg.residual.float().mean() if cg is not None else torch.zeros((), device=acc.device)
         return torch.stack([loss_t.mean().detach(), acc, phi.inner_loss.float().mean(), dropped, res.to(acc.device)])
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -174,10 +142,11 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
         a.grid(alpha=0.3)
     fig.suptitle(metrics_path.parent.name)
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    try:
+        with atomic_write(out_png) as f:
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)
     return out_png
 
 
@@ -241,7 +210,7 @@ def train(
         # Rows logged after the checkpoint belong to steps that will run again.
         if main_rank:
             kept = [r for r in _read_metrics(metrics_path) if r.get("step", 0) <= step and r.get("kind") == "train"]
-            _atomic_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+            write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
     elif main_rank and metrics_path.exists():
         metrics_path.unlink()
     theta = dict(model.named_parameters())
@@ -421,7 +390,7 @@ def main(argv=None) -> int:
                 f"each rank takes meta-batch / world-size tasks of every meta-step"
             )
         if world > 1 and not launched:
-            return distributed.spawn(argv, world)  # each rank runs this main again
+            return distributed.spawn(main, argv, world)  # each rank runs this main again
         dist = distributed.init(device, args.dist_timeout)
         if rank == 0:
             print(

@@ -130,7 +130,7 @@ def test_fused_inner_loop_equals_reference_loop(name, T, N):
     phi = net.inner_loop(theta, x, y, lam=lam, steps=steps, lr=lr)
     # Reference: the generic torch.func objective, plain GD on dicts.
     theta_d = {k: p.detach() for k, p in model.named_parameters()}
-    obj = ik.ProximalObjective(ik.implicit._task_loss_fn(model, None), theta_d, lam, (x, y))
+    obj = ik.ProximalObjective(ik.task_loss_fn(model), theta_d, lam, (x, y))
     ref = ik.GD(steps, lr)(obj, {k: v.unsqueeze(0).expand(T, *v.shape).clone() for k, v in theta_d.items()})
     assert rel(phi, net.layout.flatten(ref)) < 1e-10
     assert net_params.equal(theta)  # θ untouched
@@ -213,7 +213,7 @@ def test_newton_cg_with_engine_matches_generic():
     T = 3
     x, y = torch.randn(T, 9, 5, dtype=torch.float64), torch.randint(0, 3, (T, 9))
     lam = torch.full((T,), 1.5, dtype=torch.float64)
-    f = ik.implicit._task_loss_fn(model, None)
+    f = ik.task_loss_fn(model)
     phi0 = {k: v.unsqueeze(0).expand(T, *v.shape).clone() for k, v in theta.items()}
     a = ik.NewtonCG(3, cg_iters=4)(ik.ProximalObjective(f, theta, lam, (x, y), engine=BatchedNet(model, (5,))), phi0)
     b = ik.NewtonCG(3, cg_iters=4)(ik.ProximalObjective(f, theta, lam, (x, y)), phi0)

@@ -246,14 +246,12 @@ def test_bad_inputs():
     X, y, Xq, yq, theta = ridge_data()
     with pytest.raises(ValueError, match="support x has T=4 tasks but y has T=3"):
         ik.implicit_adapt(linear, theta, (X, y[:3]), lam=1.0, inner=ik.GD(1, 0.1), loss=mse)
-    with pytest.raises(ValueError, match="lam must be > 0"):
+    with pytest.raises(ValueError, match="lam must be finite and > 0"):
         ik.implicit_adapt(linear, theta, (X, y), lam=0.0, inner=ik.GD(1, 0.1), loss=mse)
-    with pytest.raises(ValueError, match="lam must be > 0 for every task"):
+    with pytest.raises(ValueError, match="lam must be finite and > 0 for every task"):
         ik.implicit_adapt(linear, theta, (X, y), lam=torch.tensor([1.0, -1.0, 1.0, 1.0]), inner=ik.GD(1, 0.1), loss=mse)
     with pytest.raises(ValueError, match="lam must be a scalar or a \\[T\\] tensor with T=4"):
         ik.implicit_adapt(linear, theta, (X, y), lam=torch.ones(3), inner=ik.GD(1, 0.1), loss=mse)
-    with pytest.raises(ValueError, match="does not require grad"):
-        ik.implicit_adapt(linear, {k: v.detach() for k, v in theta.items()}, (X, y), lam=1.0, inner=ik.GD(1, 0.1), loss=mse)
     with pytest.raises(ValueError, match="query has T=3 tasks but support has T=4"):
         ik.implicit_meta_grad(linear, theta, (X, y), (Xq[:3], yq[:3]), lam=1.0, inner=ik.GD(1, 0.1), loss=mse)
     with pytest.raises(ValueError, match="batch\\[0\\] has leading size 3, expected T=4"):

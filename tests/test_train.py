@@ -25,7 +25,7 @@ from imaml_kernels.evaluate import main as eval_main
 from imaml_kernels.evaluate import mean_ci95
 from imaml_kernels.nets import MLP
 from imaml_kernels.presets import PRESETS, ConfigError, config_diff, resolve_config
-from imaml_kernels.train import STATS, cg_lam, main, meta_step, InnerAtLam
+from imaml_kernels.train import STATS, backward_solve, main, meta_step
 
 HAVE_OMNIGLOT = (omniglot_root() / "characters.json").is_file()
 needs_omniglot = pytest.mark.skipif(not HAVE_OMNIGLOT, reason="Omniglot not found in $IMAML_DATA")
@@ -273,19 +273,7 @@ def test_meta_grad_is_the_mean_damped_implicit_gradient(c, d):
         expected += torch.linalg.solve(A, g) / T
     got = torch.cat([theta[k].grad.reshape(-1) for k in names])
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
-    assert cg_lam(cfg) == (1 + c) * (2.0 + d)
-
-
-def test_inner_at_lam_solves_the_inner_problem_with_its_own_lambda():
-    model, (xs, ys, _, _) = _mlp_problem(T=2)
-    f = lambda p, x, y: F.cross_entropy(functional_call(model, p, (x,)), y)  # noqa: E731
-    theta = {k: v.detach() for k, v in model.named_parameters()}
-    phi0 = {k: v.expand(2, *v.shape).clone() for k, v in theta.items()}
-    at = lambda lam: ProximalObjective(f, theta, torch.full((2,), lam, dtype=torch.float64), (xs, ys))  # noqa: E731
-    want = GD(5, 0.1)(at(2.0), phi0)
-    got = InnerAtLam(GD(5, 0.1), 2.0)(at(24.0), phi0)
-    for k in want:
-        assert torch.equal(want[k], got[k])
+    assert (backward_solve(cfg).damping, backward_solve(cfg).lam_damping) == (c, d)
 
 
 def test_meta_step_reads_nothing_back(monkeypatch):

@@ -1,0 +1,438 @@
+"""The objective inner solvers and the implicit backward work on, behind one protocol.
+
+A *task objective* is ``L̂_t(φ_t)`` for T tasks at once. Two implement the protocol:
+
+- :class:`EngineObjective`: the fused network engine (:class:`~imaml_kernels.engine.BatchedNet`);
+- :class:`FuncObjective`: any model through ``torch.func`` under ``vmap``.
+
+The protocol (what :class:`ProximalObjective` calls):
+
+- ``loss(phi) -> [T]`` and ``loss_and_grad(phi) -> ([T], grads)`` on dicts of ``[T, ...]``;
+- ``linearize(phi_flat)``: the objective at a flat ``[T, P]`` point, with ``loss``, ``grad``
+  and HVPs that reuse one primal pass (``hvp``; ``to_work``/``hvp_work``/``from_work`` for a
+  solve run in the objective's own coordinate order);
+- ``descend(theta_flat, lam, phi0_flat, steps, lr)``: ``steps`` fused proximal gradient steps,
+  or ``None`` when the objective has no fused loop.
+
+:class:`ProximalObjective` adds the proximal term ``(λ_t/2)‖φ_t − θ‖²`` (written once, in
+:func:`proximal_term`) and is what every inner solver receives.
+"""
+
+import contextlib
+import weakref
+from typing import Callable, Dict, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, grad_and_value, vmap
+
+from .hvp import HVP_MODES, batched_hvp
+from .layout import ParamLayout
+
+__all__ = [
+    "task_loss_fn", "proximal_term", "TaskObjective", "FuncObjective", "EngineObjective",
+    "ProximalObjective", "ObjectiveLinearization",
+]
+
+
+def task_loss_fn(model, loss: Optional[Callable] = None) -> Callable:
+    """``f(params_t, x_t, y_t) -> scalar`` for one task: ``loss(model(params_t, x_t), y_t)``.
+
+    ``model`` is an ``nn.Module`` (called through ``functional_call`` with its buffers;
+    parameters missing from ``params_t`` are the module's own) or ``f(params, x) -> out``;
+    ``loss`` defaults to cross-entropy. The one task loss of the package (the implicit op,
+    the trainer and the evaluator use it).
+    """
+    loss = loss or F.cross_entropy
+    if isinstance(model, torch.nn.Module):
+        buffers = dict(model.named_buffers())
+
+        def f(params, x, y):
+            return loss(functional_call(model, (params, buffers), (x,)), y)
+
+    elif callable(model):
+
+        def f(params, x, y):
+            return loss(model(params, x), y)
+
+    else:
+        raise TypeError(f"model must be an nn.Module or a callable f(params, x), got {type(model).__name__}")
+    return f
+
+
+def proximal_term(phi, theta, lam):
+    """``((λ_t/2)‖φ_t − θ‖² [T], λ_t (φ_t − θ))`` for ``phi`` a ``[T, P]`` tensor (``theta``
+    ``[P]``) or a dict of ``[T, ...]`` tensors (``theta`` a dict of unbatched ones)."""
+    if isinstance(phi, torch.Tensor):
+        d = phi - theta.to(phi.dtype)
+        lam_c = lam.to(phi.dtype)[:, None]
+        return 0.5 * lam.to(phi.dtype) * (d * d).sum(1), lam_c * d
+    sq, g = 0, {}
+    for k, p in phi.items():
+        d = p - theta[k]
+        sq = sq + (d * d).reshape(p.shape[0], -1).sum(1)
+        g[k] = lam.to(p.dtype).view(-1, *([1] * (p.dim() - 1))) * d
+    return 0.5 * lam.to(sq.dtype) * sq, g
+
+
+# ------------------------------------------------------------------------ task objectives
+
+
+class TaskObjective:
+    """The protocol (see the module docstring); ``layout`` is θ's :class:`ParamLayout`."""
+
+    layout: ParamLayout
+    batch: tuple
+
+    def loss(self, phi: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss_and_grad(self, phi: Mapping[str, torch.Tensor]):
+        raise NotImplementedError
+
+    def linearize(self, phi: torch.Tensor):
+        raise NotImplementedError
+
+    def descend(self, theta_flat, lam, phi0, steps: int, lr: float) -> Optional[torch.Tensor]:
+        return None
+
+
+class EngineObjective(TaskObjective):
+    """The fused engine's cross-entropy of the network."""
+
+    def __init__(self, net, batch):
+        self.net, self.layout, self.batch = net, net.layout, tuple(batch)
+
+    def loss(self, phi):
+        return self.net.loss(self.layout.as_flat(phi), *self.batch)
+
+    def loss_and_grad(self, phi):
+        v, g = self.net.loss_and_grad(self.layout.as_flat(phi), *self.batch)
+        return v, self.layout.unflatten(g)
+
+    def linearize(self, phi):
+        return _EngineLinearization(self.net.linearize(phi, *self.batch))
+
+    def descend(self, theta_flat, lam, phi0, steps, lr):
+        return self.net.inner_loop(theta_flat, *self.batch, lam=lam, steps=steps, lr=lr, phi0=phi0)
+
+
+class _EngineLinearization:
+    def __init__(self, lin):
+        self._lin = lin
+        self.loss = lin.loss
+        self._hv = None
+
+    @property
+    def grad(self):
+        return self._lin.grad
+
+    def hvp(self, v):
+        return self._lin.hvp(v)
+
+    def to_work(self, v):
+        return self._lin.net.to_native(v)
+
+    def from_work(self, v):
+        return self._lin.net.from_native(v)
+
+    def hvp_work(self, v):
+        # One result buffer reused by every product (a CG matvec consumes it at once); under
+        # compile each product gets its own (no state carried between traced calls).
+        if torch.compiler.is_compiling():
+            return self._lin.hvp_native(v)
+        self._hv = self._lin.hvp_native(v, out=self._hv)
+        return self._hv
+
+
+# The HVP mode "auto" settled on, per model (weakly) and loss: a fallback is found once.
+_AUTO_MODE = weakref.WeakKeyDictionary()
+
+
+def _math_sdpa():
+    """Scaled-dot-product attention's math backend: the one with forward-mode and
+    second-order derivatives (the fused CPU/CUDA kernels have neither)."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+class FuncObjective(TaskObjective):
+    """Any model: ``task_loss(params_t, *batch_t)`` under ``vmap``; HVPs by
+    :func:`~imaml_kernels.batched_hvp` in ``hvp_mode`` (``"auto"``: forward-over-reverse, and
+    reverse-over-reverse where an op of the model or loss has no forward-mode derivative).
+
+    ``key``: the object (the model) under which "auto" remembers its choice; ``psi``: the
+    parameters meta-learned but not adapted (a dict, for :meth:`cross_vjp`)."""
+
+    def __init__(self, task_loss, layout, batch, *, chunk=None, hvp_mode="auto", key=None, psi=None):
+        if hvp_mode not in HVP_MODES + ("auto",):
+            raise ValueError(f"hvp_mode must be one of {HVP_MODES + ('auto',)}, got {hvp_mode!r}")
+        self.task_loss, self.layout, self.batch = task_loss, layout, tuple(batch)
+        self.chunk, self.hvp_mode, self.psi = chunk, hvp_mode, dict(psi or {})
+        self._key = key if key is not None else task_loss
+        self._loss = vmap(task_loss)
+        self._grad_value = vmap(grad_and_value(task_loss))
+
+    def loss(self, phi):
+        return self._loss(dict(phi), *self.batch)
+
+    def loss_and_grad(self, phi):
+        g, v = self._grad_value(dict(phi), *self.batch)
+        return v, g
+
+    def linearize(self, phi):
+        return _FuncLinearization(self, phi)
+
+    # -- HVPs
+
+    def _settled_mode(self):
+        if self.hvp_mode != "auto":
+            return self.hvp_mode
+        try:
+            return _AUTO_MODE.get(self._key, {}).get(id(self.task_loss))
+        except TypeError:  # a key that cannot be weakly referenced
+            return None
+
+    def _remember(self, mode):
+        with contextlib.suppress(TypeError):
+            _AUTO_MODE.setdefault(self._key, {})[id(self.task_loss)] = mode
+
+    def _run(self, fn):
+        """``fn(mode)`` in the settled mode, or, for "auto", forward-over-reverse with a
+        fallback to reverse-over-reverse that is then remembered."""
+        if torch.compiler.is_compiling():
+            # Traced, "auto" takes reverse-over-reverse: torch.compile traces a double
+            # backward inside the implicit backward, but not a jvp there.
+            return fn("revrev" if self.hvp_mode == "auto" else self.hvp_mode)
+        mode = self._settled_mode()
+        with _math_sdpa():
+            if mode is not None:
+                return fn(mode)
+            try:
+                out = fn("fwdrev")
+            except (RuntimeError, NotImplementedError):
+                out = fn("revrev")  # an error here is the model's own: it propagates
+                self._remember("revrev")
+                return out
+            self._remember("fwdrev")
+            return out
+
+    @property
+    def mode(self) -> Optional[str]:
+        """The HVP mode in use (``None`` while "auto" has not run a product yet)."""
+        return self._settled_mode()
+
+    def hvp(self, phi, v):
+        """``H_t v_t``, flat ``[T, P]`` in and out."""
+        un = self.layout.unflatten
+        return self._run(lambda m: self.layout.flatten(
+            batched_hvp(self.task_loss, un(phi), un(v), *self.batch, chunk=self.chunk, mode=m)))
+
+    def cross_vjp(self, phi, u) -> Dict[str, torch.Tensor]:
+        """``Σ_t (∂²L̂_t/∂ψ∂φ) u_t``: for each non-adapted parameter ψ, the gradient in ψ of
+        ``Σ_t <∇φ L̂_t(φ_t, ψ), u_t>`` (``phi``, ``u`` flat ``[T, P]``)."""
+        if not self.psi:
+            return {}
+        un = self.layout.unflatten
+        f = self.task_loss
+
+        def per_task(mode):
+            def one(ph, uu, ps, *b):
+                if mode == "revrev":
+                    def inner(q):
+                        gphi = grad(lambda p: f({**p, **q}, *b))(ph)
+                        return sum((gphi[k] * uu[k]).sum() for k in gphi)
+                else:
+                    def inner(q):
+                        return torch.func.jvp(lambda p: f({**p, **q}, *b), (ph,), (uu,))[1]
+                return grad(inner)(ps)
+
+            dims = (0, 0, None) + (0,) * len(self.batch)
+            out = vmap(one, in_dims=dims, chunk_size=self.chunk)(un(phi), un(u), self.psi, *self.batch)
+            return {k: t.sum(0) for k, t in out.items()}
+
+        return self._run(per_task)
+
+
+class _FuncLinearization:
+    def __init__(self, task, phi):
+        self.task, self.phi = task, phi
+        self._vg = None
+
+    def _value_grad(self):
+        if self._vg is None:
+            v, g = self.task.loss_and_grad(self.task.layout.unflatten(self.phi))
+            self._vg = (v, self.task.layout.flatten(g))
+        return self._vg
+
+    @property
+    def loss(self):
+        return self._vg[0] if self._vg is not None else self.task.loss(self.task.layout.unflatten(self.phi))
+
+    @property
+    def grad(self):
+        return self._value_grad()[1]
+
+    def hvp(self, v):
+        return self.task.hvp(self.phi, v)
+
+    def to_work(self, v):
+        return v
+
+    from_work = to_work
+
+    def hvp_work(self, v):
+        return self.hvp(v)
+
+
+# ------------------------------------------------------------------------ proximal objective
+
+
+class ProximalObjective:
+    """``L̂_t(φ_t) + (λ_t/2)‖φ_t − θ‖²`` for all T tasks; what inner solvers minimise.
+
+    Args:
+        task_loss: ``f(params_t, *batch_t) -> scalar`` for one task (:func:`task_loss_fn`).
+        theta: dict of shared meta-parameters (unbatched; detached here).
+        lam: ``[T]`` tensor of λ_t > 0.
+        batch: tensors with leading T (the support set).
+        hvp_chunk, hvp_mode: the generic path's HVPs (:class:`FuncObjective`); ``key``: the
+            object under which its "auto" mode remembers a fallback (the model).
+        psi: the model's parameters that are meta-learned but not adapted (generic path:
+            :meth:`FuncObjective.cross_vjp`).
+        engine: a :class:`~imaml_kernels.engine.BatchedNet` computing the same ``task_loss``
+            (cross-entropy of the network): values, gradients and HVPs then run through the
+            fused engine (:class:`EngineObjective`).
+        task: a ready task objective (overrides ``task_loss``/``engine``).
+
+    The dict methods take and return ``{name: [T, ...]}``; values are ``[T]``.
+    :meth:`linearize` works on flat ``[T, P]`` buffers; :meth:`descend` is proximal gradient
+    descent, fused where the task objective has a fused loop.
+    """
+
+    def __init__(self, task_loss, theta, lam, batch, hvp_chunk=None, engine=None, *, hvp_mode="auto", task=None,
+                 key=None, psi=None):
+        self.theta = {k: v.detach() for k, v in theta.items()}
+        self.lam = lam
+        self.batch = tuple(batch)
+        self.layout = ParamLayout.from_params(self.theta, batched=False)
+        if task is None:
+            if engine is not None:
+                if engine.layout.names != self.layout.names or engine.layout.shapes != self.layout.shapes:
+                    raise ValueError("the engine's parameter layout differs from theta's (names, order or shapes)")
+                task = EngineObjective(engine, self.batch)
+            else:
+                task = FuncObjective(task_loss, self.layout, self.batch, chunk=hvp_chunk, hvp_mode=hvp_mode, key=key, psi=psi)
+        self.task = task
+        self.engine = getattr(task, "net", None)
+
+    @property
+    def theta_flat(self) -> torch.Tensor:
+        """θ as one ``[P]`` vector (made once while θ is unchanged: keyed by the tensors' versions)."""
+        if torch.compiler.is_compiling():  # no cache state while tracing
+            return self.layout.flatten({k: v.unsqueeze(0) for k, v in self.theta.items()})[0]
+        key = tuple((id(v), v._version) for v in self.theta.values())
+        if getattr(self, "_theta_flat_key", None) != key:
+            self._theta_flat = self.layout.flatten({k: v.unsqueeze(0) for k, v in self.theta.items()})[0]
+            self._theta_flat_key = key
+        return self._theta_flat
+
+    def task_value(self, phi):
+        """``L̂_t(φ_t)`` ``[T]``."""
+        return self.task.loss(phi)
+
+    def value(self, phi):
+        """Proximal objective ``[T]``."""
+        return self.task.loss(phi) + proximal_term(phi, self.theta, self.lam)[0]
+
+    def value_and_grad(self, phi):
+        v, g = self.task.loss_and_grad(phi)
+        pv, pg = proximal_term(phi, self.theta, self.lam)
+        return v + pv, {k: g[k] + pg[k] for k in phi}
+
+    def grad(self, phi):
+        return self.value_and_grad(phi)[1]
+
+    def task_hvp(self, phi, v):
+        """``H_t v_t`` with ``H_t = ∇²L̂_t(φ_t)`` (no proximal term), dicts in and out."""
+        flat = self.layout.flatten
+        return self.layout.unflatten(self.linearize(flat(phi)).task_hvp(flat(v)))
+
+    def hvp(self, phi, v):
+        """``(H_t + λ_t I) v_t``: the Hessian of the proximal objective."""
+        hv = self.task_hvp(phi, v)
+        return {k: hv[k] + self.lam.to(v[k].dtype).view(-1, *([1] * (v[k].dim() - 1))) * v[k] for k in v}
+
+    def linearize(self, phi: torch.Tensor) -> "ObjectiveLinearization":
+        """The objective at a flat ``phi [T, P]``: ``value``/``grad`` (proximal term included)
+        and HVPs that, with the engine, reuse one primal pass for every product."""
+        return ObjectiveLinearization(self, phi)
+
+    def descend(self, phi0, steps: int, lr: float):
+        """``steps`` of ``φ ← φ − lr ∇(L̂_t(φ) + (λ_t/2)‖φ − θ‖²)`` from the dict ``phi0``
+        (not modified): one fused loop on a flat buffer where the task objective has one."""
+        fused = self.task.descend(self.theta_flat, self.lam, self.layout.as_flat(phi0), steps, lr)
+        if fused is not None:
+            return self.layout.unflatten(fused)
+        phi = {k: v.clone() for k, v in phi0.items()}
+        for _ in range(steps):
+            g = self.grad(phi)
+            for k in phi:
+                phi[k].sub_(lr * g[k])
+        return phi
+
+
+class ObjectiveLinearization:
+    """:meth:`ProximalObjective.linearize`: flat ``[T, P]`` in and out; computed lazily."""
+
+    def __init__(self, objective, phi):
+        self.objective, self.phi = objective, phi
+        self._lin = objective.task.linearize(phi)
+        self._vg = None
+
+    def _value_grad(self):
+        if self._vg is None:
+            obj = self.objective
+            pv, pg = proximal_term(self.phi, obj.theta_flat, obj.lam)
+            self._vg = (self._lin.loss + pv, self._lin.grad + pg)
+        return self._vg
+
+    @property
+    def task_loss(self):
+        """``[T]``: ``L̂_t(φ_t)`` (no proximal term)."""
+        return self._lin.loss
+
+    @property
+    def value(self):
+        """``[T]``: ``L̂_t(φ_t) + (λ_t/2)‖φ_t − θ‖²``."""
+        return self._value_grad()[0]
+
+    @property
+    def grad(self):
+        """``[T, P]``: its gradient."""
+        return self._value_grad()[1]
+
+    def to_work(self, v):
+        """``[T, P]`` in θ's order -> the order :meth:`task_hvp_work` works in (the engine's
+        own parameter order, so a CG solve there skips two permutes per product)."""
+        return self._lin.to_work(v)
+
+    def from_work(self, v):
+        """The inverse of :meth:`to_work`."""
+        return self._lin.from_work(v)
+
+    def task_hvp_work(self, v):
+        """:meth:`task_hvp` in the work order. With the engine the result lives in one buffer
+        reused by every call (a CG matvec consumes it at once): read it before the next call."""
+        return self._lin.hvp_work(v)
+
+    def task_hvp(self, v):
+        """``H_t v_t`` (no proximal term): ``[T, P]`` -> ``[T, P]``."""
+        return self._lin.hvp(v)
+
+    def hvp(self, v):
+        """``(H_t + λ_t I) v_t``."""
+        return self.task_hvp(v) + self.objective.lam.to(v.dtype)[:, None] * v
