@@ -17,16 +17,20 @@ class CGInfo(NamedTuple):
     - ``converged``: bool, ``residual <= tol`` (always False for a broken-down task);
     - ``breakdown``: bool, ``p.Ap <= 0`` or a non-finite value was met; the task kept its
       last good iterate;
-    - ``diverged``: bool, the residual grew: the final ``|r|`` exceeds ``|b|`` (the residual
-      of ``x = 0``) or is not finite, without a breakdown being met. CG on a symmetric
-      positive-definite system never ends there; a nonsymmetric or indefinite ``matvec`` can.
+    - ``diverged`` (a property, computed when read: no launch otherwise): bool, the residual
+      grew: the final ``|r|`` exceeds ``|b|`` (the residual of ``x = 0``) or is not finite,
+      without a breakdown being met. CG on a symmetric positive-definite system never ends
+      there; a nonsymmetric or indefinite ``matvec`` can.
     """
 
     iterations: torch.Tensor
     residual: torch.Tensor
     converged: torch.Tensor
     breakdown: torch.Tensor
-    diverged: torch.Tensor
+
+    @property
+    def diverged(self) -> torch.Tensor:
+        return ~self.breakdown & ~(self.residual <= 1.0)  # NaN-safe: a non-finite residual counts
 
 
 def _checked_matvec(matvec, v, b):
@@ -111,8 +115,7 @@ def cg_solve(
     residual = torch.where(bb > 0, (rr / torch.where(bb > 0, bb, 1.0)).sqrt(), rr.sqrt())
     breakdown = final == CG_BREAKDOWN
     converged = ~breakdown & (residual <= tol)
-    diverged = ~breakdown & ~(rr <= bb)  # NaN-safe: a non-finite residual counts
-    return x, CGInfo(count, residual, converged, breakdown, diverged)
+    return x, CGInfo(count, residual, converged, breakdown)
 
 
 class CG:

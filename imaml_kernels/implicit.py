@@ -295,7 +295,8 @@ class _ImplicitGrad(torch.autograd.Function):
         g = g.masked_fill(~finite_g[:, None], 0.0)
         solve = st["solve"]
         c, d = float(getattr(solve, "damping", 0.0)), float(getattr(solve, "lam_damping", 0.0))
-        lam_d = (obj.lam.to(g.dtype) + d)[:, None]  # λ + d, [T, 1]
+        # λ + d: a Python number when λ was one (no launch), else [T, 1].
+        lam_d = st["lam_number"] + d if st["lam_number"] is not None else (obj.lam.to(g.dtype) + d)[:, None]
         phi_flat = layout.as_flat(phi)
         if st["first_order"]:
             x, info = g, None
@@ -310,6 +311,8 @@ class _ImplicitGrad(torch.autograd.Function):
                     lam_p = lam_d * (1.0 + c)
 
                     def matvec(v):
+                        if isinstance(lam_p, float):
+                            return torch.add(v, lin.task_hvp_work(v), alpha=1.0 / lam_p)
                         return torch.addcdiv(v, lin.task_hvp_work(v), lam_p)
 
                     b = g / (1.0 + c) if c else g
@@ -317,7 +320,10 @@ class _ImplicitGrad(torch.autograd.Function):
                 else:
 
                     def matvec(v):
-                        return torch.addcdiv(v * (1.0 + c) if c else v, lin.task_hvp_work(v), lam_d)
+                        vs = v * (1.0 + c) if c else v
+                        if isinstance(lam_d, float):
+                            return torch.add(vs, lin.task_hvp_work(v), alpha=1.0 / lam_d)
+                        return torch.addcdiv(vs, lin.task_hvp_work(v), lam_d)
 
                     out = solve(matvec, lin.to_work(g))
                     if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor) and out[0].shape == g.shape):
@@ -458,6 +464,7 @@ def implicit_adapt(
         "theta_dtypes": {k: v.dtype for k, v in theta.items()},
         "model": model,
         "psi": psi,
+        "lam_number": float(lam) if isinstance(lam, (int, float)) and not isinstance(lam, bool) else None,
     }
     outs = _ImplicitGrad.apply(state, *(theta[k] for k in names), *psi.values())
     return AdaptedParams(zip(names, outs), _diag=diag)
