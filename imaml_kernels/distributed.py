@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -155,7 +158,58 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, entry: Entry, world_size: int, addr: str, port: int, argv: list[str]) -> None:
+# Parent-death handling in a rank: a launcher killed with SIGKILL must not leave its ranks
+# running (reparented to init, still writing the run folder). With the spawn start method the
+# ranks are direct children of the launcher, so the launcher's pid is their parent pid.
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _set_pdeathsig(sig: int) -> bool:
+    """Ask Linux to send ``sig`` to this process when its parent (thread) dies; False where
+    prctl(2) does not exist or fails (then only :func:`_watch_parent`'s polling is left)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        import ctypes.util
+    except ImportError:
+        return False
+    try:
+        try:
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):
+            prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+        return prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError, ctypes.ArgumentError):  # no libc, no prctl: the watchdog covers it
+        return False
+
+
+def _watch_parent(parent: int, interval: float = 1.0) -> None:
+    """Exit at once (status 1) unless ``parent`` is this process's parent, then poll
+    ``os.getppid()`` every ``interval`` s in a daemon thread and exit the same way when the
+    parent changed (the parent died and this process was reparented)."""
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def poll() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=poll, name="imaml-parent-watchdog", daemon=True).start()
+
+
+def _worker(
+    rank: int, entry: Entry, world_size: int, addr: str, port: int, argv: list[str], parent: int
+) -> None:
+    # First the parent-death signal: SIGTERM, in place of the SIGINT torch's wrapper set, which
+    # is ignored in the ranks of a launcher started with SIGINT ignored (`imaml-train ... &` in
+    # a script) and otherwise only a KeyboardInterrupt that the rank's code may catch. Then the
+    # check that the launcher did not die before it was set; then the polling backstop.
+    _set_pdeathsig(signal.SIGTERM)
+    _watch_parent(parent)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR=addr, MASTER_PORT=str(port),
@@ -165,10 +219,35 @@ def _worker(rank: int, entry: Entry, world_size: int, addr: str, port: int, argv
         sys.exit(rc)
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL to a rank that does not stop
+_JOIN_POLL = 0.5  # seconds per ProcessContext.join() between checks for a stop signal
+
+
+def _stop_ranks(processes, grace: float = _STOP_GRACE) -> None:
+    """SIGTERM to every live rank, SIGKILL to those still alive after ``grace`` s; joins all."""
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    end = time.monotonic() + grace
+    for proc in processes:
+        proc.join(max(0.0, end - time.monotonic()))
+    for proc in processes:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+
+
 def spawn(entry: Entry, argv: Sequence[str], world_size: int) -> int:
     """Run ``entry(argv)`` on ``world_size`` local processes (torch.multiprocessing, spawn), each
     with torchrun's environment (RANK, WORLD_SIZE, ..., MASTER_ADDR/PORT) set for its rank;
     returns 0, or the exit status of the first rank that failed (the others are terminated).
+
+    SIGTERM or SIGINT to this process (the launcher) while it waits stops every rank (SIGTERM,
+    SIGKILL after 5 s), waits for them and returns ``128 + signum`` (143, 130); the old
+    handlers are restored on return (a signal that was ignored stays ignored). A launcher
+    killed outright takes its ranks with it: each rank has Linux's parent-death signal set to
+    SIGTERM and polls its parent pid once a second.
 
     ``entry`` is pickled to the ranks by reference, so it must be a top-level function of an
     importable module (``imaml_kernels.train.main``), not a lambda or a closure.
@@ -182,19 +261,47 @@ def spawn(entry: Entry, argv: Sequence[str], world_size: int) -> int:
 
     addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = int(os.environ.get("MASTER_PORT") or _free_port())
+    stopped: list[int] = []
+    old_handlers = {}
+    if threading.current_thread() is threading.main_thread():  # signal.signal works there only
+        for sig in _STOP_SIGNALS:
+            old = signal.getsignal(sig)
+            # Ignored (SIGINT of a job started with `&`) stays ignored; None (a handler not set
+            # from Python) could not be restored afterwards, so it is left alone too.
+            if old is not None and old is not signal.SIG_IGN:
+                old_handlers[sig] = old
+                signal.signal(sig, lambda signum, frame: stopped.append(signum))
+    context = None
     try:
-        mp.start_processes(
-            _worker, args=(entry, world_size, addr, port, list(argv)), nprocs=world_size, join=True,
-            start_method="spawn",
+        context = mp.start_processes(
+            _worker, args=(entry, world_size, addr, port, list(argv), os.getpid()), nprocs=world_size,
+            join=False, start_method="spawn",
         )
-    except mp.ProcessExitedException as exc:
-        how = f"was killed by signal {-exc.exit_code}" if exc.exit_code < 0 else f"exited with status {exc.exit_code}"
-        print(f"imaml-train: error: rank {exc.error_index} {how}; the other ranks were stopped", file=sys.stderr)
-        return exc.exit_code if exc.exit_code and exc.exit_code > 0 else 1
-    except mp.ProcessRaisedException as exc:
-        print(f"imaml-train: error: rank {exc.error_index} raised: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        try:
+            while not stopped and not context.join(timeout=_JOIN_POLL):
+                pass
+        except mp.ProcessExitedException as exc:
+            if not stopped:  # a rank killed along with the launcher (kill -TERM -PGID) is no failure
+                how = (f"was killed by signal {-exc.exit_code}" if exc.exit_code < 0
+                       else f"exited with status {exc.exit_code}")
+                print(f"imaml-train: error: rank {exc.error_index} {how}; the other ranks were stopped",
+                      file=sys.stderr)
+                return exc.exit_code if exc.exit_code and exc.exit_code > 0 else 1
+        except mp.ProcessRaisedException as exc:
+            if not stopped:
+                print(f"imaml-train: error: rank {exc.error_index} raised: {exc}", file=sys.stderr)
+                return 1
+        if stopped:
+            _stop_ranks(context.processes)
+            name = signal.Signals(stopped[0]).name
+            print(f"imaml-train: error: stopped by {name}; ranks stopped", file=sys.stderr)
+            return 128 + stopped[0]
+        return 0
+    finally:
+        if context is not None and any(p.is_alive() for p in context.processes):
+            _stop_ranks(context.processes)  # an unexpected exception: leave no rank behind
+        for sig, old in old_handlers.items():
+            signal.signal(sig, old)
 
 
 # ------------------------------------------------------------------ benchmark

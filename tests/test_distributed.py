@@ -11,6 +11,11 @@ from __future__ import annotations
 import ast
 import json
 import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -144,8 +149,217 @@ def _rank_entry(argv: list[str]) -> int:
 
 
 def test_spawn_runs_the_given_entry_point():
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     assert spawn(_rank_entry, ["0"], 2) == 0
     assert spawn(_rank_entry, ["3"], 2) == 3
+    # spawn's SIGTERM/SIGINT handlers are there only while it waits for its ranks.
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+# ------------------------------------------------------------------ launcher and rank lifetimes
+#
+# Real processes and signals: a launcher script (run with subprocess) calls spawn(sleeper, ...,
+# 2) with ``sleeper`` from a helper module in tmp_path; each rank writes its pid to
+# tmp_path/rank<R>.pid and sleeps 120 s. No Omniglot, no process group. The ranks are the
+# launcher's children, not the test's: once the launcher is gone they are reaped by init, or
+# linger as zombies where init does not reap (a zombie counts as gone: it runs nothing).
+
+_HELPER = """
+import os
+import time
+from pathlib import Path
+
+
+def sleeper(argv):
+    folder, rank = Path(argv[0]), os.environ["RANK"]
+    tmp = folder / f".rank{rank}.pid"
+    tmp.write_text(str(os.getpid()))
+    os.replace(tmp, folder / f"rank{rank}.pid")
+    if len(argv) > 2 and rank == argv[1]:  # this rank fails with status argv[2] once both pids are known
+        end = time.monotonic() + 60
+        while len(list(folder.glob("rank*.pid"))) < 2 and time.monotonic() < end:
+            time.sleep(0.05)
+        return int(argv[2])
+    time.sleep(120)
+    return 0
+"""
+
+_LAUNCHER = """
+import os
+import signal
+import sys
+
+if __name__ == "__main__":
+    # As in a terminal whatever the test runner ignores, or as in a job started with `&` in a
+    # script (SIGINT ignored, and so in the ranks: torch's own parent-death signal is SIGINT).
+    ignore = os.environ.get("IMAML_TEST_IGNORE_SIGINT") == "1"
+    signal.signal(signal.SIGINT, signal.SIG_IGN if ignore else signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    from imaml_kernels.distributed import spawn
+    from imaml_spawn_helper import sleeper
+
+    sys.exit(spawn(sleeper, sys.argv[1:], 2))
+"""
+
+_REPO = Path(distributed.__file__).resolve().parents[1]
+
+
+def _child_env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), str(_REPO), env.get("PYTHONPATH")]))
+    env.pop("MASTER_PORT", None)
+    return env
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # the pid was reused by someone else's process
+        return False
+    try:  # a zombie (dead, not yet reaped by its new parent) runs nothing
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def _still_alive(pids, timeout: float = 10.0) -> list[int]:
+    """The pids still running after up to ``timeout`` s of polling."""
+    end = time.monotonic() + timeout
+    while True:
+        alive = [pid for pid in pids if _alive(pid)]
+        if not alive or time.monotonic() > end:
+            return alive
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """``launch(*argv) -> Popen`` of the launcher script (stderr in tmp_path/launcher.err); at
+    teardown whatever is still running of it and its ranks is killed."""
+    (tmp_path / "imaml_spawn_helper.py").write_text(_HELPER)
+    (tmp_path / "launcher.py").write_text(_LAUNCHER)
+    started = []
+
+    def start(*argv: str, ignore_sigint: bool = False) -> subprocess.Popen:
+        env = _child_env(tmp_path)
+        env["IMAML_TEST_IGNORE_SIGINT"] = "1" if ignore_sigint else "0"
+        with open(tmp_path / "launcher.out", "wb") as out, open(tmp_path / "launcher.err", "wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, str(tmp_path / "launcher.py"), str(tmp_path), *argv],
+                env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+            )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for pidfile in tmp_path.glob("rank*.pid"):
+        pid = int(pidfile.read_text())
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _rank_pids(tmp_path: Path, proc: subprocess.Popen, timeout: float = 45.0) -> list[int]:
+    """Both ranks' pids, once both have started (each imports torch: a few seconds)."""
+    files = [tmp_path / "rank0.pid", tmp_path / "rank1.pid"]
+    end = time.monotonic() + timeout
+    while not all(f.exists() for f in files):
+        if proc.poll() is not None:
+            pytest.fail(f"launcher exited with {proc.returncode} before its ranks started: "
+                        f"{(tmp_path / 'launcher.err').read_text()}")
+        if time.monotonic() > end:
+            pytest.fail(f"the ranks did not start within {timeout:g} s")
+        time.sleep(0.05)
+    pids = [int(f.read_text()) for f in files]
+    assert all(_alive(pid) for pid in pids) and proc.pid not in pids
+    return pids
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_to_the_launcher_stops_every_rank(launch, tmp_path, sig):
+    proc = launch()
+    pids = _rank_pids(tmp_path, proc)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=15) == 128 + sig  # 143, 130
+    assert _still_alive(pids) == []
+    err = (tmp_path / "launcher.err").read_text()
+    assert err.count(f"imaml-train: error: stopped by {sig.name}; ranks stopped\n") == 1, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+def test_sigkill_of_the_launcher_leaves_no_rank(launch, tmp_path):
+    # With SIGINT ignored (a background job), torch's SIGINT parent-death signal alone left
+    # both ranks running: this is the case that needs spawn's SIGTERM one (or the watchdog).
+    proc = launch(ignore_sigint=True)
+    pids = _rank_pids(tmp_path, proc)
+    proc.kill()
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    assert _still_alive(pids) == []  # parent-death signal (SIGTERM), else the 1 s watchdog
+
+
+def test_a_failed_rank_stops_the_others(launch, tmp_path):
+    proc = launch("1", "3")  # rank 1 exits with status 3 while rank 0 sleeps
+    pids = _rank_pids(tmp_path, proc)
+    assert proc.wait(timeout=40) == 3
+    assert _still_alive(pids) == []
+    err = (tmp_path / "launcher.err").read_text()
+    assert "imaml-train: error: rank 1 exited with status 3; the other ranks were stopped" in err, err
+
+
+def test_rank_exits_at_once_when_the_launcher_is_already_gone(tmp_path):
+    """The launcher's pid is passed to each rank: a rank whose parent is another process (the
+    launcher died before the parent-death signal was set) exits with status 1 before ``entry``."""
+    code = textwrap.dedent("""
+        import os
+        from imaml_kernels.distributed import _worker
+        _worker(0, print, 1, "127.0.0.1", 1, ["entry ran"], os.getppid())
+        _worker(0, print, 1, "127.0.0.1", 1, ["must not run"], os.getppid() + 1)
+        print("not reached")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], env=_child_env(tmp_path), capture_output=True,
+                         text=True, timeout=50, check=False)
+    assert res.returncode == 1, res.stderr
+    assert res.stdout.splitlines() == ["['entry ran']"], res.stdout
+
+
+def test_watchdog_exits_when_the_parent_dies(tmp_path):
+    """The backstop without prctl: a process whose parent is SIGKILLed (no parent-death signal
+    set) is ended by the watchdog thread once it sees its parent pid change."""
+    pidfile = tmp_path / "orphan.pid"
+    orphan = textwrap.dedent("""
+        import os, sys, time
+        from imaml_kernels.distributed import _watch_parent
+        _watch_parent(os.getppid(), 0.2)
+        open(sys.argv[1] + ".tmp", "w").write(str(os.getpid()))
+        os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+        time.sleep(120)
+    """)
+    middle = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {orphan!r}, "
+              f"{str(pidfile)!r}]); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", middle], env=_child_env(tmp_path))
+    pid = None
+    try:
+        end = time.monotonic() + 45
+        while not pidfile.exists():
+            assert proc.poll() is None and time.monotonic() < end, "the orphan-to-be did not start"
+            time.sleep(0.05)
+        pid = int(pidfile.read_text())
+        assert _alive(pid)
+        proc.kill()
+        proc.wait(timeout=10)
+        assert _still_alive([pid], timeout=5) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if pid is not None and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_distributed_does_not_import_the_trainer():
