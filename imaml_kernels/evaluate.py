@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,13 @@ from torch.func import functional_call, vmap
 
 from . import builders
 from ._atomic import write_text
-from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    check_model_state,
+    checkpoint_config,
+    load_checkpoint,
+    resolve_checkpoint,
+)
 from .engine import functional_logits
 from .implicit import implicit_adapt, select_engine
 from .presets import ConfigError, apply_overrides
@@ -140,29 +147,88 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_device(spec: str) -> torch.device:
+    """``torch.device(spec)``, present on this machine; ``ConfigError`` (one line) otherwise."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ConfigError(f"--device {spec}: not a torch device ({one_line(exc)})") from exc
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if device.type == "mps":  # torch.mps has no is_available; the backend flag does
+        is_available = torch.backends.mps.is_available
+    if not callable(is_available) or not is_available():
+        name = "CUDA" if device.type == "cuda" else device.type
+        raise ConfigError(f"--device {spec}: {name} is not available on this machine")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and callable(count) and device.index >= count():
+        raise ConfigError(f"--device {spec}: this machine has {count()} {device.type} device(s)")
+    return device
+
+
+def check_destination(path: Path, flag: str | None = "--json") -> None:
+    """Fail before any work where the result cannot be written to ``path``: a folder there, a
+    parent that is a file, or a nearest existing folder that is not writable
+    (:func:`~imaml_kernels._atomic.write_text` creates missing folders). ``flag`` is the option
+    that chose ``path`` (None: the default next to the checkpoint); the message names it."""
+
+    def fail(reason: str) -> None:
+        if flag:
+            raise ConfigError(f"{flag} {path}: {reason}")
+        raise ConfigError(f"cannot write the result to {path}: {reason}; pass --json PATH")
+
+    if path.is_dir():
+        fail("is a folder, not a file")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        fail(f"{folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        fail(f"the folder {folder} is not writable")
+
+
 def main(argv=None) -> int:
-    """``imaml-eval``; returns the exit status (0, or 2 with a one-line error)."""
+    """``imaml-eval``; returns the exit status (0, or 2 with a one-line error).
+
+    Everything is checked before any data is loaded or any task adapted: the arguments, the
+    device, where the result goes, the checkpoint (finite, config complete, model matching).
+    """
     args = _parser().parse_args(argv)
     try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        if args.tasks < 1 or args.batch < 1:
-            raise ConfigError("--tasks and --batch must be >= 1")
+        for flag, value in (("--tasks", args.tasks), ("--batch", args.batch), ("--threads", args.threads)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
+        device = check_device(args.device)
+        if args.json:
+            check_destination(Path(args.json), "--json")
         ckpt_path = resolve_checkpoint(args.checkpoint)
         state = load_checkpoint(ckpt_path)
-        cfg = apply_overrides(
-            state["config"], {"inner": args.inner, "inner_steps": args.inner_steps, "hf_steps": args.hf_steps}
-        )
-        model = builders.build_model(cfg).to(args.device)
-        model.load_state_dict(state["model"])
-        _, test = builders.build_samplers(cfg, args.device, args.data_root)
+        saved = checkpoint_config(state, ckpt_path)
+        cfg = apply_overrides(saved, {"inner": args.inner, "inner_steps": args.inner_steps, "hf_steps": args.hf_steps})
+        out = Path(args.json) if args.json else ckpt_path.parent / f"eval_seed{args.seed}_{args.tasks}.json"
+        if not args.json:
+            check_destination(out, None)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model = builders.build_model(cfg)
+        check_model_state(model, state["model"], ckpt_path)
+        model = model.to(device)
+        _, test = builders.build_samplers(cfg, device, args.data_root)
         result = evaluate(model, test, cfg, tasks=args.tasks, seed=args.seed, batch=args.batch)
     except (ConfigError, CheckpointError, builders.DataError) as exc:
         print(f"imaml-eval: error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(describe(result, cfg, args.seed, cfg["inner"]))
-    out = Path(args.json) if args.json else ckpt_path.parent / f"eval_seed{args.seed}_{args.tasks}.json"
-    write_json(out, {"checkpoint": str(ckpt_path), "step": state["step"], "seed": args.seed, "config": cfg, **result})
+    try:
+        record = {"checkpoint": str(ckpt_path), "step": state["step"], "seed": args.seed, "config": cfg}
+        write_json(out, {**record, **result})
+    except OSError as exc:
+        reason = exc.strerror or one_line(exc) or type(exc).__name__
+        print(f"imaml-eval: error: cannot write the result to {out}: {reason}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
     return 0
 

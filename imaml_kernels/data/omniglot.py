@@ -128,6 +128,34 @@ def _load_images(path: Path, expected: tuple[int, ...]) -> np.ndarray:
     return images
 
 
+def _check_meta_entry(meta_path: Path, split: str, entry: Any, count: int) -> None:
+    """``entry`` is ``characters.json[split]``: ``{"characters": [count names], "character_ids":
+    [count ints]}``; else a one-line ``ValueError`` naming the file and the bad field."""
+    expected = f"{meta_path}: expected '{split}' with {count} 'characters' and {count} 'character_ids'"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{expected}, found {type(entry).__name__}")
+    fields = (
+        ("characters", "a name (str)", lambda v: isinstance(v, str)),
+        ("character_ids", "an integer id", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    )
+    if not all(isinstance(entry.get(f), list) for f, _, _ in fields):
+        found = ", ".join(
+            f"'{f}': {type(entry[f]).__name__}" if f in entry else f"no '{f}'"
+            for f, _, _ in fields if not isinstance(entry.get(f), list)
+        )
+        raise ValueError(f"{expected}, found {found}")
+    if any(len(entry[f]) != count for f, _, _ in fields):
+        found = {k: len(v) for k, v in entry.items() if isinstance(v, list)}
+        raise ValueError(f"{expected}, found {found}")
+    for field, what, ok in fields:
+        for i, v in enumerate(entry[field]):
+            if not ok(v):
+                text = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+                raise ValueError(
+                    f"{meta_path}: '{split}' '{field}'[{i}] must be {what}, found {type(v).__name__} {text}"
+                )
+
+
 def load_omniglot_arrays(
     root: str | os.PathLike | None = None, *, image_size: int = 28, verify: bool = False
 ) -> dict[str, Any]:
@@ -173,27 +201,14 @@ def load_omniglot_arrays(
     for split in OMNIGLOT_SPLITS:
         count = OMNIGLOT_COUNTS[split]
         entry = meta.get(split) if isinstance(meta, dict) else None
-        if (
-            not isinstance(entry, dict)
-            or len(entry.get("characters", ())) != count
-            or len(entry.get("character_ids", ())) != count
-        ):
-            found = (
-                {k: len(v) for k, v in entry.items() if isinstance(v, list)}
-                if isinstance(entry, dict)
-                else type(entry).__name__
-            )
-            raise ValueError(
-                f"{meta_path}: expected '{split}' with {count} 'characters' and "
-                f"{count} 'character_ids', found {found}"
-            )
+        _check_meta_entry(meta_path, split, entry, count)
         path = root / omniglot_npz_name(split, image_size)
         arr = _load_images(path, (count, OMNIGLOT_DRAWINGS, image_size, image_size))
         if verify:
             _verify(path, arr)
         images.append(arr)
         characters += list(entry["characters"])
-        ids += [int(i) for i in entry["character_ids"]]
+        ids += list(entry["character_ids"])
     if len(set(characters)) != len(characters):
         raise ValueError(f"{meta_path}: character names repeat")
     return {
