@@ -127,11 +127,11 @@ def check_config(cfg: Mapping[str, Any]) -> None:
         if int(cfg[k]) < 0:
             raise ConfigError(f"{k} must be >= 0, got {cfg[k]}")
     for k in ("lam", "inner_lr", "outer_lr"):
-        if not float(cfg[k]) > 0:
-            raise ConfigError(f"{k} must be > 0, got {cfg[k]}")
+        if not 0 < float(cfg[k]) < float("inf"):
+            raise ConfigError(f"{k} must be finite and > 0, got {cfg[k]}")
     for k in ("cg_damping", "lam_damping"):
-        if not float(cfg[k]) >= 0:
-            raise ConfigError(f"{k} must be >= 0, got {cfg[k]}")
+        if not 0 <= float(cfg[k]) < float("inf"):
+            raise ConfigError(f"{k} must be finite and >= 0, got {cfg[k]}")
     if cfg["query"] < 1:
         # The outer loss is the query loss: without query drawings there is no meta-gradient.
         raise ConfigError("query must be >= 1 (the meta-gradient is the query-set loss)")

@@ -13,7 +13,8 @@ checkpoint is written atomically; ``--resume`` continues bit-for-bit (same θ, A
 task stream). With ``--world-size N`` or under ``torchrun`` the T tasks of each meta-batch
 are split across N ranks (see :mod:`imaml_kernels.distributed`). At the end: ``curves.png``
 and, with ``--eval-tasks N``, the meta-test accuracy on N fixed tasks (rank 0 alone; see
-:mod:`imaml_kernels.evaluate`).
+:mod:`imaml_kernels.evaluate`). The run folder belongs to one run and survives crashes and
+divergence (:mod:`imaml_kernels.runs`; the README's "Runs and failures").
 
 Example::
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -37,13 +39,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import distributed
-from ._atomic import atomic_write, write_text
+from ._atomic import atomic_write
 from .builders import DataError, build_model, build_samplers, build_solver
-from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
-from .evaluate import describe, evaluate, one_line, query_logits, write_json
+from .checkpoint import (
+    CHECKPOINT_NAME, CheckpointError, check_model_state, checkpoint_config, load_checkpoint, save_checkpoint,
+)
+from .evaluate import check_device, describe, evaluate, one_line, query_logits, write_json
 from .cg import CG
 from .implicit import implicit_adapt
 from .presets import ConfigError, apply_overrides, config_diff, preset_names, resolve_config
+from .runs import MetricsLog, RunError, RunFolder, check_out_dir, read_metrics, rewrite_metrics
 
 __all__ = ["meta_step", "train", "main"]
 
@@ -88,16 +93,16 @@ def meta_step(model, theta, optimizer, batch, cfg: Mapping[str, Any], solver, di
     with torch.no_grad():
         acc = (logits.argmax(-1) == y_q).float().mean()
         info = phi.info or {}
-        dropped = info["dropped"].float().sum() if "dropped" in info else torch.zeros((), device=acc.device)
+        zero = torch.zeros((), device=acc.device)
+        if "dropped" in info:
+            dropped = info["dropped"].float().sum()
+            # The loss of the tasks kept (NaN when every task was dropped: 0/0).
+            loss = torch.where(info["dropped"], 0.0, loss_t.detach()).sum() / (loss_t.shape[0] - dropped)
+        else:
+            dropped, loss = zero, loss_t.mean().detach()
         cg = info.get("cg")
-        res = cg.residual.float().mean() if cg is not None else torch.zeros((), device=acc.device)
-        return torch.stack([loss_t.mean().detach(), acc, phi.inner_loss.float().mean(), dropped, res.to(acc.device)])
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        res = cg.residual.float().mean() if cg is not None else zero
+        return torch.stack([loss, acc, phi.inner_loss.float().mean(), dropped, res.to(acc.device)])
 
 
 def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
@@ -107,7 +112,7 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
     matplotlib.use("Agg")  # no display on servers; must precede pyplot
     import matplotlib.pyplot as plt
 
-    rows = _read_metrics(metrics_path)
+    rows = read_metrics(metrics_path, warn=False)
     train = [r for r in rows if r.get("kind") == "train"]
     evals = [r for r in rows if r.get("kind") == "eval"]
     if not train:
@@ -123,7 +128,9 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
             c.append(c[-1] + x)
         return [(c[i + 1] - c[max(0, i + 1 - w)]) / min(w, i + 1) for i in range(len(v))]
 
-    loss, acc = [r["loss"] for r in train], [100 * r["acc"] for r in train]
+    nan = float("nan")
+    loss = [nan if r["loss"] is None else r["loss"] for r in train]
+    acc = [nan if r["acc"] is None else 100 * r["acc"] for r in train]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
     a1.plot(steps, loss, lw=0.6, alpha=0.3, color="C0")
     a1.plot(steps, smooth(loss), lw=1.5, color="C0")
@@ -150,7 +157,7 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
     return out_png
 
 
-def _checkpoint_state(step, cfg, model, optimizer, sampler) -> dict[str, Any]:
+def _checkpoint_state(step, cfg, model, optimizer, sampler, log_state) -> dict[str, Any]:
     return {
         "step": step,
         "config": dict(cfg),
@@ -159,7 +166,42 @@ def _checkpoint_state(step, cfg, model, optimizer, sampler) -> dict[str, Any]:
         "sampler": sampler.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        # The statistics read back but not yet logged and the divergence count: a crash at
+        # any step loses no row and keeps the log's cadence.
+        "log": log_state,
     }
+
+
+def _params_finite(model) -> bool:
+    """One read-back: are all parameters finite?"""
+    norms = torch._foreach_norm([p.detach() for p in model.parameters()], ord=float("inf"))  # max |x|: no overflow
+    return bool(torch.isfinite(torch.stack(norms)).all())
+
+
+class _Divergence:
+    """Consecutive bad meta-steps: every task dropped, or a non-finite loss or parameters."""
+
+    def __init__(self, limit: int, T: int, state=None):
+        self.limit, self.T = limit, T
+        self.run, self.first = (state or (0, None))
+
+    def state(self):
+        return (self.run, self.first)
+
+    def see(self, row: dict) -> None:
+        bad = row["dropped"] >= self.T or not math.isfinite(row["loss"])
+        if not bad:
+            self.run, self.first = 0, None
+            return
+        self.run += 1
+        self.first = self.first or row["step"]
+        if self.run >= self.limit:
+            why = (f"every task was dropped ({self.T} of {self.T}: non-finite inner losses or meta-gradients)"
+                   if row["dropped"] >= self.T else "the query loss is not finite")
+            raise RunError(
+                f"the run diverged: {self.run} bad meta-steps in a row from step {self.first} ({why}); "
+                "likely a step size or λ too large (--outer-lr, --inner-lr, --lam); the last good checkpoint is kept"
+            )
 
 
 def train(
@@ -174,6 +216,8 @@ def train(
     eval_batch: int = 50,
     progress: bool = True,
     dist: distributed.DistContext | None = None,
+    max_bad_steps: int = 3,
+    checkpoint_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train to ``cfg["steps"]`` meta-steps, writing checkpoints, metrics and curves in ``out``.
 
@@ -183,9 +227,15 @@ def train(
         dist: this rank of a data-parallel run (None: one process). Each rank builds its
             ``T / world_size`` tasks of every meta-batch; rank 0 alone writes files and
             evaluates at the end.
+        max_bad_steps: stop (:class:`~imaml_kernels.runs.RunError`) after this many bad
+            meta-steps in a row (every task dropped, or a non-finite loss); parameters that
+            turn non-finite stop the run at the next read-back and are never checkpointed.
+
+    The folder's ownership (lock, refusing another run) is the caller's
+    (:class:`~imaml_kernels.runs.RunFolder`; :func:`main` takes care of it).
 
     Returns:
-        ``{"step", "out", "seconds", "step_seconds", "eval": dict | None}``.
+        ``{"step", "out", "seconds", "step_seconds", "eval": dict | None, "files": [...]}``.
     """
     dist = dist or distributed.DistContext()
     main_rank = dist.is_main
@@ -198,25 +248,34 @@ def train(
     model = build_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["outer_lr"])
     metrics_path = out / METRICS_NAME
+    ckpt_path = out / CHECKPOINT_NAME
     step = 0
+    total = int(cfg["steps"])
+    T = int(cfg["meta_batch"])
+    log_rows: list[dict] = []  # read back, not yet written
+    div_state = None
     if resume is not None:
-        model.load_state_dict(resume["model"])
+        where = checkpoint_path or ckpt_path
+        check_model_state(model, resume["model"], where)
         optimizer.load_state_dict(resume["optimizer"])
         train_sampler.load_state_dict(resume["sampler"])
         torch.set_rng_state(resume["torch_rng"])
         if resume.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(resume["cuda_rng"])
         step = int(resume["step"])
-        # Rows logged after the checkpoint belong to steps that will run again.
+        if total < step:
+            raise RunError(f"{where} is at step {step}, past --steps {total}: give --steps > {step} to extend the run")
+        saved_log = resume.get("log") or {}
+        log_rows = [dict(r) for r in saved_log.get("rows", [])]
+        div_state = tuple(saved_log["divergence"]) if "divergence" in saved_log else None
+        # Rows logged after the checkpoint belong to steps that will run again; the earlier
+        # rows, eval rows included, stay.
         if main_rank:
-            kept = [r for r in _read_metrics(metrics_path) if r.get("step", 0) <= step and r.get("kind") == "train"]
-            write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-    elif main_rank and metrics_path.exists():
-        metrics_path.unlink()
+            kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= step and r.get("kind") in ("train", "eval")
+                    and not (r.get("kind") == "train" and any(p["step"] == r["step"] for p in log_rows))]
+            rewrite_metrics(metrics_path, kept)
     theta = dict(model.named_parameters())
     solver = build_solver(cfg)
-    total = int(cfg["steps"])
-    T = int(cfg["meta_batch"])
     if T % dist.world_size:
         raise ConfigError(f"meta-batch {T} is not divisible by the world size {dist.world_size}")
     # Every rank draws the whole meta-batch (the same stream as one process) and builds its slice.
@@ -225,9 +284,35 @@ def train(
         if dist.active else (lambda: train_sampler.sample(T))
     )
     step_dist = dist if dist.active else None
+    divergence = _Divergence(max_bad_steps, T, div_state)
+    files: list[str] = []
+
+    def drain(pending):
+        # The only read-back: the pending steps' statistics in one transfer (across ranks: one
+        # all_reduce of the block: means; "dropped" is a count). Every rank sees the same rows.
+        if not pending:
+            return
+        rows = dist.reduce_stats(torch.stack(pending), summed=(STATS.index("dropped"),)).cpu().tolist()
+        first = step - len(rows) + 1
+        pending.clear()
+        for i, r in enumerate(rows):
+            row = {"kind": "train", "step": first + i, **dict(zip(STATS, r))}
+            log_rows.append(row)
+            divergence.see(row)
+        if not _params_finite(model):
+            raise RunError(
+                f"the run diverged: the parameters are not finite after step {step} "
+                "(likely a step size too large: --outer-lr, --inner-lr); the last good checkpoint is kept"
+            )
 
     def save(at):
-        save_checkpoint(out / CHECKPOINT_NAME, _checkpoint_state(at, cfg, model, optimizer, train_sampler))
+        try:
+            save_checkpoint(ckpt_path, _checkpoint_state(at, cfg, model, optimizer, train_sampler,
+                                                         {"rows": log_rows, "divergence": divergence.state()}))
+        except OSError as exc:
+            raise RunError(f"cannot write the checkpoint {ckpt_path}: {exc.strerror or exc}") from exc
+        if CHECKPOINT_NAME not in files:
+            files.append(CHECKPOINT_NAME)
 
     bar = tqdm(
         total=total, initial=step, desc="meta-step", unit="step", disable=not (progress and main_rank), dynamic_ncols=True
@@ -235,31 +320,35 @@ def train(
     pending: list[torch.Tensor] = []
     t_start = t_log = time.perf_counter()
     steps_run = 0
-    with open(metrics_path, "a") if main_rank else open(os.devnull, "w") as log:
+    with MetricsLog(metrics_path if main_rank else None) as log:
         while step < total:
             stats = meta_step(model, theta, optimizer, sample(), cfg, solver, dist=step_dist)
             pending.append(stats)
             step += 1
             steps_run += 1
-            if len(pending) == log_every or step == total:
-                # The only read-back: log_every steps' statistics in one transfer.
-                # Across ranks: one all_reduce of the block (means; "dropped" is a count).
-                rows = dist.reduce_stats(torch.stack(pending), summed=(STATS.index("dropped"),)).cpu().tolist()
+            log_now = step % log_every == 0 or step == total
+            ckpt_now = step % ckpt_every == 0 or step == total
+            if log_now or ckpt_now:
+                n = len(pending)
+                drain(pending)
+                bar.update(n)
+            if log_now and log_rows:
                 now = time.perf_counter()
-                tasks_per_s = len(pending) * T / (now - t_log)
+                tasks_per_s = len(log_rows) * T / max(now - t_log, 1e-9)
                 t_log = now
                 elapsed = round(now - t_start, 3)  # at the read-back, shared by its rows
-                for i, r in enumerate(rows):
-                    row = {"kind": "train", "step": step - len(rows) + i + 1, **dict(zip(STATS, r)), "time": elapsed}
-                    log.write(json.dumps(row) + "\n")
-                log.flush()
-                mean = {k: sum(r[j] for r in rows) / len(rows) for j, k in enumerate(STATS)}
+                for r in log_rows:
+                    r.setdefault("time", elapsed)
+                log.write(log_rows)
+                mean = {k: sum(r[k] for r in log_rows) / len(log_rows) for k in STATS}
                 bar.set_postfix(acc=f"{100 * mean['acc']:.1f}%", loss=f"{mean['loss']:.3f}", tasks_s=f"{tasks_per_s:.1f}")
-                bar.update(len(pending))
-                pending.clear()
-            if main_rank and (step % ckpt_every == 0 or step == total):
+                log_rows.clear()
+                if METRICS_NAME not in files:
+                    files.append(METRICS_NAME)
+            if main_rank and ckpt_now:
                 save(step)
-                plot_curves(metrics_path, out / CURVES_NAME)
+                if plot_curves(metrics_path, out / CURVES_NAME) and CURVES_NAME not in files:
+                    files.append(CURVES_NAME)
     bar.close()
     dist.barrier()  # the last checkpoint is written before any rank returns
     seconds = time.perf_counter() - t_start
@@ -269,20 +358,25 @@ def train(
         "seconds": seconds,
         "step_seconds": seconds / steps_run if steps_run else None,
         "eval": None,
+        "files": files,
     }
     if not main_rank:
         return result
     if steps_run:
         print(f"trained {steps_run} meta-steps in {seconds:.1f} s ({seconds / steps_run:.2f} s/step, {T} tasks/step)")
-    if cfg["eval_tasks"] > 0:
+    if cfg["eval_tasks"] > 0 and step > 0:
         r = evaluate(model, test_sampler, cfg, tasks=int(cfg["eval_tasks"]), seed=0, batch=eval_batch)
         print(describe(r, cfg, 0, cfg["inner"]))
         summary = {k: v for k, v in r.items() if k != "per_task"}
-        with open(metrics_path, "a") as log:
-            log.write(json.dumps({"kind": "eval", "step": step, "seed": 0, **summary}) + "\n")
-        write_json(out / "eval.json", {"step": step, "seed": 0, "config": dict(cfg), **r})
+        with MetricsLog(metrics_path) as log:
+            log.write([{"kind": "eval", "step": step, "seed": 0, **summary}])
+        # eval.json is the latest; eval_step<N>.json keeps each evaluation of an extended run.
+        for name in (f"eval_step{step}.json", "eval.json"):
+            write_json(out / name, {"step": step, "seed": 0, "config": dict(cfg), **r})
+        files += [n for n in (METRICS_NAME, "eval.json") if n not in files]
         result["eval"] = summary
-    plot_curves(metrics_path, out / CURVES_NAME)
+    if plot_curves(metrics_path, out / CURVES_NAME) and CURVES_NAME not in files:
+        files.append(CURVES_NAME)
     return result
 
 
@@ -334,14 +428,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, metavar="N",
                    help="data-parallel processes to spawn on this machine, T/N tasks each (gloo on CPU, "
                    "nccl on CUDA: one GPU per rank); under torchrun the world size comes from it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (without it, a folder holding a run is refused)")
+    p.add_argument("--max-bad-steps", type=int, default=3, metavar="N",
+                   help="stop after N meta-steps in a row with every task dropped or a non-finite loss (default: 3)")
     p.add_argument("--dist-timeout", type=float, default=300.0, metavar="S",
                    help="seconds a rank waits for its peers before it exits with an error (default: 300)")
     return p
 
 
 def main(argv=None) -> int:
-    """``imaml-train``; returns the exit status (0, or 2 with a one-line error on stderr; 1 when
-    a peer rank of a distributed run failed). Under torchrun (WORLD_SIZE set) this process is
+    """``imaml-train``; returns the exit status (0; 2 with a one-line error on stderr, also when
+    the run diverged; 1 when a peer rank of a distributed run failed; 143/130 when the launcher
+    of ``--world-size N`` was stopped by SIGTERM/SIGINT, its ranks stopped with it). Under torchrun (WORLD_SIZE set) this process is
     one rank; with ``--world-size N`` it spawns N ranks that run ``main(argv)`` again."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -354,9 +453,16 @@ def main(argv=None) -> int:
     dist = None
     overrides = {k: getattr(args, k) for k in _OVERRIDES}
     overrides["inner"] = args.inner
+    run = None
     try:
-        if args.log_every < 1 or args.ckpt_every < 1:
-            raise ConfigError("--log-every and --ckpt-every must be >= 1")
+        for flag, value in (("--log-every", args.log_every), ("--ckpt-every", args.ckpt_every),
+                            ("--eval-batch", args.eval_batch), ("--max-bad-steps", args.max_bad_steps),
+                            ("--threads", args.threads)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
+        if args.resume is not None and args.overwrite:
+            raise ConfigError("--resume continues the run in the folder and --overwrite replaces it: give one")
+        check_device(args.device)
         if args.world_size is not None and (args.world_size < 1 or (launched and args.world_size != launched)):
             raise ConfigError(f"--world-size {args.world_size} does not match WORLD_SIZE={launched} of the launcher"
                               if launched else f"--world-size must be >= 1, got {args.world_size}")
@@ -371,7 +477,7 @@ def main(argv=None) -> int:
             else:
                 raise ConfigError("--resume needs a checkpoint path or --out")
             resume = load_checkpoint(ckpt_path, map_location=device)
-            saved = resume["config"]
+            saved = checkpoint_config(resume, ckpt_path)
             requested = (
                 resolve_config(args.preset, overrides) if args.preset else apply_overrides(saved, overrides)
             )
@@ -389,8 +495,15 @@ def main(argv=None) -> int:
                 f"meta-batch {cfg['meta_batch']} is not divisible by the world size {world}: "
                 f"each rank takes meta-batch / world-size tasks of every meta-step"
             )
+        check_out_dir(out)
+        if resume is None and not args.overwrite and RunFolder(out).holds_run():
+            RunFolder(out).claim(resume=False, overwrite=False)  # raises: the folder holds a run
         if world > 1 and not launched:
             return distributed.spawn(main, argv, world)  # each rank runs this main again
+        if rank == 0:
+            run = RunFolder(out)
+            run.lock()  # released in finally, and by the kernel if this process dies
+            run.claim(resume=resume is not None, overwrite=args.overwrite)
         dist = distributed.init(device, args.dist_timeout)
         if rank == 0:
             print(
@@ -402,8 +515,9 @@ def main(argv=None) -> int:
         result = train(
             cfg, out, device=device, data_root=args.data_root, resume=resume, log_every=args.log_every,
             ckpt_every=args.ckpt_every, eval_batch=args.eval_batch, progress=not args.no_progress, dist=dist,
+            max_bad_steps=args.max_bad_steps, checkpoint_path=ckpt_path if resume is not None else None,
         )
-    except (ConfigError, CheckpointError, DataError) as exc:
+    except (ConfigError, CheckpointError, DataError, RunError) as exc:
         where = f" (rank {rank})" if launched and launched > 1 else ""
         print(f"imaml-train: error{where}: {one_line(exc)}", file=sys.stderr)
         return 2
@@ -413,9 +527,12 @@ def main(argv=None) -> int:
     finally:
         if dist is not None:
             dist.close()
+        if run is not None:
+            run.release()
     if rank:
         return 0
-    print(f"run folder: {result['out']} ({CHECKPOINT_NAME}, {METRICS_NAME}, {CURVES_NAME})")
+    files = result["files"]
+    print(f"run folder: {result['out']} ({', '.join(files)})" if files else f"run folder: {result['out']} (nothing written: no step ran)")
     return 0
 
 

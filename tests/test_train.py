@@ -218,7 +218,7 @@ def test_presets_and_overrides():
     assert paper["meta_batch"] == 32 and resolve_config("omniglot-20w1s")["meta_batch"] == 16
     assert config_diff(paper, dict(paper, steps=9, eval_tasks=0)) == {}
     assert set(config_diff(paper, dict(paper, lam=1.0))) == {"lam"}
-    with pytest.raises(ConfigError, match="lam must be > 0"):
+    with pytest.raises(ConfigError, match="lam must be finite and > 0"):
         resolve_config("omniglot-5w1s", {"lam": 0.0})
 
 
