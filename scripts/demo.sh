@@ -17,6 +17,11 @@ python3 -m pip install -q -r requirements-test.txt
 python3 -m pip install -q --no-build-isolation -e .
 echo "setup: ${SECONDS} s"
 OUT="${IMAML_DEMO_OUT:-runs/omniglot-5w1s-demo}"
-python3 -m imaml_kernels.train --preset omniglot-5w1s-demo --out "$OUT" \
+# A rerun of the demo starts over (--overwrite replaces its earlier run), unless --resume is given.
+FRESH=--overwrite
+for arg in "$@"; do
+    if [ "$arg" = "--resume" ]; then FRESH=; fi
+done
+python3 -m imaml_kernels.train --preset omniglot-5w1s-demo --out "$OUT" ${FRESH} \
     --threads "${IMAML_THREADS:-$(python3 -c 'import os; print(min(2, os.cpu_count() or 1))')}" "$@"
 echo "demo total: ${SECONDS} s (setup, training, evaluation); run folder: $OUT"
