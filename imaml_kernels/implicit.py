@@ -429,7 +429,8 @@ def implicit_adapt(
         net = None if psi else select_engine(model, theta, x, loss, engine, backend)
         if psi and engine is True:
             raise ValueError(f"engine=True but the fused engine adapts every parameter; these are not in theta: {list(psi)}")
-        _check_labels(model, theta, x, y, loss)
+        if net is None:  # the engine checks its labels itself (once per support set)
+            _check_labels(model, theta, x, y, loss)
         objective = ProximalObjective(task_loss, theta, lam_t, (x, y), hvp_chunk=hvp_chunk, engine=net, hvp_mode=hvp_mode,
                                       key=model, psi={k: p.detach() for k, p in psi.items()})
         with torch.no_grad():
