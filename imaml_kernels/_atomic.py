@@ -22,7 +22,20 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-__all__ = ["atomic_write", "write_bytes", "write_text"]
+__all__ = ["atomic_write", "folder_problem", "write_bytes", "write_text"]
+
+
+def folder_problem(folder: str | os.PathLike) -> str | None:
+    """Why no file could be written into ``folder`` (made if missing), or ``None``: its nearest
+    existing ancestor is not a folder, or this process cannot write there."""
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"the folder {probe} is not writable"
+    return None
 
 
 def _umask() -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from . import builders
-from ._atomic import write_text
+from ._atomic import folder_problem, write_text
 from .checkpoint import (
     CheckpointError,
     check_model_state,
@@ -181,14 +180,9 @@ def check_destination(path: Path, flag: str | None = "--json") -> None:
 
     if path.is_dir():
         fail("is a folder, not a file")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        fail(f"{folder} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        fail(f"the folder {folder} is not writable")
-
+    problem = folder_problem(path.parent)
+    if problem:
+        fail(problem)
 
 def main(argv=None) -> int:
     """``imaml-eval``; returns the exit status (0, or 2 with a one-line error).

@@ -432,7 +432,7 @@ def implicit_adapt(
         if net is None:  # the engine checks its labels itself (once per support set)
             _check_labels(model, theta, x, y, loss)
         objective = ProximalObjective(task_loss, theta, lam_t, (x, y), hvp_chunk=hvp_chunk, engine=net, hvp_mode=hvp_mode,
-                                      key=model, psi={k: p.detach() for k, p in psi.items()})
+                                      key=(model, loss), psi={k: p.detach() for k, p in psi.items()})
         with torch.no_grad():
             if len({v.dtype for v in theta.values()}) == 1:
                 # One copy of θ per task, as views of one [T, P] buffer (one launch, not one per tensor).

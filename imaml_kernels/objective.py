@@ -164,7 +164,7 @@ class FuncObjective(TaskObjective):
     :func:`~imaml_kernels.batched_hvp` in ``hvp_mode`` (``"auto"``: forward-over-reverse, and
     reverse-over-reverse where an op of the model or loss has no forward-mode derivative).
 
-    ``key``: the object (the model) under which "auto" remembers its choice; ``psi``: the
+    ``key``: ``(model, loss)`` (or an object) under which "auto" remembers its choice; ``psi``: the
     parameters meta-learned but not adapted (a dict, for :meth:`cross_vjp`)."""
 
     def __init__(self, task_loss, layout, batch, *, chunk=None, hvp_mode="auto", key=None, psi=None):
@@ -172,7 +172,8 @@ class FuncObjective(TaskObjective):
             raise ValueError(f"hvp_mode must be one of {HVP_MODES + ('auto',)}, got {hvp_mode!r}")
         self.task_loss, self.layout, self.batch = task_loss, layout, tuple(batch)
         self.chunk, self.hvp_mode, self.psi = chunk, hvp_mode, dict(psi or {})
-        self._key = key if key is not None else task_loss
+        # "auto" remembers its choice per (model, loss): both outlive this call's task_loss closure.
+        self._key, self._sub = key if isinstance(key, tuple) else (key if key is not None else task_loss, None)
         self._loss = vmap(task_loss)
         self._grad_value = vmap(grad_and_value(task_loss))
 
@@ -192,13 +193,13 @@ class FuncObjective(TaskObjective):
         if self.hvp_mode != "auto":
             return self.hvp_mode
         try:
-            return _AUTO_MODE.get(self._key, {}).get(id(self.task_loss))
+            return _AUTO_MODE.get(self._key, {}).get(self._sub)
         except TypeError:  # a key that cannot be weakly referenced
             return None
 
     def _remember(self, mode):
         with contextlib.suppress(TypeError):
-            _AUTO_MODE.setdefault(self._key, {})[id(self.task_loss)] = mode
+            _AUTO_MODE.setdefault(self._key, {})[self._sub] = mode
 
     def _run(self, fn):
         """``fn(mode)`` in the settled mode, or, for "auto", forward-over-reverse with a
@@ -300,7 +301,7 @@ class ProximalObjective:
         lam: ``[T]`` tensor of λ_t > 0.
         batch: tensors with leading T (the support set).
         hvp_chunk, hvp_mode: the generic path's HVPs (:class:`FuncObjective`); ``key``: the
-            object under which its "auto" mode remembers a fallback (the model).
+            ``(model, loss)`` under which its "auto" mode remembers a fallback.
         psi: the model's parameters that are meta-learned but not adapted (generic path:
             :meth:`FuncObjective.cross_vjp`).
         engine: a :class:`~imaml_kernels.engine.BatchedNet` computing the same ``task_loss``

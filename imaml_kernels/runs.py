@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
+from ._atomic import folder_problem, write_text
+
 __all__ = ["RunError", "RunFolder", "MetricsLog", "read_metrics", "json_safe", "check_out_dir"]
 
 # What a run writes into its folder (besides the lock).
@@ -53,15 +55,9 @@ def check_out_dir(out: Path, flag: str = "--out") -> None:
     or a folder (or its nearest existing parent) this process cannot write to."""
     if out.exists() and not out.is_dir():
         raise RunError(f"{flag} {out} is a file, not a folder")
-    probe = out
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise RunError(f"{flag} {out}: {probe} is a file, so no folder can be made under it")
-    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
-        raise RunError(f"{flag} {out}: {probe} is not writable")
+    problem = folder_problem(out)
+    if problem:
+        raise RunError(f"{flag} {out}: {problem}")
 
 
 class RunFolder:
@@ -111,17 +107,21 @@ class RunFolder:
     def __exit__(self, *exc):
         self.release()
 
-    def claim(self, *, resume: bool, overwrite: bool) -> None:
-        """Make the folder this run's: without ``resume`` a folder holding a run is refused
-        (or, with ``overwrite``, emptied of its run files); stale temporary files go."""
+    def check_free(self, *, resume: bool, overwrite: bool) -> None:
+        """Refuse a folder that holds a run, unless it is resumed or overwritten."""
         present = self.holds_run()
-        if present and not resume:
-            if not overwrite:
-                raise RunError(
-                    f"{self.out} already holds a run ({', '.join(present)}): continue it with --resume, "
-                    f"replace it with --overwrite, or choose another --out"
-                )
-            for name in present:
+        if present and not resume and not overwrite:
+            raise RunError(
+                f"{self.out} already holds a run ({', '.join(present)}): continue it with --resume, "
+                f"replace it with --overwrite, or choose another --out"
+            )
+
+    def claim(self, *, resume: bool, overwrite: bool) -> None:
+        """Make the folder this run's (the lock held): :meth:`check_free`, then, with
+        ``overwrite``, the old run's files go; stale temporary files go."""
+        self.check_free(resume=resume, overwrite=overwrite)
+        if not resume:
+            for name in self.holds_run():
                 (self.out / name).unlink()
         self.clean_temps()
 
@@ -191,6 +191,4 @@ class MetricsLog:
 
 def rewrite_metrics(path: Path, rows: list[dict]) -> None:
     """Replace the log with ``rows`` atomically."""
-    from ._atomic import write_text
-
     write_text(path, "".join(dumps(r) + "\n" for r in rows))

@@ -26,7 +26,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -271,8 +270,9 @@ def train(
         # Rows logged after the checkpoint belong to steps that will run again; the earlier
         # rows, eval rows included, stay.
         if main_rank:
+            pending_steps = {r["step"] for r in log_rows}  # saved unlogged: written again at the next log step
             kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= step and r.get("kind") in ("train", "eval")
-                    and not (r.get("kind") == "train" and any(p["step"] == r["step"] for p in log_rows))]
+                    and not (r.get("kind") == "train" and r["step"] in pending_steps)]
             rewrite_metrics(metrics_path, kept)
     theta = dict(model.named_parameters())
     solver = build_solver(cfg)
@@ -496,8 +496,7 @@ def main(argv=None) -> int:
                 f"each rank takes meta-batch / world-size tasks of every meta-step"
             )
         check_out_dir(out)
-        if resume is None and not args.overwrite and RunFolder(out).holds_run():
-            RunFolder(out).claim(resume=False, overwrite=False)  # raises: the folder holds a run
+        RunFolder(out).check_free(resume=resume is not None, overwrite=args.overwrite)
         if world > 1 and not launched:
             return distributed.spawn(main, argv, world)  # each rank runs this main again
         if rank == 0:

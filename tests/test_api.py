@@ -281,6 +281,8 @@ def test_hvp_fallback_matches_autograd_functional_hvp():
                 t.grad = None
         for k in theta:
             torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-10, atol=1e-13)
+        if name != "attention":  # remembered for the model and loss: later calls do not retry fwdrev
+            assert ik.objective._AUTO_MODE[model][loss] == "revrev"
     with pytest.raises(ValueError, match="hvp_mode must be one of"):
         ik.implicit_adapt(cases["mse"][0], dict(cases["mse"][0].named_parameters()), cases["mse"][2](2), lam=1.0,
                           inner=ik.GD(1, 0.1), loss=F.mse_loss, hvp_mode="fast")
