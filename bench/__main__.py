@@ -6,6 +6,7 @@ import torch
 
 from . import all as all_suite
 from . import cg, distributed, hvp, launches, memory, meta_step
+from . import profile as profile_suite
 from . import compile as compile_suite
 from .common import machine_header, set_threads
 
@@ -30,8 +31,18 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--no-serial", action="store_true", help="skip the serial per-task baseline")
     p.add_argument("--no-generic", action="store_true", help="skip the generic torch.func path")
+    p.add_argument("--official", metavar="DIR", default=None,
+                   help="an unpacked aravindr93/imaml_dev checkout: adds the authors' released learner as a row (nothing of it is in this repo)")
+    p.add_argument("--rounds", type=int, default=1, help="time every method once per round, in turn; ratios get their min-max over rounds")
     p.add_argument("--device", default=dev)
     p.set_defaults(func=meta_step.main)
+    p = sub.add_parser("profile", help="where one fused CPU meta-step's time goes: kinds of work, stages, GEMM GFLOP/s")
+    p.add_argument("--tasks", type=int, default=32)
+    p.add_argument("--inner-steps", type=int, default=16)
+    p.add_argument("--cg-iters", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--out", default=None, help="also write the report here (e.g. bench/results/cpu/profile.md)")
+    p.set_defaults(func=profile_suite.main)
     p = sub.add_parser("hvp", help="batched HVP: fused engine vs torch.func vmap path vs per-task double backward")
     p.add_argument("--shapes", nargs="*", choices=list(hvp.SHAPES))
     p.add_argument("--tasks", type=int, default=None, help="override T")

@@ -270,6 +270,12 @@ def select_engine(model, theta, x, loss=None, engine=None, backend=None) -> Opti
         return None
 
 
+def _rows_finite(t):
+    """``isfinite(t).all(1)`` in two passes: ``0·t`` is 0 where ``t`` is finite and NaN where
+    it is not, and a sum of zeros is exactly 0 (``isfinite`` makes four passes, then ``all``)."""
+    return t.mul(0).sum(1) == 0
+
+
 class _ImplicitGrad(torch.autograd.Function):
     """Outputs φ (a copy); its backward solves for θ's and ψ's gradients. The backward
     mutates nothing outside ``ctx`` while tracing, so ``torch.compile`` can take it."""
@@ -291,7 +297,7 @@ class _ImplicitGrad(torch.autograd.Function):
         layout = obj.layout
         phi = st["phi"]
         g = layout.flatten({k: (gr if gr is not None else torch.zeros_like(phi[k])) for k, gr in zip(st["names"], grads)})
-        finite_g = torch.isfinite(g).all(1)
+        finite_g = _rows_finite(g)
         g = g.masked_fill(~finite_g[:, None], 0.0)
         solve = st["solve"]
         c, d = float(getattr(solve, "damping", 0.0)), float(getattr(solve, "lam_damping", 0.0))
@@ -333,7 +339,7 @@ class _ImplicitGrad(torch.autograd.Function):
                 x = lin.from_work(x)
             # A breakdown (I + H/λ indefinite for a non-convex task) keeps CG's last good
             # iterate, a usable partial solve; it is reported in info["cg"].breakdown.
-            bad = ~finite_g | ~torch.isfinite(x).all(1)
+            bad = ~finite_g | ~_rows_finite(x)
         bad = bad | ~torch.isfinite(st["inner_loss"])
         x = x.masked_fill(bad[:, None], 0.0)
         if eager:

@@ -84,3 +84,102 @@ def test_distributed_bench_rows():
 
     rates = bench(main, (1, 2), steps=2, extra=["--meta-batch", "2", "--channels", "4"])
     assert set(rates) == {1, 2} and all(r > 0 for r in rates.values())
+
+
+# A stand-in for an imaml_dev checkout, written here with the released learner's interface
+# (the names bench.official calls), so the driver is tested without the authors' code.
+_FAKE_LEARNER = '''
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from imaml_kernels.nets import OmniglotConv
+
+
+def make_conv_network(in_channels, out_dim, task="Omniglot"):
+    return OmniglotConv(out_dim, in_channels=in_channels)
+
+
+class Learner:
+    calls = []
+
+    def __init__(self, model, loss_function, inner_lr=1e-3, outer_lr=1e-2, GPU=False):
+        self.model, self.loss_function = model, loss_function
+        self.inner_opt = torch.optim.SGD(model.parameters(), lr=inner_lr)
+        self.outer_opt = torch.optim.SGD(model.parameters(), lr=outer_lr)
+
+    def get_params(self):
+        return torch.cat([p.data.view(-1) for p in self.model.parameters()]).clone()
+
+    def set_params(self, v):
+        torch.nn.utils.vector_to_parameters(v, self.model.parameters())
+
+    def get_loss(self, x, y):
+        return self.loss_function(self.model(x), y)
+
+    def learn_task(self, task, num_steps=10):
+        Learner.calls.append(("learn_task", num_steps))
+        for _ in range(num_steps):
+            self.inner_opt.zero_grad()
+            self.get_loss(task["x_train"], task["y_train"]).backward()
+            self.inner_opt.step()
+
+    def regularization_loss(self, w_0, lam=0.0):
+        return 0.5 * lam * ((torch.nn.utils.parameters_to_vector(self.model.parameters()) - w_0) ** 2).sum()
+
+    def matrix_evaluator(self, task, lam, regu_coef=1.0):
+        Learner.calls.append(("matrix_evaluator", float(lam), regu_coef))
+        return lambda v: (1.0 + regu_coef) * v
+
+    def outer_step_with_grad(self, grad, flat_grad=False):
+        Learner.calls.append(("outer_step", flat_grad))
+'''
+
+_FAKE_UTILS = '''
+def cg_solve(f_Ax, b, cg_iters=10, x_init=None):
+    from implicit_maml.learner_model import Learner
+    Learner.calls.append(("cg_solve", cg_iters))
+    return b / f_Ax(b.new_ones(b.shape))[0]
+'''
+
+
+def test_official_row_needs_a_checkout(tmp_path):
+    from bench.official import OfficialUnavailable, load
+
+    with pytest.raises(OfficialUnavailable, match="implicit_maml/learner_model.py"):
+        load(tmp_path)
+    _, res = meta_step.run(T=1, inner_steps=1, cg_iters=1, repeat=1, serial=False, generic=False, torchopt=False)
+    assert "official" not in res and "--official DIR" in meta_step.summary(res)
+
+
+def test_official_row_drives_the_learner(tmp_path):
+    pkg = tmp_path / "implicit_maml"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "learner_model.py").write_text(_FAKE_LEARNER)
+    (pkg / "utils.py").write_text(_FAKE_UTILS)
+    rows, res = meta_step.run(T=2, inner_steps=3, cg_iters=4, repeat=1, serial=False, generic=False, torchopt=False,
+                              official=str(tmp_path), rounds=2)
+    from implicit_maml.learner_model import Learner
+
+    assert "official" in res and res["official"] > 0 and res["rounds"] == 2
+    lo, hi = res["spread"]["official"]
+    assert 0 < lo <= hi
+    assert any(r[0].startswith("authors' released learner") for r in rows)
+    # per task: 3 SGD steps, the damped evaluator (lam 2, c 1), 4 CG iterations; one outer step per meta-step
+    assert ("learn_task", 3) in Learner.calls and ("matrix_evaluator", 2.0, 1.0) in Learner.calls
+    assert ("cg_solve", 4) in Learner.calls and ("outer_step", True) in Learner.calls
+    n_tasks = sum(1 for c in Learner.calls if c[0] == "learn_task")
+    assert n_tasks == 2 * sum(1 for c in Learner.calls if c[0] == "outer_step")
+    assert "target: >= 5x the authors' learner" in meta_step.summary(res)
+
+
+def test_profile_bench_rows():
+    from bench import profile
+
+    kind_rows, stage_rows, facts = profile.run(T=2, inner_steps=1, cg_iters=1, repeat=1)
+    kinds = [r[0] for r in kind_rows]
+    assert kinds[0].startswith("GEMM") and "GFLOP/s" in kind_rows[0][3]
+    assert "im2col" in kinds and "Python and dispatch" in kinds
+    assert len(stage_rows) == 4 and facts["gemm_gflop"] > 0 and facts["floor"] > 0
+    assert "### By stage" in profile.report(kind_rows, stage_rows, facts, "## t")

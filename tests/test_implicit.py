@@ -307,3 +307,28 @@ def test_cg_breakdown_keeps_last_good_iterate():
     assert not phi.info["dropped"].any()
     expected = torch.tensor([1 / 1.5, 1 / 2.2], dtype=DT) + (2 / 0.3) * 2.0 * torch.ones(2, dtype=DT)
     assert torch.allclose(theta["w"].grad, expected, rtol=1e-10), (theta["w"].grad, expected)
+
+
+def test_rows_finite_matches_isfinite():
+    from imaml_kernels.implicit import _rows_finite
+
+    for dtype in (torch.float32, torch.float64):
+        big = torch.finfo(dtype).max
+        t = torch.tensor([[1.0, 2.0, -3.0], [big, big, -big], [0.0, float("inf"), 1.0], [float("-inf"), 0.0, 0.0],
+                          [float("nan"), 1.0, 1.0], [-0.0, 0.0, 5e-324 if dtype == torch.float64 else 1e-45]], dtype=dtype)
+        assert _rows_finite(t).tolist() == torch.isfinite(t).all(1).tolist() == [True, True, False, False, False, True]
+
+
+def test_engine_cache_entry_dies_with_its_model():
+    import gc
+
+    from imaml_kernels.engine import net as engine_net
+    from imaml_kernels.nets import MLP
+
+    model = MLP([3, 4, 2])
+    engine_net.batched_net(model, (3,))
+    key = id(model)
+    assert key in engine_net._NETS
+    del model
+    gc.collect()
+    assert key not in engine_net._NETS

@@ -100,7 +100,9 @@ class BatchedNet:
         self._perms = {}  # the layout permutations' gather indices, per device
         self._checked_labels = None  # (weakref to the last labels checked, their version)
         # Gradient-like buffers start at zero where no backward method writes (dead conv biases).
-        self._zeroed = any(isinstance(layer, Conv) and layer.bias and layer.dead_bias for layer in self.layers)
+        dead = [layer.params[1] for layer in self.layers if isinstance(layer, Conv) and layer.bias and layer.dead_bias]
+        self._zeroed = bool(dead)
+        self._unwritten = [(self.native_layout.offsets[n], self.native_layout.offsets[n] + self.native_layout.numels[n]) for n in dead]
         # Layers up to this index need no input gradient (nothing upstream has parameters).
         with_params = [i for i, layer in enumerate(self.layers) if layer.params]
         self.first_needs_gx = with_params[0] if with_params else len(self.layers)
@@ -110,9 +112,18 @@ class BatchedNet:
         return self.layout.numel
 
     def _grad_buffer(self, like):
-        """An output buffer for a backward pass: zeros where the layers write nothing (one fill),
-        else uninitialised (every element is written)."""
-        return torch.zeros_like(like) if self._zeroed else torch.empty_like(like)
+        """An output buffer for a backward pass: zeros where the layers write nothing, else
+        uninitialised (every element is written). On a GPU one fill of the whole buffer (one
+        launch); on the CPU only the unwritten spans are zeroed (a fill of all ``[T, P]``
+        costs more than the few hundred elements need)."""
+        if not self._zeroed:
+            return torch.empty_like(like)
+        if like.device.type != "cpu" or torch.compiler.is_compiling():
+            return torch.zeros_like(like)
+        out = torch.empty_like(like)
+        for lo, hi in self._unwritten:
+            out[:, lo:hi].zero_()
+        return out
 
     def kernels(self, t: torch.Tensor):
         """The :class:`~imaml_kernels.dispatch.Kernels` for ``t``'s device and dtype under this
@@ -341,8 +352,11 @@ class BatchedNet:
             raise ValueError(f"theta must be [{self.numel}] or [{T}, {self.numel}], got {list(theta.shape)}")
         lam_t = torch.as_tensor(lam, dtype=start.dtype, device=start.device).expand(T).contiguous()
         # Work in the engine's order throughout: one permute in, one out.
-        phi = self.to_native(start)
         theta = self.to_native(rows.contiguous())
+        if phi0 is None and shared:  # one row permuted, then copied T times (not T rows gathered)
+            phi = theta.expand(T, -1).clone(memory_format=torch.contiguous_format)
+        else:
+            phi = self.to_native(start)
         theta = theta[0] if shared else theta
         grad = self._grad_buffer(phi)  # reused by every step
         k = self.kernels(phi)
@@ -393,7 +407,10 @@ def functional_logits(net: BatchedNet, params, x):
     return _EngineLogits.apply(net, x, *leaves)
 
 
-_NETS = weakref.WeakKeyDictionary()
+# {id(model): {structure key: BatchedNet}}, an entry dropped when its model is collected. Not
+# a WeakKeyDictionary: torch.compile guards its weakref keys by position, and the collection of
+# an unrelated model while tracing shifted them (a guard failing with IndexError).
+_NETS = {}
 
 
 def batched_net(model: nn.Module, input_shape, backend: Optional[str] = None) -> BatchedNet:
@@ -403,7 +420,10 @@ def batched_net(model: nn.Module, input_shape, backend: Optional[str] = None) ->
     key = (tuple(input_shape), backend, model.training,
            tuple((n, tuple(t.shape)) for n, t in model.named_parameters()),
            tuple(type(m).__name__ + str(m.training) for m in model.children()))
-    per_model = _NETS.setdefault(model, {})
+    per_model = _NETS.get(id(model))
+    if per_model is None:
+        per_model = _NETS[id(model)] = {}
+        weakref.finalize(model, _NETS.pop, id(model), None)
     net = per_model.get(key)
     if net is None:
         net = per_model[key] = BatchedNet(model, input_shape, backend=backend)
