@@ -11,7 +11,7 @@ from .engine import BatchedNet, functional_logits
 from .hvp import batched_hvp
 from .implicit import AdaptedParams, implicit_adapt, implicit_meta_grad
 from .objective import ProximalObjective, task_loss_fn
-from .inner import GD, SGD, Adam, HessianFree, NewtonCG
+from .inner import GD, SGD, Adam, HessianFree, NewtonCG, SGDThenPullBack
 from .layout import ParamLayout
 
 __version__ = "0.1.0"
@@ -19,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS", "CG", "CGInfo", "available_backends", "cg_solve", "select_backend",
     "batched_hvp", "ParamLayout", "implicit_adapt", "implicit_meta_grad", "AdaptedParams",
-    "ProximalObjective", "task_loss_fn", "GD", "SGD", "Adam", "NewtonCG", "HessianFree", "BatchedNet", "functional_logits",
+    "ProximalObjective", "task_loss_fn", "GD", "SGDThenPullBack", "SGD", "Adam", "NewtonCG", "HessianFree", "BatchedNet", "functional_logits",
 ]

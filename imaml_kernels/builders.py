@@ -19,8 +19,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .inner import GD, NewtonCG
-from .nets import MiniImagenetConv, OmniglotConv
+from .inner import GD, NewtonCG, SGDThenPullBack
+from .nets import MiniImagenetConv, OmniglotConv, released_init
 
 __all__ = ["DataError", "build_model", "build_samplers", "build_solver"]
 
@@ -30,11 +30,14 @@ class DataError(RuntimeError):
 
 
 def build_model(cfg: Mapping[str, Any]) -> torch.nn.Module:
-    """The paper's network for ``cfg["dataset"]`` (BatchNorm with batch statistics)."""
+    """The paper's network for ``cfg["dataset"]`` (BatchNorm with batch statistics), with
+    PyTorch's initialisation or, for ``init="released"``, the authors' released one
+    (:func:`~imaml_kernels.nets.released_init`); drawn from the global RNG."""
     kw = {} if cfg.get("channels") is None else {"channels": int(cfg["channels"])}
-    if cfg["dataset"] == "omniglot":
-        return OmniglotConv(cfg["way"], **kw)
-    return MiniImagenetConv(cfg["way"], **kw)
+    model = OmniglotConv(cfg["way"], **kw) if cfg["dataset"] == "omniglot" else MiniImagenetConv(cfg["way"], **kw)
+    if cfg.get("init", "torch") == "released":
+        released_init(model)
+    return model
 
 
 def build_samplers(cfg: Mapping[str, Any], device, data_root=None):
@@ -60,7 +63,10 @@ def build_samplers(cfg: Mapping[str, Any], device, data_root=None):
 
 
 def build_solver(cfg: Mapping[str, Any]):
-    """The inner solver: ``GD(inner_steps, inner_lr)`` or ``NewtonCG(hf_steps, hf_cg_iters)``."""
+    """The inner solver: ``GD(inner_steps, inner_lr)``, ``NewtonCG(hf_steps, hf_cg_iters)`` or
+    ``SGDThenPullBack(inner_steps, inner_lr)`` (``inner`` = gd, hf, sgd-pullback)."""
     if cfg["inner"] == "hf":
         return NewtonCG(cfg["hf_steps"], cg_iters=cfg["hf_cg_iters"])
+    if cfg["inner"] == "sgd-pullback":
+        return SGDThenPullBack(int(cfg["inner_steps"]), cfg["inner_lr"])
     return GD(cfg["inner_steps"], cfg["inner_lr"])

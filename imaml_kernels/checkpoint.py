@@ -127,11 +127,12 @@ def checkpoint_config(state: Mapping[str, Any], path: str | os.PathLike) -> dict
         CheckpointError: ``<path>: its config lacks 'way'`` (every missing key is named), or
             ``<path>: its config is invalid (...)``.
     """
-    from .presets import DEFAULTS, check_config
+    from .presets import ADDED_KEYS, DEFAULTS, check_config
 
     cfg = state.get("config") if isinstance(state, Mapping) else None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}: its config is {_kind(cfg)}, not a dict")
+    cfg = {**ADDED_KEYS, **cfg}  # an older checkpoint ran with these values
     missing = [k for k in DEFAULTS if k not in cfg]
     if missing:
         raise CheckpointError(f"{path}: its config lacks {', '.join(repr(k) for k in missing)}")

@@ -36,7 +36,8 @@ from .checkpoint import (
 )
 from .engine import functional_logits
 from .implicit import implicit_adapt, select_engine
-from .presets import ConfigError, apply_overrides
+from .inner import SGDThenPullBack
+from .presets import INNER_SOLVERS, ConfigError, apply_overrides
 
 __all__ = ["evaluate", "main"]
 
@@ -135,8 +136,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint file, or a run folder holding ckpt.pt")
     p.add_argument("--tasks", type=int, default=600, help="meta-test tasks (default: 600, the paper's protocol)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fixed task set (default: 0)")
-    p.add_argument("--inner", choices=("gd", "hf"), help="inner solver (default: the checkpoint's)")
-    p.add_argument("--inner-steps", type=int, help="GD steps (default: the checkpoint's)")
+    p.add_argument("--inner", choices=INNER_SOLVERS, help="inner solver (default: the checkpoint's)")
+    p.add_argument("--protocol", choices=("run", "released"), default="run",
+                   help="run: adapt with the run's inner solver (default); released: the authors' released "
+                   "evaluation (measure_accuracy.py --n_steps 16 --lam 0.0 --inner_lr 0.1): plain SGD steps on the "
+                   "support loss, no proximal term, no pull-back (--inner-steps / --inner-lr override 16 / 0.1)")
+    p.add_argument("--inner-steps", type=int, help="GD / SGD steps (default: the checkpoint's; 16 with --protocol released)")
+    p.add_argument("--inner-lr", type=float, help="GD / SGD step size (default: the checkpoint's; 0.1 with --protocol released)")
     p.add_argument("--hf-steps", type=int, help="Hessian-Free steps (default: the checkpoint's)")
     p.add_argument("--batch", type=int, default=50, help="tasks adapted at once (default: 50)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -201,7 +207,16 @@ def main(argv=None) -> int:
         ckpt_path = resolve_checkpoint(args.checkpoint)
         state = load_checkpoint(ckpt_path)
         saved = checkpoint_config(state, ckpt_path)
-        cfg = apply_overrides(saved, {"inner": args.inner, "inner_steps": args.inner_steps, "hf_steps": args.hf_steps})
+        if args.protocol == "released" and args.inner is not None:
+            raise ConfigError("--protocol released sets the inner solver (plain SGD); drop --inner")
+        cfg = apply_overrides(saved, {"inner": args.inner, "inner_steps": args.inner_steps, "inner_lr": args.inner_lr,
+                                      "hf_steps": args.hf_steps})
+        solver, inner_name = None, cfg["inner"]
+        if args.protocol == "released":
+            steps = 16 if args.inner_steps is None else args.inner_steps
+            lr = 0.1 if args.inner_lr is None else args.inner_lr
+            solver = SGDThenPullBack(steps, lr, pull_back=False)
+            inner_name = f"sgd ({steps} steps, lr {lr}, no proximal term: the released evaluation)"
         out = Path(args.json) if args.json else ckpt_path.parent / f"eval_seed{args.seed}_{args.tasks}.json"
         if not args.json:
             check_destination(out, None)
@@ -211,13 +226,14 @@ def main(argv=None) -> int:
         check_model_state(model, state["model"], ckpt_path)
         model = model.to(device)
         _, test = builders.build_samplers(cfg, device, args.data_root)
-        result = evaluate(model, test, cfg, tasks=args.tasks, seed=args.seed, batch=args.batch)
+        result = evaluate(model, test, cfg, tasks=args.tasks, seed=args.seed, batch=args.batch, solver=solver)
     except (ConfigError, CheckpointError, builders.DataError) as exc:
         print(f"imaml-eval: error: {one_line(exc)}", file=sys.stderr)
         return 2
-    print(describe(result, cfg, args.seed, cfg["inner"]))
+    print(describe(result, cfg, args.seed, inner_name))
     try:
-        record = {"checkpoint": str(ckpt_path), "step": state["step"], "seed": args.seed, "config": cfg}
+        record = {"checkpoint": str(ckpt_path), "step": state["step"], "seed": args.seed, "protocol": args.protocol,
+                  "inner": inner_name, "config": cfg}
         write_json(out, {**record, **result})
     except OSError as exc:
         reason = exc.strerror or one_line(exc) or type(exc).__name__

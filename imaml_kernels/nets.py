@@ -124,3 +124,16 @@ class MLP(BatchedMethods, nn.Sequential):
         layers.append(nn.Linear(sizes[-2], sizes[-1]))
         super().__init__(*layers)
         self.input_shape = (sizes[0],)
+
+
+def released_init(model: nn.Module, gain: float = 1.73, bias_high: float = 0.05) -> nn.Module:
+    """The initialisation of the authors' released code (aravindr93/imaml_dev
+    ``make_conv_network``): every Conv2d and Linear weight ``xavier_uniform_(gain=1.73)``,
+    every such bias ``U(0, 0.05)``; BatchNorm keeps γ = 1, β = 0. In place; returns ``model``."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight, gain=gain)
+                if m.bias is not None:
+                    nn.init.uniform_(m.bias, 0.0, bias_high)
+    return model

@@ -93,7 +93,8 @@ class TaskObjective:
     def linearize(self, phi: torch.Tensor):
         raise NotImplementedError
 
-    def descend(self, theta_flat, lam, phi0, steps: int, lr: float) -> Optional[torch.Tensor]:
+    def descend(self, theta_flat, lam, phi0, steps: int, lr: float, proximal: bool = True,
+                pull_back: bool = False) -> Optional[torch.Tensor]:
         return None
 
 
@@ -113,8 +114,9 @@ class EngineObjective(TaskObjective):
     def linearize(self, phi):
         return _EngineLinearization(self.net.linearize(phi, *self.batch))
 
-    def descend(self, theta_flat, lam, phi0, steps, lr):
-        return self.net.inner_loop(theta_flat, *self.batch, lam=lam, steps=steps, lr=lr, phi0=phi0)
+    def descend(self, theta_flat, lam, phi0, steps, lr, proximal=True, pull_back=False):
+        return self.net.inner_loop(theta_flat, *self.batch, lam=lam, steps=steps, lr=lr, phi0=phi0, proximal=proximal,
+                                   pull_back=pull_back)
 
 
 class _EngineLinearization:
@@ -372,17 +374,25 @@ class ProximalObjective:
         and HVPs that, with the engine, reuse one primal pass for every product."""
         return ObjectiveLinearization(self, phi)
 
-    def descend(self, phi0, steps: int, lr: float):
+    def descend(self, phi0, steps: int, lr: float, proximal: bool = True, pull_back: bool = False):
         """``steps`` of ``φ ← φ − lr ∇(L̂_t(φ) + (λ_t/2)‖φ − θ‖²)`` from the dict ``phi0``
-        (not modified): one fused loop on a flat buffer where the task objective has one."""
-        fused = self.task.descend(self.theta_flat, self.lam, self.layout.as_flat(phi0), steps, lr)
+        (not modified): one fused loop on a flat buffer where the task objective has one.
+
+        ``proximal=False``: the steps use the task loss alone, ``φ ← φ − lr ∇L̂_t(φ)``.
+        ``pull_back``: then one ``φ ← φ − lr λ_t (φ − θ)`` (both: the authors' released
+        procedure)."""
+        fused = self.task.descend(self.theta_flat, self.lam, self.layout.as_flat(phi0), steps, lr, proximal, pull_back)
         if fused is not None:
             return self.layout.unflatten(fused)
         phi = {k: v.clone() for k, v in phi0.items()}
         for _ in range(steps):
-            g = self.grad(phi)
+            g = self.grad(phi) if proximal else self.task.loss_and_grad(phi)[1]
             for k in phi:
                 phi[k].sub_(lr * g[k])
+        if pull_back:
+            for k in phi:
+                w = (self.lam.to(phi[k].dtype) * lr).view(-1, *([1] * (phi[k].dim() - 1)))
+                phi[k].sub_(w * (phi[k] - self.theta[k].to(phi[k].dtype)))
         return phi
 
 

@@ -1,11 +1,17 @@
 """Named training configurations for ``imaml-train --preset NAME``.
 
 A configuration is a flat dict of plain values (it goes into every checkpoint, and
-``--resume`` compares it key by key). The paper presets follow Rajeswaran et al. (2019) and
-their released code: GD inner loop with λ = 2, lr 0.1, 16 steps (5-way) / 25 steps
-(20-way), 5 CG iterations, Adam with lr 1e-3, meta-batch 32 (5-way) / 16 (20-way),
-K support and K query drawings per class, and the damped CG system of their code
-(``cg_damping`` = 1, ``lam_damping`` = 10; see :data:`DEFAULTS`).
+``--resume`` compares it key by key). The paper presets (``omniglot-5w1s`` ...) follow the
+text of Rajeswaran et al. (2019): a proximal GD inner loop with λ = 2, lr 0.1, 16 steps
+(5-way) / 25 steps (20-way), 5 CG iterations, Adam with lr 1e-3, meta-batch 32 (5-way) /
+16 (20-way), K support and K query drawings per class, and the damped CG system of the
+authors' code (``cg_damping`` = 1, ``lam_damping`` = 10; see :data:`DEFAULTS`).
+
+The ``-released`` presets (Omniglot 5w1s, 5w5s) follow the authors' released command line
+instead: its inner procedure (16 plain SGD steps on the task loss, then one pull-back step
+toward θ: ``inner="sgd-pullback"``, :class:`~imaml_kernels.SGDThenPullBack`) and its
+initialisation (``init="released"``); fresh tasks drawn on the device replace its pool of
+200,000 pre-drawn tasks. The released code gives no 20-way command line.
 
 ``omniglot-5w1s-demo`` is the CPU demo (``bash scripts/demo.sh``): the paper's network, GD
 inner loop (λ = 2, lr 0.1) and damped implicit gradient, but 5 inner steps instead of 16,
@@ -24,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 # Every key a configuration has, with the default the presets start from.
@@ -33,9 +40,13 @@ DEFAULTS: dict[str, Any] = {
     "shot": 1,
     "query": None,           # None: = shot (the paper's protocol)
     "meta_batch": 32,        # tasks per meta-step, T
-    "inner": "gd",           # gd | hf (Hessian-Free: Newton-CG on the proximal objective)
-    "inner_steps": 16,       # GD steps
-    "inner_lr": 0.1,         # GD step size
+    # gd: proximal GD (the paper's text) | hf: Hessian-Free (Newton-CG on the proximal
+    # objective) | sgd-pullback: the authors' released code, inner_steps plain SGD steps on
+    # the task loss, then one step φ ← φ − inner_lr λ (φ − θ) (SGDThenPullBack)
+    "inner": "gd",
+    "inner_steps": 16,       # GD / SGD steps
+    "inner_lr": 0.1,         # GD / SGD step size
+    "init": "torch",         # torch: PyTorch's default | released: xavier_uniform(gain 1.73), biases U(0, 0.05)
     "hf_steps": 5,           # Newton steps of the Hessian-Free inner solver
     "hf_cg_iters": 5,        # CG iterations per Newton step
     "lam": 2.0,              # λ of the proximal term
@@ -47,6 +58,8 @@ DEFAULTS: dict[str, Any] = {
     "cg_damping": 1.0,
     "lam_damping": 10.0,
     "outer_lr": 1e-3,        # Adam
+    "outer_schedule": "constant",  # constant | cosine (from outer_lr to 0 over the run's steps)
+    "warmup_steps": 0,       # linear warm-up of the outer lr over the first N meta-steps
     "channels": None,        # conv filters; None: the network's default (64 Omniglot, 32 MiniImagenet)
     "steps": 30000,          # meta-steps in total
     "seed": 0,
@@ -64,12 +77,48 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dataset": "miniimagenet", "way": 5, "shot": 1, "query": 15, "meta_batch": 4,
         "inner": "hf", "hf_steps": 10, "lam": 0.5,
     },
+    # The authors' released command line (aravindr93/imaml_dev, examples/README):
+    # --inner_lr 1e-1 --outer_lr 1e-3 --n_steps 16 --task_mb_size 32 --lam 2.0 --cg_steps 5
+    # --cg_damping 1.0 (lam_damping 10 in its matrix evaluator), meta_steps >= 20000, its
+    # xavier init. Its pool of 200,000 pre-drawn tasks is replaced by fresh tasks drawn on
+    # the device each meta-step. It gives no 20-way command line: the 20-way presets above
+    # keep the paper-text settings.
+    "omniglot-5w1s-released": {
+        "way": 5, "shot": 1, "meta_batch": 32, "inner": "sgd-pullback", "inner_steps": 16, "inner_lr": 0.1,
+        "lam": 2.0, "cg_iters": 5, "cg_damping": 1.0, "lam_damping": 10.0, "outer_lr": 1e-3, "init": "released",
+        "steps": 20000,
+    },
+    "omniglot-5w5s-released": {
+        "way": 5, "shot": 5, "meta_batch": 32, "inner": "sgd-pullback", "inner_steps": 16, "inner_lr": 0.1,
+        "lam": 2.0, "cg_iters": 5, "cg_damping": 1.0, "lam_damping": 10.0, "outer_lr": 1e-3, "init": "released",
+        "steps": 20000,
+    },
     # CPU demo: measured on 2 cores (bench/results/cpu_demo.md).
     "omniglot-5w1s-demo": {
         "way": 5, "shot": 1, "query": 5, "meta_batch": 8, "inner_steps": 5, "inner_lr": 0.1,
         "cg_iters": 3, "outer_lr": 3e-3, "steps": 1200, "eval_tasks": 600,
     },
 }
+
+# How each preset differs from the paper's text (imaml-train --help, README).
+PRESET_NOTES: dict[str, str] = {
+    "omniglot-5w1s": "the paper's text: proximal GD inner loop (λ 2, lr 0.1, 16 steps), T 32; the released code's damped CG",
+    "omniglot-5w5s": "as omniglot-5w1s with K = 5",
+    "omniglot-20w1s": "the paper's text, 25 GD steps, T 16 (the released code gives no 20-way command line)",
+    "omniglot-20w5s": "as omniglot-20w1s with K = 5",
+    "miniimagenet-5w1s": "Hessian-Free inner solver (10 Newton steps), λ 0.5, 15 query, T 4",
+    "omniglot-5w1s-released": "the authors' released command line: 16 plain SGD steps then one pull-back step "
+                              "(sgd-pullback), their xavier init, 20000 steps; fresh tasks on the device, not 200,000 pre-drawn",
+    "omniglot-5w5s-released": "as omniglot-5w1s-released with K = 5",
+    "omniglot-5w1s-demo": "the CPU demo: 5 GD steps, 3 CG iterations, T 8, Adam 3e-3, 5 query, 1200 steps",
+}
+
+INNER_SOLVERS = ("gd", "hf", "sgd-pullback")
+INITS = ("torch", "released")
+
+# Keys added after checkpoints were first written, with the value those checkpoints used.
+ADDED_KEYS: dict[str, Any] = {"init": "torch", "outer_schedule": "constant", "warmup_steps": 0}
+SCHEDULES = ("constant", "cosine")
 
 # Keys that change what a run computes; --resume refuses a checkpoint that differs in any
 # of them (steps and eval_tasks may change: a run can be extended or evaluated differently).
@@ -118,12 +167,16 @@ def check_config(cfg: Mapping[str, Any]) -> None:
 
     if cfg["dataset"] not in ("omniglot", "miniimagenet"):
         raise ConfigError(f"dataset must be 'omniglot' or 'miniimagenet', got {cfg['dataset']!r}")
-    if cfg["inner"] not in ("gd", "hf"):
-        raise ConfigError(f"inner must be 'gd' or 'hf', got {cfg['inner']!r}")
+    if cfg["inner"] not in INNER_SOLVERS:
+        raise ConfigError(f"inner must be one of {', '.join(map(repr, INNER_SOLVERS))}, got {cfg['inner']!r}")
+    if cfg["outer_schedule"] not in SCHEDULES:
+        raise ConfigError(f"outer_schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {cfg['outer_schedule']!r}")
+    if cfg["init"] not in INITS:
+        raise ConfigError(f"init must be one of {', '.join(map(repr, INITS))}, got {cfg['init']!r}")
     for k in ("way", "shot", "meta_batch", "cg_iters", "hf_cg_iters"):
         if int(cfg[k]) < 1:
             raise ConfigError(f"{k} must be >= 1, got {cfg[k]}")
-    for k in ("query", "inner_steps", "hf_steps", "steps", "eval_tasks"):
+    for k in ("query", "inner_steps", "hf_steps", "steps", "eval_tasks", "warmup_steps"):
         if int(cfg[k]) < 0:
             raise ConfigError(f"{k} must be >= 0, got {cfg[k]}")
     for k in ("lam", "inner_lr", "outer_lr"):
@@ -145,6 +198,21 @@ def check_config(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"channels must be >= 1, got {cfg['channels']}")
 
 
+def outer_lr_at(cfg: Mapping[str, Any], step: int) -> float:
+    """The outer (Adam) step size of meta-step ``step`` (0-based): ``outer_lr``, ramped up
+    linearly over the first ``warmup_steps`` steps, then constant or, for ``cosine``,
+    ``outer_lr · (1 + cos(π s))/2`` with ``s`` from 0 to 1 over the remaining steps of the
+    run (``steps``: extending a cosine run stretches what is left of its schedule)."""
+    lr, warm, total = float(cfg["outer_lr"]), int(cfg.get("warmup_steps", 0)), int(cfg["steps"])
+    if step < warm:
+        return lr * (step + 1) / warm
+    if cfg.get("outer_schedule", "constant") == "cosine" and total > warm:
+        s = min(1.0, (step - warm) / (total - warm))
+        return lr * 0.5 * (1.0 + math.cos(math.pi * s))
+    return lr
+
+
 def config_diff(saved: Mapping[str, Any], requested: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{key: (saved, requested)}`` over :data:`RUN_KEYS` where the two differ."""
+    saved = {**ADDED_KEYS, **saved}
     return {k: (saved.get(k), requested.get(k)) for k in RUN_KEYS if saved.get(k) != requested.get(k)}

@@ -46,7 +46,8 @@ from .checkpoint import (
 from .evaluate import check_device, describe, evaluate, one_line, query_logits, write_json
 from .cg import CG
 from .implicit import implicit_adapt
-from .presets import ConfigError, apply_overrides, config_diff, preset_names, resolve_config
+from .presets import (INITS, INNER_SOLVERS, PRESET_NOTES, SCHEDULES, ConfigError, apply_overrides, config_diff, outer_lr_at,
+                      preset_names, resolve_config)
 from .runs import MetricsLog, RunError, RunFolder, check_out_dir, read_metrics, rewrite_metrics
 
 __all__ = ["meta_step", "train", "main"]
@@ -322,6 +323,8 @@ def train(
     steps_run = 0
     with MetricsLog(metrics_path if main_rank else None) as log:
         while step < total:
+            for group in optimizer.param_groups:  # a host float: no launch, no sync
+                group["lr"] = outer_lr_at(cfg, step)
             stats = meta_step(model, theta, optimizer, sample(), cfg, solver, dist=step_dist)
             pending.append(stats)
             step += 1
@@ -386,20 +389,21 @@ def train(
 _OVERRIDES = {
     "way": int, "shot": int, "query": int, "meta_batch": int, "inner_steps": int, "inner_lr": float,
     "lam": float, "cg_iters": int, "cg_damping": float, "lam_damping": float, "outer_lr": float, "hf_steps": int, "hf_cg_iters": int,
-    "channels": int, "steps": int, "seed": int, "eval_tasks": int,
+    "channels": int, "steps": int, "seed": int, "eval_tasks": int, "warmup_steps": int,
 }
 
 
 _HELP = {
     "way": "classes per task", "shot": "support drawings per class (K)",
     "query": "query drawings per class (default: = shot)", "meta_batch": "tasks per meta-step (T)",
-    "inner_steps": "GD inner steps", "inner_lr": "GD inner step size", "lam": "λ of the proximal term",
+    "inner_steps": "GD / SGD inner steps", "inner_lr": "GD / SGD inner step size", "lam": "λ of the proximal term",
     "cg_iters": "CG iterations of the meta-gradient",
     "cg_damping": "c in ((1+c) I + H/(λ+d)) x = g (authors' code: 1; 0 with --lam-damping 0: (I + H/λ))",
     "lam_damping": "d in ((1+c) I + H/(λ+d)) x = g (authors' code: 10)", "outer_lr": "Adam step size",
     "hf_steps": "Newton steps of the Hessian-Free inner solver", "hf_cg_iters": "CG iterations per Newton step",
     "channels": "conv filters (default: 64 Omniglot, 32 MiniImagenet)", "steps": "meta-steps in total",
     "seed": "seed of θ₀ and of the task stream", "eval_tasks": "meta-test tasks evaluated at the end (0: none)",
+    "warmup_steps": "linear warm-up of the outer step size over the first N meta-steps (default 0)",
 }
 
 
@@ -407,12 +411,23 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="imaml-train",
         description="Implicit MAML (Rajeswaran et al. 2019): meta-train with implicit gradients "
-        "(GD or Hessian-Free inner loop, CG meta-gradient, Adam). Every hyperparameter of the "
+        "(GD, Hessian-Free or the released SGD-then-pull-back inner loop, CG meta-gradient, Adam). Every hyperparameter of the "
         "preset can be overridden.",
+        epilog="presets (how each differs from the paper's text):\n"
+        + "\n".join(f"  {name}: {PRESET_NOTES[name]}" for name in preset_names()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", help=f"one of: {', '.join(preset_names())} (default: omniglot-5w1s; "
                    "with --resume: the checkpoint's configuration)")
-    p.add_argument("--inner", choices=("gd", "hf"), help="inner solver: gradient descent or Hessian-Free (Newton-CG)")
+    p.add_argument("--inner", choices=INNER_SOLVERS,
+                   help="inner solver: gd, proximal gradient descent (the paper's text); hf, Hessian-Free (Newton-CG); "
+                   "sgd-pullback, the authors' released code: --inner-steps plain SGD steps on the support loss, "
+                   "then one step φ ← φ − lr·λ(φ − θ)")
+    p.add_argument("--outer-schedule", choices=SCHEDULES,
+                   help="outer step size over the run: constant (default) or cosine (to 0 at --steps), after the warm-up")
+    p.add_argument("--init", choices=INITS,
+                   help="θ₀: torch, PyTorch's default; released, the authors' code: xavier_uniform(gain 1.73) "
+                   "weights and U(0, 0.05) biases for every conv and linear layer")
     for key, typ in _OVERRIDES.items():
         p.add_argument("--" + key.replace("_", "-"), dest=key, type=typ, metavar=typ.__name__.upper(), help=_HELP[key])
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -453,6 +468,8 @@ def main(argv=None) -> int:
     dist = None
     overrides = {k: getattr(args, k) for k in _OVERRIDES}
     overrides["inner"] = args.inner
+    overrides["init"] = args.init
+    overrides["outer_schedule"] = args.outer_schedule
     run = None
     try:
         for flag, value in (("--log-every", args.log_every), ("--ckpt-every", args.ckpt_every),

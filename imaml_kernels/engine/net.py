@@ -326,7 +326,8 @@ class BatchedNet:
         """``H_t v_t``: ``[T, P]`` (one primal pass, then the tangent passes)."""
         return self.linearize(params, x, y).hvp(v)
 
-    def inner_loop(self, theta, x, y, *, lam, steps: int, lr: float, phi0: Optional[torch.Tensor] = None):
+    def inner_loop(self, theta, x, y, *, lam, steps: int, lr: float, phi0: Optional[torch.Tensor] = None,
+                   proximal: bool = True, pull_back: bool = False):
         """``steps`` proximal gradient steps for all tasks in one call:
         ``φ ← φ − lr (∇L̂_t(φ) + λ_t (φ − θ))``, from ``φ0`` (default θ).
 
@@ -334,6 +335,11 @@ class BatchedNet:
             theta: ``[P]`` (shared) or ``[T, P]``; lam: scalar or ``[T]``.
             x, y: the support set ``[T, N, ...]``, ``[T, N]``.
             phi0: ``[T, P]`` starting point (not modified).
+            proximal: ``False``: the steps are plain gradient steps on the task loss alone,
+                ``φ ← φ − lr ∇L̂_t(φ)`` (λ unused there).
+            pull_back: after the steps, one proximal "pull-back" step
+                ``φ ← φ − lr λ_t (φ − θ)``. ``proximal=False, pull_back=True`` is the inner
+                procedure of the authors' released code.
 
         Returns:
             ``φ [T, P]``, a new buffer.
@@ -362,11 +368,14 @@ class BatchedNet:
         k = self.kernels(phi)
         data = self._prepare(k, x, phi.dtype)  # the support set's first-layer patches, once
         self._last_data = None if torch.compiler.is_compiling() else (x, x._version, phi.dtype, data)
+        step_lam = lam_t if proximal else torch.zeros_like(lam_t)
         for _ in range(steps):
             p, caches, _, glogits = self._forward(k, phi, x, y, data, grad)
             self._backward(k, p, caches, glogits, grad, fuse=True)
-            # φ -= lr (g + λ (φ − θ))  ==  φ (1 − lr λ) + lr λ θ − lr g
-            k.prox_step(phi, grad, theta, lam_t, lr)
+            # φ -= lr (g + λ (φ − θ))  ==  φ (1 − lr λ) + lr λ θ − lr g   (λ = 0: plain SGD)
+            k.prox_step(phi, grad, theta, step_lam, lr)
+        if pull_back:  # φ -= lr λ (φ − θ)  ==  lerp(φ, θ, lr λ): one launch
+            phi.lerp_(theta if theta.dim() == 2 else theta.unsqueeze(0), (lam_t * lr).unsqueeze(1))
         out = self.from_native(phi)
         self._last_inner = None if torch.compiler.is_compiling() else (out, phi, out._version)
         return out
