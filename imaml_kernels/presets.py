@@ -16,10 +16,11 @@ initialisation (``init="released"``); fresh tasks drawn on the device replace it
 ``omniglot-5w1s-demo`` is the CPU demo (``bash scripts/demo.sh``): the paper's network, GD
 inner loop (λ = 2, lr 0.1) and damped implicit gradient, but 5 inner steps instead of 16,
 3 CG iterations instead of 5 (the damped system is well conditioned: the logged relative
-residual stays around 1e-2), meta-batch 8, Adam lr 3e-3 and 5 query drawings per class, for
-1200 meta-steps: about 9 minutes of training on 2 CPU cores with the fused engine. It reaches
-about 88% meta-test accuracy (not the paper's 99%: that takes tens of thousands of
-meta-steps). The measurement is in ``bench/results/cpu_demo.md``.
+residual stays around 1e-2), meta-batch 16, Adam lr 3e-3 with a 50-step linear warm-up and
+a cosine to 0, and 5 query drawings per class, for 1200 meta-steps on 2 CPU cores with the
+fused engine (not the paper's 99%: that takes tens of thousands of meta-steps). The
+settings come from the sweep in ``bench/results/cpu_demo_sweep.md``; the measurement is in
+``bench/results/cpu_demo.md``.
 
 Example::
 
@@ -95,8 +96,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # CPU demo: measured on 2 cores (bench/results/cpu_demo.md).
     "omniglot-5w1s-demo": {
-        "way": 5, "shot": 1, "query": 5, "meta_batch": 8, "inner_steps": 5, "inner_lr": 0.1,
-        "cg_iters": 3, "outer_lr": 3e-3, "steps": 1200, "eval_tasks": 600,
+        "way": 5, "shot": 1, "query": 5, "meta_batch": 16, "inner_steps": 5, "inner_lr": 0.1,
+        "cg_iters": 3, "outer_lr": 3e-3, "outer_schedule": "cosine", "warmup_steps": 50, "steps": 1200, "eval_tasks": 600,
     },
 }
 
@@ -110,7 +111,8 @@ PRESET_NOTES: dict[str, str] = {
     "omniglot-5w1s-released": "the authors' released command line: 16 plain SGD steps then one pull-back step "
                               "(sgd-pullback), their xavier init, 20000 steps; fresh tasks on the device, not 200,000 pre-drawn",
     "omniglot-5w5s-released": "as omniglot-5w1s-released with K = 5",
-    "omniglot-5w1s-demo": "the CPU demo: 5 GD steps, 3 CG iterations, T 8, Adam 3e-3, 5 query, 1200 steps",
+    "omniglot-5w1s-demo": "the CPU demo: 5 GD steps, 3 CG iterations, T 16, Adam 3e-3 with a 50-step warm-up and a cosine, "
+                          "5 query, 1200 steps",
 }
 
 INNER_SOLVERS = ("gd", "hf", "sgd-pullback")

@@ -189,8 +189,8 @@ def test_outer_lr_schedule():
     assert outer_lr_at(cfg, 0) == pytest.approx(1e-3) and outer_lr_at(cfg, 9) == pytest.approx(1e-2)
     assert outer_lr_at(cfg, 10) == pytest.approx(1e-2) and outer_lr_at(cfg, 60) == pytest.approx(5e-3)
     assert outer_lr_at(cfg, 109) == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))
-    const = resolve_config("omniglot-5w1s-demo", {})
-    assert all(outer_lr_at(const, s) == const["outer_lr"] for s in (0, 500, 1199))
+    const = resolve_config("omniglot-5w1s", {})
+    assert all(outer_lr_at(const, s) == const["outer_lr"] for s in (0, 500, 29999))
     with pytest.raises(ConfigError, match="outer_schedule"):
         resolve_config("omniglot-5w1s", {"outer_schedule": "step"})
     with pytest.raises(ConfigError, match="warmup_steps"):
