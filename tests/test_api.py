@@ -80,12 +80,14 @@ def _dense_damped(model, theta, phi, x, y, xq, yq, lam, c, d):
     return total
 
 
-def test_cg_damping_solves_the_authors_damped_system():
+@pytest.mark.parametrize("inner", [ik.GD(5, 0.2), ik.SGDThenPullBack(6, 0.3)], ids=["gd", "sgd-then-pull-back"])
+def test_cg_damping_solves_the_authors_damped_system(inner):
+    # At whatever φ the inner solver returns (the released SGD-then-pull-back one included).
     model = _mlp()
     x, y, xq, yq = _tasks()
     theta = dict(model.named_parameters())
     P = sum(v.numel() for v in theta.values())
-    phi = ik.implicit_adapt(model, theta, (x, y), lam=2.0, inner=ik.GD(5, 0.2),
+    phi = ik.implicit_adapt(model, theta, (x, y), lam=2.0, inner=inner,
                             solve=ik.CG(iters=2 * P, damping=1.0, lam_damping=10.0))
     _outer(model, phi, xq, yq).backward()
     got = torch.cat([theta[k].grad.reshape(-1) for k in theta])
