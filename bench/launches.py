@@ -20,7 +20,7 @@ machine, in seconds. What is counted:
 - separately: host-to-device copies (launches, not syncs) and ops on CPU tensors (Adam's
   step counters: host work, no launch, no sync).
 
-The fused path is the trainer's own ``imaml_kernels.train.meta_step`` (GD inner loop, query
+The fused path is the trainer's own ``imaml_kernels.step.meta_step`` (GD inner loop, query
 logits through the engine, ``backward()`` into the implicit op's damped CG, Adam with
 ``foreach=True``: what ``torch.optim.Adam`` picks on real CUDA parameters; the fake ones make
 its default fall back to the per-parameter loop). One warm-up step runs first (Adam's state),
@@ -395,12 +395,14 @@ def _optimizer(model, cfg):
 def fused_step(cfg):
     """``step()``: one call of the trainer's ``meta_step`` on the preset's shapes."""
     from imaml_kernels.builders import build_solver
-    from imaml_kernels.train import meta_step
+    from imaml_kernels.step import meta_step
+    from imaml_kernels.train import backward_solve
 
     model = _fake_cuda_model(cfg)
     theta = dict(model.named_parameters())
     opt, solver, batch = _optimizer(model, cfg), build_solver(cfg), _fake_batch(cfg)
-    return lambda: meta_step(model, theta, opt, batch, cfg, solver)
+    solve = backward_solve(cfg)
+    return lambda: meta_step(model, theta, opt, batch, lam=cfg["lam"], inner=solver, solve=solve)
 
 
 def per_task_meta_step(model, optimizer, batch, cfg, residual_tol=1e-10):

@@ -13,6 +13,8 @@ from .implicit import AdaptedParams, implicit_adapt, implicit_meta_grad
 from .objective import ProximalObjective, task_loss_fn
 from .inner import GD, SGD, Adam, HessianFree, NewtonCG, SGDThenPullBack
 from .layout import ParamLayout
+from .query import query_logits
+from .step import STATS, meta_step
 
 __version__ = "0.1.0"
 
@@ -20,4 +22,5 @@ __all__ = [
     "BACKENDS", "CG", "CGInfo", "available_backends", "cg_solve", "select_backend",
     "batched_hvp", "ParamLayout", "implicit_adapt", "implicit_meta_grad", "AdaptedParams",
     "ProximalObjective", "task_loss_fn", "GD", "SGDThenPullBack", "SGD", "Adam", "NewtonCG", "HessianFree", "BatchedNet", "functional_logits",
+    "query_logits", "meta_step", "STATS",
 ]

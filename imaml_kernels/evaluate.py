@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from torch.func import functional_call, vmap
 
 from . import builders
 from ._atomic import folder_problem, write_text
@@ -34,22 +33,12 @@ from .checkpoint import (
     load_checkpoint,
     resolve_checkpoint,
 )
-from .engine import functional_logits
-from .implicit import implicit_adapt, select_engine
+from .implicit import implicit_adapt
+from .query import query_logits
 from .inner import SGDThenPullBack
 from .presets import INNER_SOLVERS, ConfigError, apply_overrides
 
 __all__ = ["evaluate", "main"]
-
-
-def query_logits(model: torch.nn.Module, phi: Mapping[str, torch.Tensor], x_q: torch.Tensor, engine=None) -> torch.Tensor:
-    """Logits ``[T, M, way]`` of the adapted ``phi`` (dict of ``[T, ...]``) on ``x_q [T, M, ...]``,
-    differentiable in ``phi``: through the fused engine when it supports the model
-    (``engine`` as in :func:`~imaml_kernels.implicit_adapt`), else ``vmap`` of ``functional_call``."""
-    net = select_engine(model, {k: v[0] for k, v in phi.items()}, x_q, engine=engine)
-    if net is not None:
-        return functional_logits(net, dict(phi), x_q)
-    return vmap(lambda p, x: functional_call(model, p, (x,)))(dict(phi), x_q)
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:

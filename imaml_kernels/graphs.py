@@ -27,7 +27,7 @@ class CUDAGraphStep:
     Example::
 
         >>> opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
-        >>> graphed = CUDAGraphStep(lambda *b: meta_step(model, theta, opt, b, cfg, solver), batch)
+        >>> graphed = CUDAGraphStep(lambda *b: meta_step(model, theta, opt, b, lam=2.0, inner=GD(16, 0.1), solve=CG(5)), batch)
         >>> stats = graphed(*next_batch)
     """
 

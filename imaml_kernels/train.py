@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import distributed
@@ -43,17 +42,15 @@ from .builders import DataError, build_model, build_samplers, build_solver
 from .checkpoint import (
     CHECKPOINT_NAME, CheckpointError, check_model_state, checkpoint_config, load_checkpoint, save_checkpoint,
 )
-from .evaluate import check_device, describe, evaluate, one_line, query_logits, write_json
+from .evaluate import check_device, describe, evaluate, one_line, write_json
+from .step import STATS, meta_step
 from .cg import CG
-from .implicit import implicit_adapt
 from .presets import (INITS, INNER_SOLVERS, PRESET_NOTES, SCHEDULES, ConfigError, apply_overrides, config_diff, outer_lr_at,
                       preset_names, resolve_config)
 from .runs import MetricsLog, RunError, RunFolder, check_out_dir, read_metrics, rewrite_metrics
 
-__all__ = ["meta_step", "train", "main"]
+__all__ = ["STATS", "backward_solve", "meta_step", "train", "main"]
 
-# Per-step statistics, in this order, as one device tensor (a single read-back per log).
-STATS = ("loss", "acc", "inner_loss", "dropped", "cg_residual")
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "curves.png"
 
@@ -63,46 +60,6 @@ def backward_solve(cfg: Mapping[str, Any], backend=None) -> CG:
     ``cg_iters`` CG iterations, c = ``cg_damping`` and d = ``lam_damping`` (the authors'
     released code: c = 1, d = 10; c = d = 0: the paper's ``(I + H/λ) x = g``)."""
     return CG(cfg["cg_iters"], damping=cfg["cg_damping"], lam_damping=cfg["lam_damping"], backend=backend)
-
-
-def meta_step(model, theta, optimizer, batch, cfg: Mapping[str, Any], solver, dist=None) -> torch.Tensor:
-    """One meta-step on T tasks; returns the statistics ``[len(STATS)]`` (float32, on the device).
-
-    Args:
-        model: the network (θ are its parameters, ``theta = dict(model.named_parameters())``).
-        optimizer: the outer optimizer over θ.
-        batch: ``(x_s [T, N, ...], y_s [T, N], x_q [T, M, ...], y_q [T, M])``.
-        cfg: ``lam``, ``cg_iters``, ``cg_damping``, ``lam_damping``; solver: the inner solver.
-        dist: a :class:`~imaml_kernels.distributed.DistContext` when ``batch`` is this rank's
-            slice of the meta-batch: θ.grad is averaged over ranks before the step.
-
-    θ.grad becomes the mean over tasks of ``((1+c) I + H_t/(λ+d))⁻¹ ∇φ L_t^query(φ_t)``
-    (c = d = 0: the textbook ``(I + H_t/λ)⁻¹``). Nothing here reads a tensor back to the host.
-    """
-    x_s, y_s, x_q, y_q = batch
-    phi = implicit_adapt(model, theta, (x_s, y_s), lam=cfg["lam"], inner=solver, solve=backward_solve(cfg))
-    logits = query_logits(model, phi, x_q)  # [T, M, way]
-    # Per-task mean cross-entropy, then the mean over tasks: θ.grad = mean of the T
-    # implicit gradients (the paper averages the meta-batch).
-    loss_t = F.cross_entropy(logits.flatten(0, 1), y_q.flatten(), reduction="none").view(y_q.shape).mean(1)
-    optimizer.zero_grad(set_to_none=True)
-    loss_t.mean().backward()
-    if dist is not None:
-        dist.average_gradients(model.parameters())
-    optimizer.step()
-    with torch.no_grad():
-        acc = (logits.argmax(-1) == y_q).float().mean()
-        info = phi.info or {}
-        zero = torch.zeros((), device=acc.device)
-        if "dropped" in info:
-            dropped = info["dropped"].float().sum()
-            # The loss of the tasks kept (NaN when every task was dropped: 0/0).
-            loss = torch.where(info["dropped"], 0.0, loss_t.detach()).sum() / (loss_t.shape[0] - dropped)
-        else:
-            dropped, loss = zero, loss_t.mean().detach()
-        cg = info.get("cg")
-        res = cg.residual.float().mean() if cg is not None else zero
-        return torch.stack([loss, acc, phi.inner_loss.float().mean(), dropped, res.to(acc.device)])
 
 
 def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
@@ -325,7 +282,8 @@ def train(
         while step < total:
             for group in optimizer.param_groups:  # a host float: no launch, no sync
                 group["lr"] = outer_lr_at(cfg, step)
-            stats = meta_step(model, theta, optimizer, sample(), cfg, solver, dist=step_dist)
+            stats = meta_step(model, theta, optimizer, sample(), lam=cfg["lam"], inner=solver, solve=backward_solve(cfg),
+                              average_gradients=step_dist.average_gradients if step_dist is not None else None)
             pending.append(stats)
             step += 1
             steps_run += 1

@@ -457,7 +457,7 @@ def test_train_meta_step_with_adam_is_one_cuda_graph():
     and the gradients and statistics equal those of an eager step within float32 tolerance."""
     from imaml_kernels.graphs import CUDAGraphStep
     from imaml_kernels.nets import OmniglotConv
-    from imaml_kernels.train import meta_step
+    from imaml_kernels.step import meta_step
 
     torch.manual_seed(0)
     model = OmniglotConv(5).cuda()
@@ -469,7 +469,7 @@ def test_train_meta_step_with_adam_is_one_cuda_graph():
     batch = _meta_batch()
 
     def step(*b):
-        return meta_step(model, theta, opt, b, cfg, solver)
+        return meta_step(model, theta, opt, b, lam=cfg["lam"], inner=solver, solve=ik.CG(cfg["cg_iters"]))
 
     step(*batch)  # Adam's state exists after a first step
     torch.cuda.synchronize()

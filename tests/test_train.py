@@ -25,7 +25,8 @@ from imaml_kernels.evaluate import main as eval_main
 from imaml_kernels.evaluate import mean_ci95
 from imaml_kernels.nets import MLP
 from imaml_kernels.presets import PRESETS, ConfigError, config_diff, resolve_config
-from imaml_kernels.train import STATS, backward_solve, main, meta_step
+from imaml_kernels.step import STATS, meta_step
+from imaml_kernels.train import backward_solve, main
 
 HAVE_OMNIGLOT = (omniglot_root() / "characters.json").is_file()
 needs_omniglot = pytest.mark.skipif(not HAVE_OMNIGLOT, reason="Omniglot not found in $IMAML_DATA")
@@ -242,7 +243,7 @@ def test_meta_grad_is_the_mean_damped_implicit_gradient(c, d):
     theta0 = {k: v.detach().clone() for k, v in theta.items()}
     solver = GD(10, 0.1)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # keeps θ so its .grad can be compared
-    stats = meta_step(model, theta, opt, (xs, ys, xq, yq), cfg, solver)
+    stats = meta_step(model, theta, opt, (xs, ys, xq, yq), lam=cfg["lam"], inner=solver, solve=backward_solve(cfg))
     assert stats.shape == (len(STATS),) and stats[STATS.index("dropped")] == 0
 
     def f(p, x, y):
@@ -289,6 +290,6 @@ def test_meta_step_reads_nothing_back(monkeypatch):
 
     for name in ("item", "tolist", "__bool__", "cpu", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, boom)
-    stats = meta_step(model, dict(model.named_parameters()), opt, batch, cfg, GD(3, 0.1))
+    stats = meta_step(model, dict(model.named_parameters()), opt, batch, lam=cfg["lam"], inner=GD(3, 0.1), solve=backward_solve(cfg))
     monkeypatch.undo()
     assert torch.isfinite(stats).all()
