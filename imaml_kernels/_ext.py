@@ -1,8 +1,13 @@
-"""Loads the native extension ``imaml_kernels._C`` if it was built.
+"""What this machine can run: the native extension ``imaml_kernels._C`` (loaded here if it
+was built) and Triton (importable; interpreted on the CPU).
 
-The package works without it (reference and Triton paths); one warning says how to build it.
+The package works without the extension (reference and Triton paths); one warning says how to
+build it. Nothing here imports another module of the package.
 """
 
+import functools
+import importlib.util
+import os
 import warnings
 
 try:
@@ -23,3 +28,14 @@ except ImportError as exc:  # not built, or built for another Python
 
 HAS_EXT = _C is not None
 HAS_CUDA_EXT = HAS_EXT and bool(getattr(_C, "has_cuda", False))
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable():
+    """True when ``triton`` can be imported (checked once, without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted():
+    """True when Triton kernels run on the CPU through ``TRITON_INTERPRET=1``."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

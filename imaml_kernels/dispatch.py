@@ -22,26 +22,16 @@ Triton (named explicitly without Triton, it raises).
 """
 
 import functools
-import importlib.util
 import os
 
 import torch
 
 from . import _ext
+from .ops import SPECS  # importing the ops package registers every family
+from .ops._registry import bound
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
-
-
-@functools.lru_cache(maxsize=None)
-def triton_importable():
-    """True when ``triton`` can be imported (checked once, without importing it)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def triton_interpreted():
-    """True when Triton kernels run on the CPU through ``TRITON_INTERPRET=1``."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def backend_problems(backend, device, dtype):
@@ -63,9 +53,9 @@ def backend_problems(backend, device, dtype):
         if device.type != "cpu":
             problems.append(f"tensors are on {device}, not the CPU")
     elif backend == "triton":
-        if not triton_importable():
+        if not _ext.triton_importable():
             problems.append("triton is not installed")
-        if device.type == "cpu" and not triton_interpreted():
+        if device.type == "cpu" and not _ext.triton_interpreted():
             problems.append("CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before importing)")
         elif device.type not in ("cpu", "cuda"):
             problems.append(f"tensors are on {device}; Triton needs CUDA (or the CPU interpreter)")
@@ -123,11 +113,8 @@ class Kernels:
     arguments (:mod:`imaml_kernels.ops`)."""
 
     def __init__(self, backend, engine_backend):
-        from . import ops
-        from .ops._registry import bound
-
         self.backend, self.engine_backend = backend, engine_backend
-        for name, spec in ops.SPECS.items():
+        for name, spec in SPECS.items():
             setattr(self, name, bound(spec, backend if name in CG_OPS else engine_backend))
 
     def __repr__(self):
@@ -173,3 +160,23 @@ def kernels(device, dtype, backend=None) -> Kernels:
     # Traced, the table is built afresh (no cache state; dynamo would bypass the cache anyway).
     make = _kernels.__wrapped__ if torch.compiler.is_compiling() else _kernels
     return make(name, _engine_choice(name, device, dtype, explicit))
+
+
+def op(name: str, backend=None):
+    """The ``imaml::<name>`` op as a callable that picks its backend from its first tensor
+    argument (``backend`` as in :func:`select_backend`): what tests and benchmarks call to run
+    one op on a named backend.
+
+    Example::
+
+        >>> y, xhat, rstd = op("bn_fwd", "cpu")(x, gamma, beta, 1e-5, True)
+    """
+    if name not in SPECS:
+        raise ValueError(f"unknown op {name!r}; the ops are {sorted(SPECS)}")
+
+    def run(*args):
+        t = next(a for a in args if isinstance(a, torch.Tensor))
+        return getattr(kernels(t.device, t.dtype, backend), name)(*args)
+
+    run.__name__ = name
+    return run

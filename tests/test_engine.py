@@ -8,12 +8,20 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 import imaml_kernels as ik
-from imaml_kernels import dispatch, ops
+from imaml_kernels import dispatch
+from imaml_kernels.dispatch import op
 from imaml_kernels import reference as twins
 from imaml_kernels.engine import BatchedNet, UnsupportedModel, functional_logits
 from imaml_kernels.layout import ParamLayout
 from imaml_kernels.nets import MLP, MiniImagenetConv, OmniglotConv
 from helpers import rel_err as rel
+
+
+def _empty_params(T, C, dtype, like=None):
+    """Two [T, C] gradient buffers for the BatchNorm backward ops (they write γ's and β's),
+    rows of ``like``'s row stride (the parameter-like arrays of one call share one)."""
+    stride = C if like is None else like.stride(0)
+    return torch.empty(T, stride, dtype=dtype)[:, :C], torch.empty(T, stride, dtype=dtype)[:, :C]
 
 
 def small_conv_no_bn(way=4):
@@ -278,10 +286,10 @@ def test_im2col_matches_reference_and_is_the_adjoint_of_col2im(backend, H, W, k,
     T, N, C = 2, 2, 5
     Ho, Wo = (H + 2 * pad - k) // s + 1, (W + 2 * pad - k) // s + 1
     x = torch.randn(T, N, H, W, C, dtype=torch.float64)
-    cols = ops.conv.im2col(x, Ho, Wo, k, s, pad, pad, backend=backend)
+    cols = op("im2col", backend)(x, Ho, Wo, k, s, pad, pad)
     assert torch.equal(cols, twins.im2col(x, Ho, Wo, k, s, pad, pad))
     g = torch.randn_like(cols)
-    gx = ops.conv.col2im(g, H, W, s, pad, pad, backend=backend)
+    gx = op("col2im", backend)(g, H, W, s, pad, pad)
     assert torch.allclose((cols * g).sum(), (x * gx).sum(), rtol=1e-12)
 
 
@@ -294,16 +302,16 @@ def test_maxpool_ops_match_reference(backend, H, W, C):
     T, N = 2, 2
     x = torch.randn(T, N, H, W, C, dtype=torch.float64)
     x[0, 0, :2, :2, 0] = 0.0  # a tie: the first maximum in window order wins, as in torch
-    y, idx = ops.maxpool.maxpool_fwd(x, backend=backend)
+    y, idx = op("maxpool_fwd", backend)(x)
     y_ref, idx_ref = twins.maxpool_fwd(x)
     assert torch.equal(y, y_ref) and torch.equal(idx, idx_ref) and idx.dtype == torch.uint8
     assert torch.equal(y, F.max_pool2d(x.permute(0, 1, 4, 2, 3).reshape(T * N, C, H, W), 2).view(T, N, C, H // 2, W // 2).permute(0, 1, 3, 4, 2))
     rx = torch.randn_like(x)
-    assert torch.equal(ops.maxpool.maxpool_gather(rx, idx, backend=backend), twins.maxpool_gather(rx, idx))
+    assert torch.equal(op("maxpool_gather", backend)(rx, idx), twins.maxpool_gather(rx, idx))
     gy = torch.randn_like(y)
-    gx = ops.maxpool.maxpool_scatter(gy, idx, H, W, backend=backend)
+    gx = op("maxpool_scatter", backend)(gy, idx, H, W)
     assert torch.equal(gx, twins.maxpool_scatter(gy, idx, H, W))
-    assert torch.allclose((ops.maxpool.maxpool_gather(rx, idx, backend=backend) * gy).sum(), (rx * gx).sum(), rtol=1e-12)
+    assert torch.allclose((op("maxpool_gather", backend)(rx, idx) * gy).sum(), (rx * gx).sum(), rtol=1e-12)
 
 
 def test_engine_ops_pass_opcheck():
@@ -446,33 +454,34 @@ def test_batchnorm_reads_and_writes_parameter_views_in_place(backend, dtype):
         pytest.skip("extension without engine kernels")
     torch.manual_seed(1)
     T, R, C, P = 3, 37, 5, 23
-    bn = ops.batchnorm
     x, gy, rx, rgy = (torch.randn(T, R, C, dtype=dtype) for _ in range(4))
     params, tangent = torch.randn(T, P, dtype=dtype), torch.randn(T, P, dtype=dtype)
     g, b = params[:, 3:3 + C], params[:, 11:11 + C]
     rg, rb = tangent[:, 3:3 + C], tangent[:, 11:11 + C]
-    y, xhat, rstd = bn.bn_fwd(x, g, b, 1e-5, True, backend=backend)
-    want = bn.bn_fwd(x, g.contiguous(), b.contiguous(), 1e-5, True, backend="reference")
+    y, xhat, rstd = op("bn_fwd", backend)(x, g, b, 1e-5, True)
+    want = op("bn_fwd", "reference")(x, g.contiguous(), b.contiguous(), 1e-5, True)
     for o, w in zip((y, xhat, rstd), want):
         assert torch.allclose(o, w, rtol=1e-5, atol=1e-6)
     grad = torch.full((T, P), 7.0, dtype=dtype)
-    gx, gg, gb = bn.bn_bwd(gy, xhat, rstd, g, y, grad[:, 3:3 + C], grad[:, 11:11 + C], backend=backend)
-    wgx, wgg, wgb = bn.bn_bwd(gy, xhat, rstd, g.contiguous(), y, backend="reference")
+    gx = op("bn_bwd", backend)(gy, xhat, rstd, g, y, grad[:, 3:3 + C], grad[:, 11:11 + C])
+    wgg, wgb = torch.empty(T, C, dtype=dtype), torch.empty(T, C, dtype=dtype)
+    wgx = op("bn_bwd", "reference")(gy, xhat, rstd, g.contiguous(), y, wgg, wgb)
     assert torch.allclose(gx, wgx, rtol=1e-5, atol=1e-6)
     assert torch.allclose(grad[:, 3:3 + C], wgg, rtol=1e-5, atol=1e-5) and torch.allclose(grad[:, 11:11 + C], wgb, rtol=1e-5, atol=1e-5)
     untouched = torch.ones(P, dtype=torch.bool)
     untouched[3:3 + C] = untouched[11:11 + C] = False
     assert (grad[:, untouched] == 7.0).all()
-    ry, rxhat, a = bn.bn_tfwd(rx, xhat, rstd, g, rg, rb, y, backend=backend)
+    ry, rxhat, a = op("bn_tfwd", backend)(rx, xhat, rstd, g, rg, rb, y)
     hv = torch.full((T, P), -3.0, dtype=dtype)
-    rgx, _, _ = bn.bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, g, rg, y, hv[:, 3:3 + C], hv[:, 11:11 + C], backend=backend)
-    w = bn.bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, g.contiguous(), rg.contiguous(), y, backend="reference")
+    rgx = op("bn_tbwd", backend)(gy, rgy, xhat, rxhat, rstd, a, g, rg, y, hv[:, 3:3 + C], hv[:, 11:11 + C])
+    wp = _empty_params(T, C, dtype)
+    w = (op("bn_tbwd", "reference")(gy, rgy, xhat, rxhat, rstd, a, g.contiguous(), rg.contiguous(), y, *wp), *wp)
     assert torch.allclose(rgx, w[0], rtol=1e-5, atol=1e-5)
     assert torch.allclose(hv[:, 3:3 + C], w[1], rtol=1e-5, atol=1e-4) and torch.allclose(hv[:, 11:11 + C], w[2], rtol=1e-5, atol=1e-4)
     assert (hv[:, untouched] == -3.0).all()
     if backend != "reference":  # the ops validate; the twin is plain PyTorch
         with pytest.raises(ValueError, match="share one row stride"):
-            bn.bn_bwd(gy, xhat, rstd, g, y, torch.empty(T, C, dtype=dtype), grad[:, 11:11 + C], backend=backend)
+            op("bn_bwd", backend)(gy, xhat, rstd, g, y, torch.empty(T, C, dtype=dtype), grad[:, 11:11 + C])
 
 
 
@@ -521,13 +530,13 @@ def test_col2im_bn_bwd_equals_col2im_then_bn_bwd(backend, relu, monkeypatch):
     gcols = torch.randn(T, N, Ho, Wo, 3, 3, C, dtype=torch.float64)
     flat = torch.randn(T, 3 * C + 4, dtype=torch.float64)
     g, b = flat[:, :C], flat[:, C + 2:2 * C + 2]
-    y, xhat, rstd = ops.batchnorm.bn_fwd(x, g, b, 1e-5, relu, backend="reference")
+    y, xhat, rstd = op("bn_fwd", "reference")(x, g, b, 1e-5, relu)
     relu_y = y if relu else None
     gy = twins.col2im(gcols, H, W, s, pad, pad).reshape(T, -1, C)
-    want = ops.batchnorm.bn_bwd(gy, xhat, rstd, g, relu_y, backend="reference")
+    wgg, wgb = _empty_params(T, C, torch.float64)
+    want = (op("bn_bwd", "reference")(gy, xhat, rstd, g, relu_y, wgg, wgb), wgg, wgb)
     grad = torch.zeros(T, 3 * C + 4, dtype=torch.float64)
-    gx, gg, gb = ops.batchnorm.col2im_bn_bwd(gcols, H, W, s, pad, pad, xhat, rstd, g, relu_y, grad[:, :C], grad[:, C + 2:2 * C + 2],
-                                             backend=backend)
+    gx = op("col2im_bn_bwd", backend)(gcols, H, W, s, pad, pad, xhat, rstd, g, relu_y, grad[:, :C], grad[:, C + 2:2 * C + 2])
     assert rel(gx, want[0]) < 1e-12 and rel(grad[:, :C], want[1]) < 1e-12 and rel(grad[:, C + 2:2 * C + 2], want[2]) < 1e-12
     assert (grad[:, C:C + 2] == 0).all() and (grad[:, 2 * C + 2:] == 0).all()
     torch.library.opcheck(torch.ops.imaml.col2im_bn_bwd, (gcols, H, W, s, pad, pad, xhat, rstd, g.contiguous(), relu_y,
@@ -536,9 +545,11 @@ def test_col2im_bn_bwd_equals_col2im_then_bn_bwd(backend, relu, monkeypatch):
     gy2, rx = torch.randn_like(x), torch.randn_like(x)
     tangent = torch.randn(T, 3 * C + 4, dtype=torch.float64)  # rows of the same stride as flat
     rg, rb = tangent[:, :C], tangent[:, C + 2:2 * C + 2]
-    _, rxhat, a = ops.batchnorm.bn_tfwd(rx, xhat, rstd, g, rg, rb, relu_y, backend="reference")
-    want = ops.batchnorm.bn_tbwd(gy2, gy, xhat, rxhat, rstd, a, g, rg, relu_y, backend="reference")
-    got = ops.batchnorm.col2im_bn_tbwd(gy2, gcols, H, W, s, pad, pad, xhat, rxhat, rstd, a, g, rg, relu_y, backend=backend)
+    _, rxhat, a = op("bn_tfwd", "reference")(rx, xhat, rstd, g, rg, rb, relu_y)
+    want_p = _empty_params(T, C, torch.float64)
+    want = (op("bn_tbwd", "reference")(gy2, gy, xhat, rxhat, rstd, a, g, rg, relu_y, *want_p), *want_p)
+    got_p = _empty_params(T, C, torch.float64, like=g)
+    got = (op("col2im_bn_tbwd", backend)(gy2, gcols, H, W, s, pad, pad, xhat, rxhat, rstd, a, g, rg, relu_y, *got_p), *got_p)
     for o, w in zip(got, want):
         assert rel(o, w) < 1e-12
     torch.library.opcheck(torch.ops.imaml.col2im_bn_tbwd, (gy2, gcols, H, W, s, pad, pad, xhat, rxhat, rstd, a, g.contiguous(), rg.contiguous(),
@@ -569,8 +580,8 @@ def test_softmax_ce_bias_writes_the_bias_gradient_in_place(backend):
     T, N, K = 3, 7, 5
     logits, y = torch.randn(T, N, K, dtype=torch.float64), torch.randint(0, K, (T, N))
     buf = torch.full((T, K + 3), 9.0, dtype=torch.float64)
-    loss, prob, grad = ops.softmax_ce.softmax_ce_bias(logits, y, buf[:, 1:1 + K], backend=backend)
-    want = ops.softmax_ce.softmax_ce(logits, y, backend="reference")
+    loss, prob, grad = op("softmax_ce_bias", backend)(logits, y, buf[:, 1:1 + K])
+    want = op("softmax_ce", "reference")(logits, y)
     for o, w in zip((loss, prob, grad), want):
         assert rel(o, w) < 1e-12
     assert rel(buf[:, 1:1 + K], want[2].sum(1)) < 1e-12

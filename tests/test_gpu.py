@@ -31,7 +31,7 @@ import pytest
 import torch
 
 import imaml_kernels as ik
-from imaml_kernels import dispatch, reference
+from imaml_kernels import _ext, dispatch, reference
 from imaml_kernels.ops import SPECS
 from helpers import rel_err, spd_operator
 
@@ -281,7 +281,7 @@ def test_triton_kernels_are_compiled_not_interpreted():
     """On a GPU the Triton kernels must run compiled: TRITON_INTERPRET=1 (conftest sets it only
     where no CUDA device exists; gpu_check.sh exports 0) would test the interpreter's arithmetic."""
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "TRITON_INTERPRET=1 on a CUDA machine"
-    assert not dispatch.triton_interpreted()
+    assert not _ext.triton_interpreted()
     import triton
 
     target = triton.runtime.driver.active.get_current_target()

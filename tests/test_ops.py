@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import imaml_kernels as ik
-from imaml_kernels import dispatch, ops, reference
+from imaml_kernels import _ext, dispatch, ops, reference
+from imaml_kernels.dispatch import op
 from imaml_kernels.dispatch import backend_problems, select_backend
 
 CG_DOTS, CG_UPDATE = torch.ops.imaml.cg_dots, torch.ops.imaml.cg_update
@@ -151,7 +152,7 @@ def test_kernels_resolve_every_op_once_per_choice(monkeypatch):
 
 
 def test_engine_backend_named_cuda_without_triton_raises(monkeypatch):
-    monkeypatch.setattr(dispatch, "triton_importable", lambda: False)
+    monkeypatch.setattr(_ext, "triton_importable", lambda: False)
     cuda = torch.device("cuda")
     with pytest.raises(RuntimeError, match="Triton kernels, and triton is not installed"):
         dispatch._engine_choice("cuda", cuda, torch.float32, explicit=True)
@@ -183,14 +184,14 @@ def test_record_triton_launches_sees_every_launch_without_running_it():
     x = torch.randn(3, 40, 5)
     g, b = torch.rand(3, 5) + 0.5, torch.randn(3, 5)
     with ops.record_triton_launches(Recorder):
-        ops.batchnorm.bn_fwd(x, g, b, 1e-5, True, backend="cpu")
-        ops.softmax_ce.softmax_ce(torch.randn(3, 4, 5), torch.zeros(3, 4, dtype=torch.int64), backend="cpu")
-        ops.softmax_ce.softmax_ce(torch.randn(3, 4, 5), torch.zeros(3, 4, dtype=torch.int64), backend="reference")  # no op: unseen
+        op("bn_fwd", "cpu")(x, g, b, 1e-5, True)
+        op("softmax_ce", "cpu")(torch.randn(3, 4, 5), torch.zeros(3, 4, dtype=torch.int64))
+        op("softmax_ce", "reference")(torch.randn(3, 4, 5), torch.zeros(3, 4, dtype=torch.int64))  # no op: unseen
     names = [s[0] for s in seen]
     assert names == ["_bn_fwd_kernel", "_softmax_ce_kernel"] or (names[-1] == "_softmax_ce_kernel" and "bn_" in names[0]), names
     assert all(all(d >= 1 for d in grid) for _, grid, _ in seen)
     n = len(seen)
-    ops.batchnorm.bn_fwd(x, g, b, 1e-5, True, backend="cpu")
+    op("bn_fwd", "cpu")(x, g, b, 1e-5, True)
     assert len(seen) == n  # inactive outside the context
 
 
@@ -198,7 +199,7 @@ def test_empty_task_batch_launches_nothing():
     """T = 0 runs every backend without launching an empty grid."""
     for backend in ("cpu", "triton", "reference"):
         x = torch.randn(0, 7, 3)
-        y, xhat, rstd = ops.batchnorm.bn_fwd(x, torch.ones(0, 3), torch.zeros(0, 3), 1e-5, True, backend=backend)
+        y, xhat, rstd = op("bn_fwd", backend)(x, torch.ones(0, 3), torch.zeros(0, 3), 1e-5, True)
         assert y.shape == (0, 7, 3) and rstd.shape == (0, 3)
         b = torch.zeros(0, 5)
         xs, info = ik.cg_solve(lambda v: 2 * v, b, iters=3, backend=backend)
@@ -215,7 +216,7 @@ def test_import_without_triton_is_silent(tmp_path):
         "import sys; sys.modules['triton'] = None\n"
         "import warnings; warnings.simplefilter('error')\n"
         "import torch, imaml_kernels as ik\n"
-        "assert not ik.dispatch.triton_importable()\n"
+        "assert not ik._ext.triton_importable()\n"
         "assert not hasattr(torch.ops.imaml, 'bn_fwd_triton') and hasattr(torch.ops.imaml, 'bn_fwd')\n"
         "x, info = ik.cg_solve(lambda v: 2 * v, torch.ones(2, 3), iters=2)\n"
         "print(float(x.sum()))\n"

@@ -14,11 +14,12 @@ module          ops                                         pure-PyTorch twin
 ``prox``        ``prox_step``                               :mod:`~imaml_kernels.reference.prox`
 ==============  ==========================================  =================================
 
-Each module holds, in this order: validation, the launchers, the registrations (one
-:class:`~imaml_kernels.ops._registry.OpSpec` table entry per op: ``imaml::<name>`` for the
-C++ (CPU tensors) and CUDA C++ kernels, ``imaml::<name>_triton`` for Triton) and one-line
-public functions. Every op has a fake, so ``torch.compile(fullgraph=True)`` traces it; the
-backend is chosen by :func:`imaml_kernels.dispatch.kernels`.
+Each module holds, in this order: validation (the fake), the launchers and the registrations
+(one :class:`~imaml_kernels.ops._registry.OpSpec` table entry per op: ``imaml::<name>`` for
+the C++ (CPU tensors) and CUDA C++ kernels, ``imaml::<name>_triton`` for Triton). Every op has
+a fake, so ``torch.compile(fullgraph=True)`` traces it. Nothing here chooses a backend or
+imports :mod:`imaml_kernels.dispatch`: callers take an op from
+``dispatch.kernels(device, dtype, backend)`` (one table per pass) or ``dispatch.op(name, backend)``.
 """
 
 from . import batchnorm, cg, conv, maxpool, prox, softmax_ce  # noqa: F401  (registers the ops)

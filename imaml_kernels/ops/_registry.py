@@ -24,7 +24,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch.library import custom_op
 
-from ..dispatch import triton_importable
+from .._ext import triton_importable
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,14 +16,14 @@ fused into the backward's loads (one launch fewer per layer and step).
 
 Example::
 
-    >>> y, xhat, rstd = bn_fwd(x, gamma, beta, 1e-5, True)        # x [T,R,C], gamma [T,C]
-    >>> gx, ggamma, gbeta = bn_bwd(gy, xhat, rstd, gamma, y)      # or into views: ggamma=..., gbeta=...
+    >>> k = dispatch.kernels(x.device, x.dtype)                   # or dispatch.op("bn_fwd", "cpu")
+    >>> y, xhat, rstd = k.bn_fwd(x, gamma, beta, 1e-5, True)      # x [T,R,C], gamma [T,C]
+    >>> gx = k.bn_bwd(gy, xhat, rstd, gamma, y, ggamma, gbeta)    # ggamma, gbeta [T,C]: written
 """
 
 from torch import Tensor
 
 from .. import reference as ref
-from ..dispatch import kernels
 from ._checks import addr, check_shape, check_tensor, dtype_code, expect, native
 from ._registry import OpSpec, register
 
@@ -62,14 +62,6 @@ def _check(full, stats, params, relu_y, like):
 
 def _stats(x):
     return x.new_empty(x.shape[0], x.shape[2])
-
-
-def _like_param(gamma):
-    """A ``[T, C]`` output with ``gamma``'s row stride (the parameter arrays share one)."""
-    T, C = gamma.shape
-    if T <= 1 or gamma.stride(0) == C:
-        return gamma.new_empty(T, C)
-    return gamma.new_empty(T, gamma.stride(0))[:, :C]
 
 
 def _fwd_fake(x, gamma, beta, eps, relu):
@@ -293,52 +285,3 @@ register(OpSpec(
     " Tensor gamma, Tensor rgamma, Tensor? relu_y, Tensor(a!) rggamma, Tensor(b!) rgbeta) -> Tensor",
     _tcols_fake, _ref_tcols, cpu=_cpu_tcols, triton=_triton_tcols, mutates=("rggamma", "rgbeta"), prep=_prep_tcols,
 ))
-
-# --------------------------------------------------------------------------- public functions
-
-
-def bn_fwd(x: Tensor, gamma: Tensor, beta: Tensor, eps: float, relu: bool, backend=None):
-    """BatchNorm (batch statistics) [+ ReLU]: ``x [T,R,C]``, ``gamma, beta [T,C]`` -> ``(y, xhat [T,R,C], rstd [T,C])``."""
-    return kernels(x.device, x.dtype, backend).bn_fwd(x, gamma, beta, float(eps), bool(relu))
-
-
-def bn_bwd(gy, xhat, rstd, gamma, relu_y, ggamma=None, gbeta=None, backend=None):
-    """-> ``(gx [T,R,C], ggamma [T,C], gbeta [T,C])``; ``ggamma``/``gbeta`` given: written in place."""
-    ggamma = _like_param(gamma) if ggamma is None else ggamma
-    gbeta = _like_param(gamma) if gbeta is None else gbeta
-    return kernels(gy.device, gy.dtype, backend).bn_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta), ggamma, gbeta
-
-
-def col2im_bn_bwd(gcols, H: int, W: int, s: int, ph: int, pw: int, xhat, rstd, gamma, relu_y, ggamma=None, gbeta=None,
-                  backend=None):
-    """:func:`bn_bwd` of the cotangent ``col2im(gcols, H, W, s, ph, pw)`` (the input cotangent of
-    the convolution this BatchNorm feeds), fused on the GPU -> ``(gx, ggamma, gbeta)``."""
-    ggamma = _like_param(gamma) if ggamma is None else ggamma
-    gbeta = _like_param(gamma) if gbeta is None else gbeta
-    gx = kernels(xhat.device, xhat.dtype, backend).col2im_bn_bwd(gcols, int(H), int(W), int(s), int(ph), int(pw), xhat, rstd,
-                                                                 gamma, relu_y, ggamma, gbeta)
-    return gx, ggamma, gbeta
-
-
-def bn_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y, backend=None):
-    """Tangent forward -> ``(ry, rxhat [T,R,C], a [T,C])`` with ``a = mean(x̂ ẋ)``."""
-    return kernels(rx.device, rx.dtype, backend).bn_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y)
-
-
-def bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma=None, rgbeta=None, backend=None):
-    """Tangent backward -> ``(rgx [T,R,C], rggamma [T,C], rgbeta [T,C])`` (given: written in place)."""
-    rggamma = _like_param(gamma) if rggamma is None else rggamma
-    rgbeta = _like_param(gamma) if rgbeta is None else rgbeta
-    rgx = kernels(gy.device, gy.dtype, backend).bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta)
-    return rgx, rggamma, rgbeta
-
-
-def col2im_bn_tbwd(gy, rgcols, H: int, W: int, s: int, ph: int, pw: int, xhat, rxhat, rstd, a, gamma, rgamma, relu_y,
-                   rggamma=None, rgbeta=None, backend=None):
-    """:func:`bn_tbwd` of the cotangent tangent ``col2im(rgcols, H, W, s, ph, pw)``, fused on the
-    GPU -> ``(rgx, rggamma, rgbeta)``."""
-    rggamma = _like_param(gamma) if rggamma is None else rggamma
-    rgbeta = _like_param(gamma) if rgbeta is None else rgbeta
-    rgx = kernels(gy.device, gy.dtype, backend).col2im_bn_tbwd(gy, rgcols, int(H), int(W), int(s), int(ph), int(pw), xhat, rxhat,
-                                                               rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta)
-    return rgx, rggamma, rgbeta

@@ -9,9 +9,10 @@ status (int32), step counts (int32) and thresholds (float64). Kernels: ``csrc/cg
 
 Example::
 
-    >>> partials, chunk = cg_partials(b, "cpu")
-    >>> cg_dots(r, p, Ap, partials, chunk)
-    >>> cg_update(x, r, p, Ap, partials, status_in, status_out, iters, thresh, chunk)
+    >>> k = dispatch.kernels(b.device, b.dtype)
+    >>> partials, chunk = cg_partials(b, k.backend)
+    >>> k.cg_dots(r, p, Ap, partials, chunk)
+    >>> k.cg_update(x, r, p, Ap, partials, status_in, status_out, iters, thresh, chunk)
 """
 
 import math
@@ -19,7 +20,6 @@ import math
 import torch
 
 from .. import reference as ref
-from ..dispatch import kernels
 from ._checks import check_tensor, dtype_code, expect, native, native_cuda, stream
 from ._registry import OpSpec, register
 
@@ -146,15 +146,3 @@ register(OpSpec(
     check_cg_update, ref.cg_update, cpu=_cpu_update, cuda=_cuda_update, triton=_triton_update,
     mutates=("x", "r", "p", "status_out", "iters"),
 ))
-
-# --------------------------------------------------------------------------- public functions
-
-
-def cg_dots(r, p, Ap, partials, chunk: int, backend=None):
-    """Per-block dot products of ``[T, P]`` vectors into ``partials [T, ceil(P/chunk), 4]`` float64."""
-    kernels(r.device, r.dtype, backend).cg_dots(r, p, Ap, partials, chunk)
-
-
-def cg_update(x, r, p, Ap, partials, status_in, status_out, iters, thresh, chunk: int, backend=None):
-    """The fused CG update of every task (tasks that converged or broke down are left untouched)."""
-    kernels(x.device, x.dtype, backend).cg_update(x, r, p, Ap, partials, status_in, status_out, iters, thresh, chunk)

@@ -8,12 +8,12 @@ Shapes: ``x [T, N, H, W, C]`` <-> patches ``[T, N, Ho, Wo, k, k, C]``. Kernels:
 
 Example::
 
-    >>> cols = im2col(x, Ho, Wo, 3, 2, 1, 1)            # k=3, stride 2, padding 1
-    >>> gx = col2im(gcols, H, W, 2, 1, 1)
+    >>> k = dispatch.kernels(x.device, x.dtype)
+    >>> cols = k.im2col(x, Ho, Wo, 3, 2, 1, 1)          # k=3, stride 2, padding 1
+    >>> gx = k.col2im(gcols, H, W, 2, 1, 1)
 """
 
 from .. import reference as ref
-from ..dispatch import kernels
 from ._checks import check_tensor, dtype_code, expect, native
 from ._registry import OpSpec, register
 
@@ -66,15 +66,3 @@ register(OpSpec("im2col", "(Tensor x, int Ho, int Wo, int k, int s, int ph, int 
                 cpu=_cpu_im2col, triton=_triton_im2col))
 register(OpSpec("col2im", "(Tensor gcols, int H, int W, int s, int ph, int pw) -> Tensor", _col2im_fake, ref.col2im,
                 cpu=_cpu_col2im, triton=_triton_col2im))
-
-# --------------------------------------------------------------------------- public functions
-
-
-def im2col(x, Ho: int, Wo: int, k: int, s: int, ph: int, pw: int, backend=None):
-    """``x [T,N,H,W,C]`` -> the zero-padded conv patches ``[T,N,Ho,Wo,k,k,C]``."""
-    return kernels(x.device, x.dtype, backend).im2col(x, Ho, Wo, k, s, ph, pw)
-
-
-def col2im(gcols, H: int, W: int, s: int, ph: int, pw: int, backend=None):
-    """``gcols [T,N,Ho,Wo,k,k,C]`` -> the unpadded input gradient ``[T,N,H,W,C]``."""
-    return kernels(gcols.device, gcols.dtype, backend).col2im(gcols, H, W, s, ph, pw)

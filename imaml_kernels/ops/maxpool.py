@@ -7,15 +7,15 @@ Shapes: ``x [T, N, H, W, C]`` -> ``[T, N, H//2, W//2, C]``. Kernels: ``csrc/maxp
 
 Example::
 
-    >>> y, idx = maxpool_fwd(x)
-    >>> gx = maxpool_scatter(gy, idx, x.shape[2], x.shape[3])
+    >>> k = dispatch.kernels(x.device, x.dtype)
+    >>> y, idx = k.maxpool_fwd(x)
+    >>> gx = k.maxpool_scatter(gy, idx, x.shape[2], x.shape[3])
 """
 
 import torch
 from torch import Tensor
 
 from .. import reference as ref
-from ..dispatch import kernels
 from ._checks import check_tensor, dtype_code, expect, native
 from ._registry import OpSpec, register
 
@@ -94,20 +94,3 @@ register(OpSpec("maxpool_gather", "(Tensor x, Tensor idx) -> Tensor", _gather_fa
                 cpu=_cpu_gather, triton=_triton_gather))
 register(OpSpec("maxpool_scatter", "(Tensor gy, Tensor idx, int H, int W) -> Tensor", _scatter_fake, ref.maxpool_scatter,
                 cpu=_cpu_scatter, triton=_triton_scatter))
-
-# --------------------------------------------------------------------------- public functions
-
-
-def maxpool_fwd(x, backend=None):
-    """``x [T,N,H,W,C]`` -> ``(y, idx)``, both ``[T,N,H//2,W//2,C]``."""
-    return kernels(x.device, x.dtype, backend).maxpool_fwd(x)
-
-
-def maxpool_gather(x, idx, backend=None):
-    """The tangent: ``x [T,N,H,W,C]`` at ``idx`` -> ``[T,N,H//2,W//2,C]``."""
-    return kernels(x.device, x.dtype, backend).maxpool_gather(x, idx)
-
-
-def maxpool_scatter(gy, idx, H: int, W: int, backend=None):
-    """The adjoint: ``gy`` at ``idx`` -> ``[T,N,H,W,C]`` (0 elsewhere)."""
-    return kernels(gy.device, gy.dtype, backend).maxpool_scatter(gy, idx, int(H), int(W))

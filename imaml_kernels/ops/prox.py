@@ -7,11 +7,10 @@ Shapes: ``phi, grad [T, P]``, ``theta [P]`` (shared) or ``[T, P]``, ``lam [T]``.
 
 Example::
 
-    >>> prox_step(phi, grad, theta, lam, 0.1)            # phi updated in place
+    >>> dispatch.kernels(phi.device, phi.dtype).prox_step(phi, grad, theta, lam, 0.1)   # phi in place
 """
 
 from .. import reference as ref
-from ..dispatch import kernels
 from ._checks import check_tensor, dtype_code, expect, native
 from ._registry import OpSpec, register
 
@@ -47,8 +46,3 @@ def _ref(phi, grad, theta, lam, lr):
 register(OpSpec("prox_step", "(Tensor(a!) phi, Tensor grad, Tensor theta, Tensor lam, float lr) -> ()", _check, _ref,
                 cpu=_cpu, triton=_triton, mutates=("phi",)))
 
-
-def prox_step(phi, grad, theta, lam, lr: float, backend=None):
-    """In place ``φ ← φ − lr (g + λ (φ − θ))``; returns ``phi``."""
-    kernels(phi.device, phi.dtype, backend).prox_step(phi, grad, theta, lam, float(lr))
-    return phi

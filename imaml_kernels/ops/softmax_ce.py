@@ -7,16 +7,16 @@ Shapes: ``logits [T, N, K]``, labels ``y [T, N]`` int64 in ``[0, K)``. Formulas:
 
 Example::
 
-    >>> loss, prob, grad = softmax_ce(logits, y)        # [T], [T,N,K], [T,N,K]
-    >>> rg = softmax_ce_tangent(prob, rlogits)           # [T,N,K]
-    >>> loss, prob, grad = softmax_ce_bias(logits, y, gb) # and gb [T,K] = grad.sum(1), in place
+    >>> k = dispatch.kernels(logits.device, logits.dtype)
+    >>> loss, prob, grad = k.softmax_ce(logits, y)          # [T], [T,N,K], [T,N,K]
+    >>> rg = k.softmax_ce_tangent(prob, rlogits)             # [T,N,K]
+    >>> loss, prob, grad = k.softmax_ce_bias(logits, y, gb)  # and gb [T,K] = grad.sum(1), in place
 """
 
 import torch
 from torch import Tensor
 
 from .. import reference as ref
-from ..dispatch import kernels
 from ._checks import check_tensor, dtype_code, expect, native
 from ._registry import OpSpec, register
 
@@ -114,22 +114,3 @@ register(OpSpec("softmax_ce_bias", "(Tensor logits, Tensor y, Tensor(a!) gbias) 
                 _ref_bias, cpu=_cpu_bias, triton=_triton_bias, mutates=("gbias",), prep=_prep_bias))
 register(OpSpec("softmax_ce_tangent", "(Tensor prob, Tensor rlogits) -> Tensor", _tangent_fake, ref.softmax_ce_tangent,
                 cpu=_cpu_tangent, triton=_triton_tangent))
-
-# --------------------------------------------------------------------------- public functions
-
-
-def softmax_ce(logits, y, backend=None):
-    """``logits [T,N,K]``, ``y [T,N]`` -> ``(loss [T], prob [T,N,K], grad [T,N,K])``: the mean
-    cross-entropy per task, the softmax and ``∂loss_t/∂logits``."""
-    return kernels(logits.device, logits.dtype, backend).softmax_ce(logits, y)
-
-
-def softmax_ce_bias(logits, y, gbias, backend=None):
-    """:func:`softmax_ce` that also writes ``gbias [T, K]`` (a view of any row stride, in place):
-    the gradient of a bias added to the logits, the sum of ``grad`` over each task's rows."""
-    return kernels(logits.device, logits.dtype, backend).softmax_ce_bias(logits, y, gbias)
-
-
-def softmax_ce_tangent(prob, rlogits, backend=None):
-    """``p ⊙ (ṡ − ⟨p, ṡ⟩) / N``: ``[T,N,K]``."""
-    return kernels(prob.device, prob.dtype, backend).softmax_ce_tangent(prob, rlogits)
