@@ -109,7 +109,7 @@ def run(T=32, way=5, shot=1, query=1, inner_steps=16, cg_iters=5, repeat=3):
     lin_s = _time(lambda: net.linearize(phi, xs, ys), repeat)
     lin = net.linearize(phi, xs, ys)
     v = torch.randn_like(lin.params_native)
-    hvp_s = _time(lambda: lin.hvp_native(v), repeat)
+    hvp_s = _time(lambda: lin.hvp(v), repeat)
     stages = [(f"inner loop ({inner_steps} fused proximal GD steps)", inner),
               ("linearisation at φ (forward + backward, kept for the HVPs)", lin_s),
               (f"{cg_iters} HVPs of the CG solve", cg_iters * hvp_s)]

@@ -7,9 +7,10 @@ Shapes: task-batched tensors lead with ``T``; flat parameters are ``[T, P]``.
 from . import _ext, dispatch, ops, reference  # noqa: F401
 from .cg import CG, CGInfo, cg_solve
 from .dispatch import BACKENDS, available_backends, select_backend
-from .engine import BatchedNet, functional_logits
+from .engine import BatchedNet, functional_logits, select_engine
 from .hvp import batched_hvp
-from .implicit import AdaptedParams, implicit_adapt, implicit_meta_grad
+from .adapted import AdaptedParams
+from .implicit import implicit_adapt, implicit_meta_grad
 from .objective import ProximalObjective, task_loss_fn
 from .inner import GD, SGD, Adam, HessianFree, NewtonCG, SGDThenPullBack
 from .layout import ParamLayout
@@ -21,6 +22,6 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS", "CG", "CGInfo", "available_backends", "cg_solve", "select_backend",
     "batched_hvp", "ParamLayout", "implicit_adapt", "implicit_meta_grad", "AdaptedParams",
-    "ProximalObjective", "task_loss_fn", "GD", "SGDThenPullBack", "SGD", "Adam", "NewtonCG", "HessianFree", "BatchedNet", "functional_logits",
+    "ProximalObjective", "task_loss_fn", "GD", "SGDThenPullBack", "SGD", "Adam", "NewtonCG", "HessianFree", "BatchedNet", "functional_logits", "select_engine",
     "query_logits", "meta_step", "STATS",
 ]

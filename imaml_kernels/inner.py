@@ -8,6 +8,7 @@ Each solver is a callable ``solver(objective, phi0) -> phi`` where ``objective``
 import torch
 
 from .cg import cg_solve
+from .objective import lam_like, proximal_term
 
 
 class GD:
@@ -135,15 +136,13 @@ class NewtonCG:
         phi = layout.flatten(phi0).clone()
         for _ in range(self.steps):
             # One linearisation per Newton step: with the fused engine every CG product
-            # reuses its primal pass.
+            # reuses its primal pass; the solve runs in the linearisation's work order.
             lin = objective.linearize(phi)
-            f0, g = lin.value, lin.grad
-            d, _ = cg_solve(
-                lin.hvp,
-                -g,
-                iters=self.cg_iters,
-                backend=self.backend,
-            )
+            pv, pg = proximal_term(phi, objective.theta_flat, objective.lam)
+            f0, g = lin.loss + pv, lin.grad + pg
+            lam = lam_like(objective.lam, g)
+            d, _ = cg_solve(lambda v: lin.hvp(v) + lam * v, lin.to_work(-g), iters=self.cg_iters, backend=self.backend)
+            d = lin.from_work(d)
             slope = (g * d).sum(1)  # < 0 for a descent direction
             # Armijo, with the rounding error of f itself allowed: near the minimum the
             # decrease of a full Newton step falls below what f can resolve, and a strict

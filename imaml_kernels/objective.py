@@ -1,21 +1,25 @@
 """The objective inner solvers and the implicit backward work on, behind one protocol.
 
-A *task objective* is ``L̂_t(φ_t)`` for T tasks at once. Two implement the protocol:
+A *task objective* is ``L̂_t(φ_t)`` for T tasks at once. Two implement it:
 
 - :class:`EngineObjective`: the fused network engine (:class:`~imaml_kernels.engine.BatchedNet`);
 - :class:`FuncObjective`: any model through ``torch.func`` under ``vmap``.
 
-The protocol (what :class:`ProximalObjective` calls):
+Its methods: ``loss(phi) -> [T]`` and ``loss_and_grad(phi) -> ([T], grads)`` on dicts of
+``[T, ...]``; ``descend(theta_flat, lam, phi0_flat, steps, lr)`` (``steps`` fused proximal
+gradient steps, or ``None`` where there is no fused loop); and ``linearize(phi_flat)``, which
+returns a **linearisation**: the objective at a flat ``[T, P]`` point, whose HVPs reuse one
+primal pass (the engine's :class:`~imaml_kernels.engine.Linearization`, or
+:class:`FuncLinearization`):
 
-- ``loss(phi) -> [T]`` and ``loss_and_grad(phi) -> ([T], grads)`` on dicts of ``[T, ...]``;
-- ``linearize(phi_flat)``: the objective at a flat ``[T, P]`` point, with ``loss``, ``grad``
-  and HVPs that reuse one primal pass (``hvp``; ``to_work``/``hvp_work``/``from_work`` for a
-  solve run in the objective's own coordinate order);
-- ``descend(theta_flat, lam, phi0_flat, steps, lr)``: ``steps`` fused proximal gradient steps,
-  or ``None`` when the objective has no fused loop.
+- ``loss [T]``, ``grad [T, P]`` (θ's order);
+- ``hvp(v, out=None)``: ``H_t v_t`` with ``v`` and the result in the linearisation's *work*
+  order (the engine's own parameter order; θ's order on the generic path);
+- ``to_work(v)`` / ``from_work(v)``: θ's order to the work order and back.
 
 :class:`ProximalObjective` adds the proximal term ``(λ_t/2)‖φ_t − θ‖²`` (written once, in
-:func:`proximal_term`) and is what every inner solver receives.
+:func:`proximal_term`) and is what every inner solver receives. λ is a Python number or a
+``[T]`` tensor throughout (:func:`lam_like` broadcasts either against a tensor).
 """
 
 import contextlib
@@ -30,8 +34,8 @@ from .hvp import HVP_MODES, batched_hvp
 from .layout import ParamLayout
 
 __all__ = [
-    "task_loss_fn", "proximal_term", "TaskObjective", "FuncObjective", "EngineObjective",
-    "ProximalObjective", "ObjectiveLinearization",
+    "task_loss_fn", "proximal_term", "lam_like", "batch_stats_only", "TaskObjective", "FuncObjective",
+    "FuncLinearization", "EngineObjective", "ProximalObjective",
 ]
 
 
@@ -60,19 +64,45 @@ def task_loss_fn(model, loss: Optional[Callable] = None) -> Callable:
     return f
 
 
+def lam_like(lam, t: torch.Tensor):
+    """λ against ``t [T, ...]``: a Python number stays one (no launch); a ``[T]`` tensor
+    becomes ``[T, 1, ...]`` of ``t``'s dtype."""
+    if not isinstance(lam, torch.Tensor):
+        return lam
+    return lam.to(t.dtype).view(-1, *([1] * (t.dim() - 1)))
+
+
 def proximal_term(phi, theta, lam):
     """``((λ_t/2)‖φ_t − θ‖² [T], λ_t (φ_t − θ))`` for ``phi`` a ``[T, P]`` tensor (``theta``
-    ``[P]``) or a dict of ``[T, ...]`` tensors (``theta`` a dict of unbatched ones)."""
+    ``[P]``) or a dict of ``[T, ...]`` tensors (``theta`` a dict of unbatched ones); ``lam`` a
+    number or a ``[T]`` tensor."""
     if isinstance(phi, torch.Tensor):
         d = phi - theta.to(phi.dtype)
-        lam_c = lam.to(phi.dtype)[:, None]
-        return 0.5 * lam.to(phi.dtype) * (d * d).sum(1), lam_c * d
+        return 0.5 * lam_like(lam, d[:, 0]) * (d * d).sum(1), lam_like(lam, d) * d
     sq, g = 0, {}
     for k, p in phi.items():
         d = p - theta[k]
         sq = sq + (d * d).reshape(p.shape[0], -1).sum(1)
-        g[k] = lam.to(p.dtype).view(-1, *([1] * (p.dim() - 1))) * d
-    return 0.5 * lam.to(sq.dtype) * sq, g
+        g[k] = lam_like(lam, d) * d
+    return 0.5 * lam_like(lam, sq) * sq, g
+
+
+@contextlib.contextmanager
+def batch_stats_only(model):
+    """BatchNorm layers in training mode with running statistics would update their buffers
+    in place inside vmap; batch statistics are what they compute anyway, so the update is
+    switched off while the functional calls run (eval-mode layers keep their frozen stats)."""
+    changed = []
+    if isinstance(model, torch.nn.Module):
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+                m.track_running_stats = False
+                changed.append(m)
+    try:
+        yield
+    finally:
+        for m in changed:
+            m.track_running_stats = True
 
 
 # ------------------------------------------------------------------------ task objectives
@@ -112,39 +142,11 @@ class EngineObjective(TaskObjective):
         return v, self.layout.unflatten(g)
 
     def linearize(self, phi):
-        return _EngineLinearization(self.net.linearize(phi, *self.batch))
+        return self.net.linearize(phi, *self.batch)
 
     def descend(self, theta_flat, lam, phi0, steps, lr, proximal=True, pull_back=False):
         return self.net.inner_loop(theta_flat, *self.batch, lam=lam, steps=steps, lr=lr, phi0=phi0, proximal=proximal,
                                    pull_back=pull_back)
-
-
-class _EngineLinearization:
-    def __init__(self, lin):
-        self._lin = lin
-        self.loss = lin.loss
-        self._hv = None
-
-    @property
-    def grad(self):
-        return self._lin.grad
-
-    def hvp(self, v):
-        return self._lin.hvp(v)
-
-    def to_work(self, v):
-        return self._lin.net.to_native(v)
-
-    def from_work(self, v):
-        return self._lin.net.from_native(v)
-
-    def hvp_work(self, v):
-        # One result buffer reused by every product (a CG matvec consumes it at once); under
-        # compile each product gets its own (no state carried between traced calls).
-        if torch.compiler.is_compiling():
-            return self._lin.hvp_native(v)
-        self._hv = self._lin.hvp_native(v, out=self._hv)
-        return self._hv
 
 
 # The HVP mode "auto" settled on, per model (weakly) and loss: a fallback is found once.
@@ -187,7 +189,7 @@ class FuncObjective(TaskObjective):
         return v, g
 
     def linearize(self, phi):
-        return _FuncLinearization(self, phi)
+        return FuncLinearization(self, phi)
 
     # -- HVPs
 
@@ -260,7 +262,11 @@ class FuncObjective(TaskObjective):
         return self._run(per_task)
 
 
-class _FuncLinearization:
+class FuncLinearization:
+    """:meth:`FuncObjective.linearize`: the protocol (see the module docstring) in θ's order
+    (the work order is θ's: ``to_work``/``from_work`` return their argument). Loss and
+    gradient are computed on first use."""
+
     def __init__(self, task, phi):
         self.task, self.phi = task, phi
         self._vg = None
@@ -279,16 +285,13 @@ class _FuncLinearization:
     def grad(self):
         return self._value_grad()[1]
 
-    def hvp(self, v):
+    def hvp(self, v, out=None):
         return self.task.hvp(self.phi, v)
 
     def to_work(self, v):
         return v
 
     from_work = to_work
-
-    def hvp_work(self, v):
-        return self.hvp(v)
 
 
 # ------------------------------------------------------------------------ proximal objective
@@ -300,7 +303,7 @@ class ProximalObjective:
     Args:
         task_loss: ``f(params_t, *batch_t) -> scalar`` for one task (:func:`task_loss_fn`).
         theta: dict of shared meta-parameters (unbatched; detached here).
-        lam: ``[T]`` tensor of λ_t > 0.
+        lam: λ_t > 0: a Python number or a ``[T]`` tensor.
         batch: tensors with leading T (the support set).
         hvp_chunk, hvp_mode: the generic path's HVPs (:class:`FuncObjective`); ``key``: the
             ``(model, loss)`` under which its "auto" mode remembers a fallback.
@@ -362,17 +365,19 @@ class ProximalObjective:
     def task_hvp(self, phi, v):
         """``H_t v_t`` with ``H_t = ∇²L̂_t(φ_t)`` (no proximal term), dicts in and out."""
         flat = self.layout.flatten
-        return self.layout.unflatten(self.linearize(flat(phi)).task_hvp(flat(v)))
+        lin = self.linearize(flat(phi))
+        return self.layout.unflatten(lin.from_work(lin.hvp(lin.to_work(flat(v)))))
 
     def hvp(self, phi, v):
         """``(H_t + λ_t I) v_t``: the Hessian of the proximal objective."""
         hv = self.task_hvp(phi, v)
-        return {k: hv[k] + self.lam.to(v[k].dtype).view(-1, *([1] * (v[k].dim() - 1))) * v[k] for k in v}
+        return {k: hv[k] + lam_like(self.lam, v[k]) * v[k] for k in v}
 
-    def linearize(self, phi: torch.Tensor) -> "ObjectiveLinearization":
-        """The objective at a flat ``phi [T, P]``: ``value``/``grad`` (proximal term included)
-        and HVPs that, with the engine, reuse one primal pass for every product."""
-        return ObjectiveLinearization(self, phi)
+    def linearize(self, phi: torch.Tensor):
+        """The task objective ``L̂_t`` (no proximal term: add :func:`proximal_term`) linearised at
+        a flat ``phi [T, P]``: the protocol of the module docstring; with the engine every HVP
+        reuses one primal pass."""
+        return self.task.linearize(phi)
 
     def descend(self, phi0, steps: int, lr: float, proximal: bool = True, pull_back: bool = False):
         """``steps`` of ``φ ← φ − lr ∇(L̂_t(φ) + (λ_t/2)‖φ − θ‖²)`` from the dict ``phi0``
@@ -391,59 +396,5 @@ class ProximalObjective:
                 phi[k].sub_(lr * g[k])
         if pull_back:
             for k in phi:
-                w = (self.lam.to(phi[k].dtype) * lr).view(-1, *([1] * (phi[k].dim() - 1)))
-                phi[k].sub_(w * (phi[k] - self.theta[k].to(phi[k].dtype)))
+                phi[k].sub_(lam_like(self.lam, phi[k]) * lr * (phi[k] - self.theta[k].to(phi[k].dtype)))
         return phi
-
-
-class ObjectiveLinearization:
-    """:meth:`ProximalObjective.linearize`: flat ``[T, P]`` in and out; computed lazily."""
-
-    def __init__(self, objective, phi):
-        self.objective, self.phi = objective, phi
-        self._lin = objective.task.linearize(phi)
-        self._vg = None
-
-    def _value_grad(self):
-        if self._vg is None:
-            obj = self.objective
-            pv, pg = proximal_term(self.phi, obj.theta_flat, obj.lam)
-            self._vg = (self._lin.loss + pv, self._lin.grad + pg)
-        return self._vg
-
-    @property
-    def task_loss(self):
-        """``[T]``: ``L̂_t(φ_t)`` (no proximal term)."""
-        return self._lin.loss
-
-    @property
-    def value(self):
-        """``[T]``: ``L̂_t(φ_t) + (λ_t/2)‖φ_t − θ‖²``."""
-        return self._value_grad()[0]
-
-    @property
-    def grad(self):
-        """``[T, P]``: its gradient."""
-        return self._value_grad()[1]
-
-    def to_work(self, v):
-        """``[T, P]`` in θ's order -> the order :meth:`task_hvp_work` works in (the engine's
-        own parameter order, so a CG solve there skips two permutes per product)."""
-        return self._lin.to_work(v)
-
-    def from_work(self, v):
-        """The inverse of :meth:`to_work`."""
-        return self._lin.from_work(v)
-
-    def task_hvp_work(self, v):
-        """:meth:`task_hvp` in the work order. With the engine the result lives in one buffer
-        reused by every call (a CG matvec consumes it at once): read it before the next call."""
-        return self._lin.hvp_work(v)
-
-    def task_hvp(self, v):
-        """``H_t v_t`` (no proximal term): ``[T, P]`` -> ``[T, P]``."""
-        return self._lin.hvp(v)
-
-    def hvp(self, v):
-        """``(H_t + λ_t I) v_t``."""
-        return self.task_hvp(v) + self.objective.lam.to(v.dtype)[:, None] * v

@@ -12,8 +12,7 @@ from typing import Mapping
 import torch
 from torch.func import functional_call, vmap
 
-from .engine import functional_logits
-from .implicit import select_engine
+from .engine import functional_logits, select_engine
 
 __all__ = ["query_logits"]
 

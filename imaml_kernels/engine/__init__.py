@@ -17,5 +17,6 @@ through the ``imaml::`` ops of :mod:`imaml_kernels.ops`, on the backend that
 
 from .layers import UnsupportedModel
 from .net import BatchedNet, Linearization, batched_net, functional_logits
+from .select import select_engine
 
-__all__ = ["BatchedNet", "Linearization", "UnsupportedModel", "batched_net", "functional_logits"]
+__all__ = ["BatchedNet", "Linearization", "UnsupportedModel", "batched_net", "functional_logits", "select_engine"]

@@ -16,10 +16,11 @@ from .layers import BatchNorm, Conv, Linear, UnsupportedModel, parse  # noqa: F4
 
 
 class Linearization:
-    """The network linearised at ``φ`` for all T tasks (made by :meth:`BatchedNet.linearize`):
-    ``loss [T]``, ``grad [T, P]``, ``logits [T, N, classes]`` and :meth:`hvp`, which reuses the
-    primal activations. ``hvp_native`` works in the engine's parameter order
-    (:meth:`BatchedNet.to_native`): a CG solve run in that order skips two permutes per product.
+    """The network linearised at ``φ`` for all T tasks (made by :meth:`BatchedNet.linearize`),
+    the linearisation protocol of :mod:`imaml_kernels.objective`: ``loss [T]``, ``grad [T, P]``
+    (θ's order), :meth:`hvp` in the engine's parameter order (the *work* order: a CG solve run
+    there skips two permutes per product; :meth:`to_work`/:meth:`from_work` convert), reusing
+    the primal activations for every product. Also ``logits [T, N, classes]``.
     """
 
     def __init__(self, net, kern, params_native, caches, loss, grad_native):
@@ -35,16 +36,21 @@ class Linearization:
             self._grad = self.net.from_native(self.grad_native)
         return self._grad
 
-    def hvp(self, v: torch.Tensor) -> torch.Tensor:
-        """``H_t v_t`` for all tasks: ``v [T, P]`` -> ``[T, P]`` (same dtype as the params)."""
+    def to_work(self, v: torch.Tensor) -> torch.Tensor:
+        """``[T, P]`` in θ's order -> the engine's order (a new buffer)."""
+        return self.net.to_native(v)
+
+    def from_work(self, v: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`to_work`."""
+        return self.net.from_native(v)
+
+    def hvp(self, v: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``H_t v_t`` for all tasks, ``v [T, P]`` and the result in the engine's order (same
+        dtype as the params); ``out``: a buffer from an earlier call to write into (its zeros
+        where no layer writes are kept)."""
+        net, k = self.net, self.kernels
         if v.shape != self.params_native.shape:
             raise ValueError(f"v must have shape {list(self.params_native.shape)} (the params), got {list(v.shape)}")
-        return self.net.from_native(self.hvp_native(self.net.to_native(v.to(self.params_native.dtype))))
-
-    def hvp_native(self, v: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """:meth:`hvp` with ``v`` and the result in the engine's parameter order; ``out``: a
-        buffer from an earlier call to write into (its zeros where no layer writes are kept)."""
-        net, k = self.net, self.kernels
         v = v.to(self.params_native.dtype)
         p = net._views(self.params_native)
         rp = net._views(v)
@@ -323,8 +329,9 @@ class BatchedNet:
         return lin.loss, lin.grad
 
     def hvp(self, params, v, x, y):
-        """``H_t v_t``: ``[T, P]`` (one primal pass, then the tangent passes)."""
-        return self.linearize(params, x, y).hvp(v)
+        """``H_t v_t``: ``[T, P]`` in the module's order (one primal pass, then the tangent passes)."""
+        lin = self.linearize(params, x, y)
+        return lin.from_work(lin.hvp(lin.to_work(v)))
 
     def inner_loop(self, theta, x, y, *, lam, steps: int, lr: float, phi0: Optional[torch.Tensor] = None,
                    proximal: bool = True, pull_back: bool = False):
