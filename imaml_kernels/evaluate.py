@@ -1,5 +1,5 @@
 """Meta-test evaluation: ``imaml-eval CHECKPOINT`` and the pieces the trainer shares
-(the network, samplers and solver come from :mod:`imaml_kernels.builders`).
+(the network, samplers and solver come from :mod:`imaml_kernels.trainer.builders`).
 
 Protocol (the paper's): a fixed, seeded set of meta-test tasks (600 by default) from the
 held-out classes; on each task the inner solver adapts θ to the support set (the proximal
@@ -24,9 +24,9 @@ from typing import Any, Mapping
 
 import torch
 
-from . import builders
+from .trainer import builders
 from ._atomic import folder_problem, write_text
-from .checkpoint import (
+from .trainer.checkpoint import (
     CheckpointError,
     check_model_state,
     checkpoint_config,
@@ -36,7 +36,7 @@ from .checkpoint import (
 from .implicit import implicit_adapt
 from .query import query_logits
 from .inner import SGDThenPullBack
-from .presets import INNER_SOLVERS, ConfigError, apply_overrides
+from .trainer.presets import INNER_SOLVERS, ConfigError, apply_overrides
 
 __all__ = ["evaluate", "main"]
 
@@ -72,7 +72,7 @@ def evaluate(
         cfg: the run's configuration (``lam`` and the inner solver settings).
         tasks, seed, batch: how many tasks, which, and how many adapted at once (the
             tasks do not depend on ``batch``).
-        solver: inner solver; default :func:`~imaml_kernels.builders.build_solver` of ``cfg``.
+        solver: inner solver; default :func:`~imaml_kernels.trainer.builders.build_solver` of ``cfg``.
 
     Returns:
         ``{"accuracy": mean, "ci95": half-width, "tasks": n, "per_task": [n] list, "seconds"}``

@@ -11,10 +11,10 @@ Metrics stay on the device as ``[T]``-reduced tensors and are read back once eve
 ``--log-every`` steps (a progress bar, ``metrics.jsonl``). Every ``--ckpt-every`` steps a
 checkpoint is written atomically; ``--resume`` continues bit-for-bit (same θ, Adam state,
 task stream). With ``--world-size N`` or under ``torchrun`` the T tasks of each meta-batch
-are split across N ranks (see :mod:`imaml_kernels.distributed`). At the end: ``curves.png``
+are split across N ranks (see :mod:`imaml_kernels.trainer.distributed`). At the end: ``curves.png``
 and, with ``--eval-tasks N``, the meta-test accuracy on N fixed tasks (rank 0 alone; see
 :mod:`imaml_kernels.evaluate`). The run folder belongs to one run and survives crashes and
-divergence (:mod:`imaml_kernels.runs`; the README's "Runs and failures").
+divergence (:mod:`imaml_kernels.trainer.runs`; the README's "Runs and failures").
 
 Example::
 
@@ -36,18 +36,18 @@ from typing import Any, Mapping
 import torch
 from tqdm import tqdm
 
-from . import distributed
+from .trainer import distributed
 from ._atomic import atomic_write
-from .builders import DataError, build_model, build_samplers, build_solver
-from .checkpoint import (
+from .trainer.builders import DataError, build_model, build_samplers, build_solver
+from .trainer.checkpoint import (
     CHECKPOINT_NAME, CheckpointError, check_model_state, checkpoint_config, load_checkpoint, save_checkpoint,
 )
 from .evaluate import check_device, describe, evaluate, one_line, write_json
 from .step import STATS, meta_step
 from .cg import CG
-from .presets import (INITS, INNER_SOLVERS, PRESET_NOTES, SCHEDULES, ConfigError, apply_overrides, config_diff, outer_lr_at,
+from .trainer.presets import (INITS, INNER_SOLVERS, PRESET_NOTES, SCHEDULES, ConfigError, apply_overrides, config_diff, outer_lr_at,
                       preset_names, resolve_config)
-from .runs import MetricsLog, RunError, RunFolder, check_out_dir, read_metrics, rewrite_metrics
+from .trainer.runs import MetricsLog, RunError, RunFolder, check_out_dir, read_metrics, rewrite_metrics
 
 __all__ = ["STATS", "backward_solve", "meta_step", "train", "main"]
 
@@ -179,17 +179,17 @@ def train(
     """Train to ``cfg["steps"]`` meta-steps, writing checkpoints, metrics and curves in ``out``.
 
     Args:
-        cfg: a configuration from :func:`imaml_kernels.presets.resolve_config`.
+        cfg: a configuration from :func:`imaml_kernels.trainer.presets.resolve_config`.
         resume: a loaded checkpoint to continue from (its config must match ``cfg``).
         dist: this rank of a data-parallel run (None: one process). Each rank builds its
             ``T / world_size`` tasks of every meta-batch; rank 0 alone writes files and
             evaluates at the end.
-        max_bad_steps: stop (:class:`~imaml_kernels.runs.RunError`) after this many bad
+        max_bad_steps: stop (:class:`~imaml_kernels.trainer.runs.RunError`) after this many bad
             meta-steps in a row (every task dropped, or a non-finite loss); parameters that
             turn non-finite stop the run at the next read-back and are never checkpointed.
 
     The folder's ownership (lock, refusing another run) is the caller's
-    (:class:`~imaml_kernels.runs.RunFolder`; :func:`main` takes care of it).
+    (:class:`~imaml_kernels.trainer.runs.RunFolder`; :func:`main` takes care of it).
 
     Returns:
         ``{"step", "out", "seconds", "step_seconds", "eval": dict | None, "files": [...]}``.

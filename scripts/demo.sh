@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up and run the main job on a fresh machine (CPU): a short iMAML meta-training on
 # Omniglot 5-way 1-shot (preset omniglot-5w1s-demo: the paper's network, GD inner loop,
-# implicit meta-gradient by 5 CG iterations; see imaml_kernels/presets.py), then the
+# implicit meta-gradient by 5 CG iterations; see imaml_kernels/trainer/presets.py), then the
 # 600-task meta-test evaluation, printing the mean accuracy ± 95% CI. Under 15 minutes on
 # 2 CPU cores, setup included (bench/results/cpu_demo.md). Extra arguments go to
 # imaml-train (e.g. --steps 50 for a quicker look, --device cuda).

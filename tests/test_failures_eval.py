@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from imaml_kernels import builders
+from imaml_kernels.trainer import builders
 from imaml_kernels import evaluate as evaluate_mod
-from imaml_kernels.builders import build_model
-from imaml_kernels.checkpoint import (
+from imaml_kernels.trainer.builders import build_model
+from imaml_kernels.trainer.checkpoint import (
     CheckpointError,
     check_model_state,
     checkpoint_config,
@@ -32,7 +32,7 @@ from imaml_kernels.checkpoint import (
 from imaml_kernels.data import omniglot_root
 from imaml_kernels.data.omniglot import load_omniglot_arrays
 from imaml_kernels.evaluate import main as eval_main
-from imaml_kernels.presets import resolve_config
+from imaml_kernels.trainer.presets import resolve_config
 from imaml_kernels.train import main as train_main
 
 HAVE_OMNIGLOT = (omniglot_root() / "characters.json").is_file()

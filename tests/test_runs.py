@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from imaml_kernels import train as train_mod
-from imaml_kernels.checkpoint import load_checkpoint
-from imaml_kernels.runs import MetricsLog, RunError, RunFolder, read_metrics
+from imaml_kernels.trainer.checkpoint import load_checkpoint
+from imaml_kernels.trainer.runs import MetricsLog, RunError, RunFolder, read_metrics
 from imaml_kernels.train import main
 
 from test_train import TINY, _one_line_error, needs_omniglot

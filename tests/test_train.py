@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, hessian, vmap
 
 from imaml_kernels import GD, ProximalObjective
-from imaml_kernels.checkpoint import load_checkpoint, save_checkpoint
+from imaml_kernels.trainer.checkpoint import load_checkpoint, save_checkpoint
 from imaml_kernels.data import omniglot_root
 from imaml_kernels.evaluate import main as eval_main
 from imaml_kernels.evaluate import mean_ci95
 from imaml_kernels.nets import MLP
-from imaml_kernels.presets import PRESETS, ConfigError, config_diff, resolve_config
+from imaml_kernels.trainer.presets import PRESETS, ConfigError, config_diff, resolve_config
 from imaml_kernels.step import STATS, meta_step
 from imaml_kernels.train import backward_solve, main
 

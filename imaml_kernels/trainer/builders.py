@@ -3,7 +3,7 @@
 Shared by the trainer (:mod:`imaml_kernels.train`), the evaluation
 (:mod:`imaml_kernels.evaluate`) and the benchmarks, so that each builds exactly the same
 network, task samplers and inner solver from a configuration of
-:func:`imaml_kernels.presets.resolve_config`.
+:func:`imaml_kernels.trainer.presets.resolve_config`.
 
 Example::
 
@@ -19,8 +19,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .inner import GD, NewtonCG, SGDThenPullBack
-from .nets import MiniImagenetConv, OmniglotConv, released_init
+from ..inner import GD, NewtonCG, SGDThenPullBack
+from ..nets import MiniImagenetConv, OmniglotConv, released_init
 
 __all__ = ["DataError", "build_model", "build_samplers", "build_solver"]
 
@@ -47,7 +47,7 @@ def build_samplers(cfg: Mapping[str, Any], device, data_root=None):
         DataError: the data is missing or unusable, or the split cannot supply the tasks
             (the loader's or the sampler's message, which says what to do).
     """
-    from .data import miniimagenet_samplers, omniglot_samplers
+    from ..data import miniimagenet_samplers, omniglot_samplers
 
     args = (cfg["way"], cfg["shot"], cfg["query"])
     try:
