@@ -13,7 +13,7 @@ checkpoint is written atomically; ``--resume`` continues bit-for-bit (same θ, A
 task stream). With ``--world-size N`` or under ``torchrun`` the T tasks of each meta-batch
 are split across N ranks (see :mod:`imaml_kernels.trainer.distributed`). At the end: ``curves.png``
 and, with ``--eval-tasks N``, the meta-test accuracy on N fixed tasks (rank 0 alone; see
-:mod:`imaml_kernels.evaluate`). The run folder belongs to one run and survives crashes and
+:mod:`imaml_kernels.trainer.evaluate`). The run folder belongs to one run and survives crashes and
 divergence (:mod:`imaml_kernels.trainer.runs`; the README's "Runs and failures").
 
 Example::
@@ -42,7 +42,8 @@ from .trainer.builders import DataError, build_model, build_samplers, build_solv
 from .trainer.checkpoint import (
     CHECKPOINT_NAME, CheckpointError, check_model_state, checkpoint_config, load_checkpoint, save_checkpoint,
 )
-from .evaluate import check_device, describe, evaluate, one_line, write_json
+from .trainer._cli_util import check_device, one_line
+from .trainer.evaluate import describe, evaluate, write_json
 from .step import STATS, meta_step
 from .cg import CG
 from .trainer.presets import (INITS, INNER_SOLVERS, PRESET_NOTES, SCHEDULES, ConfigError, apply_overrides, config_diff, outer_lr_at,

@@ -18,7 +18,7 @@ import torch
 from imaml_kernels._atomic import atomic_write, write_bytes, write_text
 from imaml_kernels.trainer.checkpoint import load_checkpoint, save_checkpoint
 from imaml_kernels.data.download import save_npz_atomic, write_text_atomic
-from imaml_kernels.evaluate import write_json
+from imaml_kernels.trainer.evaluate import write_json
 
 
 class Boom(RuntimeError):

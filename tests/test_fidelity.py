@@ -147,7 +147,7 @@ from test_failures_eval import HAVE_OMNIGLOT, synthetic_checkpoint  # noqa: E402
 def test_eval_protocol_released_changes_only_the_inner_solver(tmp_path, capsys):
     import json
 
-    from imaml_kernels.evaluate import main as eval_main
+    from imaml_kernels.trainer.evaluate import main as eval_main
 
     path = synthetic_checkpoint(tmp_path / "run" / "ckpt.pt")
     common = ["--tasks", "6", "--batch", "3", "--threads", "1"]

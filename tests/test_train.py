@@ -1,4 +1,4 @@
-"""Tests of the trainer (imaml_kernels.train), the evaluation (imaml_kernels.evaluate), the
+"""Tests of the trainer (imaml_kernels.train), the evaluation (imaml_kernels.trainer.evaluate), the
 presets and the checkpoints.
 
 End-to-end runs go through the CLI functions in-process on real Omniglot ($IMAML_DATA; skipped
@@ -21,8 +21,8 @@ from torch.func import functional_call, grad, hessian, vmap
 from imaml_kernels import GD, ProximalObjective
 from imaml_kernels.trainer.checkpoint import load_checkpoint, save_checkpoint
 from imaml_kernels.data import omniglot_root
-from imaml_kernels.evaluate import main as eval_main
-from imaml_kernels.evaluate import mean_ci95
+from imaml_kernels.trainer.evaluate import main as eval_main
+from imaml_kernels.trainer.evaluate import mean_ci95
 from imaml_kernels.nets import MLP
 from imaml_kernels.trainer.presets import PRESETS, ConfigError, config_diff, resolve_config
 from imaml_kernels.step import STATS, meta_step

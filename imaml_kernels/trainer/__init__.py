@@ -4,7 +4,9 @@
 - :mod:`.builders`: a configuration -> network, task samplers, inner solver;
 - :mod:`.checkpoint`: atomic checkpoints and their checks;
 - :mod:`.runs`: the run folder (lock, files) and its metrics log;
-- :mod:`.distributed`: data-parallel ranks (process group, spawning).
+- :mod:`.distributed`: data-parallel ranks (process group, spawning);
+- :mod:`.evaluate`: the meta-test evaluation and ``imaml-eval``;
+- :mod:`._cli_util`: what both command lines share (one-line errors, the ``--device`` check).
 
 The library (``imaml_kernels`` outside this package and ``data``) never imports from here.
 """

@@ -1,7 +1,7 @@
 """Model, sampler and solver builders: what a run configuration turns into.
 
 Shared by the trainer (:mod:`imaml_kernels.train`), the evaluation
-(:mod:`imaml_kernels.evaluate`) and the benchmarks, so that each builds exactly the same
+(:mod:`imaml_kernels.trainer.evaluate`) and the benchmarks, so that each builds exactly the same
 network, task samplers and inner solver from a configuration of
 :func:`imaml_kernels.trainer.presets.resolve_config`.
 
