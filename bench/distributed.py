@@ -2,7 +2,7 @@
 through ``imaml-train --world-size N`` (see :mod:`imaml_kernels.trainer.distributed`)."""
 
 from imaml_kernels.trainer.distributed import bench
-from imaml_kernels.train import main as train_main
+from imaml_kernels.trainer.cli import main as train_main
 
 from .common import markdown_table
 

@@ -394,14 +394,13 @@ def _optimizer(model, cfg):
 
 def fused_step(cfg):
     """``step()``: one call of the trainer's ``meta_step`` on the preset's shapes."""
-    from imaml_kernels.trainer.builders import build_solver
     from imaml_kernels.step import meta_step
-    from imaml_kernels.train import backward_solve
+    from imaml_kernels.trainer.builders import build_backward_solve, build_solver
 
     model = _fake_cuda_model(cfg)
     theta = dict(model.named_parameters())
     opt, solver, batch = _optimizer(model, cfg), build_solver(cfg), _fake_batch(cfg)
-    solve = backward_solve(cfg)
+    solve = build_backward_solve(cfg)
     return lambda: meta_step(model, theta, opt, batch, lam=cfg["lam"], inner=solver, solve=solve)
 
 

@@ -22,6 +22,6 @@ FRESH=--overwrite
 for arg in "$@"; do
     if [ "$arg" = "--resume" ]; then FRESH=; fi
 done
-python3 -m imaml_kernels.train --preset omniglot-5w1s-demo --out "$OUT" ${FRESH} \
+python3 -m imaml_kernels.trainer --preset omniglot-5w1s-demo --out "$OUT" ${FRESH} \
     --threads "${IMAML_THREADS:-$(python3 -c 'import os; print(min(2, os.cpu_count() or 1))')}" "$@"
 echo "demo total: ${SECONDS} s (setup, training, evaluation); run folder: $OUT"

@@ -33,7 +33,7 @@ from imaml_kernels.data import omniglot_root
 from imaml_kernels.data.omniglot import load_omniglot_arrays
 from imaml_kernels.trainer.evaluate import main as eval_main
 from imaml_kernels.trainer.presets import resolve_config
-from imaml_kernels.train import main as train_main
+from imaml_kernels.trainer.cli import main as train_main
 
 HAVE_OMNIGLOT = (omniglot_root() / "characters.json").is_file()
 needs_omniglot = pytest.mark.skipif(not HAVE_OMNIGLOT, reason="Omniglot not found in $IMAML_DATA")

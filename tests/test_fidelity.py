@@ -191,7 +191,7 @@ def test_outer_lr_schedule():
 def test_trainer_runs_the_released_variant_with_a_schedule(tmp_path):
     from imaml_kernels.trainer.checkpoint import load_checkpoint
     from imaml_kernels.trainer.presets import outer_lr_at
-    from imaml_kernels.train import main as train_main
+    from imaml_kernels.trainer.cli import main as train_main
 
     out = tmp_path / "run"
     argv = ["--preset", "omniglot-5w1s-released", "--meta-batch", "2", "--inner-steps", "2", "--channels", "8",
