@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-# The paper's configurations (Rajeswaran et al. 2019; imaml_kernels.presets): name -> (network,
+# The paper's configurations (Rajeswaran et al. 2019; imaml_kernels.trainer.presets): name -> (network,
 # way, shot, query per class, tasks per meta-step T).
 CONFIGS = {
     "omniglot-5w1s": ("omniglot", 5, 1, 1, 32),

@@ -1,8 +1,8 @@
 """Meta-steps/s of data-parallel training for 1 and 2 processes (1 thread each) on the CPU,
-through ``imaml-train --world-size N`` (see :mod:`imaml_kernels.distributed`)."""
+through ``imaml-train --world-size N`` (see :mod:`imaml_kernels.trainer.distributed`)."""
 
-from imaml_kernels.distributed import bench
-from imaml_kernels.train import main as train_main
+from imaml_kernels.trainer.distributed import bench
+from imaml_kernels.trainer.cli import main as train_main
 
 from .common import markdown_table
 

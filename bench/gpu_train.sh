@@ -11,5 +11,5 @@ mkdir -p "$OUTDIR"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" PYTHONUNBUFFERED=1
 export IMAML_DATA="${IMAML_DATA:-$PWD/../shared/data/omniglot}"
 python3 -m pip install -q --no-build-isolation --no-deps -e . >/dev/null 2>&1
-python3 -m imaml_kernels.train --preset omniglot-5w1s --inner "$INNER" --device cuda --steps "$STEPS" \
+python3 -m imaml_kernels.trainer --preset omniglot-5w1s --inner "$INNER" --device cuda --steps "$STEPS" \
     --eval-tasks 600 --out "$OUTDIR" --no-progress 2>&1 | tee "$OUTDIR/log.txt"

@@ -359,7 +359,7 @@ class LaunchCounter(TorchDispatchMode):
 
 
 def _config(shape, **overrides):
-    from imaml_kernels.presets import resolve_config
+    from imaml_kernels.trainer.presets import resolve_config
 
     return resolve_config(shape, {k: v for k, v in overrides.items() if v is not None})
 
@@ -368,7 +368,7 @@ def _fake_cuda_model(cfg):
     """The preset's network, initialised on the CPU (seed 0), as fake CUDA parameters."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    from imaml_kernels.builders import build_model
+    from imaml_kernels.trainer.builders import build_model
 
     with unset_fake_temporarily():  # a real module first: fake CPU parameters would be swapped, not replaced
         torch.manual_seed(0)
@@ -394,14 +394,13 @@ def _optimizer(model, cfg):
 
 def fused_step(cfg):
     """``step()``: one call of the trainer's ``meta_step`` on the preset's shapes."""
-    from imaml_kernels.builders import build_solver
     from imaml_kernels.step import meta_step
-    from imaml_kernels.train import backward_solve
+    from imaml_kernels.trainer.builders import build_backward_solve, build_solver
 
     model = _fake_cuda_model(cfg)
     theta = dict(model.named_parameters())
     opt, solver, batch = _optimizer(model, cfg), build_solver(cfg), _fake_batch(cfg)
-    solve = backward_solve(cfg)
+    solve = build_backward_solve(cfg)
     return lambda: meta_step(model, theta, opt, batch, lam=cfg["lam"], inner=solver, solve=solve)
 
 

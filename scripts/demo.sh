@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up and run the main job on a fresh machine (CPU): a short iMAML meta-training on
 # Omniglot 5-way 1-shot (preset omniglot-5w1s-demo: the paper's network, GD inner loop,
-# implicit meta-gradient by 5 CG iterations; see imaml_kernels/presets.py), then the
+# implicit meta-gradient by 5 CG iterations; see imaml_kernels/trainer/presets.py), then the
 # 600-task meta-test evaluation, printing the mean accuracy ± 95% CI. Under 15 minutes on
 # 2 CPU cores, setup included (bench/results/cpu_demo.md). Extra arguments go to
 # imaml-train (e.g. --steps 50 for a quicker look, --device cuda).
@@ -22,6 +22,6 @@ FRESH=--overwrite
 for arg in "$@"; do
     if [ "$arg" = "--resume" ]; then FRESH=; fi
 done
-python3 -m imaml_kernels.train --preset omniglot-5w1s-demo --out "$OUT" ${FRESH} \
+python3 -m imaml_kernels.trainer --preset omniglot-5w1s-demo --out "$OUT" ${FRESH} \
     --threads "${IMAML_THREADS:-$(python3 -c 'import os; print(min(2, os.cpu_count() or 1))')}" "$@"
 echo "demo total: ${SECONDS} s (setup, training, evaluation); run folder: $OUT"

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from imaml_kernels._atomic import atomic_write, write_bytes, write_text
-from imaml_kernels.checkpoint import load_checkpoint, save_checkpoint
+from imaml_kernels.trainer.checkpoint import load_checkpoint, save_checkpoint
 from imaml_kernels.data.download import save_npz_atomic, write_text_atomic
-from imaml_kernels.evaluate import write_json
+from imaml_kernels.trainer.evaluate import write_json
 
 
 class Boom(RuntimeError):
@@ -149,7 +149,7 @@ def test_failed_checkpoint_keeps_the_previous_one(tmp_path):
 
 
 def test_curves_png_ignores_a_planted_symlink(tmp_path):
-    from imaml_kernels.train import plot_curves
+    from imaml_kernels.trainer.plots import plot_curves
 
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps({"kind": "train", "step": s, "loss": 1.0 / s, "acc": 0.2}) + "\n"

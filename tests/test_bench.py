@@ -79,8 +79,8 @@ def test_hvp_bench_rows():
 
 
 def test_distributed_bench_rows():
-    from imaml_kernels.distributed import bench
-    from imaml_kernels.train import main
+    from imaml_kernels.trainer.distributed import bench
+    from imaml_kernels.trainer.cli import main
 
     rates = bench(main, (1, 2), steps=2, extra=["--meta-batch", "2", "--channels", "4"])
     assert set(rates) == {1, 2} and all(r > 0 for r in rates.values())

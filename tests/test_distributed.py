@@ -1,4 +1,4 @@
-"""Tests of data-parallel training (imaml_kernels.distributed, imaml-train --world-size).
+"""Tests of data-parallel training (imaml_kernels.trainer.distributed, imaml-train --world-size).
 
 Two CPU ranks (gloo, spawned by ``--world-size 2`` on 127.0.0.1 and a free port) against one
 process, on real Omniglot ($IMAML_DATA; skipped when absent) with a tiny configuration:
@@ -21,11 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from imaml_kernels import distributed
-from imaml_kernels.checkpoint import load_checkpoint
+import imaml_kernels
+from imaml_kernels.trainer import distributed
+from imaml_kernels.trainer.checkpoint import load_checkpoint
 from imaml_kernels.data import omniglot_root
-from imaml_kernels.distributed import DistContext, shard, spawn
-from imaml_kernels.train import main
+from imaml_kernels.trainer.distributed import DistContext, shard, spawn
+from imaml_kernels.trainer.cli import main
 
 HAVE_OMNIGLOT = (omniglot_root() / "characters.json").is_file()
 needs_omniglot = pytest.mark.skipif(not HAVE_OMNIGLOT, reason="Omniglot not found in $IMAML_DATA")
@@ -77,7 +78,7 @@ def test_two_ranks_match_one_process(two_rank_run, tmp_path):
         if k not in noise:
             torch.testing.assert_close(two["model"][k], v, rtol=0, atol=1e-6, msg=k)
     # The network these parameters define (bias before BN included) is the same function.
-    from imaml_kernels.builders import build_model
+    from imaml_kernels.trainer.builders import build_model
 
     x = torch.rand(10, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     nets = []
@@ -195,13 +196,13 @@ if __name__ == "__main__":
     ignore = os.environ.get("IMAML_TEST_IGNORE_SIGINT") == "1"
     signal.signal(signal.SIGINT, signal.SIG_IGN if ignore else signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    from imaml_kernels.distributed import spawn
+    from imaml_kernels.trainer.distributed import spawn
     from imaml_spawn_helper import sleeper
 
     sys.exit(spawn(sleeper, sys.argv[1:], 2))
 """
 
-_REPO = Path(distributed.__file__).resolve().parents[1]
+_REPO = Path(imaml_kernels.__file__).resolve().parents[1]  # the checkout the tests import
 
 
 def _child_env(tmp_path: Path) -> dict[str, str]:
@@ -317,7 +318,7 @@ def test_rank_exits_at_once_when_the_launcher_is_already_gone(tmp_path):
     launcher died before the parent-death signal was set) exits with status 1 before ``entry``."""
     code = textwrap.dedent("""
         import os
-        from imaml_kernels.distributed import _worker
+        from imaml_kernels.trainer.distributed import _worker
         _worker(0, print, 1, "127.0.0.1", 1, ["entry ran"], os.getppid())
         _worker(0, print, 1, "127.0.0.1", 1, ["must not run"], os.getppid() + 1)
         print("not reached")
@@ -334,7 +335,7 @@ def test_watchdog_exits_when_the_parent_dies(tmp_path):
     pidfile = tmp_path / "orphan.pid"
     orphan = textwrap.dedent("""
         import os, sys, time
-        from imaml_kernels.distributed import _watch_parent
+        from imaml_kernels.trainer.distributed import _watch_parent
         _watch_parent(os.getppid(), 0.2)
         open(sys.argv[1] + ".tmp", "w").write(str(os.getpid()))
         os.replace(sys.argv[1] + ".tmp", sys.argv[1])
@@ -366,4 +367,4 @@ def test_distributed_does_not_import_the_trainer():
     tree = ast.parse(Path(distributed.__file__).read_text())
     imported = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert not {m for m in imported if m.split(".")[-1] in ("train", "evaluate")}, imported
+    assert not {m for m in imported if m.split(".")[-1] in ("train", "loop", "cli", "evaluate")}, imported

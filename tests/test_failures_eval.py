@@ -2,7 +2,7 @@
 each is one ``imaml-eval: error: ...`` line on stderr with exit status 2, no traceback, and
 the argument / destination / checkpoint checks come before any data is loaded.
 
-``imaml_kernels.evaluate.main`` runs in-process. Most checkpoints are built directly with
+``imaml_kernels.trainer.evaluate.main`` runs in-process. Most checkpoints are built directly with
 ``save_checkpoint`` (no data needed); the tests that evaluate, or that poison a real
 checkpoint with a NaN, share one 1-step training run on real Omniglot ($IMAML_DATA; skipped
 when absent).
@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from imaml_kernels import builders
-from imaml_kernels import evaluate as evaluate_mod
-from imaml_kernels.builders import build_model
-from imaml_kernels.checkpoint import (
+from imaml_kernels.trainer import builders
+from imaml_kernels.trainer import evaluate as evaluate_mod
+from imaml_kernels.trainer.builders import build_model
+from imaml_kernels.trainer.checkpoint import (
     CheckpointError,
     check_model_state,
     checkpoint_config,
@@ -31,9 +31,9 @@ from imaml_kernels.checkpoint import (
 )
 from imaml_kernels.data import omniglot_root
 from imaml_kernels.data.omniglot import load_omniglot_arrays
-from imaml_kernels.evaluate import main as eval_main
-from imaml_kernels.presets import resolve_config
-from imaml_kernels.train import main as train_main
+from imaml_kernels.trainer.evaluate import main as eval_main
+from imaml_kernels.trainer.presets import resolve_config
+from imaml_kernels.trainer.cli import main as train_main
 
 HAVE_OMNIGLOT = (omniglot_root() / "characters.json").is_file()
 needs_omniglot = pytest.mark.skipif(not HAVE_OMNIGLOT, reason="Omniglot not found in $IMAML_DATA")

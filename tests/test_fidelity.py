@@ -103,8 +103,8 @@ def test_plain_sgd_without_pull_back_is_the_released_evaluation(engine):
 def test_released_init_bounds_and_the_released_presets():
     import math
 
-    from imaml_kernels.builders import build_model, build_solver
-    from imaml_kernels.presets import resolve_config
+    from imaml_kernels.trainer.builders import build_model, build_solver
+    from imaml_kernels.trainer.presets import resolve_config
 
     cfg = resolve_config("omniglot-5w1s-released", {})
     assert (cfg["inner"], cfg["inner_steps"], cfg["inner_lr"], cfg["outer_lr"], cfg["meta_batch"], cfg["lam"]) == (
@@ -130,8 +130,8 @@ def test_released_init_bounds_and_the_released_presets():
 
 
 def test_checkpoints_from_before_init_resume_as_torch_init():
-    from imaml_kernels.checkpoint import checkpoint_config
-    from imaml_kernels.presets import config_diff, resolve_config
+    from imaml_kernels.trainer.checkpoint import checkpoint_config
+    from imaml_kernels.trainer.presets import config_diff, resolve_config
 
     cfg = resolve_config("omniglot-5w1s", {})
     old = {k: v for k, v in cfg.items() if k != "init"}
@@ -147,7 +147,7 @@ from test_failures_eval import HAVE_OMNIGLOT, synthetic_checkpoint  # noqa: E402
 def test_eval_protocol_released_changes_only_the_inner_solver(tmp_path, capsys):
     import json
 
-    from imaml_kernels.evaluate import main as eval_main
+    from imaml_kernels.trainer.evaluate import main as eval_main
 
     path = synthetic_checkpoint(tmp_path / "run" / "ckpt.pt")
     common = ["--tasks", "6", "--batch", "3", "--threads", "1"]
@@ -173,7 +173,7 @@ def test_eval_protocol_released_changes_only_the_inner_solver(tmp_path, capsys):
 def test_outer_lr_schedule():
     import math
 
-    from imaml_kernels.presets import ConfigError, outer_lr_at, resolve_config
+    from imaml_kernels.trainer.presets import ConfigError, outer_lr_at, resolve_config
 
     cfg = resolve_config("omniglot-5w1s-demo", {"outer_schedule": "cosine", "warmup_steps": 10, "steps": 110, "outer_lr": 1e-2})
     assert outer_lr_at(cfg, 0) == pytest.approx(1e-3) and outer_lr_at(cfg, 9) == pytest.approx(1e-2)
@@ -189,9 +189,9 @@ def test_outer_lr_schedule():
 
 @pytest.mark.skipif(not HAVE_OMNIGLOT, reason="Omniglot not found in $IMAML_DATA")
 def test_trainer_runs_the_released_variant_with_a_schedule(tmp_path):
-    from imaml_kernels.checkpoint import load_checkpoint
-    from imaml_kernels.presets import outer_lr_at
-    from imaml_kernels.train import main as train_main
+    from imaml_kernels.trainer.checkpoint import load_checkpoint
+    from imaml_kernels.trainer.presets import outer_lr_at
+    from imaml_kernels.trainer.cli import main as train_main
 
     out = tmp_path / "run"
     argv = ["--preset", "omniglot-5w1s-released", "--meta-batch", "2", "--inner-steps", "2", "--channels", "8",

@@ -130,7 +130,7 @@ def test_baseline_extrapolation_is_exact(counts):
 
 
 def test_no_host_sync_in_the_fused_meta_step(counts):
-    """Holds today: a regression guard for the trainer's promise (train.py: "nothing here reads
+    """Holds today: a regression guard for the trainer's promise (step.py: "nothing here reads
     a tensor back to the host")."""
     r = counts["fused"]
     _gpu_path(r)

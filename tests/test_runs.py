@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from imaml_kernels import train as train_mod
-from imaml_kernels.checkpoint import load_checkpoint
-from imaml_kernels.runs import MetricsLog, RunError, RunFolder, read_metrics
-from imaml_kernels.train import main
+from imaml_kernels.trainer import loop as loop_mod
+from imaml_kernels.trainer.checkpoint import load_checkpoint
+from imaml_kernels.trainer.runs import MetricsLog, RunError, RunFolder, read_metrics
+from imaml_kernels.trainer.cli import main
 
 from test_train import TINY, _one_line_error, needs_omniglot
 
@@ -62,7 +62,7 @@ def test_a_second_trainer_is_locked_out(tmp_path, capsys):
 
 def test_killed_trainer_releases_the_lock_and_its_temp_files_are_cleaned(tmp_path):
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    cmd = [sys.executable, "-m", "imaml_kernels.train", *TINY, "--out", str(tmp_path), "--steps", "500", "--ckpt-every", "1"]
+    cmd = [sys.executable, "-m", "imaml_kernels.trainer", *TINY, "--out", str(tmp_path), "--steps", "500", "--ckpt-every", "1"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path.parent / "trainer.err", "wb"))
     try:
         deadline = time.time() + 120
@@ -97,7 +97,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, c
 
 
 def test_non_finite_parameters_are_never_checkpointed(tmp_path, capsys, monkeypatch):
-    real = train_mod.meta_step
+    real = loop_mod.meta_step
 
     def poisoned(model, *a, **k):
         out = real(model, *a, **k)
@@ -105,7 +105,7 @@ def test_non_finite_parameters_are_never_checkpointed(tmp_path, capsys, monkeypa
             next(model.parameters()).fill_(float("nan"))
         return out
 
-    monkeypatch.setattr(train_mod, "meta_step", poisoned)
+    monkeypatch.setattr(loop_mod, "meta_step", poisoned)
     assert _run(tmp_path, "--steps", "3", "--ckpt-every", "1") == 2
     assert "parameters are not finite after step 1" in _one_line_error(capsys)
     assert not (tmp_path / "ckpt.pt").exists()
@@ -126,7 +126,7 @@ def test_torn_last_row_is_dropped_on_resume_with_one_warning(tmp_path, capsys):
 
 
 def test_crash_after_a_checkpoint_between_log_rows_loses_no_step_and_keeps_the_cadence(tmp_path, monkeypatch):
-    real = train_mod.meta_step
+    real = loop_mod.meta_step
     calls = {"n": 0}
 
     def crashing(*a, **k):
@@ -135,10 +135,10 @@ def test_crash_after_a_checkpoint_between_log_rows_loses_no_step_and_keeps_the_c
             raise KeyboardInterrupt  # a crash right after the checkpoint of step 4
         return real(*a, **k)
 
-    monkeypatch.setattr(train_mod, "meta_step", crashing)
+    monkeypatch.setattr(loop_mod, "meta_step", crashing)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, "--steps", "10", "--ckpt-every", "4", "--log-every", "10")
-    monkeypatch.setattr(train_mod, "meta_step", real)
+    monkeypatch.setattr(loop_mod, "meta_step", real)
     assert not (tmp_path / "metrics.jsonl").exists() or not read_metrics(tmp_path / "metrics.jsonl")
     assert load_checkpoint(tmp_path)["step"] == 4
     assert _run(tmp_path, "--resume", "--steps", "12", "--ckpt-every", "4", "--log-every", "10") == 0
@@ -209,7 +209,7 @@ def test_failed_checkpoint_write_is_one_line(tmp_path, capsys, monkeypatch):
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(train_mod, "save_checkpoint", disk_full)
+    monkeypatch.setattr(loop_mod, "save_checkpoint", disk_full)
     assert _run(tmp_path, "--steps", "1") == 2
     assert "cannot write the checkpoint" in _one_line_error(capsys) and not (tmp_path / "ckpt.pt").exists()
 

@@ -1,5 +1,5 @@
-"""Tests of the trainer (imaml_kernels.train), the evaluation (imaml_kernels.evaluate), the
-presets and the checkpoints.
+"""Tests of the trainer (imaml_kernels.trainer: the loop, imaml-train, the evaluation, the
+presets and the checkpoints).
 
 End-to-end runs go through the CLI functions in-process on real Omniglot ($IMAML_DATA; skipped
 when absent) with a tiny configuration: 5-way 1-shot, meta-batch 2, 2 inner steps, the paper's
@@ -9,6 +9,7 @@ against a dense solve of the damped system.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from pathlib import Path
@@ -18,15 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, hessian, vmap
 
+import imaml_kernels
 from imaml_kernels import GD, ProximalObjective
-from imaml_kernels.checkpoint import load_checkpoint, save_checkpoint
 from imaml_kernels.data import omniglot_root
-from imaml_kernels.evaluate import main as eval_main
-from imaml_kernels.evaluate import mean_ci95
 from imaml_kernels.nets import MLP
-from imaml_kernels.presets import PRESETS, ConfigError, config_diff, resolve_config
 from imaml_kernels.step import STATS, meta_step
-from imaml_kernels.train import backward_solve, main
+from imaml_kernels.trainer.builders import build_backward_solve
+from imaml_kernels.trainer.checkpoint import load_checkpoint, save_checkpoint
+from imaml_kernels.trainer.cli import main
+from imaml_kernels.trainer.evaluate import main as eval_main
+from imaml_kernels.trainer.evaluate import mean_ci95
+from imaml_kernels.trainer.presets import PRESETS, ConfigError, config_diff, resolve_config
 
 HAVE_OMNIGLOT = (omniglot_root() / "characters.json").is_file()
 needs_omniglot = pytest.mark.skipif(not HAVE_OMNIGLOT, reason="Omniglot not found in $IMAML_DATA")
@@ -243,7 +246,7 @@ def test_meta_grad_is_the_mean_damped_implicit_gradient(c, d):
     theta0 = {k: v.detach().clone() for k, v in theta.items()}
     solver = GD(10, 0.1)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # keeps θ so its .grad can be compared
-    stats = meta_step(model, theta, opt, (xs, ys, xq, yq), lam=cfg["lam"], inner=solver, solve=backward_solve(cfg))
+    stats = meta_step(model, theta, opt, (xs, ys, xq, yq), lam=cfg["lam"], inner=solver, solve=build_backward_solve(cfg))
     assert stats.shape == (len(STATS),) and stats[STATS.index("dropped")] == 0
 
     def f(p, x, y):
@@ -274,7 +277,7 @@ def test_meta_grad_is_the_mean_damped_implicit_gradient(c, d):
         expected += torch.linalg.solve(A, g) / T
     got = torch.cat([theta[k].grad.reshape(-1) for k in names])
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
-    assert (backward_solve(cfg).damping, backward_solve(cfg).lam_damping) == (c, d)
+    assert (build_backward_solve(cfg).damping, build_backward_solve(cfg).lam_damping) == (c, d)
 
 
 def test_meta_step_reads_nothing_back(monkeypatch):
@@ -290,6 +293,41 @@ def test_meta_step_reads_nothing_back(monkeypatch):
 
     for name in ("item", "tolist", "__bool__", "cpu", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, boom)
-    stats = meta_step(model, dict(model.named_parameters()), opt, batch, lam=cfg["lam"], inner=GD(3, 0.1), solve=backward_solve(cfg))
+    stats = meta_step(model, dict(model.named_parameters()), opt, batch, lam=cfg["lam"], inner=GD(3, 0.1), solve=build_backward_solve(cfg))
     monkeypatch.undo()
     assert torch.isfinite(stats).all()
+
+
+# ------------------------------------------------------------------ import layers
+
+# The trainer's modules in layer order: each may import only those before it (no cycle;
+# the evaluation never imports the loop or the command line).
+TRAINER_LAYERS = ("presets", "builders", "checkpoint", "runs", "distributed", "plots", "_cli_util", "evaluate",
+                  "loop", "cli", "__main__")
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """The absolute names of the modules (and ``from m import name``: ``m.name``) ``path`` imports."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            names |= {module} | {f"{module}.{a.name}" for a in node.names}
+    return names
+
+
+def test_the_library_never_imports_the_trainer_and_the_trainer_is_layered():
+    root = Path(imaml_kernels.__file__).parent
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root.parent).with_suffix("")
+        imported = {m for m in _imports(path, ".".join(rel.parts[:-1])) if m.startswith("imaml_kernels.trainer")}
+        if rel.parts[1] != "trainer":
+            assert not imported, (path, imported)
+        elif rel.name in TRAINER_LAYERS:
+            allowed = {f"imaml_kernels.trainer.{m}" for m in TRAINER_LAYERS[: TRAINER_LAYERS.index(rel.name)]}
+            used = {".".join(m.split(".")[:3]) for m in imported} - {"imaml_kernels.trainer"}
+            assert used <= allowed, (path, used - allowed)
+    assert {p.stem for p in (root / "trainer").glob("*.py")} == {*TRAINER_LAYERS, "__init__"}

@@ -1,5 +1,6 @@
-"""Meta-test evaluation: ``imaml-eval CHECKPOINT`` and the pieces the trainer shares
-(the network, samplers and solver come from :mod:`imaml_kernels.builders`).
+"""Meta-test evaluation: :func:`evaluate` (also the trainer's last step) and
+``imaml-eval CHECKPOINT`` (the network, samplers and solver come from
+:mod:`imaml_kernels.trainer.builders`).
 
 Protocol (the paper's): a fixed, seeded set of meta-test tasks (600 by default) from the
 held-out classes; on each task the inner solver adapts θ to the support set (the proximal
@@ -24,8 +25,12 @@ from typing import Any, Mapping
 
 import torch
 
+from .._atomic import folder_problem, write_text
+from ..implicit import implicit_adapt
+from ..inner import SGDThenPullBack
+from ..query import query_logits
 from . import builders
-from ._atomic import folder_problem, write_text
+from ._cli_util import check_device, one_line
 from .checkpoint import (
     CheckpointError,
     check_model_state,
@@ -33,12 +38,9 @@ from .checkpoint import (
     load_checkpoint,
     resolve_checkpoint,
 )
-from .implicit import implicit_adapt
-from .query import query_logits
-from .inner import SGDThenPullBack
 from .presets import INNER_SOLVERS, ConfigError, apply_overrides
 
-__all__ = ["evaluate", "main"]
+__all__ = ["check_destination", "describe", "evaluate", "main", "mean_ci95", "write_json"]
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
@@ -72,7 +74,7 @@ def evaluate(
         cfg: the run's configuration (``lam`` and the inner solver settings).
         tasks, seed, batch: how many tasks, which, and how many adapted at once (the
             tasks do not depend on ``batch``).
-        solver: inner solver; default :func:`~imaml_kernels.builders.build_solver` of ``cfg``.
+        solver: inner solver; default :func:`~imaml_kernels.trainer.builders.build_solver` of ``cfg``.
 
     Returns:
         ``{"accuracy": mean, "ci95": half-width, "tasks": n, "per_task": [n] list, "seconds"}``
@@ -111,11 +113,6 @@ def describe(result: Mapping[str, Any], cfg: Mapping[str, Any], seed: int, inner
     )
 
 
-def one_line(exc: BaseException) -> str:
-    """An error message folded onto one line (loaders write multi-line hints)."""
-    return " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="imaml-eval",
@@ -141,27 +138,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_device(spec: str) -> torch.device:
-    """``torch.device(spec)``, present on this machine; ``ConfigError`` (one line) otherwise."""
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, ValueError, TypeError) as exc:
-        raise ConfigError(f"--device {spec}: not a torch device ({one_line(exc)})") from exc
-    if device.type == "cpu":
-        return device
-    backend = getattr(torch, device.type, None)
-    is_available = getattr(backend, "is_available", None)
-    if device.type == "mps":  # torch.mps has no is_available; the backend flag does
-        is_available = torch.backends.mps.is_available
-    if not callable(is_available) or not is_available():
-        name = "CUDA" if device.type == "cuda" else device.type
-        raise ConfigError(f"--device {spec}: {name} is not available on this machine")
-    count = getattr(backend, "device_count", None)
-    if device.index is not None and callable(count) and device.index >= count():
-        raise ConfigError(f"--device {spec}: this machine has {count()} {device.type} device(s)")
-    return device
-
-
 def check_destination(path: Path, flag: str | None = "--json") -> None:
     """Fail before any work where the result cannot be written to ``path``: a folder there, a
     parent that is a file, or a nearest existing folder that is not writable
@@ -178,6 +154,7 @@ def check_destination(path: Path, flag: str | None = "--json") -> None:
     problem = folder_problem(path.parent)
     if problem:
         fail(problem)
+
 
 def main(argv=None) -> int:
     """``imaml-eval``; returns the exit status (0, or 2 with a one-line error).

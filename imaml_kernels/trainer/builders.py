@@ -1,9 +1,9 @@
 """Model, sampler and solver builders: what a run configuration turns into.
 
-Shared by the trainer (:mod:`imaml_kernels.train`), the evaluation
-(:mod:`imaml_kernels.evaluate`) and the benchmarks, so that each builds exactly the same
-network, task samplers and inner solver from a configuration of
-:func:`imaml_kernels.presets.resolve_config`.
+Shared by the training loop (:mod:`imaml_kernels.trainer.loop`), the evaluation
+(:mod:`imaml_kernels.trainer.evaluate`) and the benchmarks, so that each builds exactly the same
+network, task samplers, inner solver and backward solve from a configuration of
+:func:`imaml_kernels.trainer.presets.resolve_config`.
 
 Example::
 
@@ -11,6 +11,7 @@ Example::
     >>> model = build_model(cfg)
     >>> train_sampler, test_sampler = build_samplers(cfg, "cpu")
     >>> solver = build_solver(cfg)
+    >>> solve = build_backward_solve(cfg)
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from typing import Any, Mapping
 
 import torch
 
-from .inner import GD, NewtonCG, SGDThenPullBack
-from .nets import MiniImagenetConv, OmniglotConv, released_init
+from ..cg import CG
+from ..inner import GD, NewtonCG, SGDThenPullBack
+from ..nets import MiniImagenetConv, OmniglotConv, released_init
 
-__all__ = ["DataError", "build_model", "build_samplers", "build_solver"]
+__all__ = ["DataError", "build_backward_solve", "build_model", "build_samplers", "build_solver"]
 
 
 class DataError(RuntimeError):
@@ -47,7 +49,7 @@ def build_samplers(cfg: Mapping[str, Any], device, data_root=None):
         DataError: the data is missing or unusable, or the split cannot supply the tasks
             (the loader's or the sampler's message, which says what to do).
     """
-    from .data import miniimagenet_samplers, omniglot_samplers
+    from ..data import miniimagenet_samplers, omniglot_samplers
 
     args = (cfg["way"], cfg["shot"], cfg["query"])
     try:
@@ -70,3 +72,10 @@ def build_solver(cfg: Mapping[str, Any]):
     if cfg["inner"] == "sgd-pullback":
         return SGDThenPullBack(int(cfg["inner_steps"]), cfg["inner_lr"])
     return GD(cfg["inner_steps"], cfg["inner_lr"])
+
+
+def build_backward_solve(cfg: Mapping[str, Any], backend=None) -> CG:
+    """The backward's linear solve of a run: ``((1+c) I + H/(λ+d)) x = g`` with
+    ``cg_iters`` CG iterations, c = ``cg_damping`` and d = ``lam_damping`` (the authors'
+    released code: c = 1, d = 10; c = d = 0: the paper's ``(I + H/λ) x = g``)."""
+    return CG(cfg["cg_iters"], damping=cfg["cg_damping"], lam_damping=cfg["lam_damping"], backend=backend)

@@ -165,7 +165,7 @@ def apply_overrides(cfg: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
 
 def check_config(cfg: Mapping[str, Any]) -> None:
     """Fail early, before any data is loaded, on values that cannot run."""
-    from .data.download import OMNIGLOT_DRAWINGS
+    from ..data.download import OMNIGLOT_DRAWINGS
 
     if cfg["dataset"] not in ("omniglot", "miniimagenet"):
         raise ConfigError(f"dataset must be 'omniglot' or 'miniimagenet', got {cfg['dataset']!r}")

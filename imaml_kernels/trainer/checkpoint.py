@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ._atomic import atomic_write
+from .._atomic import atomic_write
 
 CHECKPOINT_VERSION = 1
 CHECKPOINT_NAME = "ckpt.pt"
@@ -119,9 +119,9 @@ def first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:
 def checkpoint_config(state: Mapping[str, Any], path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint's configuration, complete and valid, as a new dict.
 
-    Every key of :data:`imaml_kernels.presets.DEFAULTS` must be present (the model, the
+    Every key of :data:`imaml_kernels.trainer.presets.DEFAULTS` must be present (the model, the
     samplers and the solvers are built from them) and pass
-    :func:`~imaml_kernels.presets.check_config`.
+    :func:`~imaml_kernels.trainer.presets.check_config`.
 
     Raises:
         CheckpointError: ``<path>: its config lacks 'way'`` (every missing key is named), or

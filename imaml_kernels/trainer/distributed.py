@@ -10,12 +10,12 @@ checkpoints and plots.
 
 Launch::
 
-    $ torchrun --nproc_per_node 4 -m imaml_kernels.train --device cuda ...   # nccl, one GPU per rank
+    $ torchrun --nproc_per_node 4 -m imaml_kernels.trainer --device cuda ...   # nccl, one GPU per rank
     $ imaml-train --world-size 2 --threads 1 ...                           # spawns 2 CPU ranks (gloo)
     $ python -m bench distributed                                           # meta-steps/s, 1 vs 2 ranks
 
-This module knows nothing of the trainer: :func:`spawn` and :func:`bench` take the entry
-point (``imaml_kernels.train.main``) as an argument.
+This module knows nothing of the training loop or the command line: :func:`spawn` and
+:func:`bench` take the entry point (``imaml_kernels.trainer.cli.main``) as an argument.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 __all__ = ["DistContext", "DistributedError", "bench", "env_world_size", "init", "shard", "spawn"]
 
-# An entry point: ``entry(argv) -> exit status``, e.g. imaml_kernels.train.main.
+# An entry point: ``entry(argv) -> exit status``, e.g. imaml_kernels.trainer.cli.main.
 Entry = Callable[[list[str]], int]
 
 
@@ -250,10 +250,10 @@ def spawn(entry: Entry, argv: Sequence[str], world_size: int) -> int:
     SIGTERM and polls its parent pid once a second.
 
     ``entry`` is pickled to the ranks by reference, so it must be a top-level function of an
-    importable module (``imaml_kernels.train.main``), not a lambda or a closure.
+    importable module (``imaml_kernels.trainer.cli.main``), not a lambda or a closure.
 
     Example:
-        >>> from imaml_kernels.train import main
+        >>> from imaml_kernels.trainer.cli import main
         >>> spawn(main, ["--preset", "omniglot-5w1s", "--threads", "1"], 2)
         0
     """
@@ -310,7 +310,7 @@ def spawn(entry: Entry, argv: Sequence[str], world_size: int) -> int:
 def bench(entry: Entry, worlds=(1, 2), steps: int = 6, extra: Sequence[str] = ()) -> dict[int, float]:
     """Meta-steps/s of the tiny CPU configuration for each world size (1 thread per rank).
 
-    ``entry`` is the trainer's entry point (``imaml_kernels.train.main``), run in this process
+    ``entry`` is the trainer's entry point (``imaml_kernels.trainer.cli.main``), run in this process
     with imaml-train flags and ``--world-size N`` (it spawns the ranks). Times the second half
     of the run only (from the read-back after ``steps/2`` steps to the one at the end), so
     process start, data loading and the first step are excluded.

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-from ._atomic import folder_problem, write_text
+from .._atomic import folder_problem, write_text
 
 __all__ = ["RunError", "RunFolder", "MetricsLog", "read_metrics", "json_safe", "check_out_dir"]
 
