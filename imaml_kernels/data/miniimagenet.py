@@ -39,7 +39,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .download import resolve_root, save_npz_atomic, write_text_atomic
+from .._atomic import write_text
+from .files import resolve_root, save_npz_atomic
 from .sampler import TaskSampler
 
 __all__ = [
@@ -315,7 +316,7 @@ def convert_miniimagenet(
         ),
     }
     # Written last: its presence marks a complete conversion.
-    write_text_atomic(root / MINIIMAGENET_CLASSES_JSON, json.dumps(meta, indent=1))
+    write_text(root / MINIIMAGENET_CLASSES_JSON, json.dumps(meta, indent=1))
     return root
 
 
