@@ -36,8 +36,8 @@ torch is imported. With a CUDA build of torch it runs in this process.
 
 The package, by concern: :mod:`.counter` (the counting dispatch mode), :mod:`.fake_cuda` (the
 stand-in runtime), :mod:`.steps` (the fused step and the per-task baseline: the one module
-that imports the trainer), :mod:`.measure` (counting a step, in this process or the
-subprocess), :mod:`.report` (the markdown report and the budget).
+that imports the trainer), :mod:`.counting` (counting a step, in this process or the
+subprocess), :mod:`.markdown` (the markdown report and the budget).
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ import json
 from pathlib import Path
 
 from .counter import NO_KERNEL, SYNC_OPS, LaunchCounter
+from .counting import SHAPES, backends, count_spec, count_step, measure, run
 from .fake_cuda import FAKE_CUDA_SOURCE, cuda_ready, fake_cuda_library
-from .measure import SHAPES, backends, count_spec, count_step, measure, run
-from .report import BUDGET, GOAL, report
+from .markdown import BUDGET, GOAL, report
 from .steps import STEPS, baseline_step, fused_step, per_task_meta_step
 
 __all__ = [

@@ -2,7 +2,7 @@
 hooks, so its autograd engine cannot run a backward pass on fake ``cuda`` tensors.
 :data:`FAKE_CUDA_SOURCE` (a no-op device guard and CUDA hooks that report "built, not
 available") is compiled once with the C++ compiler, cached, and loaded by the counting
-subprocess before torch is imported (:func:`bench.launches.measure.measure`)."""
+subprocess before torch is imported (:func:`bench.launches.counting.measure`)."""
 
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ def backends() -> dict:
 _MARK = "@@bench.launches@@"
 _CHILD = (
     "import ctypes, sys; ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_GLOBAL)\n"
-    "from bench.launches.measure import _child_main; _child_main()\n"
+    "from bench.launches.counting import _child_main; _child_main()\n"
 )
 
 

@@ -1,5 +1,5 @@
 """The markdown report of ``bench launches`` (:func:`report`), from the result dicts of
-:func:`bench.launches.measure.measure`, and the launch budget it checks."""
+:func:`bench.launches.counting.measure`, and the launch budget it checks."""
 
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def _host_syncs(results):
 
 
 def report(results, header=None, top=15, sites_per_op=6, every_site=("aten::clone", "aten::copy_")) -> str:
-    """The markdown report of :func:`bench.launches.measure.measure`'s results."""
+    """The markdown report of :func:`bench.launches.counting.measure`'s results."""
     header = header or machine_header()
     fused = {r["shape"]: r for r in results if r["kind"] == "fused"}
     base = {r["shape"]: r for r in results if r["kind"] == "baseline"}
