@@ -4,8 +4,19 @@ import os
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository: bench/ and imaml_kernels/
+
+
+def child_env(**overrides):
+    """The environment for a ``python`` subprocess run from :data:`ROOT` that imports this
+    checkout's ``bench`` and ``imaml_kernels`` first: ``ROOT`` ahead of ``$PYTHONPATH``."""
+    env = dict(os.environ, **overrides)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
 
 
 def machine_header():

@@ -17,7 +17,7 @@ import torch
 
 from imaml_kernels._atomic import atomic_write, write_bytes, write_text
 from imaml_kernels.trainer.checkpoint import load_checkpoint, save_checkpoint
-from imaml_kernels.data.download import save_npz_atomic, write_text_atomic
+from imaml_kernels.data.files import save_npz_atomic
 from imaml_kernels.trainer.evaluate import write_json
 
 
@@ -163,7 +163,7 @@ def test_curves_png_ignores_a_planted_symlink(tmp_path):
 
 def test_data_writers_ignore_planted_symlinks(tmp_path):
     victim = _plant(tmp_path, ".characters.json.tmp")
-    write_text_atomic(tmp_path / "characters.json", "{}")
+    write_text(tmp_path / "characters.json", "{}")
     save_npz_atomic(tmp_path / "x.npz", images=np.zeros((2, 3), np.uint8))
     assert victim.read_text() == "precious" and (tmp_path / "characters.json").read_text() == "{}"
     assert np.load(tmp_path / "x.npz")["images"].shape == (2, 3)

@@ -12,7 +12,8 @@ Example:
 Only torch, numpy, the standard library, tqdm and (lazily) Pillow are used.
 """
 
-from .download import convert_omniglot_zips, prepare_omniglot, resolve_root
+from .download import convert_omniglot_zips, prepare_omniglot
+from .files import resolve_root
 from .miniimagenet import (
     convert_miniimagenet,
     detect_miniimagenet_layout,

@@ -1,42 +1,35 @@
-"""Where the datasets live, how files are written, and the Omniglot download.
+"""The Omniglot download (``imaml-data omniglot``): the on-disk format, and the upstream
+release fetched and converted into it.
 
-This module is the *writer* side of the data layer:
+* the format constants and file names (``OMNIGLOT_*``, :func:`omniglot_npz_name`), which
+  the reader :mod:`imaml_kernels.data.omniglot` imports;
+* :func:`fetch_omniglot_zips` finds or downloads the release zips of ``brendenlake/omniglot``;
+* :func:`convert_omniglot_zips` turns them into the array format;
+* :func:`prepare_omniglot` does both (what ``imaml-data omniglot`` runs).
 
-* ``resolve_root`` decides which directory a dataset is read from or written to
-  (explicit argument, then an environment variable, then the user cache);
-* ``save_npz_atomic`` / ``write_text_atomic`` write through a temporary file
-  and ``os.replace`` (:func:`imaml_kernels._atomic.atomic_write`) so that an
-  interrupted conversion never leaves a half-written file under its final name;
-* ``download_url`` fetches one file with a tqdm progress bar;
-* ``prepare_omniglot`` downloads the upstream release zips of
-  ``brendenlake/omniglot`` and ``convert_omniglot_zips`` turns them into the
-  array format read by :mod:`imaml_kernels.data.omniglot`.
-
-It imports nothing else from the package but :mod:`imaml_kernels._atomic`, so
-the readers can import it.
+Where files go, how they are written and downloaded is :mod:`imaml_kernels.data.files`.
+It imports nothing else from the package but :mod:`imaml_kernels._atomic` and ``files``,
+so the readers can import it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import re
 import tempfile
-import urllib.error
 import urllib.parse
-import urllib.request
 import zipfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from .._atomic import atomic_write, write_bytes
+from .._atomic import write_text
+from .files import download_url, file_digest, resolve_root, save_npz_atomic
 
 __all__ = [
-    "DEFAULT_CACHE_SUBDIR",
     "OMNIGLOT_URL",
     "OMNIGLOT_SPLITS",
     "OMNIGLOT_COUNTS",
@@ -46,151 +39,10 @@ __all__ = [
     "OMNIGLOT_SHA256",
     "omniglot_npz_name",
     "omniglot_zip_name",
-    "resolve_root",
-    "save_npz_atomic",
-    "write_text_atomic",
-    "sha256_file",
-    "download_url",
     "fetch_omniglot_zips",
     "convert_omniglot_zips",
     "prepare_omniglot",
 ]
-
-# ----------------------------------------------------------------------------
-# Where data lives
-# ----------------------------------------------------------------------------
-
-DEFAULT_CACHE_SUBDIR = "imaml_kernels"
-
-
-def _user_cache_dir() -> Path:
-    # XDG first because HPC clusters often point it at scratch space; the home
-    # directory there is small and slow.
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / DEFAULT_CACHE_SUBDIR
-
-
-def resolve_root(
-    root: str | os.PathLike | None, *, env_var: str, subdir: str
-) -> tuple[Path, str]:
-    """Pick a dataset directory: ``root``, else ``$env_var``, else the user cache.
-
-    Args:
-        root: explicit directory, or None.
-        env_var: environment variable that names the dataset directory itself
-            (``IMAML_DATA`` for Omniglot, ``IMAML_DATA_MINIIMAGENET``).
-        subdir: folder under ``$XDG_CACHE_HOME/imaml_kernels`` (default
-            ``~/.cache/imaml_kernels``) used when neither is given.
-
-    Returns:
-        ``(path, how)`` where ``how`` says which rule chose the path, for error
-        messages (e.g. ``"from $IMAML_DATA"``). The path need not exist.
-
-    Example:
-        >>> p, how = resolve_root("/data/omniglot", env_var="IMAML_DATA", subdir="omniglot")
-        >>> str(p), how
-        ('/data/omniglot', 'given as root')
-    """
-    if root is not None:
-        return Path(root).expanduser(), "given as root"
-    env = os.environ.get(env_var)
-    if env:
-        return Path(env).expanduser(), f"from ${env_var}"
-    return _user_cache_dir() / subdir, "the default cache directory"
-
-
-# ----------------------------------------------------------------------------
-# Atomic writes
-# ----------------------------------------------------------------------------
-
-
-def save_npz_atomic(dest: str | os.PathLike, *, compressed: bool = True, **arrays: np.ndarray) -> Path:
-    """Write ``arrays`` to the ``.npz`` file ``dest`` via a temporary file and a rename.
-
-    Args:
-        dest: final path (any suffix; numpy's habit of appending ``.npz`` is
-            avoided by writing to an open file).
-        compressed: ``np.savez_compressed`` (True) or ``np.savez``.
-        **arrays: the arrays, by key.
-
-    Returns:
-        ``Path(dest)``.
-
-    Example:
-        >>> save_npz_atomic(tmp / "x.npz", images=np.zeros((2, 20, 28, 28), np.uint8))
-        >>> np.load(tmp / "x.npz")["images"].shape
-        (2, 20, 28, 28)
-    """
-    dest = Path(dest)
-    # The file is created with 0o666 less the umask (as by open()): converted data is often shared.
-    with atomic_write(dest) as f:
-        (np.savez_compressed if compressed else np.savez)(f, **arrays)
-    return dest
-
-
-def write_text_atomic(dest: str | os.PathLike, text: str) -> Path:
-    """Write UTF-8 ``text`` to ``dest`` via a temporary file and a rename.
-
-    Example:
-        >>> write_text_atomic(tmp / "a.json", "{}").read_text()
-        '{}'
-    """
-    return write_bytes(dest, text.encode("utf-8"))
-
-
-def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------
-# Downloads
-# ----------------------------------------------------------------------------
-
-
-def download_url(url: str, dest: str | os.PathLike, *, progress: bool = True, timeout: float = 60.0) -> Path:
-    """Download ``url`` to ``dest`` (atomically) with a tqdm progress bar.
-
-    ``file://`` URLs work too, which is how the tests run offline.
-
-    Raises:
-        OSError: the URL could not be fetched; the message names it and says
-            how to supply the files by hand.
-
-    Example:
-        >>> download_url(OMNIGLOT_URL + "/images_background.zip", "/tmp/bg.zip")
-        PosixPath('/tmp/bg.zip')
-    """
-    from tqdm.auto import tqdm
-
-    dest = Path(dest)
-    try:
-        resp = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 (http/https/file only, see fetch)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise OSError(
-            f"could not download {url}: {exc}. If this machine is offline, fetch the file "
-            f"elsewhere and pass the folder that holds it as --src (or src=)."
-        ) from exc
-    with resp, atomic_write(dest) as f:
-        total = resp.headers.get("Content-Length") if hasattr(resp, "headers") else None
-        with tqdm(
-            total=int(total) if total else None,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=dest.name,
-            disable=not progress,
-        ) as bar:
-            while block := resp.read(1 << 16):
-                f.write(block)
-                bar.update(len(block))
-    return dest
-
 
 # ----------------------------------------------------------------------------
 # Omniglot: the on-disk format (the reader in omniglot.py imports these)
@@ -258,14 +110,6 @@ def omniglot_zip_name(split: str) -> str:
 _MEMBER_RE = re.compile(r"^(?:[^/]+/)?([^/]+)/(character\d+)/(\d{4})_(\d{2})\.png$")
 
 
-def _md5_file(path: Path) -> str:
-    h = hashlib.md5()  # noqa: S324 (integrity check against published values, not security)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_omniglot_zips(
     src: str | os.PathLike | None, workdir: str | os.PathLike, *, progress: bool = True
 ) -> dict[str, Path]:
@@ -309,9 +153,10 @@ def fetch_omniglot_zips(
     for split in OMNIGLOT_SPLITS:
         name = omniglot_zip_name(split)
         dest = download_url(f"{base.rstrip('/')}/{name}", workdir / name, progress=progress)
-        if src is None and _md5_file(dest) != _OMNIGLOT_ZIP_MD5[split]:
+        md5 = file_digest(dest, "md5") if src is None else None
+        if md5 is not None and md5 != _OMNIGLOT_ZIP_MD5[split]:
             raise ValueError(
-                f"{name} downloaded from {base} has md5 {_md5_file(dest)}, expected "
+                f"{name} downloaded from {base} has md5 {md5}, expected "
                 f"{_OMNIGLOT_ZIP_MD5[split]}; the download is corrupt or upstream changed"
             )
         out[split] = dest
@@ -463,7 +308,7 @@ def convert_omniglot_zips(
     meta["note"] = _OMNIGLOT_NOTE
     # indent=1 and no trailing newline: the layout of the reference file, so the
     # full release reproduces its checksum.
-    written.append(write_text_atomic(root / OMNIGLOT_CHARACTERS_JSON, json.dumps(meta, indent=1)))
+    written.append(write_text(root / OMNIGLOT_CHARACTERS_JSON, json.dumps(meta, indent=1)))
     return written
 
 

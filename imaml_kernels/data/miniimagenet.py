@@ -39,7 +39,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .download import resolve_root, save_npz_atomic, write_text_atomic
+from .._atomic import write_text
+from .files import resolve_root, save_npz_atomic
 from .sampler import TaskSampler
 
 __all__ = [
@@ -218,6 +219,54 @@ def _histogram_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     return mean.tolist(), np.sqrt(np.maximum(var, 0.0)).tolist()
 
 
+def _convert_csv_split(
+    src: Path, split: str, per_class: int | None, progress: bool
+) -> tuple[np.ndarray, list[str], Path]:
+    """One split of the CSV layout: uint8 [C, n, S, S, 3] (classes sorted), the wnids, the CSV."""
+    from tqdm.auto import tqdm
+
+    S = MINIIMAGENET_SIZE
+    where = src / f"{split}.csv"
+    per = _read_csv(where)
+    n = _check_counts(split, {k: len(v) for k, v in per.items()}, per_class, where)
+    classes = sorted(per)
+    arr = np.empty((len(classes), n, S, S, 3), np.uint8)
+    bar = tqdm(total=len(classes) * n, desc=split, unit="img", disable=not progress)
+    with bar:
+        for c, label in enumerate(classes):
+            for i, name in enumerate(per[label]):
+                arr[c, i] = _load_image(_find_image(src / "images", label, name), S)
+                bar.update(1)
+    return arr, classes, where
+
+
+def _convert_pickle_split(src: Path, split: str, per_class: int | None) -> tuple[np.ndarray, list[str], Path]:
+    """One split of the pickle layout: uint8 [C, n, S, S, 3] (classes sorted), the wnids, the pickle."""
+    S = MINIIMAGENET_SIZE
+    where = src / _pickle_name(split)
+    images, per = _read_pickle(where)
+    if images.shape[1:] != (S, S, 3):
+        raise ValueError(f"{where}: images are {list(images.shape[1:])}, expected [{S}, {S}, 3]")
+    _check_counts(split, {k: len(v) for k, v in per.items()}, per_class, where)
+    classes = sorted(per)
+    bad = [i for v in per.values() for i in v if not 0 <= i < len(images)]
+    if bad:
+        raise ValueError(
+            f"{where}: class_dict indexes rows {bad[:3]} outside image_data ({len(images)} rows)"
+        )
+    return np.stack([images[per[k]] for k in classes]), classes, where
+
+
+def _check_disjoint(wnids: Mapping[str, Sequence[str]]) -> None:
+    """No class in two splits."""
+    seen: dict[str, str] = {}
+    for split, classes in wnids.items():
+        for k in classes:
+            if k in seen:
+                raise ValueError(f"class {k} is in both the {seen[k]} and the {split} split")
+            seen[k] = split
+
+
 def convert_miniimagenet(
     src: str | os.PathLike,
     root: str | os.PathLike | None = None,
@@ -251,54 +300,24 @@ def convert_miniimagenet(
         >>> convert_miniimagenet("~/Downloads/mini-imagenet", "~/data/mini")
         PosixPath('/home/me/data/mini')
     """
-    from tqdm.auto import tqdm
-
     src = Path(src).expanduser()
     root, _ = resolve_root(root, env_var=MINIIMAGENET_ENV, subdir="miniimagenet")
     outputs = [root / miniimagenet_npz_name(s) for s in MINIIMAGENET_SPLITS] + [root / MINIIMAGENET_CLASSES_JSON]
     if not force and all(p.is_file() for p in outputs):
         return root
     layout = detect_miniimagenet_layout(src)
-    S = MINIIMAGENET_SIZE
 
     arrays: dict[str, np.ndarray] = {}
     wnids: dict[str, list[str]] = {}
     for split in MINIIMAGENET_SPLITS:
         if layout == "csv":
-            where = src / f"{split}.csv"
-            per = _read_csv(where)
-            n = _check_counts(split, {k: len(v) for k, v in per.items()}, per_class, where)
-            classes = sorted(per)
-            arr = np.empty((len(classes), n, S, S, 3), np.uint8)
-            bar = tqdm(total=len(classes) * n, desc=split, unit="img", disable=not progress)
-            with bar:
-                for c, label in enumerate(classes):
-                    for i, name in enumerate(per[label]):
-                        arr[c, i] = _load_image(_find_image(src / "images", label, name), S)
-                        bar.update(1)
+            arr, classes, where = _convert_csv_split(src, split, per_class, progress)
         else:
-            where = src / _pickle_name(split)
-            images, per = _read_pickle(where)
-            if images.shape[1:] != (S, S, 3):
-                raise ValueError(f"{where}: images are {list(images.shape[1:])}, expected [{S}, {S}, 3]")
-            n = _check_counts(split, {k: len(v) for k, v in per.items()}, per_class, where)
-            classes = sorted(per)
-            bad = [i for v in per.values() for i in v if not 0 <= i < len(images)]
-            if bad:
-                raise ValueError(
-                    f"{where}: class_dict indexes rows {bad[:3]} outside image_data ({len(images)} rows)"
-                )
-            arr = np.stack([images[per[k]] for k in classes])
+            arr, classes, where = _convert_pickle_split(src, split, per_class)
         if expected_classes is not None and len(classes) != expected_classes[split]:
             raise ValueError(f"{where}: found {len(classes)} {split} classes, expected {expected_classes[split]}")
         arrays[split], wnids[split] = arr, classes
-
-    seen: dict[str, str] = {}
-    for split, classes in wnids.items():
-        for k in classes:
-            if k in seen:
-                raise ValueError(f"class {k} is in both the {seen[k]} and the {split} split")
-            seen[k] = split
+    _check_disjoint(wnids)
 
     root.mkdir(parents=True, exist_ok=True)
     for split, arr in arrays.items():
@@ -315,7 +334,7 @@ def convert_miniimagenet(
         ),
     }
     # Written last: its presence marks a complete conversion.
-    write_text_atomic(root / MINIIMAGENET_CLASSES_JSON, json.dumps(meta, indent=1))
+    write_text(root / MINIIMAGENET_CLASSES_JSON, json.dumps(meta, indent=1))
     return root
 
 

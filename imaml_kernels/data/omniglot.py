@@ -35,9 +35,8 @@ from .download import (
     OMNIGLOT_SHA256,
     OMNIGLOT_SPLITS,
     omniglot_npz_name,
-    resolve_root,
-    sha256_file,
 )
+from .files import file_digest, resolve_root
 from .sampler import TaskSampler
 
 __all__ = [
@@ -91,7 +90,7 @@ def _verify(path: Path, images: np.ndarray | None) -> None:
     if ref is None:
         raise ValueError(f"verify=True: no reference checksum is known for {path.name}")
     file_ref, content_ref = ref
-    found = sha256_file(path)
+    found = file_digest(path)
     if found == file_ref:
         return
     if images is not None and content_ref is not None and _content_sha256(images) == content_ref:
