@@ -14,7 +14,7 @@ and the options live in :mod:`~imaml_kernels.arguments`, φ's type in :mod:`~ima
 """
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Union
 
 import torch
 import torch.nn.functional as F
@@ -201,7 +201,7 @@ def implicit_adapt(model: Union[torch.nn.Module, Callable], theta: Dict[str, tor
     """
     opts = args.Options.make(**options)
     args.check_theta(theta)
-    T = args.check_support(support)
+    args.check_support(support)
     psi = args.check_model_params(model, theta)
     args.check_inner(inner)
     args.check_dtypes(model, theta, support[0])

@@ -5,7 +5,7 @@ import torch
 
 import imaml_kernels as ik
 from imaml_kernels import reference
-from helpers import HouseholderSPD, dense_solve, rel_err, spd_operator
+from helpers import dense_solve, rel_err, spd_operator
 
 CPU_BACKENDS = [b for b in ("reference", "cpu", "triton") if b in ik.available_backends("cpu")]
 

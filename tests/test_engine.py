@@ -350,8 +350,8 @@ def test_engine_ops_pass_opcheck():
         (torch.ops.imaml.prox_step, (torch.randn(T, 7, dtype=torch.float64), torch.randn(T, 7, dtype=torch.float64),
                                      torch.randn(7, dtype=torch.float64), torch.rand(T, dtype=torch.float64), 0.1)),
     ]
-    for op, args in cases:
-        torch.library.opcheck(op, args)
+    for fn, args in cases:
+        torch.library.opcheck(fn, args)
 
 
 def test_engine_loss_and_grad_compiles_fullgraph():

@@ -9,7 +9,6 @@ against a dense solve of the damped system.
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 from pathlib import Path
@@ -17,9 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad, hessian, vmap
+from torch.func import functional_call, grad, hessian
 
-import imaml_kernels
 from imaml_kernels import GD, ProximalObjective
 from imaml_kernels.data import omniglot_root
 from imaml_kernels.nets import MLP
@@ -296,38 +294,3 @@ def test_meta_step_reads_nothing_back(monkeypatch):
     stats = meta_step(model, dict(model.named_parameters()), opt, batch, lam=cfg["lam"], inner=GD(3, 0.1), solve=build_backward_solve(cfg))
     monkeypatch.undo()
     assert torch.isfinite(stats).all()
-
-
-# ------------------------------------------------------------------ import layers
-
-# The trainer's modules in layer order: each may import only those before it (no cycle;
-# the evaluation never imports the loop or the command line).
-TRAINER_LAYERS = ("presets", "builders", "checkpoint", "runs", "distributed", "plots", "_cli_util", "evaluate",
-                  "loop", "cli", "__main__")
-
-
-def _imports(path: Path, package: str) -> set[str]:
-    """The absolute names of the modules (and ``from m import name``: ``m.name``) ``path`` imports."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
-            module = ".".join(base + ([node.module] if node.module else []))
-            names |= {module} | {f"{module}.{a.name}" for a in node.names}
-    return names
-
-
-def test_the_library_never_imports_the_trainer_and_the_trainer_is_layered():
-    root = Path(imaml_kernels.__file__).parent
-    for path in root.rglob("*.py"):
-        rel = path.relative_to(root.parent).with_suffix("")
-        imported = {m for m in _imports(path, ".".join(rel.parts[:-1])) if m.startswith("imaml_kernels.trainer")}
-        if rel.parts[1] != "trainer":
-            assert not imported, (path, imported)
-        elif rel.name in TRAINER_LAYERS:
-            allowed = {f"imaml_kernels.trainer.{m}" for m in TRAINER_LAYERS[: TRAINER_LAYERS.index(rel.name)]}
-            used = {".".join(m.split(".")[:3]) for m in imported} - {"imaml_kernels.trainer"}
-            assert used <= allowed, (path, used - allowed)
-    assert {p.stem for p in (root / "trainer").glob("*.py")} == {*TRAINER_LAYERS, "__init__"}
