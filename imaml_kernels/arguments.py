@@ -26,7 +26,8 @@ class Options:
     cg_tol: Optional[float] = None
     first_order: bool = False
     loss: Optional[Callable] = None
-    hvp_chunk: Optional[int] = None
+    chunk: Optional[int] = None
+    max_memory: Optional[int] = None
     hvp_mode: str = "auto"
     backend: Optional[str] = None
     engine: Any = None

@@ -22,6 +22,7 @@ from torch.func import vmap
 
 from . import arguments as args
 from .adapted import AdaptedParams, Diagnostics
+from .cg import CGInfo
 from .engine import functional_logits, select_engine
 from .objective import ProximalObjective, batch_stats_only, lam_like, task_loss_fn
 
@@ -36,8 +37,9 @@ def _rows_finite(t):
 
 @dataclasses.dataclass(frozen=True)
 class _Saved:
-    """What the backward needs. ``lin`` holds the linearisation made with the inner loss (the
-    engine's; the backward takes it, so its activations are freed after the solve)."""
+    """What the backward needs. ``chunks``: the task ranges solved one after the other (the
+    plan's); ``lin`` holds the linearisation made with the inner loss when there is one chunk
+    (the engine's; the backward takes it, so its activations are freed after the solve)."""
 
     objective: ProximalObjective
     phi: Dict[str, torch.Tensor]
@@ -47,6 +49,7 @@ class _Saved:
     model: Any
     psi: Dict[str, torch.Tensor]
     theta_dtypes: Dict[str, torch.dtype]
+    chunks: tuple
     lin: list
 
 
@@ -72,10 +75,41 @@ def _solve(lin, solve, g, lam):
     return lin.from_work(out[0].to(g.dtype)), out[1]
 
 
+def _chunk_backward(s, obj, phi, g, inner_loss, eager):
+    """One chunk of tasks: ``(x, info, dropped, cross)`` for the flat gradient ``g [c, P]``."""
+    keep = _rows_finite(g)
+    g = g.masked_fill(~keep[:, None], 0.0)
+    x, info, cross = g, None, {}
+    if not s.opts.first_order:
+        with batch_stats_only(s.model):
+            lin = (s.lin.pop() if eager and s.lin else None) or obj.linearize(phi)
+            x, info = _solve(lin, s.opts.solve, g, obj.lam)
+        # A breakdown (I + H/λ indefinite for a non-convex task) keeps CG's last good
+        # iterate, a usable partial solve; it is reported in info["cg"].breakdown.
+        keep = keep & _rows_finite(x)
+    bad = ~keep | ~torch.isfinite(inner_loss)
+    x = x.masked_fill(bad[:, None], 0.0)
+    if s.psi and not s.opts.first_order:
+        # dφ*/dψ = −(H + λ'I)⁻¹ ∂²L̂/∂φ∂ψ, and (H + λ'I)⁻¹ g = x/(λ+d).
+        lam_d = lam_like(obj.lam, x) + float(getattr(s.opts.solve, "lam_damping", 0.0))
+        with batch_stats_only(s.model):
+            cross = lin.cross_vjp(x / lam_d)
+    return x, info, bad, cross
+
+
+def _joined(infos):
+    """The chunks' solve infos as one: a :class:`CGInfo` of ``[T]`` fields, else the list."""
+    if len(infos) == 1:
+        return infos[0]
+    if all(isinstance(i, CGInfo) for i in infos):
+        return CGInfo(*(torch.cat(f) for f in zip(*infos)))
+    return infos
+
+
 class _ImplicitGrad(torch.autograd.Function):
     """Outputs φ (a copy); its backward solves for θ's and ψ's gradients, like jaxopt's
-    ``root_vjp``. It mutates nothing outside ``ctx`` while tracing, so ``torch.compile`` can
-    take it."""
+    ``root_vjp``, chunk by chunk of tasks as the plan says. It mutates nothing outside ``ctx``
+    while tracing, so ``torch.compile`` can take it."""
 
     @staticmethod
     def forward(ctx, saved, *leaves):
@@ -90,39 +124,36 @@ class _ImplicitGrad(torch.autograd.Function):
     def backward(ctx, *grads):
         s = ctx.saved
         obj, eager = s.objective, not torch.compiler.is_compiling()
-        g = obj.layout.flatten({k: (gr if gr is not None else torch.zeros_like(s.phi[k])) for k, gr in zip(s.phi, grads)})
-        keep = _rows_finite(g)
-        g = g.masked_fill(~keep[:, None], 0.0)
+        grads = {k: (gr if gr is not None else torch.zeros_like(s.phi[k])) for k, gr in zip(s.phi, grads)}
         phi = obj.layout.as_flat(s.phi)
-        x, info = g, None
-        if not s.opts.first_order:
-            with batch_stats_only(s.model):
-                lin = (s.lin.pop() if eager and s.lin else None) or obj.linearize(phi)
-                x, info = _solve(lin, s.opts.solve, g, obj.lam)
-            # A breakdown (I + H/λ indefinite for a non-convex task) keeps CG's last good
-            # iterate, a usable partial solve; it is reported in info["cg"].breakdown.
-            keep = keep & _rows_finite(x)
-        bad = ~keep | ~torch.isfinite(s.inner_loss)
-        x = x.masked_fill(bad[:, None], 0.0)
+        total, cross, infos, bad = None, {}, [], []
+        for lo, hi in s.chunks:
+            sub = obj if len(s.chunks) == 1 else obj.subset(lo, hi)
+            g = obj.layout.flatten({k: gr[lo:hi] for k, gr in grads.items()})
+            x, info, dropped, cr = _chunk_backward(s, sub, phi[lo:hi], g, s.inner_loss[lo:hi], eager)
+            part = x.sum(0, keepdim=True)  # one reduction over the chunk's tasks
+            total = part if total is None else total.add_(part)
+            cross = cr if not cross else {k: cross[k] + cr[k] for k in cross}
+            infos.append(info)
+            bad.append(dropped)
         if eager:
-            s.diag.info = {"cg": info, "dropped": bad}
-        total = obj.layout.unflatten(x.sum(0, keepdim=True))  # one reduction over the tasks
+            s.diag.info = {"cg": _joined(infos), "dropped": torch.cat(bad)}
+        total = obj.layout.unflatten(total)
         out = [total[k][0].to(s.theta_dtypes[k]) for k in s.phi]
-        if s.psi and s.opts.first_order:
-            out += [None] * len(s.psi)
-        elif s.psi:
-            # dφ*/dψ = −(H + λ'I)⁻¹ ∂²L̂/∂φ∂ψ, and (H + λ'I)⁻¹ g = x/(λ+d).
-            lam_d = lam_like(obj.lam, x) + float(getattr(s.opts.solve, "lam_damping", 0.0))
-            with batch_stats_only(s.model):
-                cross = obj.task.cross_vjp(phi, x / lam_d)
-            out += [-cross[k].to(p.dtype) for k, p in s.psi.items()]
+        if s.psi:
+            out += [None] * len(s.psi) if s.opts.first_order else [-cross[k].to(p.dtype) for k, p in s.psi.items()]
         return (None, *out)
 
 
+def _chunks(T, chunk):
+    chunk = T if chunk is None else max(1, min(int(chunk), T))
+    return tuple((lo, min(lo + chunk, T)) for lo in range(0, T, chunk))
+
+
 def _adapt(model, theta, support, lam, inner, opts, psi):
-    """The inner solve: ``(objective, phi, inner_loss, lin)`` (``lin``: the backward's
-    linearisation, made now when the engine runs: its loss is the inner loss, so the support
-    set's forward pass runs once instead of twice)."""
+    """The inner solve, chunk by chunk of tasks: ``(objective, phi, inner_loss, chunks, lin,
+    meta)`` (``lin``: the backward's linearisation, made now when the engine runs one chunk: its
+    loss is the inner loss, so the support set's forward pass runs once instead of twice)."""
     x, y = support
     T = x.shape[0]
     meta = torch.is_grad_enabled() and (any(v.requires_grad for v in theta.values()) or bool(psi))
@@ -133,21 +164,35 @@ def _adapt(model, theta, support, lam, inner, opts, psi):
         if net is None:  # the engine checks its labels itself (once per support set)
             args.check_labels(model, theta, x, y, opts.loss)
         objective = ProximalObjective(task_loss_fn(model, opts.loss), theta, args.as_lam(lam, T, x.device), (x, y),
-                                      hvp_chunk=opts.hvp_chunk, engine=net, hvp_mode=opts.hvp_mode, key=(model, opts.loss),
+                                      engine=net, hvp_mode=opts.hvp_mode, key=(model, opts.loss),
                                       psi={k: p.detach() for k, p in psi.items()})
+        chunks = _chunks(T, opts.chunk)
         with torch.no_grad():
-            if len({v.dtype for v in theta.values()}) == 1:
-                # One copy of θ per task, as views of one [T, P] buffer (one launch, not one per tensor).
-                phi0 = objective.layout.unflatten(objective.theta_flat.detach().expand(T, -1).clone())
-            else:
-                phi0 = {k: v.detach().unsqueeze(0).expand(T, *v.shape).clone() for k, v in theta.items()}
-            phi = inner(objective, phi0)
-            args.check_phi(phi, theta, T)
-            phi = {k: phi[k].detach() for k in theta}
-            if meta and net is not None and not opts.first_order:
-                lin = objective.linearize(objective.layout.as_flat(phi))
-                return objective, phi, lin.loss, [lin], meta
-            return objective, phi, objective.task_value(phi), [], meta
+            if len(chunks) == 1:
+                phi = _inner_solve(objective, theta, inner, T)
+                if meta and net is not None and not opts.first_order:
+                    lin = objective.linearize(objective.layout.as_flat(phi))
+                    return objective, phi, lin.loss, chunks, [lin], meta
+                return objective, phi, objective.task_value(phi), chunks, [], meta
+            flat = torch.empty(T, objective.layout.numel, dtype=objective.theta_flat.dtype, device=x.device)
+            losses = []
+            for lo, hi in chunks:
+                sub = objective.subset(lo, hi)
+                part = _inner_solve(sub, theta, inner, hi - lo)
+                flat[lo:hi] = objective.layout.flatten(part)
+                losses.append(sub.task_value(part))
+            return objective, objective.layout.unflatten(flat), torch.cat(losses), chunks, [], meta
+
+
+def _inner_solve(objective, theta, inner, T):
+    if len({v.dtype for v in theta.values()}) == 1:
+        # One copy of θ per task, as views of one [T, P] buffer (one launch, not one per tensor).
+        phi0 = objective.layout.unflatten(objective.theta_flat.detach().expand(T, -1).clone())
+    else:
+        phi0 = {k: v.detach().unsqueeze(0).expand(T, *v.shape).clone() for k, v in theta.items()}
+    phi = inner(objective, phi0)
+    args.check_phi(phi, theta, T)
+    return {k: phi[k].detach() for k in theta}
 
 
 def implicit_adapt(model: Union[torch.nn.Module, Callable], theta: Dict[str, torch.Tensor], support, *, lam, inner: Callable,
@@ -176,7 +221,8 @@ def implicit_adapt(model: Union[torch.nn.Module, Callable], theta: Dict[str, tor
             need ``first_order=True``.
         first_order: skip the solve (the gradient at φ passes straight to θ).
         loss: ``loss(out, y) -> scalar`` of one task; default cross-entropy.
-        hvp_chunk: tasks per HVP group (memory bound, generic path).
+        chunk: tasks adapted and solved together (the rest wait their turn): a memory bound;
+            ``None``: all at once. ``implicit_meta_grad`` runs the query loss chunk by chunk too.
         hvp_mode: the generic path's HVPs: ``"fwdrev"`` (forward-over-reverse),
             ``"revrev"`` (reverse-over-reverse) or ``"auto"`` (the first, falling back to the
             second where an op has no forward-mode derivative, e.g. ``F.mse_loss``).
@@ -205,11 +251,11 @@ def implicit_adapt(model: Union[torch.nn.Module, Callable], theta: Dict[str, tor
     psi = args.check_model_params(model, theta)
     args.check_inner(inner)
     args.check_dtypes(model, theta, support[0])
-    objective, phi, inner_loss, lin, meta = _adapt(model, theta, support, lam, inner, opts, psi)
+    objective, phi, inner_loss, chunks, lin, meta = _adapt(model, theta, support, lam, inner, opts, psi)
     diag = Diagnostics(inner_loss)
     if not meta:
         return AdaptedParams(phi, _diag=diag)
-    saved = _Saved(objective, phi, opts, inner_loss, diag, model, psi, {k: v.dtype for k, v in theta.items()}, lin)
+    saved = _Saved(objective, phi, opts, inner_loss, diag, model, psi, {k: v.dtype for k, v in theta.items()}, chunks, lin)
     outs = _ImplicitGrad.apply(saved, *theta.values(), *psi.values())
     return AdaptedParams(zip(theta, outs), _diag=diag)
 
@@ -235,20 +281,38 @@ def implicit_meta_grad(model, theta, support, query, *, lam, inner, **options):
     T = args.check_support(support)
     if args.check_support(query, "query") != T:
         raise ValueError(f"query has T={query[0].shape[0]} tasks but support has T={T}")
-    xq, yq = query
     leaves = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in theta.items()}
     psi = args.check_model_params(model, leaves)
+    lam = args.as_lam(lam, T, support[0].device)
+    meta, infos = None, []
+    for lo, hi in _chunks(T, opts.chunk):  # the chunk's tasks end to end: nothing [T, P] is kept
+        part = (lam[lo:hi] if isinstance(lam, torch.Tensor) else lam)
+        g, info = _meta_grad(model, leaves, psi, [t[lo:hi] for t in support], [t[lo:hi] for t in query], part, inner,
+                             {**options, "chunk": None}, opts)
+        meta = g if meta is None else {k: meta[k].add_(g[k]) for k in meta}
+        infos.append(info)
+    if len(infos) == 1:
+        return meta, infos[0]
+    info = {k: torch.cat([i[k] for i in infos]) for k in ("outer_loss", "inner_loss", "dropped") if k in infos[0]}
+    if "cg" in infos[0]:
+        info["cg"] = _joined([i["cg"] for i in infos])
+    return meta, info
+
+
+def _meta_grad(model, leaves, psi, support, query, lam, inner, options, opts):
+    """:func:`implicit_meta_grad` on one chunk of tasks."""
+    xq, yq = query
     with torch.enable_grad():
         phi = implicit_adapt(model, leaves, support, lam=lam, inner=inner, **options)
-        net = None if psi else select_engine(model, theta, xq, opts.loss, opts.engine, opts.backend)
+        net = None if psi else select_engine(model, leaves, xq, opts.loss, opts.engine, opts.backend)
         with batch_stats_only(model):
             if net is not None:
                 logits = functional_logits(net, dict(phi), xq)
                 outer = F.cross_entropy(logits.flatten(0, 1), yq.flatten(), reduction="none").view(yq.shape).mean(1)
             else:
                 outer = vmap(task_loss_fn(model, opts.loss))(dict(phi), xq, yq)
-        wrt = [leaves[k] for k in theta] + list(psi.values())
+        wrt = [*leaves.values(), *psi.values()]
         grads = torch.autograd.grad(outer.sum(), wrt, allow_unused=True)
-    meta = {k: (g if g is not None else torch.zeros_like(t)) for k, t, g in zip([*theta, *psi], wrt, grads)}
+    meta = {k: (g if g is not None else torch.zeros_like(t)) for k, t, g in zip([*leaves, *psi], wrt, grads)}
     info = {"outer_loss": outer.detach(), "inner_loss": phi.inner_loss, **(phi.info or {})}
     return meta, info

@@ -23,6 +23,7 @@ primal pass (the engine's :class:`~imaml_kernels.engine.Linearization`, or
 """
 
 import contextlib
+import copy
 import weakref
 from typing import Callable, Dict, Mapping, Optional
 
@@ -123,6 +124,10 @@ class TaskObjective:
     def linearize(self, phi: torch.Tensor):
         raise NotImplementedError
 
+    def subset(self, lo: int, hi: int) -> "TaskObjective":
+        """The objective of tasks ``lo:hi`` (a plan that runs tasks in chunks needs it)."""
+        raise NotImplementedError
+
     def descend(self, theta_flat, lam, phi0, steps: int, lr: float, proximal: bool = True,
                 pull_back: bool = False) -> Optional[torch.Tensor]:
         return None
@@ -133,6 +138,10 @@ class EngineObjective(TaskObjective):
 
     def __init__(self, net, batch):
         self.net, self.layout, self.batch = net, net.layout, tuple(batch)
+
+    def subset(self, lo, hi):
+        """The objective of tasks ``lo:hi``."""
+        return EngineObjective(self.net, tuple(b[lo:hi] for b in self.batch))
 
     def loss(self, phi):
         return self.net.loss(self.layout.as_flat(phi), *self.batch)
@@ -164,22 +173,32 @@ def _math_sdpa():
 
 
 class FuncObjective(TaskObjective):
-    """Any model: ``task_loss(params_t, *batch_t)`` under ``vmap``; HVPs by
-    :func:`~imaml_kernels.batched_hvp` in ``hvp_mode`` (``"auto"``: forward-over-reverse, and
-    reverse-over-reverse where an op of the model or loss has no forward-mode derivative).
+    """Any model: ``task_loss(params_t, *batch_t)`` under ``vmap``.
 
-    ``key``: ``(model, loss)`` (or an object) under which "auto" remembers its choice; ``psi``: the
-    parameters meta-learned but not adapted (a dict, for :meth:`cross_vjp`)."""
+    HVPs in ``hvp_mode``: ``"revrev"`` linearises once (:class:`FuncLinearization` keeps the
+    support loss's gradient graph, and every product is one backward pass through it);
+    ``"fwdrev"`` recomputes each product forward-over-reverse (for models with an op that has no
+    double backward); ``"auto"``: the first, falling back to the second on such an op, the
+    choice remembered under ``key`` (``(model, loss)``).
 
-    def __init__(self, task_loss, layout, batch, *, chunk=None, hvp_mode="auto", key=None, psi=None):
+    ``psi``: the parameters meta-learned but not adapted (a dict, for the cross term)."""
+
+    def __init__(self, task_loss, layout, batch, *, hvp_mode="auto", key=None, psi=None):
         if hvp_mode not in HVP_MODES + ("auto",):
             raise ValueError(f"hvp_mode must be one of {HVP_MODES + ('auto',)}, got {hvp_mode!r}")
         self.task_loss, self.layout, self.batch = task_loss, layout, tuple(batch)
-        self.chunk, self.hvp_mode, self.psi = chunk, hvp_mode, dict(psi or {})
+        self.hvp_mode, self.psi = hvp_mode, dict(psi or {})
         # "auto" remembers its choice per (model, loss): both outlive this call's task_loss closure.
         self._key, self._sub = key if isinstance(key, tuple) else (key if key is not None else task_loss, None)
         self._loss = vmap(task_loss)
+        self._grad = vmap(grad(task_loss))
         self._grad_value = vmap(grad_and_value(task_loss))
+
+    def subset(self, lo, hi):
+        """The objective of tasks ``lo:hi`` (shares everything but the batch)."""
+        sub = copy.copy(self)
+        sub.batch = tuple(b[lo:hi] for b in self.batch)
+        return sub
 
     def loss(self, phi):
         return self._loss(dict(phi), *self.batch)
@@ -190,6 +209,25 @@ class FuncObjective(TaskObjective):
 
     def linearize(self, phi):
         return FuncLinearization(self, phi)
+
+    def descend(self, theta_flat, lam, phi0, steps, lr, proximal=True, pull_back=False):
+        """Proximal GD on a flat ``[T, P]`` buffer, in place: per step the gradients (one
+        ``vmap``'d backward), then ``φ ← lerp(φ, θ, lr λ) − lr g`` parameter by parameter (no
+        other ``[T, P]`` temporaries)."""
+        phi = phi0.clone(memory_format=torch.contiguous_format)
+        views = self.layout.unflatten(phi)
+        theta = self.layout.unflatten(theta_flat.reshape(1, -1).to(phi.dtype))
+        w = lam_like(lam, phi) * lr
+        for _ in range(steps):
+            grads = self._grad(views, *self.batch)
+            for k, p in views.items():
+                if proximal:  # φ − lr(g + λ(φ − θ)) = lerp(φ, θ, lr λ) − lr g, with g taken at φ
+                    p.lerp_(theta[k], lam_like(w, p))
+                p.sub_(grads[k], alpha=lr)
+        if pull_back:
+            for k, p in views.items():
+                p.lerp_(theta[k], lam_like(w, p))
+        return phi
 
     # -- HVPs
 
@@ -205,71 +243,66 @@ class FuncObjective(TaskObjective):
         with contextlib.suppress(TypeError):
             _AUTO_MODE.setdefault(self._key, {})[self._sub] = mode
 
-    def _run(self, fn):
-        """``fn(mode)`` in the settled mode, or, for "auto", forward-over-reverse with a
-        fallback to reverse-over-reverse that is then remembered."""
-        if torch.compiler.is_compiling():
-            # Traced, "auto" takes reverse-over-reverse: torch.compile traces a double
-            # backward inside the implicit backward, but not a jvp there.
-            return fn("revrev" if self.hvp_mode == "auto" else self.hvp_mode)
-        mode = self._settled_mode()
-        with _math_sdpa():
-            if mode is not None:
-                return fn(mode)
-            try:
-                out = fn("fwdrev")
-            except (RuntimeError, NotImplementedError):
-                out = fn("revrev")  # an error here is the model's own: it propagates
-                self._remember("revrev")
-                return out
-            self._remember("fwdrev")
-            return out
-
     @property
     def mode(self) -> Optional[str]:
         """The HVP mode in use (``None`` while "auto" has not run a product yet)."""
         return self._settled_mode()
 
-    def hvp(self, phi, v):
-        """``H_t v_t``, flat ``[T, P]`` in and out."""
+    def hvp(self, phi, v, mode):
+        """``H_t v_t`` recomputed from scratch (no linearisation), flat ``[T, P]`` in and out."""
         un = self.layout.unflatten
-        return self._run(lambda m: self.layout.flatten(
-            batched_hvp(self.task_loss, un(phi), un(v), *self.batch, chunk=self.chunk, mode=m)))
+        with _math_sdpa():
+            return self.layout.flatten(batched_hvp(self.task_loss, un(phi), un(v), *self.batch, mode=mode))
 
-    def cross_vjp(self, phi, u) -> Dict[str, torch.Tensor]:
-        """``Σ_t (∂²L̂_t/∂ψ∂φ) u_t``: for each non-adapted parameter ψ, the gradient in ψ of
-        ``Σ_t <∇φ L̂_t(φ_t, ψ), u_t>`` (``phi``, ``u`` flat ``[T, P]``)."""
-        if not self.psi:
-            return {}
+    def cross_vjp(self, phi, u, mode) -> Dict[str, torch.Tensor]:
+        """``Σ_t (∂²L̂_t/∂ψ∂φ) u_t`` recomputed: for each non-adapted parameter ψ, the gradient
+        in ψ of ``Σ_t <∇φ L̂_t(φ_t, ψ), u_t>`` (``phi``, ``u`` flat ``[T, P]``)."""
         un = self.layout.unflatten
         f = self.task_loss
 
-        def per_task(mode):
-            def one(ph, uu, ps, *b):
-                if mode == "revrev":
-                    def inner(q):
-                        gphi = grad(lambda p: f({**p, **q}, *b))(ph)
-                        return sum((gphi[k] * uu[k]).sum() for k in gphi)
-                else:
-                    def inner(q):
-                        return torch.func.jvp(lambda p: f({**p, **q}, *b), (ph,), (uu,))[1]
-                return grad(inner)(ps)
+        def one(ph, uu, ps, *b):
+            if mode == "revrev":
+                def inner(q):
+                    gphi = grad(lambda p: f({**p, **q}, *b))(ph)
+                    return sum((gphi[k] * uu[k]).sum() for k in gphi)
+            else:
+                def inner(q):
+                    return torch.func.jvp(lambda p: f({**p, **q}, *b), (ph,), (uu,))[1]
+            return grad(inner)(ps)
 
-            dims = (0, 0, None) + (0,) * len(self.batch)
-            out = vmap(one, in_dims=dims, chunk_size=self.chunk)(un(phi), un(u), self.psi, *self.batch)
-            return {k: t.sum(0) for k, t in out.items()}
-
-        return self._run(per_task)
+        dims = (0, 0, None) + (0,) * len(self.batch)
+        with _math_sdpa():
+            out = vmap(one, in_dims=dims)(un(phi), un(u), self.psi, *self.batch)
+        return {k: t.sum(0) for k, t in out.items()}
 
 
 class FuncLinearization:
     """:meth:`FuncObjective.linearize`: the protocol (see the module docstring) in θ's order
-    (the work order is θ's: ``to_work``/``from_work`` return their argument). Loss and
-    gradient are computed on first use."""
+    (the work order is θ's: ``to_work``/``from_work`` return their argument).
+
+    In ``"revrev"`` mode (and first, in ``"auto"``) the support loss and its gradient are
+    computed once with their graph kept (``create_graph``; ψ as leaves too); every HVP and the
+    cross term are then one backward pass through that graph, with no primal recompute. On an op
+    without a double backward "auto" falls back to recomputed forward-over-reverse products for
+    good. Under ``torch.compile`` each product is recomputed reverse-over-reverse."""
 
     def __init__(self, task, phi):
         self.task, self.phi = task, phi
-        self._vg = None
+        self._vg = self._graph = None
+        self.mode = "revrev" if torch.compiler.is_compiling() else task._settled_mode()
+        if self.mode in (None, "revrev") and not torch.compiler.is_compiling():
+            self._graph = self._build()
+
+    def _build(self):
+        task = self.task
+        with torch.enable_grad(), _math_sdpa():
+            leaf = self.phi.detach().requires_grad_()
+            psi = {k: p.detach().requires_grad_() for k, p in task.psi.items()}
+            f = task.task_loss
+            loss = vmap(lambda p, *b: f({**p, **psi}, *b))(task.layout.unflatten(leaf), *task.batch)
+            (g,) = torch.autograd.grad(loss.sum(), leaf, create_graph=True)
+        self._vg = (loss.detach(), g.detach())
+        return leaf, g, psi
 
     def _value_grad(self):
         if self._vg is None:
@@ -285,8 +318,41 @@ class FuncLinearization:
     def grad(self):
         return self._value_grad()[1]
 
+    def _through_graph(self, wrt, v):
+        leaf, g, _ = self._graph
+        try:
+            with _math_sdpa():
+                out = torch.autograd.grad(g, wrt, v, retain_graph=True, allow_unused=True)
+        except (RuntimeError, NotImplementedError):
+            if self.mode == "revrev":
+                raise  # asked for explicitly: the model's own error
+            self.mode, self._graph = "fwdrev", None  # "auto": an op without a double backward
+            return None
+        if self.mode is None:
+            self.mode = "revrev"
+            self.task._remember("revrev")
+        return out
+
     def hvp(self, v, out=None):
-        return self.task.hvp(self.phi, v)
+        if self._graph is not None:
+            res = self._through_graph(self._graph[0], v)
+            if res is not None:
+                return res[0]
+        if self.mode is None or self.mode == "fwdrev":
+            self.task._remember("fwdrev")
+            self.mode = "fwdrev"
+        return self.task.hvp(self.phi, v, self.mode)
+
+    def cross_vjp(self, u) -> Dict[str, torch.Tensor]:
+        """``Σ_t (∂²L̂_t/∂ψ∂φ) u_t`` for the non-adapted parameters ψ."""
+        if not self.task.psi:
+            return {}
+        if self._graph is not None:
+            psi = self._graph[2]
+            res = self._through_graph(list(psi.values()), u)
+            if res is not None:
+                return {k: torch.zeros_like(p) if r is None else r for (k, p), r in zip(psi.items(), res)}
+        return self.task.cross_vjp(self.phi, u, self.mode or "fwdrev")
 
     def to_work(self, v):
         return v
@@ -305,7 +371,7 @@ class ProximalObjective:
         theta: dict of shared meta-parameters (unbatched; detached here).
         lam: λ_t > 0: a Python number or a ``[T]`` tensor.
         batch: tensors with leading T (the support set).
-        hvp_chunk, hvp_mode: the generic path's HVPs (:class:`FuncObjective`); ``key``: the
+        hvp_mode: the generic path's HVPs (:class:`FuncObjective`); ``key``: the
             ``(model, loss)`` under which its "auto" mode remembers a fallback.
         psi: the model's parameters that are meta-learned but not adapted (generic path:
             :meth:`FuncObjective.cross_vjp`).
@@ -319,8 +385,7 @@ class ProximalObjective:
     descent, fused where the task objective has a fused loop.
     """
 
-    def __init__(self, task_loss, theta, lam, batch, hvp_chunk=None, engine=None, *, hvp_mode="auto", task=None,
-                 key=None, psi=None):
+    def __init__(self, task_loss, theta, lam, batch, engine=None, *, hvp_mode="auto", task=None, key=None, psi=None):
         self.theta = {k: v.detach() for k, v in theta.items()}
         self.lam = lam
         self.batch = tuple(batch)
@@ -331,7 +396,7 @@ class ProximalObjective:
                     raise ValueError("the engine's parameter layout differs from theta's (names, order or shapes)")
                 task = EngineObjective(engine, self.batch)
             else:
-                task = FuncObjective(task_loss, self.layout, self.batch, chunk=hvp_chunk, hvp_mode=hvp_mode, key=key, psi=psi)
+                task = FuncObjective(task_loss, self.layout, self.batch, hvp_mode=hvp_mode, key=key, psi=psi)
         self.task = task
         self.engine = getattr(task, "net", None)
 
@@ -345,6 +410,14 @@ class ProximalObjective:
             self._theta_flat = self.layout.flatten({k: v.unsqueeze(0) for k, v in self.theta.items()})[0]
             self._theta_flat_key = key
         return self._theta_flat
+
+    def subset(self, lo: int, hi: int) -> "ProximalObjective":
+        """The objective of tasks ``lo:hi`` (θ and its flat copy shared; λ and the batch sliced)."""
+        sub = copy.copy(self)
+        sub.batch = tuple(b[lo:hi] for b in self.batch)
+        sub.lam = self.lam[lo:hi] if isinstance(self.lam, torch.Tensor) else self.lam
+        sub.task = self.task.subset(lo, hi)
+        return sub
 
     def task_value(self, phi):
         """``L̂_t(φ_t)`` ``[T]``."""

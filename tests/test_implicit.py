@@ -177,7 +177,7 @@ def test_chunked_hvp_same_meta_grad():
     for chunk in (None, 2):
         for v in theta.values():
             v.grad = None
-        phi = ik.implicit_adapt(linear, theta, (X, y), lam=1.0, inner=ik.GD(30, 0.1), loss=mse, hvp_chunk=chunk)
+        phi = ik.implicit_adapt(linear, theta, (X, y), lam=1.0, inner=ik.GD(30, 0.1), loss=mse, chunk=chunk)
         outer(phi, Xq, yq).backward()
         grads.append({k: v.grad.clone() for k, v in theta.items()})
     for k in theta:
