@@ -166,10 +166,6 @@ def _ref_cols(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbeta):
     return _ref_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta)
 
 
-def _prep_cols(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbeta):
-    return gcols.contiguous(), H, W, s, ph, pw, xhat, rstd, gamma, None if relu_y is None else relu_y.contiguous(), ggamma, gbeta
-
-
 def _cpu_tcols(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta, rgx):
     T, R, C = gy.shape
     N, Ho, Wo, k = rgcols.shape[1], rgcols.shape[2], rgcols.shape[3], rgcols.shape[4]
@@ -188,11 +184,6 @@ def _triton_tcols(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgam
 def _ref_tcols(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta):
     rgy = ref.col2im(rgcols, H, W, s, ph, pw).reshape(gy.shape)
     return _ref_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta)
-
-
-def _prep_tcols(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta):
-    return (gy.contiguous(), rgcols.contiguous(), H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma,
-            None if relu_y is None else relu_y.contiguous(), rggamma, rgbeta)
 
 
 def _triton_fwd(x, gamma, beta, eps, relu, y, xhat, rstd, wrap):
@@ -233,55 +224,41 @@ def _ref_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgb
     return rgx
 
 
-def _prep_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta):
-    # The parameter-like arrays stay views (the kernels take their row stride).
-    return gy.contiguous(), xhat, rstd, gamma, None if relu_y is None else relu_y.contiguous(), ggamma, gbeta
-
-
-def _prep_fwd(x, gamma, beta, eps, relu):
-    return x.contiguous(), gamma, beta, eps, relu
-
-
-def _prep_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y):
-    return rx.contiguous(), xhat, rstd, gamma, rgamma, rbeta, None if relu_y is None else relu_y.contiguous()
-
-
-def _prep_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta):
-    return (gy.contiguous(), rgy.contiguous(), xhat, rxhat, rstd, a, gamma, rgamma,
-            None if relu_y is None else relu_y.contiguous(), rggamma, rgbeta)
-
-
 # --------------------------------------------------------------------------- registrations
+
+# The parameter-like [T, C] arrays the ops read: passed as given (views into [T, P] buffers
+# are read in place with their row stride); the written ones are never copied anyway.
+_PARAMS = ("gamma", "beta", "rgamma", "rbeta")
 
 register(OpSpec(
     "bn_fwd", "(Tensor x, Tensor gamma, Tensor beta, float eps, bool relu) -> (Tensor, Tensor, Tensor)",
-    _fwd_fake, ref.bn_fwd, cpu=_cpu_fwd, triton=_triton_fwd, prep=_prep_fwd,
+    _fwd_fake, ref.bn_fwd, cpu=_cpu_fwd, triton=_triton_fwd, views=_PARAMS,
 ))
 register(OpSpec(
     "bn_bwd", "(Tensor gy, Tensor xhat, Tensor rstd, Tensor gamma, Tensor? relu_y, Tensor(a!) ggamma, Tensor(b!) gbeta) -> Tensor",
-    _bwd_fake, _ref_bwd, cpu=_cpu_bwd, triton=_triton_bwd, mutates=("ggamma", "gbeta"), prep=_prep_bwd,
+    _bwd_fake, _ref_bwd, cpu=_cpu_bwd, triton=_triton_bwd, mutates=("ggamma", "gbeta"), views=_PARAMS,
 ))
 register(OpSpec(
     "col2im_bn_bwd",
     "(Tensor gcols, int H, int W, int s, int ph, int pw, Tensor xhat, Tensor rstd, Tensor gamma, Tensor? relu_y,"
     " Tensor(a!) ggamma, Tensor(b!) gbeta) -> Tensor",
-    _cols_fake, _ref_cols, cpu=_cpu_cols, triton=_triton_cols, mutates=("ggamma", "gbeta"), prep=_prep_cols,
+    _cols_fake, _ref_cols, cpu=_cpu_cols, triton=_triton_cols, mutates=("ggamma", "gbeta"), views=_PARAMS,
 ))
 register(OpSpec(
     "bn_tfwd",
     "(Tensor rx, Tensor xhat, Tensor rstd, Tensor gamma, Tensor rgamma, Tensor rbeta, Tensor? relu_y) -> (Tensor, Tensor, Tensor)",
-    _tfwd_fake, ref.bn_tfwd, cpu=_cpu_tfwd, triton=_triton_tfwd, prep=_prep_tfwd,
+    _tfwd_fake, ref.bn_tfwd, cpu=_cpu_tfwd, triton=_triton_tfwd, views=_PARAMS,
 ))
 register(OpSpec(
     "bn_tbwd",
     "(Tensor gy, Tensor rgy, Tensor xhat, Tensor rxhat, Tensor rstd, Tensor a, Tensor gamma, Tensor rgamma, Tensor? relu_y,"
     " Tensor(a!) rggamma, Tensor(b!) rgbeta) -> Tensor",
-    _tbwd_fake, _ref_tbwd, cpu=_cpu_tbwd, triton=_triton_tbwd, mutates=("rggamma", "rgbeta"), prep=_prep_tbwd,
+    _tbwd_fake, _ref_tbwd, cpu=_cpu_tbwd, triton=_triton_tbwd, mutates=("rggamma", "rgbeta"), views=_PARAMS,
 ))
 
 register(OpSpec(
     "col2im_bn_tbwd",
     "(Tensor gy, Tensor rgcols, int H, int W, int s, int ph, int pw, Tensor xhat, Tensor rxhat, Tensor rstd, Tensor a,"
     " Tensor gamma, Tensor rgamma, Tensor? relu_y, Tensor(a!) rggamma, Tensor(b!) rgbeta) -> Tensor",
-    _tcols_fake, _ref_tcols, cpu=_cpu_tcols, triton=_triton_tcols, mutates=("rggamma", "rgbeta"), prep=_prep_tcols,
+    _tcols_fake, _ref_tcols, cpu=_cpu_tcols, triton=_triton_tcols, mutates=("rggamma", "rgbeta"), views=_PARAMS,
 ))

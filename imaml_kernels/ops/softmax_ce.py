@@ -77,10 +77,6 @@ def _ref_bias(logits, y, gbias):
     return loss, prob, grad
 
 
-def _prep_bias(logits, y, gbias):
-    return logits.contiguous(), y.to(torch.int64).contiguous(), gbias
-
-
 def _cpu_tangent(prob, rlogits, rg):
     native().softmax_ce_tangent_cpu(dtype_code(prob), prob.data_ptr(), rlogits.data_ptr(), rg.data_ptr(), *prob.shape)
 
@@ -102,15 +98,13 @@ def _ref_ce(logits, y):
     return loss, prob, ref.softmax_ce_grad(prob, y)
 
 
-def _prep_ce(logits, y):
-    return logits.contiguous(), y.to(torch.int64).contiguous()
-
-
 # --------------------------------------------------------------------------- registrations
 
+_LABELS = (("y", torch.int64),)  # labels of any integer dtype are taken as int64
+
 register(OpSpec("softmax_ce", "(Tensor logits, Tensor y) -> (Tensor, Tensor, Tensor)", _ce_fake, _ref_ce,
-                cpu=_cpu_ce, triton=_triton_ce, prep=_prep_ce))
+                cpu=_cpu_ce, triton=_triton_ce, casts=_LABELS))
 register(OpSpec("softmax_ce_bias", "(Tensor logits, Tensor y, Tensor(a!) gbias) -> (Tensor, Tensor, Tensor)", _bias_fake,
-                _ref_bias, cpu=_cpu_bias, triton=_triton_bias, mutates=("gbias",), prep=_prep_bias))
+                _ref_bias, cpu=_cpu_bias, triton=_triton_bias, mutates=("gbias",), casts=_LABELS))
 register(OpSpec("softmax_ce_tangent", "(Tensor prob, Tensor rlogits) -> Tensor", _tangent_fake, ref.softmax_ce_tangent,
                 cpu=_cpu_tangent, triton=_triton_tangent))
