@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import reference as ref
 from ._checks import addr, check_shape, check_tensor, dtype_code, expect, native
-from ._registry import OpSpec, register
+from ._registry import OpSpec, register, triton_launcher
 
 # --------------------------------------------------------------------------- validation
 
@@ -155,12 +155,6 @@ def _cpu_cols(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbeta, 
     _cpu_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta, gx)
 
 
-def _triton_cols(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbeta, gx, wrap):
-    from ..triton import batchnorm
-
-    batchnorm.bn_bwd_cols(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, gx, ggamma, gbeta, wrap=wrap)
-
-
 def _ref_cols(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbeta):
     gy = ref.col2im(gcols, H, W, s, ph, pw).reshape(xhat.shape)
     return _ref_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta)
@@ -174,40 +168,9 @@ def _cpu_tcols(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma,
     _cpu_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta, rgx)
 
 
-def _triton_tcols(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta, rgx, wrap):
-    from ..triton import batchnorm
-
-    batchnorm.bn_tbwd_cols(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rgx, rggamma, rgbeta,
-                           wrap=wrap)
-
-
 def _ref_tcols(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta):
     rgy = ref.col2im(rgcols, H, W, s, ph, pw).reshape(gy.shape)
     return _ref_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta)
-
-
-def _triton_fwd(x, gamma, beta, eps, relu, y, xhat, rstd, wrap):
-    from ..triton import batchnorm
-
-    batchnorm.bn_fwd(x, gamma, beta, y, xhat, rstd, eps, relu, wrap=wrap)
-
-
-def _triton_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta, gx, wrap):
-    from ..triton import batchnorm
-
-    batchnorm.bn_bwd(gy, xhat, rstd, gamma, relu_y, gx, ggamma, gbeta, wrap=wrap)
-
-
-def _triton_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y, ry, rxhat, a, wrap):
-    from ..triton import batchnorm
-
-    batchnorm.bn_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y, ry, rxhat, a, wrap=wrap)
-
-
-def _triton_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta, rgx, wrap):
-    from ..triton import batchnorm
-
-    batchnorm.bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rgx, rggamma, rgbeta, wrap=wrap)
 
 
 def _ref_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta):
@@ -232,33 +195,36 @@ _PARAMS = ("gamma", "beta", "rgamma", "rbeta")
 
 register(OpSpec(
     "bn_fwd", "(Tensor x, Tensor gamma, Tensor beta, float eps, bool relu) -> (Tensor, Tensor, Tensor)",
-    _fwd_fake, ref.bn_fwd, cpu=_cpu_fwd, triton=_triton_fwd, views=_PARAMS,
+    _fwd_fake, ref.bn_fwd, cpu=_cpu_fwd, triton=triton_launcher("batchnorm.bn_fwd"), views=_PARAMS,
 ))
 register(OpSpec(
     "bn_bwd", "(Tensor gy, Tensor xhat, Tensor rstd, Tensor gamma, Tensor? relu_y, Tensor(a!) ggamma, Tensor(b!) gbeta) -> Tensor",
-    _bwd_fake, _ref_bwd, cpu=_cpu_bwd, triton=_triton_bwd, mutates=("ggamma", "gbeta"), views=_PARAMS,
+    _bwd_fake, _ref_bwd, cpu=_cpu_bwd, triton=triton_launcher("batchnorm.bn_bwd"), mutates=("ggamma", "gbeta"),
+    views=_PARAMS,
 ))
 register(OpSpec(
     "col2im_bn_bwd",
     "(Tensor gcols, int H, int W, int s, int ph, int pw, Tensor xhat, Tensor rstd, Tensor gamma, Tensor? relu_y,"
     " Tensor(a!) ggamma, Tensor(b!) gbeta) -> Tensor",
-    _cols_fake, _ref_cols, cpu=_cpu_cols, triton=_triton_cols, mutates=("ggamma", "gbeta"), views=_PARAMS,
+    _cols_fake, _ref_cols, cpu=_cpu_cols, triton=triton_launcher("batchnorm.col2im_bn_bwd"), mutates=("ggamma", "gbeta"),
+    views=_PARAMS,
 ))
 register(OpSpec(
     "bn_tfwd",
     "(Tensor rx, Tensor xhat, Tensor rstd, Tensor gamma, Tensor rgamma, Tensor rbeta, Tensor? relu_y) -> (Tensor, Tensor, Tensor)",
-    _tfwd_fake, ref.bn_tfwd, cpu=_cpu_tfwd, triton=_triton_tfwd, views=_PARAMS,
+    _tfwd_fake, ref.bn_tfwd, cpu=_cpu_tfwd, triton=triton_launcher("batchnorm.bn_tfwd"), views=_PARAMS,
 ))
 register(OpSpec(
     "bn_tbwd",
     "(Tensor gy, Tensor rgy, Tensor xhat, Tensor rxhat, Tensor rstd, Tensor a, Tensor gamma, Tensor rgamma, Tensor? relu_y,"
     " Tensor(a!) rggamma, Tensor(b!) rgbeta) -> Tensor",
-    _tbwd_fake, _ref_tbwd, cpu=_cpu_tbwd, triton=_triton_tbwd, mutates=("rggamma", "rgbeta"), views=_PARAMS,
+    _tbwd_fake, _ref_tbwd, cpu=_cpu_tbwd, triton=triton_launcher("batchnorm.bn_tbwd"), mutates=("rggamma", "rgbeta"),
+    views=_PARAMS,
 ))
-
 register(OpSpec(
     "col2im_bn_tbwd",
     "(Tensor gy, Tensor rgcols, int H, int W, int s, int ph, int pw, Tensor xhat, Tensor rxhat, Tensor rstd, Tensor a,"
     " Tensor gamma, Tensor rgamma, Tensor? relu_y, Tensor(a!) rggamma, Tensor(b!) rgbeta) -> Tensor",
-    _tcols_fake, _ref_tcols, cpu=_cpu_tcols, triton=_triton_tcols, mutates=("rggamma", "rgbeta"), views=_PARAMS,
+    _tcols_fake, _ref_tcols, cpu=_cpu_tcols, triton=triton_launcher("batchnorm.col2im_bn_tbwd"),
+    mutates=("rggamma", "rgbeta"), views=_PARAMS,
 ))

@@ -585,7 +585,7 @@ def _launch(kernel, wrap, x, ps, nsums, tensors, scalars, constexprs, tile_bytes
         wrap(kernel)[(T, cb, ns)](*tensors, ws, R, C, ps, rps, ns, 1.0 / R, *scalars, PHASE=phase, **meta)
 
 
-def bn_fwd(x, gamma, beta, y, xhat, rstd, eps: float, relu: bool, wrap=ident):
+def bn_fwd(x, gamma, beta, eps: float, relu: bool, y, xhat, rstd, wrap=ident):
     """BatchNorm forward with batch statistics -> writes ``y``, ``xhat [T,R,C]``, ``rstd [T,C]``."""
     T, R, C, ps = _bn_setup(
         x, gamma=(gamma, "param"), beta=(beta, "param"), y=(y, "full"), xhat=(xhat, "full"), rstd=(rstd, "stat")
@@ -595,8 +595,8 @@ def bn_fwd(x, gamma, beta, y, xhat, rstd, eps: float, relu: bool, wrap=ident):
     _launch(_bn_fwd_kernel, wrap, x, ps, 2, (x, gamma, beta, y, xhat, rstd), split_f64(eps), dict(RELU=bool(relu)))
 
 
-def bn_bwd(gy, xhat, rstd, gamma, relu_y, gx, ggamma, gbeta, wrap=ident):
-    """Backward of :func:`bn_fwd` -> writes ``gx [T,R,C]``, ``ggamma``, ``gbeta [T,C]``."""
+def bn_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta, gx, wrap=ident):
+    """Backward of :func:`bn_fwd` -> writes ``ggamma``, ``gbeta [T,C]`` and ``gx [T,R,C]``."""
     extra = {} if relu_y is None else {"relu_y": (relu_y, "full")}
     T, R, C, ps = _bn_setup(
         gy, xhat=(xhat, "full"), rstd=(rstd, "stat"), gamma=(gamma, "param"), gx=(gx, "full"),
@@ -609,7 +609,7 @@ def bn_bwd(gy, xhat, rstd, gamma, relu_y, gx, ggamma, gbeta, wrap=ident):
             (1, 1, 1, 1, 0, 0), dict(RELU=relu_y is not None, GATHER=False, K=1, S=1))
 
 
-def bn_bwd_cols(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, gx, ggamma, gbeta, wrap=ident):
+def col2im_bn_bwd(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbeta, gx, wrap=ident):
     """:func:`bn_bwd` with its output cotangent gathered from the patch cotangent ``gcols [T, N,
     Ho, Wo, k, k, C]`` of the convolution it feeds (stride ``s``, top/left padding ``ph``/``pw``,
     on ``H x W`` images): the col2im fused into the loads, one launch (or pair) fewer, no
@@ -643,8 +643,8 @@ def bn_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y, ry, rxhat, a, wrap=ide
             (), dict(RELU=relu_y is not None))
 
 
-def bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rgx, rggamma, rgbeta, wrap=ident):
-    """Tangent of :func:`bn_bwd` -> writes ``rgx [T,R,C]``, ``rggamma``, ``rgbeta [T,C]``."""
+def bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta, rgx, wrap=ident):
+    """Tangent of :func:`bn_bwd` -> writes ``rggamma``, ``rgbeta [T,C]`` and ``rgx [T,R,C]``."""
     extra = {} if relu_y is None else {"relu_y": (relu_y, "full")}
     T, R, C, ps = _bn_setup(
         gy, rgy=(rgy, "full"), xhat=(xhat, "full"), rxhat=(rxhat, "full"), rstd=(rstd, "stat"),
@@ -658,9 +658,10 @@ def bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rgx, rggamma, 
             (1, 1, 1, 1, 0, 0), dict(RELU=relu_y is not None, GATHER=False, K=1, S=1), BN_TBWD_TILE_BYTES)
 
 
-def bn_tbwd_cols(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rgx, rggamma, rgbeta, wrap=ident):
+def col2im_bn_tbwd(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta, rgx,
+                   wrap=ident):
     """:func:`bn_tbwd` with the cotangent's tangent gathered from the patch form ``rgcols`` of
-    the convolution this BatchNorm feeds (see :func:`bn_bwd_cols`): same results, bit for bit,
+    the convolution this BatchNorm feeds (see :func:`col2im_bn_bwd`): same results, bit for bit,
     as col2im then bn_tbwd."""
     extra = {} if relu_y is None else {"relu_y": (relu_y, "full")}
     T, R, C, ps = _bn_setup(
