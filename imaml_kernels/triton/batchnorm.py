@@ -69,13 +69,20 @@ _NO_SPEC = ("R", "PS", "RPS", "NS")
 
 
 @triton.jit
+def _splits(s0, t, k, NS, K: tl.constexpr, C, cols, cmask, BLOCK_S: tl.constexpr):
+    """Partials ``k`` of the row splits ``s0 + [0, BLOCK_S)`` of task ``t`` in the workspace
+    ``[T, NS, K, C]`` -> ``(splits, mask, offsets)``."""
+    j = s0 + tl.arange(0, BLOCK_S)
+    m = (j < NS)[:, None] & cmask[None, :]
+    return j, m, ((t * NS + j) * K + k)[:, None] * C + cols[None, :]
+
+
+@triton.jit
 def _ws_sum(ws_ptr, t, k, NS, K: tl.constexpr, C, cols, cmask, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Σ_s ws[t, s, k, cols] over the NS row splits, in a fixed order (float64)."""
     acc = tl.zeros([BLOCK_C], dtype=tl.float64)
     for s0 in range(0, NS, BLOCK_S):
-        j = s0 + tl.arange(0, BLOCK_S)
-        m = (j < NS)[:, None] & cmask[None, :]
-        off = ((t * NS + j) * K + k)[:, None] * C + cols[None, :]
+        j, m, off = _splits(s0, t, k, NS, K, C, cols, cmask, BLOCK_S)
         acc += tl.sum(tl.load(ws_ptr + off, mask=m, other=0.0), axis=0)
     return acc
 
@@ -167,18 +174,14 @@ def _fwd_combine(ws_ptr, t, R, RPS, NS, C, cols, cmask, inv_r, BLOCK_S: tl.const
     order: ``mean = Σ n_s mean_s / R``, ``M2 = Σ M2_s + n_s (mean_s - mean)²``."""
     acc = tl.zeros([BLOCK_C], dtype=tl.float64)
     for s0 in range(0, NS, BLOCK_S):
-        j = s0 + tl.arange(0, BLOCK_S)
-        n_j = tl.maximum(tl.minimum(R - j * RPS, RPS), 0).to(tl.float64)
-        m = (j < NS)[:, None] & cmask[None, :]
-        off = ((t * NS + j) * 2)[:, None] * C + cols[None, :]
+        j, m, off = _splits(s0, t, 0, NS, 2, C, cols, cmask, BLOCK_S)
+        n_j = tl.maximum(tl.minimum(R - j * RPS, RPS), 0).to(tl.float64)  # the splits' rows
         acc += tl.sum(n_j[:, None] * tl.load(ws_ptr + off, mask=m, other=0.0), axis=0)
     mean = acc * inv_r
     m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
     for s0 in range(0, NS, BLOCK_S):
-        j = s0 + tl.arange(0, BLOCK_S)
+        j, m, off = _splits(s0, t, 0, NS, 2, C, cols, cmask, BLOCK_S)
         n_j = tl.maximum(tl.minimum(R - j * RPS, RPS), 0).to(tl.float64)
-        m = (j < NS)[:, None] & cmask[None, :]
-        off = ((t * NS + j) * 2)[:, None] * C + cols[None, :]
         d = tl.load(ws_ptr + off, mask=m, other=0.0) - mean[None, :]
         m2 += tl.sum(tl.load(ws_ptr + off + C, mask=m, other=0.0) + n_j[:, None] * tl.where(m, d * d, 0.0), axis=0)
     return mean, m2
@@ -250,6 +253,16 @@ def _bn_fwd_kernel(
 
 
 @triton.jit
+def _bwd_load(gy_ptr, relu_ptr, off, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, RELU: tl.constexpr,
+              GATHER: tl.constexpr, K: tl.constexpr, S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A tile of the cotangent ``g``, gated by ``relu > 0`` when ``RELU`` (the C++ ``gate``)."""
+    g = _cotangent(gy_ptr, off, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, GATHER, K, S, BLOCK_R, BLOCK_C)
+    if RELU:
+        g = tl.where(tl.load(relu_ptr + off, mask=m, other=0.0) > 0.0, g, 0.0)
+    return g
+
+
+@triton.jit
 def _bwd_sum(gy_ptr, xhat_ptr, relu_ptr, t, r_lo, r_hi, R, C, cols, cmask, H, W, Ho, Wo, ph, pw,
              RELU: tl.constexpr, GATHER: tl.constexpr, K: tl.constexpr, S: tl.constexpr,
              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -259,10 +272,8 @@ def _bwd_sum(gy_ptr, xhat_ptr, relu_ptr, t, r_lo, r_hi, R, C, cols, cmask, H, W,
     agx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
     for r0 in range(r_lo, r_hi, BLOCK_R):
         rows, m, off = _rows(r0, r_hi, C, cols, cmask, BLOCK_R)
-        g = _cotangent(gy_ptr, off, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, GATHER, K, S, BLOCK_R, BLOCK_C)
-        if RELU:
-            g = tl.where(tl.load(relu_ptr + off, mask=m, other=0.0) > 0.0, g, 0.0)
-        g = g.to(tl.float64)
+        g = _bwd_load(gy_ptr, relu_ptr, off, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, RELU, GATHER, K, S,
+                      BLOCK_R, BLOCK_C).to(tl.float64)
         ag += g
         agx += g * tl.load(xhat_ptr + off, mask=m, other=0.0).to(tl.float64)
     return tl.sum(ag, axis=0), tl.sum(agx, axis=0)
@@ -275,9 +286,8 @@ def _bwd_write(gy_ptr, xhat_ptr, relu_ptr, gx_ptr, t, r_lo, r_hi, R, C, cols, cm
     """``gx = coef ((g - mg) - xhat mgx)`` over the split's rows, in the data type (``bwd_write_job``)."""
     for r0 in range(r_lo, r_hi, BLOCK_R):
         rows, m, off = _rows(r0, r_hi, C, cols, cmask, BLOCK_R)
-        g = _cotangent(gy_ptr, off, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, GATHER, K, S, BLOCK_R, BLOCK_C)
-        if RELU:
-            g = tl.where(tl.load(relu_ptr + off, mask=m, other=0.0) > 0.0, g, 0.0)
+        g = _bwd_load(gy_ptr, relu_ptr, off, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, RELU, GATHER, K, S,
+                      BLOCK_R, BLOCK_C)
         xh = tl.load(xhat_ptr + off, mask=m, other=0.0)
         tl.store(gx_ptr + off, coef * ((g - mg) - xh * mgx), mask=m)
 
@@ -435,6 +445,20 @@ def _bn_tfwd_kernel(
 
 
 @triton.jit
+def _tbwd_load(gy_ptr, rgy_ptr, relu_ptr, off, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, RELU: tl.constexpr,
+               GATHER: tl.constexpr, K: tl.constexpr, S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Tiles of the cotangent ``g`` and its tangent ``rg`` (the one gathered when ``GATHER``),
+    both gated by one load of ``relu > 0`` when ``RELU``."""
+    g = tl.load(gy_ptr + off, mask=m, other=0.0)
+    rg = _cotangent(rgy_ptr, off, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, GATHER, K, S, BLOCK_R, BLOCK_C)
+    if RELU:
+        on = tl.load(relu_ptr + off, mask=m, other=0.0) > 0.0
+        g = tl.where(on, g, 0.0)
+        rg = tl.where(on, rg, 0.0)
+    return g, rg
+
+
+@triton.jit
 def _tbwd_sum(gy_ptr, rgy_ptr, xhat_ptr, rxhat_ptr, relu_ptr, t, r_lo, r_hi, R, C, cols, cmask, H, W, Ho, Wo, ph, pw,
               RELU: tl.constexpr, GATHER: tl.constexpr, K: tl.constexpr, S: tl.constexpr,
               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -448,12 +472,8 @@ def _tbwd_sum(gy_ptr, rgy_ptr, xhat_ptr, rxhat_ptr, relu_ptr, t, r_lo, r_hi, R, 
     agrx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)  # sum g rxhat
     for r0 in range(r_lo, r_hi, BLOCK_R):
         rows, m, off = _rows(r0, r_hi, C, cols, cmask, BLOCK_R)
-        g = tl.load(gy_ptr + off, mask=m, other=0.0)
-        rg = _cotangent(rgy_ptr, off, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, GATHER, K, S, BLOCK_R, BLOCK_C)
-        if RELU:
-            on = tl.load(relu_ptr + off, mask=m, other=0.0) > 0.0
-            g = tl.where(on, g, 0.0)
-            rg = tl.where(on, rg, 0.0)
+        g, rg = _tbwd_load(gy_ptr, rgy_ptr, relu_ptr, off, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, RELU, GATHER,
+                           K, S, BLOCK_R, BLOCK_C)
         g = g.to(tl.float64)
         rg = rg.to(tl.float64)
         xh = tl.load(xhat_ptr + off, mask=m, other=0.0).to(tl.float64)
@@ -474,12 +494,8 @@ def _tbwd_write(gy_ptr, rgy_ptr, xhat_ptr, rxhat_ptr, relu_ptr, rgx_ptr, t, r_lo
     data type (``tbwd_write_job``)."""
     for r0 in range(r_lo, r_hi, BLOCK_R):
         rows, m, off = _rows(r0, r_hi, C, cols, cmask, BLOCK_R)
-        g = tl.load(gy_ptr + off, mask=m, other=0.0)
-        rg = _cotangent(rgy_ptr, off, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, GATHER, K, S, BLOCK_R, BLOCK_C)
-        if RELU:
-            on = tl.load(relu_ptr + off, mask=m, other=0.0) > 0.0
-            g = tl.where(on, g, 0.0)
-            rg = tl.where(on, rg, 0.0)
+        g, rg = _tbwd_load(gy_ptr, rgy_ptr, relu_ptr, off, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, RELU, GATHER,
+                           K, S, BLOCK_R, BLOCK_C)
         xh = tl.load(xhat_ptr + off, mask=m, other=0.0)
         rxh = tl.load(rxhat_ptr + off, mask=m, other=0.0)
         rgx = cg * (g - mg) + crg * (rg - mrg) + crh * rxh + ch * xh
