@@ -119,40 +119,44 @@ def _tcols_fake(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma
 # --------------------------------------------------------------------------- launchers
 
 
-def _ps(x, gamma, *others):
+def _ps(x, gamma):
     """The parameter row stride; the fake, run first, checked that every array shares it."""
     return gamma.stride(0) if x.shape[0] > 1 else x.shape[2]
 
 
 def _cpu_fwd(x, gamma, beta, eps, relu, y, xhat, rstd):
     native().bn_fwd_cpu(dtype_code(x), x.data_ptr(), gamma.data_ptr(), beta.data_ptr(), y.data_ptr(), xhat.data_ptr(),
-                        rstd.data_ptr(), *x.shape, eps, relu, _ps(x, gamma, beta))
+                        rstd.data_ptr(), *x.shape, eps, relu, _ps(x, gamma))
 
 
 def _cpu_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta, gx):
     native().bn_bwd_cpu(dtype_code(gy), gy.data_ptr(), xhat.data_ptr(), rstd.data_ptr(), gamma.data_ptr(), addr(relu_y),
-                        gx.data_ptr(), ggamma.data_ptr(), gbeta.data_ptr(), *gy.shape, _ps(gy, gamma, ggamma, gbeta))
+                        gx.data_ptr(), ggamma.data_ptr(), gbeta.data_ptr(), *gy.shape, _ps(gy, gamma))
 
 
 def _cpu_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y, ry, rxhat, a):
     native().bn_tfwd_cpu(dtype_code(rx), rx.data_ptr(), xhat.data_ptr(), rstd.data_ptr(), gamma.data_ptr(), rgamma.data_ptr(),
-                         rbeta.data_ptr(), addr(relu_y), ry.data_ptr(), rxhat.data_ptr(), a.data_ptr(), *rx.shape,
-                         _ps(rx, gamma, rgamma, rbeta))
+                         rbeta.data_ptr(), addr(relu_y), ry.data_ptr(), rxhat.data_ptr(), a.data_ptr(), *rx.shape, _ps(rx, gamma))
 
 
 def _cpu_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta, rgx):
     native().bn_tbwd_cpu(dtype_code(gy), gy.data_ptr(), rgy.data_ptr(), xhat.data_ptr(), rxhat.data_ptr(), rstd.data_ptr(),
                          a.data_ptr(), gamma.data_ptr(), rgamma.data_ptr(), addr(relu_y), rgx.data_ptr(), rggamma.data_ptr(),
-                         rgbeta.data_ptr(), *gy.shape, _ps(gy, gamma, rgamma, rggamma, rgbeta))
+                         rgbeta.data_ptr(), *gy.shape, _ps(gy, gamma))
+
+
+def _cpu_col2im_rows(gcols, H, W, s, ph, pw, like):
+    """The C++ col2im of the patch cotangent ``gcols`` into new ``[T, R, C]`` rows like ``like``.
+    On the CPU launches cost nothing: the gathering ops are col2im, then the backward (the
+    Triton kernels fuse them)."""
+    T, N, Ho, Wo, k, _, C = gcols.shape
+    rows = like.new_empty(like.shape)
+    native().col2im_cpu(dtype_code(gcols), gcols.data_ptr(), rows.data_ptr(), T, N, H, W, C, Ho, Wo, k, s, ph, pw)
+    return rows
 
 
 def _cpu_cols(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbeta, gx):
-    # On the CPU launches cost nothing: col2im, then the backward (the Triton twin fuses them).
-    T, R, C = xhat.shape
-    N, Ho, Wo, k = gcols.shape[1], gcols.shape[2], gcols.shape[3], gcols.shape[4]
-    gy = xhat.new_empty(xhat.shape)
-    native().col2im_cpu(dtype_code(gcols), gcols.data_ptr(), gy.data_ptr(), T, N, H, W, C, Ho, Wo, k, s, ph, pw)
-    _cpu_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta, gx)
+    _cpu_bwd(_cpu_col2im_rows(gcols, H, W, s, ph, pw, xhat), xhat, rstd, gamma, relu_y, ggamma, gbeta, gx)
 
 
 def _ref_cols(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbeta):
@@ -161,10 +165,7 @@ def _ref_cols(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbeta):
 
 
 def _cpu_tcols(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta, rgx):
-    T, R, C = gy.shape
-    N, Ho, Wo, k = rgcols.shape[1], rgcols.shape[2], rgcols.shape[3], rgcols.shape[4]
-    rgy = gy.new_empty(gy.shape)
-    native().col2im_cpu(dtype_code(rgcols), rgcols.data_ptr(), rgy.data_ptr(), T, N, H, W, C, Ho, Wo, k, s, ph, pw)
+    rgy = _cpu_col2im_rows(rgcols, H, W, s, ph, pw, gy)
     _cpu_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta, rgx)
 
 
