@@ -124,7 +124,7 @@ def _bn_state(T, R, C, relu, seed):
 def _bn_fwd_case(T, R, C, relu, dtype):
     s = _bn_state(T, R, C, relu, seed=100 * T + 10 * R + C)
     _run(
-        lambda x, ga, be, *o: batchnorm.bn_fwd(x, ga, be, *o, EPS, relu),
+        lambda x, ga, be, *o: batchnorm.bn_fwd(x, ga, be, EPS, relu, *o),
         lambda x, ga, be: ref.bn_fwd(x, ga, be, EPS, relu),
         [s["x"], s["gamma"], s["beta"]], [(T, R, C), (T, R, C), (T, C)], dtype, ("y", "xhat", "rstd"),
     )
@@ -133,7 +133,7 @@ def _bn_fwd_case(T, R, C, relu, dtype):
 def _bn_bwd_case(T, R, C, relu, dtype):
     s = _bn_state(T, R, C, relu, seed=200 * T + 10 * R + C)
     _run(
-        batchnorm.bn_bwd, ref.bn_bwd,
+        lambda gy, xh, r, ga, ry, gx, gg, gb: batchnorm.bn_bwd(gy, xh, r, ga, ry, gg, gb, gx), ref.bn_bwd,
         [s["gy"], s["xhat"], s["rstd"], s["gamma"], s["relu_y"]], [(T, R, C), (T, C), (T, C)], dtype,
         ("gx", "ggamma", "gbeta"),
     )
@@ -151,7 +151,7 @@ def _bn_tfwd_case(T, R, C, relu, dtype):
 def _bn_tbwd_case(T, R, C, relu, dtype):
     s = _bn_state(T, R, C, relu, seed=400 * T + 10 * R + C)
     _run(
-        batchnorm.bn_tbwd, ref.bn_tbwd,
+        lambda *a: batchnorm.bn_tbwd(*a[:9], *a[10:], a[9]), ref.bn_tbwd,  # a: the 9 inputs, then rgx, rggamma, rgbeta
         [s[k] for k in ("gy", "rgy", "xhat", "rxhat", "rstd", "a", "gamma", "rgamma", "relu_y")],
         [(T, R, C), (T, C), (T, C)], dtype, ("rgx", "rggamma", "rgbeta"),
     )
@@ -216,7 +216,7 @@ def test_bn_fwd_constant_channel():
     x[..., 1] += torch.linspace(-1, 1, 9, dtype=torch.float64)
     gamma, beta = torch.ones(1, 3, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64)
     _run(
-        lambda x, ga, be, *o: batchnorm.bn_fwd(x, ga, be, *o, EPS, False),
+        lambda x, ga, be, *o: batchnorm.bn_fwd(x, ga, be, EPS, False, *o),
         lambda x, ga, be: ref.bn_fwd(x, ga, be, EPS, False),
         [x, gamma, beta], [(1, 9, 3), (1, 9, 3), (1, 3)], torch.float64, ("y", "xhat", "rstd"),
     )
@@ -247,7 +247,7 @@ def _col2im_case(T, N, H, W, C, k, s, p, dtype):
     Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
     g = _randn(_gen(T + 3 * H + 5 * W + 7 * C + 11 * s + 13 * p), T, N, Ho, Wo, k, k, C)
     _run(
-        lambda gc, gx: conv.col2im(gc, gx, k, s, p, p),
+        lambda gc, gx: conv.col2im(gc, H, W, s, p, p, gx),
         lambda gc: (ref.col2im(gc, H, W, s, p, p),),
         [g], [(T, N, H, W, C)], dtype, ("gx",),
     )
@@ -278,7 +278,7 @@ def _im2col_case(T, N, H, W, C, k, s, p, dtype):
     Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
     x = _randn(_gen(T + 3 * H + 5 * W + 7 * C + 11 * s + 13 * p), T, N, H, W, C)
     _run(
-        lambda xx, cols: conv.im2col(xx, cols, k, s, p, p),
+        lambda xx, cols: conv.im2col(xx, Ho, Wo, k, s, p, p, cols),
         lambda xx: (ref.im2col(xx, Ho, Wo, k, s, p, p),),
         [x], [(T, N, Ho, Wo, k, k, C)], dtype, ("cols",),
     )
@@ -308,7 +308,7 @@ def test_im2col_small_tiles_non_square(small_tiles, monkeypatch, s, p, C):
 def test_im2col_rejects_int32_overflow():
     x = torch.empty(2**16, 2**15, 1, 1, 1, device="meta")
     with pytest.raises(ValueError, match="int32"):
-        conv.im2col(x, torch.empty(2**16, 2**15, 1, 1, 1, 1, 1, device="meta"), 1, 1, 0, 0)
+        conv.im2col(x, 1, 1, 1, 1, 0, 0, torch.empty(2**16, 2**15, 1, 1, 1, 1, 1, device="meta"))
 
 
 # --------------------------------------------------------------------------- max-pool
@@ -342,7 +342,7 @@ def test_maxpool(T, H, W, C):
         maxpool.maxpool_gather(rx, idx, ry)
         _close(ry, ref.maxpool_gather(rx.double(), idx), f"maxpool gather {dtype}")
         gx = _nan(T, 2, H, W, C, dtype=dtype)
-        maxpool.maxpool_scatter(gyd, idx, gx)
+        maxpool.maxpool_scatter(gyd, idx, H, W, gx)
         _close(gx, ref.maxpool_scatter(gyd.double(), idx, H, W), f"maxpool scatter {dtype}")
 
 
@@ -412,15 +412,15 @@ def test_scalar_split(v):
 
 
 @torch.library.triton_op("imaml_fused_test::bn_fwd", mutates_args={"y", "xhat", "rstd"})
-def _bn_fwd_op(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, y: torch.Tensor, xhat: torch.Tensor,
-               rstd: torch.Tensor, eps: float, relu: bool) -> None:
-    batchnorm.bn_fwd(x, gamma, beta, y, xhat, rstd, eps, relu, wrap=torch.library.wrap_triton)
+def _bn_fwd_op(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float, relu: bool, y: torch.Tensor,
+               xhat: torch.Tensor, rstd: torch.Tensor) -> None:
+    batchnorm.bn_fwd(x, gamma, beta, eps, relu, y, xhat, rstd, wrap=torch.library.wrap_triton)
 
 
 @torch.library.triton_op("imaml_fused_test::bn_bwd", mutates_args={"gx", "ggamma", "gbeta"})
 def _bn_bwd_op(gy: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor, gamma: torch.Tensor,
-               relu_y: torch.Tensor | None, gx: torch.Tensor, ggamma: torch.Tensor, gbeta: torch.Tensor) -> None:
-    batchnorm.bn_bwd(gy, xhat, rstd, gamma, relu_y, gx, ggamma, gbeta, wrap=torch.library.wrap_triton)
+               relu_y: torch.Tensor | None, ggamma: torch.Tensor, gbeta: torch.Tensor, gx: torch.Tensor) -> None:
+    batchnorm.bn_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta, gx, wrap=torch.library.wrap_triton)
 
 
 @torch.library.triton_op("imaml_fused_test::prox_step", mutates_args={"phi"})
@@ -429,8 +429,8 @@ def _prox_op(phi: torch.Tensor, grad: torch.Tensor, theta: torch.Tensor, lam: to
 
 
 @torch.library.triton_op("imaml_fused_test::col2im", mutates_args={"gx"})
-def _col2im_op(gcols: torch.Tensor, gx: torch.Tensor, k: int, s: int, ph: int, pw: int) -> None:
-    conv.col2im(gcols, gx, k, s, ph, pw, wrap=torch.library.wrap_triton)
+def _col2im_op(gcols: torch.Tensor, H: int, W: int, s: int, ph: int, pw: int, gx: torch.Tensor) -> None:
+    conv.col2im(gcols, H, W, s, ph, pw, gx, wrap=torch.library.wrap_triton)
 
 
 @torch.library.triton_op("imaml_fused_test::softmax_ce", mutates_args={"loss", "prob", "grad"})
@@ -445,14 +445,14 @@ def test_launch_inside_triton_op():
     T, R, C = 2, 7, 5
     s = _bn_state(T, R, C, True, seed=5)
     outs = [_nan(*sh, dtype=torch.float64) for sh in ((T, R, C), (T, R, C), (T, C))]
-    _bn_fwd_op(s["x"], s["gamma"], s["beta"], *outs, EPS, True)
+    _bn_fwd_op(s["x"], s["gamma"], s["beta"], EPS, True, *outs)
     want = [_nan(*o.shape, dtype=torch.float64) for o in outs]
-    batchnorm.bn_fwd(s["x"], s["gamma"], s["beta"], *want, EPS, True)
+    batchnorm.bn_fwd(s["x"], s["gamma"], s["beta"], EPS, True, *want)
     assert all(torch.equal(o, w) for o, w in zip(outs, want))
 
     for relu_y in (s["relu_y"], None):
         outs = [_nan(*sh, dtype=torch.float64) for sh in ((T, R, C), (T, C), (T, C))]
-        _bn_bwd_op(s["gy"], s["xhat"], s["rstd"], s["gamma"], relu_y, *outs)
+        _bn_bwd_op(s["gy"], s["xhat"], s["rstd"], s["gamma"], relu_y, outs[1], outs[2], outs[0])  # outs: gx, ggamma, gbeta
         for o, w in zip(outs, ref.bn_bwd(s["gy"], s["xhat"], s["rstd"], s["gamma"], relu_y)):
             _close(o, w, "bn_bwd op")
 
@@ -464,7 +464,7 @@ def test_launch_inside_triton_op():
 
     gcols = _randn(_gen(9), 1, 2, 3, 3, 3, 3, C)
     gx = _nan(1, 2, 5, 5, C, dtype=torch.float64)
-    _col2im_op(gcols, gx, 3, 2, 1, 1)
+    _col2im_op(gcols, 5, 5, 2, 1, 1, gx)
     _close(gx, ref.col2im(gcols, 5, 5, 2, 1, 1), "col2im op")
 
     logits, y = _softmax_inputs(2, 7, 5)

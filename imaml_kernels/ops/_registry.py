@@ -12,13 +12,18 @@ backend. :func:`register` turns it into
   under the tensor's device; registered only where ``triton`` imports, so a machine without
   Triton prints nothing at import.
 
-Launchers take the op's arguments followed by its preallocated outputs; they never launch an
-empty grid (``T = 0``). :func:`record_triton_launches` lets tools see the Triton launches a
+Launchers take the op's arguments in schema order followed by its preallocated outputs (the
+Triton ones then ``wrap=``): the table binds them directly, the Triton launchers of
+:mod:`imaml_kernels.triton` through :func:`triton_launcher` (imported at the first call).
+They never launch an empty grid (``T = 0``). The arguments reach them prepared once, by
+:func:`bound` (see :class:`OpSpec`). :func:`record_triton_launches` lets tools see the Triton launches a
 meta-step would make (``bench compile``, ``bench launches``) without a GPU.
 """
 
 import contextlib
 import dataclasses
+import importlib
+import re
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -39,10 +44,16 @@ class OpSpec:
             ``None`` for an op that only mutates its arguments).
         reference: the pure-PyTorch twin, ``reference(*args)`` with the op's results.
         cpu: ``cpu(*args, *outs)`` runs the C++ kernel; ``cuda`` the same for the CUDA C++ kernel.
-        triton: ``triton(*args, *outs, wrap=...)``, the Triton host launcher.
+        triton: ``triton(*args, *outs, wrap=...)``, the Triton host launcher (usually
+            :func:`triton_launcher`).
         mutates: names of the arguments the op writes.
-        prep: maps the public arguments to the op's (contiguous tensors, label dtype); the
-            default makes every tensor argument that is not written contiguous.
+        views: names of the tensor arguments passed as given (strided views the kernels read
+            with their own strides, e.g. BatchNorm's parameter-like ``[T, C]`` rows).
+        casts: ``(name, dtype)`` pairs: that argument is converted to ``dtype`` (class labels).
+
+    The public arguments are prepared once (:func:`bound`): every tensor argument that is
+    neither written nor in ``views`` is made contiguous (after its cast), ``None`` (an absent
+    optional tensor) and scalars pass through.
     """
 
     name: str
@@ -53,7 +64,8 @@ class OpSpec:
     cuda: Optional[Callable] = None
     triton: Optional[Callable] = None
     mutates: Tuple[str, ...] = ()
-    prep: Optional[Callable] = None
+    views: Tuple[str, ...] = ()
+    casts: Tuple[Tuple[str, torch.dtype], ...] = ()
 
 
 SPECS: Dict[str, OpSpec] = {}
@@ -151,6 +163,22 @@ def _typed(schema, impl):
     return fn
 
 
+def triton_launcher(path: str) -> Callable:
+    """The host launcher ``imaml_kernels.triton.<path>`` (``"batchnorm.bn_fwd"``) as an
+    :attr:`OpSpec.triton`, imported at its first call: :mod:`imaml_kernels.triton` imports
+    ``triton``, which only a machine with Triton has (the op is then not registered)."""
+    module, name = path.rsplit(".", 1)
+    resolved = []
+
+    def launch(*args, wrap):
+        if not resolved:
+            resolved.append(getattr(importlib.import_module(f"..triton.{module}", __package__), name))
+        resolved[0](*args, wrap=wrap)
+
+    launch.__name__ = launch.__qualname__ = name
+    return launch
+
+
 def _triton_launch(spec):
     from torch.library import wrap_triton
 
@@ -180,21 +208,34 @@ def register(spec: OpSpec) -> OpSpec:
     return spec
 
 
-def _default_prep(spec):
-    import re
+def _arg_names(schema):
+    return re.findall(r"(\w+)\s*[,)]", schema.split("->")[0])
 
-    written = set(spec.mutates)
-    names = re.findall(r"(\w+)\s*[,)]", spec.schema.split("->")[0])
+
+def _prep(spec):
+    """The argument preparation of ``spec`` (see :class:`OpSpec`)."""
+    kept = set(spec.mutates) | set(spec.views)
+    casts = dict(spec.casts)
+    plan = [(n not in kept, casts.get(n)) for n in _arg_names(spec.schema)]
 
     def prep(*args):
-        return tuple(a.contiguous() if isinstance(a, torch.Tensor) and n not in written else a for n, a in zip(names, args))
+        out = []
+        for (contiguous, dtype), a in zip(plan, args):
+            if isinstance(a, torch.Tensor):
+                if dtype is not None:
+                    a = a.to(dtype)
+                if contiguous:
+                    a = a.contiguous()
+            out.append(a)
+        return tuple(out)
 
     return prep
 
 
 def bound(spec: OpSpec, backend: str) -> Callable:
     """The callable that runs ``spec`` on ``backend`` (``"cpu"``/``"cuda"``: ``imaml::<name>``;
-    ``"triton"``: ``imaml::<name>_triton``; ``"reference"``: the twin), public arguments in."""
+    ``"triton"``: ``imaml::<name>_triton``; ``"reference"``: the twin), public arguments in
+    (prepared as :class:`OpSpec` says)."""
     if backend in ("cpu", "cuda"):
         fn = getattr(torch.ops.imaml, spec.name)
     elif backend == "triton":
@@ -203,7 +244,7 @@ def bound(spec: OpSpec, backend: str) -> Callable:
         fn = spec.reference
     else:
         raise ValueError(f"unknown backend {backend!r}")
-    prep = spec.prep or _default_prep(spec)
+    prep = _prep(spec)
 
     def run(*args):
         return fn(*prep(*args))

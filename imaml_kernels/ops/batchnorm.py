@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import reference as ref
 from ._checks import addr, check_shape, check_tensor, dtype_code, expect, native
-from ._registry import OpSpec, register
+from ._registry import OpSpec, register, triton_launcher
 
 # --------------------------------------------------------------------------- validation
 
@@ -119,46 +119,44 @@ def _tcols_fake(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma
 # --------------------------------------------------------------------------- launchers
 
 
-def _ps(x, gamma, *others):
+def _ps(x, gamma):
     """The parameter row stride; the fake, run first, checked that every array shares it."""
     return gamma.stride(0) if x.shape[0] > 1 else x.shape[2]
 
 
 def _cpu_fwd(x, gamma, beta, eps, relu, y, xhat, rstd):
     native().bn_fwd_cpu(dtype_code(x), x.data_ptr(), gamma.data_ptr(), beta.data_ptr(), y.data_ptr(), xhat.data_ptr(),
-                        rstd.data_ptr(), *x.shape, eps, relu, _ps(x, gamma, beta))
+                        rstd.data_ptr(), *x.shape, eps, relu, _ps(x, gamma))
 
 
 def _cpu_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta, gx):
     native().bn_bwd_cpu(dtype_code(gy), gy.data_ptr(), xhat.data_ptr(), rstd.data_ptr(), gamma.data_ptr(), addr(relu_y),
-                        gx.data_ptr(), ggamma.data_ptr(), gbeta.data_ptr(), *gy.shape, _ps(gy, gamma, ggamma, gbeta))
+                        gx.data_ptr(), ggamma.data_ptr(), gbeta.data_ptr(), *gy.shape, _ps(gy, gamma))
 
 
 def _cpu_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y, ry, rxhat, a):
     native().bn_tfwd_cpu(dtype_code(rx), rx.data_ptr(), xhat.data_ptr(), rstd.data_ptr(), gamma.data_ptr(), rgamma.data_ptr(),
-                         rbeta.data_ptr(), addr(relu_y), ry.data_ptr(), rxhat.data_ptr(), a.data_ptr(), *rx.shape,
-                         _ps(rx, gamma, rgamma, rbeta))
+                         rbeta.data_ptr(), addr(relu_y), ry.data_ptr(), rxhat.data_ptr(), a.data_ptr(), *rx.shape, _ps(rx, gamma))
 
 
 def _cpu_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta, rgx):
     native().bn_tbwd_cpu(dtype_code(gy), gy.data_ptr(), rgy.data_ptr(), xhat.data_ptr(), rxhat.data_ptr(), rstd.data_ptr(),
                          a.data_ptr(), gamma.data_ptr(), rgamma.data_ptr(), addr(relu_y), rgx.data_ptr(), rggamma.data_ptr(),
-                         rgbeta.data_ptr(), *gy.shape, _ps(gy, gamma, rgamma, rggamma, rgbeta))
+                         rgbeta.data_ptr(), *gy.shape, _ps(gy, gamma))
+
+
+def _cpu_col2im_rows(gcols, H, W, s, ph, pw, like):
+    """The C++ col2im of the patch cotangent ``gcols`` into new ``[T, R, C]`` rows like ``like``.
+    On the CPU launches cost nothing: the gathering ops are col2im, then the backward (the
+    Triton kernels fuse them)."""
+    T, N, Ho, Wo, k, _, C = gcols.shape
+    rows = like.new_empty(like.shape)
+    native().col2im_cpu(dtype_code(gcols), gcols.data_ptr(), rows.data_ptr(), T, N, H, W, C, Ho, Wo, k, s, ph, pw)
+    return rows
 
 
 def _cpu_cols(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbeta, gx):
-    # On the CPU launches cost nothing: col2im, then the backward (the Triton twin fuses them).
-    T, R, C = xhat.shape
-    N, Ho, Wo, k = gcols.shape[1], gcols.shape[2], gcols.shape[3], gcols.shape[4]
-    gy = xhat.new_empty(xhat.shape)
-    native().col2im_cpu(dtype_code(gcols), gcols.data_ptr(), gy.data_ptr(), T, N, H, W, C, Ho, Wo, k, s, ph, pw)
-    _cpu_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta, gx)
-
-
-def _triton_cols(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbeta, gx, wrap):
-    from ..triton import batchnorm
-
-    batchnorm.bn_bwd_cols(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, gx, ggamma, gbeta, wrap=wrap)
+    _cpu_bwd(_cpu_col2im_rows(gcols, H, W, s, ph, pw, xhat), xhat, rstd, gamma, relu_y, ggamma, gbeta, gx)
 
 
 def _ref_cols(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbeta):
@@ -166,57 +164,14 @@ def _ref_cols(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbeta):
     return _ref_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta)
 
 
-def _prep_cols(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbeta):
-    return gcols.contiguous(), H, W, s, ph, pw, xhat, rstd, gamma, None if relu_y is None else relu_y.contiguous(), ggamma, gbeta
-
-
 def _cpu_tcols(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta, rgx):
-    T, R, C = gy.shape
-    N, Ho, Wo, k = rgcols.shape[1], rgcols.shape[2], rgcols.shape[3], rgcols.shape[4]
-    rgy = gy.new_empty(gy.shape)
-    native().col2im_cpu(dtype_code(rgcols), rgcols.data_ptr(), rgy.data_ptr(), T, N, H, W, C, Ho, Wo, k, s, ph, pw)
+    rgy = _cpu_col2im_rows(rgcols, H, W, s, ph, pw, gy)
     _cpu_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta, rgx)
-
-
-def _triton_tcols(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta, rgx, wrap):
-    from ..triton import batchnorm
-
-    batchnorm.bn_tbwd_cols(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rgx, rggamma, rgbeta,
-                           wrap=wrap)
 
 
 def _ref_tcols(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta):
     rgy = ref.col2im(rgcols, H, W, s, ph, pw).reshape(gy.shape)
     return _ref_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta)
-
-
-def _prep_tcols(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta):
-    return (gy.contiguous(), rgcols.contiguous(), H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma,
-            None if relu_y is None else relu_y.contiguous(), rggamma, rgbeta)
-
-
-def _triton_fwd(x, gamma, beta, eps, relu, y, xhat, rstd, wrap):
-    from ..triton import batchnorm
-
-    batchnorm.bn_fwd(x, gamma, beta, y, xhat, rstd, eps, relu, wrap=wrap)
-
-
-def _triton_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta, gx, wrap):
-    from ..triton import batchnorm
-
-    batchnorm.bn_bwd(gy, xhat, rstd, gamma, relu_y, gx, ggamma, gbeta, wrap=wrap)
-
-
-def _triton_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y, ry, rxhat, a, wrap):
-    from ..triton import batchnorm
-
-    batchnorm.bn_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y, ry, rxhat, a, wrap=wrap)
-
-
-def _triton_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta, rgx, wrap):
-    from ..triton import batchnorm
-
-    batchnorm.bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rgx, rggamma, rgbeta, wrap=wrap)
 
 
 def _ref_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta):
@@ -233,55 +188,44 @@ def _ref_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgb
     return rgx
 
 
-def _prep_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta):
-    # The parameter-like arrays stay views (the kernels take their row stride).
-    return gy.contiguous(), xhat, rstd, gamma, None if relu_y is None else relu_y.contiguous(), ggamma, gbeta
-
-
-def _prep_fwd(x, gamma, beta, eps, relu):
-    return x.contiguous(), gamma, beta, eps, relu
-
-
-def _prep_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y):
-    return rx.contiguous(), xhat, rstd, gamma, rgamma, rbeta, None if relu_y is None else relu_y.contiguous()
-
-
-def _prep_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta):
-    return (gy.contiguous(), rgy.contiguous(), xhat, rxhat, rstd, a, gamma, rgamma,
-            None if relu_y is None else relu_y.contiguous(), rggamma, rgbeta)
-
-
 # --------------------------------------------------------------------------- registrations
+
+# The parameter-like [T, C] arrays the ops read: passed as given (views into [T, P] buffers
+# are read in place with their row stride); the written ones are never copied anyway.
+_PARAMS = ("gamma", "beta", "rgamma", "rbeta")
 
 register(OpSpec(
     "bn_fwd", "(Tensor x, Tensor gamma, Tensor beta, float eps, bool relu) -> (Tensor, Tensor, Tensor)",
-    _fwd_fake, ref.bn_fwd, cpu=_cpu_fwd, triton=_triton_fwd, prep=_prep_fwd,
+    _fwd_fake, ref.bn_fwd, cpu=_cpu_fwd, triton=triton_launcher("batchnorm.bn_fwd"), views=_PARAMS,
 ))
 register(OpSpec(
     "bn_bwd", "(Tensor gy, Tensor xhat, Tensor rstd, Tensor gamma, Tensor? relu_y, Tensor(a!) ggamma, Tensor(b!) gbeta) -> Tensor",
-    _bwd_fake, _ref_bwd, cpu=_cpu_bwd, triton=_triton_bwd, mutates=("ggamma", "gbeta"), prep=_prep_bwd,
+    _bwd_fake, _ref_bwd, cpu=_cpu_bwd, triton=triton_launcher("batchnorm.bn_bwd"), mutates=("ggamma", "gbeta"),
+    views=_PARAMS,
 ))
 register(OpSpec(
     "col2im_bn_bwd",
     "(Tensor gcols, int H, int W, int s, int ph, int pw, Tensor xhat, Tensor rstd, Tensor gamma, Tensor? relu_y,"
     " Tensor(a!) ggamma, Tensor(b!) gbeta) -> Tensor",
-    _cols_fake, _ref_cols, cpu=_cpu_cols, triton=_triton_cols, mutates=("ggamma", "gbeta"), prep=_prep_cols,
+    _cols_fake, _ref_cols, cpu=_cpu_cols, triton=triton_launcher("batchnorm.col2im_bn_bwd"), mutates=("ggamma", "gbeta"),
+    views=_PARAMS,
 ))
 register(OpSpec(
     "bn_tfwd",
     "(Tensor rx, Tensor xhat, Tensor rstd, Tensor gamma, Tensor rgamma, Tensor rbeta, Tensor? relu_y) -> (Tensor, Tensor, Tensor)",
-    _tfwd_fake, ref.bn_tfwd, cpu=_cpu_tfwd, triton=_triton_tfwd, prep=_prep_tfwd,
+    _tfwd_fake, ref.bn_tfwd, cpu=_cpu_tfwd, triton=triton_launcher("batchnorm.bn_tfwd"), views=_PARAMS,
 ))
 register(OpSpec(
     "bn_tbwd",
     "(Tensor gy, Tensor rgy, Tensor xhat, Tensor rxhat, Tensor rstd, Tensor a, Tensor gamma, Tensor rgamma, Tensor? relu_y,"
     " Tensor(a!) rggamma, Tensor(b!) rgbeta) -> Tensor",
-    _tbwd_fake, _ref_tbwd, cpu=_cpu_tbwd, triton=_triton_tbwd, mutates=("rggamma", "rgbeta"), prep=_prep_tbwd,
+    _tbwd_fake, _ref_tbwd, cpu=_cpu_tbwd, triton=triton_launcher("batchnorm.bn_tbwd"), mutates=("rggamma", "rgbeta"),
+    views=_PARAMS,
 ))
-
 register(OpSpec(
     "col2im_bn_tbwd",
     "(Tensor gy, Tensor rgcols, int H, int W, int s, int ph, int pw, Tensor xhat, Tensor rxhat, Tensor rstd, Tensor a,"
     " Tensor gamma, Tensor rgamma, Tensor? relu_y, Tensor(a!) rggamma, Tensor(b!) rgbeta) -> Tensor",
-    _tcols_fake, _ref_tcols, cpu=_cpu_tcols, triton=_triton_tcols, mutates=("rggamma", "rgbeta"), prep=_prep_tcols,
+    _tcols_fake, _ref_tcols, cpu=_cpu_tcols, triton=triton_launcher("batchnorm.col2im_bn_tbwd"),
+    mutates=("rggamma", "rgbeta"), views=_PARAMS,
 ))

@@ -21,7 +21,7 @@ import torch
 
 from .. import reference as ref
 from ._checks import check_tensor, dtype_code, expect, native, native_cuda, stream
-from ._registry import OpSpec, register
+from ._registry import OpSpec, register, triton_launcher
 
 # Block lengths of the per-block partial sums, per backend.
 CPU_CG_CHUNK = 16384  # 64 KiB of float32 per (task, block) job: L2-resident, enough jobs for 2+ cores
@@ -119,30 +119,16 @@ def _cuda_update(x, *rest):
         native_cuda().cg_update_cuda(*_update_args(x, *rest), stream(x))
 
 
-def _triton_dots(r, p, Ap, partials, chunk, wrap):
-    from ..triton import cg
-
-    expect(chunk == cg.CG_BLOCK, ValueError, f"chunk must be {cg.CG_BLOCK} for the Triton kernels, got {chunk}")
-    cg.cg_dots(r, p, Ap, partials, wrap=wrap)
-
-
-def _triton_update(x, r, p, Ap, partials, status_in, status_out, iters, thresh, chunk, wrap):
-    from ..triton import cg
-
-    expect(chunk == cg.CG_BLOCK, ValueError, f"chunk must be {cg.CG_BLOCK} for the Triton kernels, got {chunk}")
-    cg.cg_update(x, r, p, Ap, partials, status_in, status_out, iters, thresh, wrap=wrap)
-
-
 # --------------------------------------------------------------------------- registrations
 
 register(OpSpec(
     "cg_dots", "(Tensor r, Tensor p, Tensor Ap, Tensor(a!) partials, int chunk) -> ()",
-    check_cg_dots, ref.cg_dots, cpu=_cpu_dots, cuda=_cuda_dots, triton=_triton_dots, mutates=("partials",),
+    check_cg_dots, ref.cg_dots, cpu=_cpu_dots, cuda=_cuda_dots, triton=triton_launcher("cg.cg_dots"), mutates=("partials",),
 ))
 register(OpSpec(
     "cg_update",
     "(Tensor(a!) x, Tensor(b!) r, Tensor(c!) p, Tensor Ap, Tensor partials, Tensor status_in, Tensor(d!) status_out,"
     " Tensor(e!) iters, Tensor thresh, int chunk) -> ()",
-    check_cg_update, ref.cg_update, cpu=_cpu_update, cuda=_cuda_update, triton=_triton_update,
+    check_cg_update, ref.cg_update, cpu=_cpu_update, cuda=_cuda_update, triton=triton_launcher("cg.cg_update"),
     mutates=("x", "r", "p", "status_out", "iters"),
 ))

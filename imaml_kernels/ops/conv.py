@@ -15,7 +15,7 @@ Example::
 
 from .. import reference as ref
 from ._checks import check_tensor, dtype_code, expect, native
-from ._registry import OpSpec, register
+from ._registry import OpSpec, register, triton_launcher
 
 # --------------------------------------------------------------------------- validation
 
@@ -48,21 +48,9 @@ def _cpu_col2im(gcols, H, W, s, ph, pw, gx):
     native().col2im_cpu(dtype_code(gcols), gcols.data_ptr(), gx.data_ptr(), T, N, H, W, C, Ho, Wo, k, s, ph, pw)
 
 
-def _triton_im2col(x, Ho, Wo, k, s, ph, pw, cols, wrap):
-    from ..triton import conv
-
-    conv.im2col(x, cols, k, s, ph, pw, wrap=wrap)
-
-
-def _triton_col2im(gcols, H, W, s, ph, pw, gx, wrap):
-    from ..triton import conv
-
-    conv.col2im(gcols, gx, gcols.shape[4], s, ph, pw, wrap=wrap)
-
-
 # --------------------------------------------------------------------------- registrations
 
 register(OpSpec("im2col", "(Tensor x, int Ho, int Wo, int k, int s, int ph, int pw) -> Tensor", _im2col_fake, ref.im2col,
-                cpu=_cpu_im2col, triton=_triton_im2col))
+                cpu=_cpu_im2col, triton=triton_launcher("conv.im2col")))
 register(OpSpec("col2im", "(Tensor gcols, int H, int W, int s, int ph, int pw) -> Tensor", _col2im_fake, ref.col2im,
-                cpu=_cpu_col2im, triton=_triton_col2im))
+                cpu=_cpu_col2im, triton=triton_launcher("conv.col2im")))

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import reference as ref
 from ._checks import check_tensor, dtype_code, expect, native
-from ._registry import OpSpec, register
+from ._registry import OpSpec, register, triton_launcher
 
 # --------------------------------------------------------------------------- validation
 
@@ -69,28 +69,11 @@ def _cpu_scatter(gy, idx, H, W, gx):
     native().maxpool_scatter_cpu(dtype_code(gy), gy.data_ptr(), idx.data_ptr(), gx.data_ptr(), T, N, H, W, C)
 
 
-def _triton_fwd(x, y, idx, wrap):
-    from ..triton import maxpool
-
-    maxpool.maxpool_fwd(x, y, idx, wrap=wrap)
-
-
-def _triton_gather(x, idx, y, wrap):
-    from ..triton import maxpool
-
-    maxpool.maxpool_gather(x, idx, y, wrap=wrap)
-
-
-def _triton_scatter(gy, idx, H, W, gx, wrap):
-    from ..triton import maxpool
-
-    maxpool.maxpool_scatter(gy, idx, gx, wrap=wrap)
-
-
 # --------------------------------------------------------------------------- registrations
 
-register(OpSpec("maxpool_fwd", "(Tensor x) -> (Tensor, Tensor)", _fwd_fake, ref.maxpool_fwd, cpu=_cpu_fwd, triton=_triton_fwd))
+register(OpSpec("maxpool_fwd", "(Tensor x) -> (Tensor, Tensor)", _fwd_fake, ref.maxpool_fwd,
+                cpu=_cpu_fwd, triton=triton_launcher("maxpool.maxpool_fwd")))
 register(OpSpec("maxpool_gather", "(Tensor x, Tensor idx) -> Tensor", _gather_fake, ref.maxpool_gather,
-                cpu=_cpu_gather, triton=_triton_gather))
+                cpu=_cpu_gather, triton=triton_launcher("maxpool.maxpool_gather")))
 register(OpSpec("maxpool_scatter", "(Tensor gy, Tensor idx, int H, int W) -> Tensor", _scatter_fake, ref.maxpool_scatter,
-                cpu=_cpu_scatter, triton=_triton_scatter))
+                cpu=_cpu_scatter, triton=triton_launcher("maxpool.maxpool_scatter")))

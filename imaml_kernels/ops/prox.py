@@ -12,7 +12,7 @@ Example::
 
 from .. import reference as ref
 from ._checks import check_tensor, dtype_code, expect, native
-from ._registry import OpSpec, register
+from ._registry import OpSpec, register, triton_launcher
 
 
 def _check(phi, grad, theta, lam, lr):
@@ -33,16 +33,10 @@ def _cpu(phi, grad, theta, lam, lr):
                            lam.data_ptr(), lr, T, P)
 
 
-def _triton(phi, grad, theta, lam, lr, wrap):
-    from ..triton import prox
-
-    prox.prox_step(phi, grad, theta, lam, lr, wrap=wrap)
-
-
 def _ref(phi, grad, theta, lam, lr):
     ref.prox_step(phi, grad, theta if theta.dim() == 2 else theta.unsqueeze(0), lam.unsqueeze(1), lr)
 
 
 register(OpSpec("prox_step", "(Tensor(a!) phi, Tensor grad, Tensor theta, Tensor lam, float lr) -> ()", _check, _ref,
-                cpu=_cpu, triton=_triton, mutates=("phi",)))
+                cpu=_cpu, triton=triton_launcher("prox.prox_step"), mutates=("phi",)))
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .. import reference as ref
 from ._checks import check_tensor, dtype_code, expect, native
-from ._registry import OpSpec, register
+from ._registry import OpSpec, register, triton_launcher
 
 # --------------------------------------------------------------------------- validation
 
@@ -65,36 +65,14 @@ def _cpu_bias(logits, y, gbias, loss, prob, grad):
                             grad.data_ptr(), *logits.shape, gbias.data_ptr(), gbias.stride(0) if T > 1 else K)
 
 
-def _triton_bias(logits, y, gbias, loss, prob, grad, wrap):
-    from ..triton import softmax_ce as k
-
-    k.softmax_ce(logits, y, loss, prob, grad, wrap=wrap, gbias=gbias)
-
-
 def _ref_bias(logits, y, gbias):
     loss, prob, grad = _ref_ce(logits, y)
     gbias.copy_(grad.sum(1))
     return loss, prob, grad
 
 
-def _prep_bias(logits, y, gbias):
-    return logits.contiguous(), y.to(torch.int64).contiguous(), gbias
-
-
 def _cpu_tangent(prob, rlogits, rg):
     native().softmax_ce_tangent_cpu(dtype_code(prob), prob.data_ptr(), rlogits.data_ptr(), rg.data_ptr(), *prob.shape)
-
-
-def _triton_ce(logits, y, loss, prob, grad, wrap):
-    from ..triton import softmax_ce as k
-
-    k.softmax_ce(logits, y, loss, prob, grad, wrap=wrap)
-
-
-def _triton_tangent(prob, rlogits, rg, wrap):
-    from ..triton import softmax_ce as k
-
-    k.softmax_ce_tangent(prob, rlogits, rg, wrap=wrap)
 
 
 def _ref_ce(logits, y):
@@ -102,15 +80,14 @@ def _ref_ce(logits, y):
     return loss, prob, ref.softmax_ce_grad(prob, y)
 
 
-def _prep_ce(logits, y):
-    return logits.contiguous(), y.to(torch.int64).contiguous()
-
-
 # --------------------------------------------------------------------------- registrations
 
+_LABELS = (("y", torch.int64),)  # labels of any integer dtype are taken as int64
+
 register(OpSpec("softmax_ce", "(Tensor logits, Tensor y) -> (Tensor, Tensor, Tensor)", _ce_fake, _ref_ce,
-                cpu=_cpu_ce, triton=_triton_ce, prep=_prep_ce))
+                cpu=_cpu_ce, triton=triton_launcher("softmax_ce.softmax_ce"), casts=_LABELS))
 register(OpSpec("softmax_ce_bias", "(Tensor logits, Tensor y, Tensor(a!) gbias) -> (Tensor, Tensor, Tensor)", _bias_fake,
-                _ref_bias, cpu=_cpu_bias, triton=_triton_bias, mutates=("gbias",), prep=_prep_bias))
+                _ref_bias, cpu=_cpu_bias, triton=triton_launcher("softmax_ce.softmax_ce_bias"), mutates=("gbias",),
+                casts=_LABELS))
 register(OpSpec("softmax_ce_tangent", "(Tensor prob, Tensor rlogits) -> Tensor", _tangent_fake, ref.softmax_ce_tangent,
-                cpu=_cpu_tangent, triton=_triton_tangent))
+                cpu=_cpu_tangent, triton=triton_launcher("softmax_ce.softmax_ce_tangent")))

@@ -1,9 +1,11 @@
 """Shared helpers of the Triton launchers: argument checks, the fp32 hi/lo split of float
 scalars, the identity ``wrap``.
 
-Launchers take ``wrap``, applied to each kernel before launching (``torch.library.wrap_triton``
-inside a ``triton_op``; identity by default; ``bench compile`` passes one that records the
-launch instead of running it). All outputs are preallocated by the caller.
+A launcher takes its op's arguments in the op's schema order (:mod:`imaml_kernels.ops`), then
+the op's outputs, preallocated by the caller, in the op's order, then ``wrap``: the op table
+binds it as it is. ``wrap`` is applied to each kernel before launching
+(``torch.library.wrap_triton`` inside a ``triton_op``; identity by default; ``bench compile``
+passes one that records the launch instead of running it).
 
 Float scalars (``eps``, ``lr``): a Python float reaches a compiled CUDA kernel as an fp32
 argument, which would cost float64 stages ~1e-8 relative error (``rstd`` of a constant

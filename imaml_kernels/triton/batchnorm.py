@@ -1,5 +1,5 @@
 """Triton kernels of BatchNorm (batch statistics) + ReLU: forward, backward, tangent forward,
-tangent backward; private kernels, then host launchers.
+tangent backward; private kernels (and their jit helpers), then host launchers.
 
 Formulas: :mod:`imaml_kernels.reference.batchnorm`. Layout: ``[T, R, C]`` row-major and
 contiguous (``R = N·H·W`` rows, channels innermost); per-(task, channel) statistics (``rstd``,
@@ -8,8 +8,11 @@ tangents and gradients) are rows of one row stride ``PS`` (views into a flat ``[
 parameter buffer are read and written in place).
 
 Work split: a program owns ``BLOCK_C`` channels of one task and a range of ``RPS`` rows (one
-row split), walked in ``[BLOCK_R, BLOCK_C]`` tiles. Every stage is per-channel row sums ->
-per-channel coefficients -> one elementwise writing pass. The sums accumulate per lane over
+row split; ``_tile``, the prologue every kernel shares), walked in ``[BLOCK_R, BLOCK_C]`` tiles
+(``_rows``). Every stage is per-channel row sums -> per-channel coefficients -> one
+elementwise writing pass: a kernel is its sum job (``_fwd_sum``, ``_bwd_sum``, ``_tfwd_sum``,
+``_tbwd_sum``), the coefficients, and its write job (``_fwd_write``, ...), named after the
+job functions of the C++ kernels. The sums accumulate per lane over
 the tiles and are reduced across the tile once, after the loop. With one split per task
 (``PHASE=0``) one launch does all of it. With ``NS > 1`` splits (few tasks, many rows: a
 T = 4 MiniImagenet layer has 4 programs otherwise, a T = 32 Omniglot layer 32 on a 132-SM
@@ -66,13 +69,20 @@ _NO_SPEC = ("R", "PS", "RPS", "NS")
 
 
 @triton.jit
+def _splits(s0, t, k, NS, K: tl.constexpr, C, cols, cmask, BLOCK_S: tl.constexpr):
+    """Partials ``k`` of the row splits ``s0 + [0, BLOCK_S)`` of task ``t`` in the workspace
+    ``[T, NS, K, C]`` -> ``(splits, mask, offsets)``."""
+    j = s0 + tl.arange(0, BLOCK_S)
+    m = (j < NS)[:, None] & cmask[None, :]
+    return j, m, ((t * NS + j) * K + k)[:, None] * C + cols[None, :]
+
+
+@triton.jit
 def _ws_sum(ws_ptr, t, k, NS, K: tl.constexpr, C, cols, cmask, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Σ_s ws[t, s, k, cols] over the NS row splits, in a fixed order (float64)."""
     acc = tl.zeros([BLOCK_C], dtype=tl.float64)
     for s0 in range(0, NS, BLOCK_S):
-        j = s0 + tl.arange(0, BLOCK_S)
-        m = (j < NS)[:, None] & cmask[None, :]
-        off = ((t * NS + j) * K + k)[:, None] * C + cols[None, :]
+        j, m, off = _splits(s0, t, k, NS, K, C, cols, cmask, BLOCK_S)
         acc += tl.sum(tl.load(ws_ptr + off, mask=m, other=0.0), axis=0)
     return acc
 
@@ -87,6 +97,109 @@ def _inv(n):
 @triton.jit
 def _ws_store(ws_ptr, t, s, NS, k, K: tl.constexpr, C, cols, cmask, v):
     tl.store(ws_ptr + ((t * NS + s) * K + k) * C + cols, v, mask=cmask)
+
+
+# --------------------------------------------------------------------------- the shared tile logic
+# Named after the job functions of csrc/batchnorm_cpu.cpp: a stage is its sum job (row sums per
+# channel; with row splits PHASE 1 stores them per split and PHASE 2 re-reduces them), the
+# finalisation (per-channel coefficients, in the kernel's body) and its write job.
+
+
+@triton.jit
+def _tile(R, C, RPS, BLOCK_C: tl.constexpr):
+    """The program's share of a ``[T, R, C]`` stage -> ``(t, s, cols, cmask, r_lo, r_hi, base)``:
+    task ``t``, row split ``s`` owning rows ``[r_lo, r_hi)``, channels ``cols`` (``cmask``: the
+    last channel block is partial) and the task's first element ``base = t R C``. ``t`` is
+    int64 (``T R C`` exceeds 2**31 at large T); ``R C < 2**31`` (the launcher checks), so
+    in-task offsets stay int32."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = tl.program_id(2)
+    cmask = cols < C
+    r_lo = s * RPS
+    r_hi = tl.minimum(R, r_lo + RPS)
+    return t, s, cols, cmask, r_lo, r_hi, t * R * C
+
+
+@triton.jit
+def _rows(r0, r_hi, C, cols, cmask, BLOCK_R: tl.constexpr):
+    """The ``[BLOCK_R, BLOCK_C]`` tile at row ``r0`` -> ``(rows, mask, in-task offsets)`` (the
+    last tile of a split is partial)."""
+    rows = r0 + tl.arange(0, BLOCK_R)
+    m = (rows < r_hi)[:, None] & cmask[None, :]
+    return rows, m, rows[:, None] * C + cols[None, :]
+
+
+@triton.jit
+def _cotangent(g_ptr, off, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw,
+               GATHER: tl.constexpr, K: tl.constexpr, S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A tile of an output cotangent: loaded (``g_ptr`` at the task's rows) or, ``GATHER``,
+    gathered from the patch cotangent ``g_ptr`` of the convolution the BatchNorm feeds (the
+    col2im fused into the loads; :func:`~imaml_kernels.triton.conv.gather_cols`)."""
+    if GATHER:
+        g = gather_cols(g_ptr, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, K, S, BLOCK_R, BLOCK_C)
+    else:
+        g = tl.load(g_ptr + off, mask=m, other=0.0)
+    return g
+
+
+# --------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_sum(x_ptr, r_lo, r_hi, C, cols, cmask, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The split's per-channel ``(mean, M2)`` (float64): the C++ ``fwd_sum_job`` and
+    ``fwd_sq_job`` in one reading pass, by sums of ``d = x - k`` shifted by the split's first
+    row ``k`` (a sample, so ``mean - k`` is of the order of the spread: the float64 sums lose
+    no digits worth having), accumulated per lane and reduced once."""
+    k = tl.load(x_ptr + r_lo * C + cols, mask=cmask, other=0.0).to(tl.float64)
+    sd = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
+    sdd = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        rows, m, off = _rows(r0, r_hi, C, cols, cmask, BLOCK_R)
+        v = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float64)
+        d = tl.where(m, v - k[None, :], 0.0)
+        sd += d
+        sdd += d * d
+    inv_n = _inv(r_hi - r_lo)
+    s1 = tl.sum(sd, axis=0)
+    mean = k + s1 * inv_n
+    m2 = tl.maximum(tl.sum(sdd, axis=0) - s1 * (s1 * inv_n), 0.0)
+    return mean, m2
+
+
+@triton.jit
+def _fwd_combine(ws_ptr, t, R, RPS, NS, C, cols, cmask, inv_r, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The task's ``(mean, M2)`` from its ``NS`` splits' partials (``PHASE 2``), in a fixed
+    order: ``mean = Σ n_s mean_s / R``, ``M2 = Σ M2_s + n_s (mean_s - mean)²``."""
+    acc = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for s0 in range(0, NS, BLOCK_S):
+        j, m, off = _splits(s0, t, 0, NS, 2, C, cols, cmask, BLOCK_S)
+        n_j = tl.maximum(tl.minimum(R - j * RPS, RPS), 0).to(tl.float64)  # the splits' rows
+        acc += tl.sum(n_j[:, None] * tl.load(ws_ptr + off, mask=m, other=0.0), axis=0)
+    mean = acc * inv_r
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for s0 in range(0, NS, BLOCK_S):
+        j, m, off = _splits(s0, t, 0, NS, 2, C, cols, cmask, BLOCK_S)
+        n_j = tl.maximum(tl.minimum(R - j * RPS, RPS), 0).to(tl.float64)
+        d = tl.load(ws_ptr + off, mask=m, other=0.0) - mean[None, :]
+        m2 += tl.sum(tl.load(ws_ptr + off + C, mask=m, other=0.0) + n_j[:, None] * tl.where(m, d * d, 0.0), axis=0)
+    return mean, m2
+
+
+@triton.jit
+def _fwd_write(x_ptr, y_ptr, xhat_ptr, r_lo, r_hi, C, cols, cmask, mu, rs, gam, bet,
+               RELU: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``xhat = (x - mu) rs``, ``y = relu?(gam xhat + bet)`` over the split's rows, in the data
+    type (``fwd_write_job``)."""
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        rows, m, off = _rows(r0, r_hi, C, cols, cmask, BLOCK_R)
+        xh = (tl.load(x_ptr + off, mask=m, other=0.0) - mu) * rs
+        y = xh * gam + bet
+        if RELU:
+            y = tl.where(y > 0.0, y, y * 0.0)  # max(y, 0) that keeps NaN, as torch.relu
+        tl.store(xhat_ptr + off, xh, mask=m)
+        tl.store(y_ptr + off, y, mask=m)
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
@@ -112,56 +225,16 @@ def _bn_fwd_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,  # partials per combining step (PHASE 2)
 ):
-    # int64 task base: T * R * C exceeds 2**31 at large T; R * C < 2**31 (the launcher checks),
-    # so in-task offsets stay int32.
-    t = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    s = tl.program_id(2)
-    cmask = cols < C  # the last channel block is partial
-    r_lo = s * RPS
-    r_hi = tl.minimum(R, r_lo + RPS)
-    x_ptr += t * R * C
+    t, s, cols, cmask, r_lo, r_hi, base = _tile(R, C, RPS, BLOCK_C)
+    x_ptr += base
     dt = x_ptr.dtype.element_ty
-
     if PHASE != 2:
-        # This split's (mean, M2) from sums of d = x - k shifted by the split's first row k
-        # (a sample, so mean - k is of the order of the spread: the float64 sums lose no
-        # digits worth having), accumulated per lane and reduced once.
-        k = tl.load(x_ptr + r_lo * C + cols, mask=cmask, other=0.0).to(tl.float64)
-        sd = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
-        sdd = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
-        for r0 in range(r_lo, r_hi, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            m = (rows < r_hi)[:, None] & cmask[None, :]  # the last tile of a split is partial
-            v = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=m, other=0.0).to(tl.float64)
-            d = tl.where(m, v - k[None, :], 0.0)
-            sd += d
-            sdd += d * d
-        inv_n = _inv(r_hi - r_lo)
-        s1 = tl.sum(sd, axis=0)
-        mean = k + s1 * inv_n
-        m2 = tl.maximum(tl.sum(sdd, axis=0) - s1 * (s1 * inv_n), 0.0)
+        mean, m2 = _fwd_sum(x_ptr, r_lo, r_hi, C, cols, cmask, BLOCK_R, BLOCK_C)
         if PHASE == 1:
             _ws_store(ws_ptr, t, s, NS, 0, 2, C, cols, cmask, mean)
             _ws_store(ws_ptr, t, s, NS, 1, 2, C, cols, cmask, m2)
     else:
-        # Combine the NS splits: mean = Σ n_s mean_s / R, M2 = Σ M2_s + n_s (mean_s - mean)².
-        acc = tl.zeros([BLOCK_C], dtype=tl.float64)
-        for s0 in range(0, NS, BLOCK_S):
-            j = s0 + tl.arange(0, BLOCK_S)
-            n_j = tl.maximum(tl.minimum(R - j * RPS, RPS), 0).to(tl.float64)
-            m = (j < NS)[:, None] & cmask[None, :]
-            off = ((t * NS + j) * 2)[:, None] * C + cols[None, :]
-            acc += tl.sum(n_j[:, None] * tl.load(ws_ptr + off, mask=m, other=0.0), axis=0)
-        mean = acc * inv_r
-        m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
-        for s0 in range(0, NS, BLOCK_S):
-            j = s0 + tl.arange(0, BLOCK_S)
-            n_j = tl.maximum(tl.minimum(R - j * RPS, RPS), 0).to(tl.float64)
-            m = (j < NS)[:, None] & cmask[None, :]
-            off = ((t * NS + j) * 2)[:, None] * C + cols[None, :]
-            d = tl.load(ws_ptr + off, mask=m, other=0.0) - mean[None, :]
-            m2 += tl.sum(tl.load(ws_ptr + off + C, mask=m, other=0.0) + n_j[:, None] * tl.where(m, d * d, 0.0), axis=0)
+        mean, m2 = _fwd_combine(ws_ptr, t, R, RPS, NS, C, cols, cmask, inv_r, BLOCK_S, BLOCK_C)
 
     if PHASE != 1:
         eps = (tl.zeros([BLOCK_C], dtype=tl.float64) + eps_hi) + eps_lo  # exact: two fp32 halves
@@ -173,18 +246,50 @@ def _bn_fwd_kernel(
         rs = r64.to(dt)[None, :]
         gam = tl.load(gamma_ptr + tp, mask=cmask, other=0.0)[None, :]
         bet = tl.load(beta_ptr + tp, mask=cmask, other=0.0)[None, :]
-        y_ptr += t * R * C
-        xhat_ptr += t * R * C
-        for r0 in range(r_lo, r_hi, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            m = (rows < r_hi)[:, None] & cmask[None, :]
-            off = rows[:, None] * C + cols[None, :]
-            xh = (tl.load(x_ptr + off, mask=m, other=0.0) - mu) * rs
-            y = xh * gam + bet
-            if RELU:
-                y = tl.where(y > 0.0, y, y * 0.0)  # max(y, 0) that keeps NaN, as torch.relu
-            tl.store(xhat_ptr + off, xh, mask=m)
-            tl.store(y_ptr + off, y, mask=m)
+        _fwd_write(x_ptr, y_ptr + base, xhat_ptr + base, r_lo, r_hi, C, cols, cmask, mu, rs, gam, bet, RELU, BLOCK_R)
+
+
+# --------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _bwd_load(gy_ptr, relu_ptr, off, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, RELU: tl.constexpr,
+              GATHER: tl.constexpr, K: tl.constexpr, S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A tile of the cotangent ``g``, gated by ``relu > 0`` when ``RELU`` (the C++ ``gate``)."""
+    g = _cotangent(gy_ptr, off, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, GATHER, K, S, BLOCK_R, BLOCK_C)
+    if RELU:
+        g = tl.where(tl.load(relu_ptr + off, mask=m, other=0.0) > 0.0, g, 0.0)
+    return g
+
+
+@triton.jit
+def _bwd_sum(gy_ptr, xhat_ptr, relu_ptr, t, r_lo, r_hi, R, C, cols, cmask, H, W, Ho, Wo, ph, pw,
+             RELU: tl.constexpr, GATHER: tl.constexpr, K: tl.constexpr, S: tl.constexpr,
+             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``(Σ g, Σ g xhat)`` over the split's rows, ``g`` the (gated) cotangent: float64, per lane,
+    reduced once (``bwd_sum_job``)."""
+    ag = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
+    agx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        rows, m, off = _rows(r0, r_hi, C, cols, cmask, BLOCK_R)
+        g = _bwd_load(gy_ptr, relu_ptr, off, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, RELU, GATHER, K, S,
+                      BLOCK_R, BLOCK_C).to(tl.float64)
+        ag += g
+        agx += g * tl.load(xhat_ptr + off, mask=m, other=0.0).to(tl.float64)
+    return tl.sum(ag, axis=0), tl.sum(agx, axis=0)
+
+
+@triton.jit
+def _bwd_write(gy_ptr, xhat_ptr, relu_ptr, gx_ptr, t, r_lo, r_hi, R, C, cols, cmask, H, W, Ho, Wo, ph, pw,
+               mg, mgx, coef, RELU: tl.constexpr, GATHER: tl.constexpr, K: tl.constexpr, S: tl.constexpr,
+               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``gx = coef ((g - mg) - xhat mgx)`` over the split's rows, in the data type (``bwd_write_job``)."""
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        rows, m, off = _rows(r0, r_hi, C, cols, cmask, BLOCK_R)
+        g = _bwd_load(gy_ptr, relu_ptr, off, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, RELU, GATHER, K, S,
+                      BLOCK_R, BLOCK_C)
+        xh = tl.load(xhat_ptr + off, mask=m, other=0.0)
+        tl.store(gx_ptr + off, coef * ((g - mg) - xh * mgx), mask=m)
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
@@ -219,38 +324,15 @@ def _bn_bwd_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)  # int64 task base: see _bn_fwd_kernel
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    s = tl.program_id(2)
-    cmask = cols < C
-    r_lo = s * RPS
-    r_hi = tl.minimum(R, r_lo + RPS)
-    base = t * R * C
+    t, s, cols, cmask, r_lo, r_hi, base = _tile(R, C, RPS, BLOCK_C)
     if not GATHER:
         gy_ptr += base
     xhat_ptr += base
     relu_ptr += base
     dt = gy_ptr.dtype.element_ty
-
     if PHASE != 2:
-        # Row sums accumulated per lane (float64), reduced once after the loop.
-        ag = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
-        agx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
-        for r0 in range(r_lo, r_hi, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            m = (rows < r_hi)[:, None] & cmask[None, :]
-            off = rows[:, None] * C + cols[None, :]
-            if GATHER:
-                g = gather_cols(gy_ptr, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, K, S, BLOCK_R, BLOCK_C)
-            else:
-                g = tl.load(gy_ptr + off, mask=m, other=0.0)
-            if RELU:
-                g = tl.where(tl.load(relu_ptr + off, mask=m, other=0.0) > 0.0, g, 0.0)
-            g = g.to(tl.float64)
-            ag += g
-            agx += g * tl.load(xhat_ptr + off, mask=m, other=0.0).to(tl.float64)
-        sg = tl.sum(ag, axis=0)
-        sgx = tl.sum(agx, axis=0)
+        sg, sgx = _bwd_sum(gy_ptr, xhat_ptr, relu_ptr, t, r_lo, r_hi, R, C, cols, cmask, H, W, Ho, Wo, ph, pw,
+                           RELU, GATHER, K, S, BLOCK_R, BLOCK_C)
         if PHASE == 1:
             _ws_store(ws_ptr, t, s, NS, 0, 2, C, cols, cmask, sg)
             _ws_store(ws_ptr, t, s, NS, 1, 2, C, cols, cmask, sgx)
@@ -270,19 +352,40 @@ def _bn_bwd_kernel(
         mg = (sg * inv_r).to(dt)[None, :]
         mgx = (sgx * inv_r).to(dt)[None, :]
         coef = (r * gam).to(dt)[None, :]
-        gx_ptr += base
-        for r0 in range(r_lo, r_hi, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            m = (rows < r_hi)[:, None] & cmask[None, :]
-            off = rows[:, None] * C + cols[None, :]
-            if GATHER:
-                g = gather_cols(gy_ptr, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, K, S, BLOCK_R, BLOCK_C)
-            else:
-                g = tl.load(gy_ptr + off, mask=m, other=0.0)
-            if RELU:
-                g = tl.where(tl.load(relu_ptr + off, mask=m, other=0.0) > 0.0, g, 0.0)
-            xh = tl.load(xhat_ptr + off, mask=m, other=0.0)
-            tl.store(gx_ptr + off, coef * ((g - mg) - xh * mgx), mask=m)
+        _bwd_write(gy_ptr, xhat_ptr, relu_ptr, gx_ptr + base, t, r_lo, r_hi, R, C, cols, cmask, H, W, Ho, Wo, ph, pw,
+                   mg, mgx, coef, RELU, GATHER, K, S, BLOCK_R, BLOCK_C)
+
+
+# --------------------------------------------------------------------------- tangent forward
+
+
+@triton.jit
+def _tfwd_sum(rx_ptr, xhat_ptr, r_lo, r_hi, C, cols, cmask, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``(Σ rx, Σ xhat rx)`` over the split's rows: float64, per lane, reduced once (``tfwd_sum_job``)."""
+    arx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
+    axr = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        rows, m, off = _rows(r0, r_hi, C, cols, cmask, BLOCK_R)
+        rx = tl.load(rx_ptr + off, mask=m, other=0.0).to(tl.float64)
+        arx += rx
+        axr += rx * tl.load(xhat_ptr + off, mask=m, other=0.0).to(tl.float64)
+    return tl.sum(arx, axis=0), tl.sum(axr, axis=0)
+
+
+@triton.jit
+def _tfwd_write(rx_ptr, xhat_ptr, relu_ptr, ry_ptr, rxhat_ptr, r_lo, r_hi, C, cols, cmask, mrx, a, r, gam, rgam, rbet,
+                RELU: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``rxhat = r ((rx - mrx) - xhat a)``, ``ry = gate(rgam xhat + gam rxhat + rbet)`` over the
+    split's rows, in the data type (``tfwd_write_job``)."""
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        rows, m, off = _rows(r0, r_hi, C, cols, cmask, BLOCK_R)
+        xh = tl.load(xhat_ptr + off, mask=m, other=0.0)
+        rxh = r * ((tl.load(rx_ptr + off, mask=m, other=0.0) - mrx) - xh * a)
+        ry = rgam * xh + gam * rxh + rbet
+        if RELU:
+            ry = tl.where(tl.load(relu_ptr + off, mask=m, other=0.0) > 0.0, ry, 0.0)
+        tl.store(rxhat_ptr + off, rxh, mask=m)
+        tl.store(ry_ptr + off, ry, mask=m)
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
@@ -310,29 +413,12 @@ def _bn_tfwd_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)  # int64 task base: see _bn_fwd_kernel
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    s = tl.program_id(2)
-    cmask = cols < C
-    r_lo = s * RPS
-    r_hi = tl.minimum(R, r_lo + RPS)
-    base = t * R * C
+    t, s, cols, cmask, r_lo, r_hi, base = _tile(R, C, RPS, BLOCK_C)
     rx_ptr += base
     xhat_ptr += base
     dt = rx_ptr.dtype.element_ty
-
     if PHASE != 2:
-        arx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)  # per lane, reduced once
-        axr = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
-        for r0 in range(r_lo, r_hi, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            m = (rows < r_hi)[:, None] & cmask[None, :]
-            off = rows[:, None] * C + cols[None, :]
-            rx = tl.load(rx_ptr + off, mask=m, other=0.0).to(tl.float64)
-            arx += rx
-            axr += rx * tl.load(xhat_ptr + off, mask=m, other=0.0).to(tl.float64)
-        srx = tl.sum(arx, axis=0)
-        sxr = tl.sum(axr, axis=0)
+        srx, sxr = _tfwd_sum(rx_ptr, xhat_ptr, r_lo, r_hi, C, cols, cmask, BLOCK_R, BLOCK_C)
         if PHASE == 1:
             _ws_store(ws_ptr, t, s, NS, 0, 2, C, cols, cmask, srx)
             _ws_store(ws_ptr, t, s, NS, 1, 2, C, cols, cmask, sxr)
@@ -346,26 +432,74 @@ def _bn_tfwd_kernel(
         tp = t * PS + cols  # parameter-like
         a = (sxr * inv_r).to(dt)
         tl.store(a_ptr + tc, a, mask=cmask & (s == 0))
-        a = a[None, :]
         mrx = (srx * inv_r).to(dt)[None, :]
         r = tl.load(rstd_ptr + tc, mask=cmask, other=0.0)[None, :]
         gam = tl.load(gamma_ptr + tp, mask=cmask, other=0.0)[None, :]
         rgam = tl.load(rgamma_ptr + tp, mask=cmask, other=0.0)[None, :]
         rbet = tl.load(rbeta_ptr + tp, mask=cmask, other=0.0)[None, :]
-        relu_ptr += base
-        ry_ptr += base
-        rxhat_ptr += base
-        for r0 in range(r_lo, r_hi, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            m = (rows < r_hi)[:, None] & cmask[None, :]
-            off = rows[:, None] * C + cols[None, :]
-            xh = tl.load(xhat_ptr + off, mask=m, other=0.0)
-            rxh = r * ((tl.load(rx_ptr + off, mask=m, other=0.0) - mrx) - xh * a)
-            ry = rgam * xh + gam * rxh + rbet
-            if RELU:
-                ry = tl.where(tl.load(relu_ptr + off, mask=m, other=0.0) > 0.0, ry, 0.0)
-            tl.store(rxhat_ptr + off, rxh, mask=m)
-            tl.store(ry_ptr + off, ry, mask=m)
+        _tfwd_write(rx_ptr, xhat_ptr, relu_ptr + base, ry_ptr + base, rxhat_ptr + base, r_lo, r_hi, C, cols, cmask,
+                    mrx, a[None, :], r, gam, rgam, rbet, RELU, BLOCK_R)
+
+
+# --------------------------------------------------------------------------- tangent backward
+
+
+@triton.jit
+def _tbwd_load(gy_ptr, rgy_ptr, relu_ptr, off, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, RELU: tl.constexpr,
+               GATHER: tl.constexpr, K: tl.constexpr, S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Tiles of the cotangent ``g`` and its tangent ``rg`` (the one gathered when ``GATHER``),
+    both gated by one load of ``relu > 0`` when ``RELU``."""
+    g = tl.load(gy_ptr + off, mask=m, other=0.0)
+    rg = _cotangent(rgy_ptr, off, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, GATHER, K, S, BLOCK_R, BLOCK_C)
+    if RELU:
+        on = tl.load(relu_ptr + off, mask=m, other=0.0) > 0.0
+        g = tl.where(on, g, 0.0)
+        rg = tl.where(on, rg, 0.0)
+    return g, rg
+
+
+@triton.jit
+def _tbwd_sum(gy_ptr, rgy_ptr, xhat_ptr, rxhat_ptr, relu_ptr, t, r_lo, r_hi, R, C, cols, cmask, H, W, Ho, Wo, ph, pw,
+              RELU: tl.constexpr, GATHER: tl.constexpr, K: tl.constexpr, S: tl.constexpr,
+              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The five per-channel sums every mean of the formula is made of, over the split's rows:
+    ``(Σ g, Σ g xhat, Σ rg, Σ rg xhat, Σ g rxhat)`` (``g``, ``rg``: the gated cotangent and its
+    tangent), float64, per lane, reduced once (``tbwd_sum_job``)."""
+    ag = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)  # sum g
+    agx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)  # sum g xhat
+    arg = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)  # sum rg
+    argx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)  # sum rg xhat
+    agrx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)  # sum g rxhat
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        rows, m, off = _rows(r0, r_hi, C, cols, cmask, BLOCK_R)
+        g, rg = _tbwd_load(gy_ptr, rgy_ptr, relu_ptr, off, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, RELU, GATHER,
+                           K, S, BLOCK_R, BLOCK_C)
+        g = g.to(tl.float64)
+        rg = rg.to(tl.float64)
+        xh = tl.load(xhat_ptr + off, mask=m, other=0.0).to(tl.float64)
+        rxh = tl.load(rxhat_ptr + off, mask=m, other=0.0).to(tl.float64)
+        ag += g
+        agx += g * xh
+        arg += rg
+        argx += rg * xh
+        agrx += g * rxh
+    return tl.sum(ag, axis=0), tl.sum(agx, axis=0), tl.sum(arg, axis=0), tl.sum(argx, axis=0), tl.sum(agrx, axis=0)
+
+
+@triton.jit
+def _tbwd_write(gy_ptr, rgy_ptr, xhat_ptr, rxhat_ptr, relu_ptr, rgx_ptr, t, r_lo, r_hi, R, C, cols, cmask,
+                H, W, Ho, Wo, ph, pw, mg, mrg, cg, crg, crh, ch, RELU: tl.constexpr, GATHER: tl.constexpr,
+                K: tl.constexpr, S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``rgx = cg (g - mg) + crg (rg - mrg) + crh rxhat + ch xhat`` over the split's rows, in the
+    data type (``tbwd_write_job``)."""
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        rows, m, off = _rows(r0, r_hi, C, cols, cmask, BLOCK_R)
+        g, rg = _tbwd_load(gy_ptr, rgy_ptr, relu_ptr, off, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, RELU, GATHER,
+                           K, S, BLOCK_R, BLOCK_C)
+        xh = tl.load(xhat_ptr + off, mask=m, other=0.0)
+        rxh = tl.load(rxhat_ptr + off, mask=m, other=0.0)
+        rgx = cg * (g - mg) + crg * (rg - mrg) + crh * rxh + ch * xh
+        tl.store(rgx_ptr + off, rgx, mask=m)
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
@@ -404,13 +538,7 @@ def _bn_tbwd_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)  # int64 task base: see _bn_fwd_kernel
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    s = tl.program_id(2)
-    cmask = cols < C
-    r_lo = s * RPS
-    r_hi = tl.minimum(R, r_lo + RPS)
-    base = t * R * C
+    t, s, cols, cmask, r_lo, r_hi, base = _tile(R, C, RPS, BLOCK_C)
     gy_ptr += base
     if not GATHER:
         rgy_ptr += base
@@ -418,42 +546,9 @@ def _bn_tbwd_kernel(
     rxhat_ptr += base
     relu_ptr += base
     dt = gy_ptr.dtype.element_ty
-
     if PHASE != 2:
-        # The five per-channel sums every mean in the formula is made of.
-        # (per lane, reduced once after the loop)
-        ag = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)  # sum g
-        agx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)  # sum g xhat
-        arg = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)  # sum rg
-        argx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)  # sum rg xhat
-        agrx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)  # sum g rxhat
-        for r0 in range(r_lo, r_hi, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            m = (rows < r_hi)[:, None] & cmask[None, :]
-            off = rows[:, None] * C + cols[None, :]
-            g = tl.load(gy_ptr + off, mask=m, other=0.0)
-            if GATHER:
-                rg = gather_cols(rgy_ptr, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, K, S, BLOCK_R, BLOCK_C)
-            else:
-                rg = tl.load(rgy_ptr + off, mask=m, other=0.0)
-            if RELU:
-                on = tl.load(relu_ptr + off, mask=m, other=0.0) > 0.0
-                g = tl.where(on, g, 0.0)
-                rg = tl.where(on, rg, 0.0)
-            g = g.to(tl.float64)
-            rg = rg.to(tl.float64)
-            xh = tl.load(xhat_ptr + off, mask=m, other=0.0).to(tl.float64)
-            rxh = tl.load(rxhat_ptr + off, mask=m, other=0.0).to(tl.float64)
-            ag += g
-            agx += g * xh
-            arg += rg
-            argx += rg * xh
-            agrx += g * rxh
-        sg = tl.sum(ag, axis=0)
-        sgx = tl.sum(agx, axis=0)
-        srg = tl.sum(arg, axis=0)
-        srgx = tl.sum(argx, axis=0)
-        sgrx = tl.sum(agrx, axis=0)
+        sg, sgx, srg, srgx, sgrx = _tbwd_sum(gy_ptr, rgy_ptr, xhat_ptr, rxhat_ptr, relu_ptr, t, r_lo, r_hi, R, C, cols,
+                                             cmask, H, W, Ho, Wo, ph, pw, RELU, GATHER, K, S, BLOCK_R, BLOCK_C)
         if PHASE == 1:
             _ws_store(ws_ptr, t, s, NS, 0, 5, C, cols, cmask, sg)
             _ws_store(ws_ptr, t, s, NS, 1, 5, C, cols, cmask, sgx)
@@ -488,24 +583,8 @@ def _bn_tbwd_kernel(
         crg = (r * gam).to(dt)[None, :]
         crh = (-r * m2).to(dt)[None, :]
         ch = (r * (r * a * m2 - dm2)).to(dt)[None, :]
-        rgx_ptr += base
-        for r0 in range(r_lo, r_hi, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            m = (rows < r_hi)[:, None] & cmask[None, :]
-            off = rows[:, None] * C + cols[None, :]
-            g = tl.load(gy_ptr + off, mask=m, other=0.0)
-            if GATHER:
-                rg = gather_cols(rgy_ptr, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw, K, S, BLOCK_R, BLOCK_C)
-            else:
-                rg = tl.load(rgy_ptr + off, mask=m, other=0.0)
-            if RELU:
-                on = tl.load(relu_ptr + off, mask=m, other=0.0) > 0.0
-                g = tl.where(on, g, 0.0)
-                rg = tl.where(on, rg, 0.0)
-            xh = tl.load(xhat_ptr + off, mask=m, other=0.0)
-            rxh = tl.load(rxhat_ptr + off, mask=m, other=0.0)
-            rgx = cg * (g - mg) + crg * (rg - mrg) + crh * rxh + ch * xh
-            tl.store(rgx_ptr + off, rgx, mask=m)
+        _tbwd_write(gy_ptr, rgy_ptr, xhat_ptr, rxhat_ptr, relu_ptr, rgx_ptr + base, t, r_lo, r_hi, R, C, cols, cmask,
+                    H, W, Ho, Wo, ph, pw, mg, mrg, cg, crg, crh, ch, RELU, GATHER, K, S, BLOCK_R, BLOCK_C)
 
 
 # --------------------------------------------------------------------------- host launchers
@@ -585,7 +664,7 @@ def _launch(kernel, wrap, x, ps, nsums, tensors, scalars, constexprs, tile_bytes
         wrap(kernel)[(T, cb, ns)](*tensors, ws, R, C, ps, rps, ns, 1.0 / R, *scalars, PHASE=phase, **meta)
 
 
-def bn_fwd(x, gamma, beta, y, xhat, rstd, eps: float, relu: bool, wrap=ident):
+def bn_fwd(x, gamma, beta, eps: float, relu: bool, y, xhat, rstd, wrap=ident):
     """BatchNorm forward with batch statistics -> writes ``y``, ``xhat [T,R,C]``, ``rstd [T,C]``."""
     T, R, C, ps = _bn_setup(
         x, gamma=(gamma, "param"), beta=(beta, "param"), y=(y, "full"), xhat=(xhat, "full"), rstd=(rstd, "stat")
@@ -595,8 +674,8 @@ def bn_fwd(x, gamma, beta, y, xhat, rstd, eps: float, relu: bool, wrap=ident):
     _launch(_bn_fwd_kernel, wrap, x, ps, 2, (x, gamma, beta, y, xhat, rstd), split_f64(eps), dict(RELU=bool(relu)))
 
 
-def bn_bwd(gy, xhat, rstd, gamma, relu_y, gx, ggamma, gbeta, wrap=ident):
-    """Backward of :func:`bn_fwd` -> writes ``gx [T,R,C]``, ``ggamma``, ``gbeta [T,C]``."""
+def bn_bwd(gy, xhat, rstd, gamma, relu_y, ggamma, gbeta, gx, wrap=ident):
+    """Backward of :func:`bn_fwd` -> writes ``ggamma``, ``gbeta [T,C]`` and ``gx [T,R,C]``."""
     extra = {} if relu_y is None else {"relu_y": (relu_y, "full")}
     T, R, C, ps = _bn_setup(
         gy, xhat=(xhat, "full"), rstd=(rstd, "stat"), gamma=(gamma, "param"), gx=(gx, "full"),
@@ -609,7 +688,7 @@ def bn_bwd(gy, xhat, rstd, gamma, relu_y, gx, ggamma, gbeta, wrap=ident):
             (1, 1, 1, 1, 0, 0), dict(RELU=relu_y is not None, GATHER=False, K=1, S=1))
 
 
-def bn_bwd_cols(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, gx, ggamma, gbeta, wrap=ident):
+def col2im_bn_bwd(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbeta, gx, wrap=ident):
     """:func:`bn_bwd` with its output cotangent gathered from the patch cotangent ``gcols [T, N,
     Ho, Wo, k, k, C]`` of the convolution it feeds (stride ``s``, top/left padding ``ph``/``pw``,
     on ``H x W`` images): the col2im fused into the loads, one launch (or pair) fewer, no
@@ -643,8 +722,8 @@ def bn_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y, ry, rxhat, a, wrap=ide
             (), dict(RELU=relu_y is not None))
 
 
-def bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rgx, rggamma, rgbeta, wrap=ident):
-    """Tangent of :func:`bn_bwd` -> writes ``rgx [T,R,C]``, ``rggamma``, ``rgbeta [T,C]``."""
+def bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta, rgx, wrap=ident):
+    """Tangent of :func:`bn_bwd` -> writes ``rggamma``, ``rgbeta [T,C]`` and ``rgx [T,R,C]``."""
     extra = {} if relu_y is None else {"relu_y": (relu_y, "full")}
     T, R, C, ps = _bn_setup(
         gy, rgy=(rgy, "full"), xhat=(xhat, "full"), rxhat=(rxhat, "full"), rstd=(rstd, "stat"),
@@ -658,9 +737,10 @@ def bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rgx, rggamma, 
             (1, 1, 1, 1, 0, 0), dict(RELU=relu_y is not None, GATHER=False, K=1, S=1), BN_TBWD_TILE_BYTES)
 
 
-def bn_tbwd_cols(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rgx, rggamma, rgbeta, wrap=ident):
+def col2im_bn_tbwd(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta, rgx,
+                   wrap=ident):
     """:func:`bn_tbwd` with the cotangent's tangent gathered from the patch form ``rgcols`` of
-    the convolution this BatchNorm feeds (see :func:`bn_bwd_cols`): same results, bit for bit,
+    the convolution this BatchNorm feeds (see :func:`col2im_bn_bwd`): same results, bit for bit,
     as col2im then bn_tbwd."""
     extra = {} if relu_y is None else {"relu_y": (relu_y, "full")}
     T, R, C, ps = _bn_setup(

@@ -2,7 +2,8 @@
 
 Layout as everywhere: ``[T, P]`` row-major, contiguous. Grid ``(T, NB)`` with one program
 per ``BLOCK`` elements of one task; ``partials`` is ``[T, NB, 4]`` float64. The launchers
-validate nothing beyond the block length: :mod:`imaml_kernels.ops.cg` checks every argument.
+validate nothing beyond the block length (``chunk``): :mod:`imaml_kernels.ops.cg` checks every
+argument.
 """
 
 import triton
@@ -125,8 +126,15 @@ def _cg_update_kernel(
 # --------------------------------------------------------------------------- host launchers
 
 
-def cg_dots(r, p, Ap, partials, wrap=ident):
-    """Per-block dot products of ``[T, P]`` vectors into ``partials [T, ceil(P/CG_BLOCK), 4]``."""
+def _check_chunk(chunk):
+    if chunk != CG_BLOCK:
+        raise ValueError(f"chunk must be {CG_BLOCK} for the Triton kernels, got {chunk}")
+
+
+def cg_dots(r, p, Ap, partials, chunk, wrap=ident):
+    """Per-block dot products of ``[T, P]`` vectors into ``partials [T, ceil(P/CG_BLOCK), 4]``
+    (``chunk``, the partials' block length, must be ``CG_BLOCK``)."""
+    _check_chunk(chunk)
     T, P = r.shape
     nb = partials.shape[1]
     if T == 0:  # P = 0 still launches: the blocks write zero partials
@@ -134,8 +142,9 @@ def cg_dots(r, p, Ap, partials, wrap=ident):
     wrap(_cg_dots_kernel)[(T, nb)](r, p, Ap, partials, P, nb, BLOCK=CG_BLOCK, SUB=CG_SUB, num_warps=CG_NUM_WARPS)
 
 
-def cg_update(x, r, p, Ap, partials, status_in, status_out, iters, thresh, wrap=ident):
-    """The fused CG update of every task from the partials of :func:`cg_dots`."""
+def cg_update(x, r, p, Ap, partials, status_in, status_out, iters, thresh, chunk, wrap=ident):
+    """The fused CG update of every task from the partials of :func:`cg_dots` (``chunk`` as there)."""
+    _check_chunk(chunk)
     T, P = x.shape
     nb = partials.shape[1]
     if T == 0:

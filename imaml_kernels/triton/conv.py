@@ -180,11 +180,10 @@ def _check_int32(**counts):
             raise ValueError(f"{name} = {n} is beyond the kernels' int32 pixel indices")
 
 
-def im2col(x, cols, k, s, ph, pw, wrap=ident):
+def im2col(x, Ho, Wo, k, s, ph, pw, cols, wrap=ident):
     """Conv patches with fused zero padding: ``x [T,N,H,W,C]`` -> overwrites
     ``cols [T,N,Ho,Wo,k,k,C]``."""
     T, N, H, W, C = x.shape
-    Ho, Wo = cols.shape[2], cols.shape[3]
     check(x, (T, N, H, W, C), cols=(cols, (T, N, Ho, Wo, k, k, C)))
     P = T * N * Ho * Wo
     if P * C == 0:
@@ -206,11 +205,11 @@ def im2col(x, cols, k, s, ph, pw, wrap=ident):
     )
 
 
-def col2im(gcols, gx, k, s, ph, pw, wrap=ident):
+def col2im(gcols, H, W, s, ph, pw, gx, wrap=ident):
     """Adjoint of im2col: ``gcols [T,N,Ho,Wo,k,k,C]`` -> overwrites ``gx [T,N,H,W,C]``."""
-    T, N, H, W, C = gx.shape
-    Ho, Wo = gcols.shape[2], gcols.shape[3]
-    check(gx, (T, N, H, W, C), gcols=(gcols, (T, N, Ho, Wo, k, k, C)))
+    T, N, Ho, Wo, k = gcols.shape[:5]
+    C = gcols.shape[6]
+    check(gcols, gcols.shape, gcols=(gcols, (T, N, Ho, Wo, k, k, C)), gx=(gx, (T, N, H, W, C)))
     P = T * N * H * W
     if P * C == 0:
         return

@@ -150,11 +150,11 @@ def maxpool_gather(x, idx, y, wrap=ident):
     wrap(_maxpool_gather_kernel)[grid](x, idx, y, M, H, W, H // 2, W // 2, C, BLOCK_M=bm, BLOCK_C=bc, num_warps=POOL_NUM_WARPS)
 
 
-def maxpool_scatter(gy, idx, gx, wrap=ident):
+def maxpool_scatter(gy, idx, H, W, gx, wrap=ident):
     """The max-pool's adjoint: writes ``gx [T,N,H,W,C]`` = ``gy`` at ``idx``, 0 elsewhere."""
-    T, N, H, W, C = gx.shape
+    T, N, _, _, C = gy.shape
     out = (T, N, H // 2, W // 2, C)
-    check(gx, gx.shape, gy=(gy, out))
+    check(gy, gy.shape, gy=(gy, out), gx=(gx, (T, N, H, W, C)))
     _check_idx(idx, out)
     M = T * N * H * W
     if M * C == 0:

@@ -97,9 +97,18 @@ def _softmax_blocks(n, K, elsize):
     return block_n, block_k, max(1, min(SOFTMAX_NUM_WARPS, block_n * block_k // 128))
 
 
-def softmax_ce(logits, y, loss, prob, grad, wrap=ident, gbias=None):
-    """Mean cross-entropy per task -> writes ``loss [T]``, ``prob``, ``grad [T,N,K]`` and, given,
-    ``gbias [T, K]`` (rows of any stride): the sum of ``grad`` over each task's rows."""
+def softmax_ce(logits, y, loss, prob, grad, wrap=ident):
+    """Mean cross-entropy per task -> writes ``loss [T]``, ``prob``, ``grad [T,N,K]``."""
+    _softmax_ce(logits, y, None, loss, prob, grad, wrap)
+
+
+def softmax_ce_bias(logits, y, gbias, loss, prob, grad, wrap=ident):
+    """:func:`softmax_ce` that also writes ``gbias [T, K]`` (rows of any stride): the sum of
+    ``grad`` over each task's rows (the gradient of a bias added to the logits)."""
+    _softmax_ce(logits, y, gbias, loss, prob, grad, wrap)
+
+
+def _softmax_ce(logits, y, gbias, loss, prob, grad, wrap):
     T, N, K = logits.shape
     check(logits, (T, N, K), loss=(loss, (T,)), prob=(prob, (T, N, K)), grad=(grad, (T, N, K)))
     if y.dtype != torch.int64 or tuple(y.shape) != (T, N) or not y.is_contiguous():
