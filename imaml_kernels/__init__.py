@@ -10,7 +10,8 @@ from .dispatch import BACKENDS, available_backends, select_backend
 from .engine import BatchedNet, functional_logits, select_engine
 from .hvp import batched_hvp
 from .adapted import AdaptedParams
-from .implicit import implicit_adapt, implicit_meta_grad
+from .implicit import implicit_adapt, implicit_meta_grad, plan_for
+from .plan import Plan
 from .objective import ProximalObjective, task_loss_fn
 from .inner import GD, SGD, Adam, HessianFree, NewtonCG, SGDThenPullBack
 from .layout import ParamLayout
@@ -23,5 +24,5 @@ __all__ = [
     "BACKENDS", "CG", "CGInfo", "available_backends", "cg_solve", "select_backend",
     "batched_hvp", "ParamLayout", "implicit_adapt", "implicit_meta_grad", "AdaptedParams",
     "ProximalObjective", "task_loss_fn", "GD", "SGDThenPullBack", "SGD", "Adam", "NewtonCG", "HessianFree", "BatchedNet", "functional_logits", "select_engine",
-    "query_logits", "meta_step", "STATS",
+    "query_logits", "meta_step", "STATS", "plan_for", "Plan",
 ]

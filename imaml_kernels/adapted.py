@@ -20,10 +20,10 @@ __all__ = ["AdaptedParams", "Diagnostics"]
 class Diagnostics:
     """What the op learns about each task: the inner loss, and the backward's solve info."""
 
-    __slots__ = ("inner_loss", "info")
+    __slots__ = ("inner_loss", "info", "plan")
 
-    def __init__(self, inner_loss=None, info=None):
-        self.inner_loss, self.info = inner_loss, info
+    def __init__(self, inner_loss=None, info=None, plan=None):
+        self.inner_loss, self.info, self.plan = inner_loss, info, plan
 
 
 class AdaptedParams(dict):
@@ -36,7 +36,8 @@ class AdaptedParams(dict):
       under ``torch.compile``): ``{"cg": info of the solve, "dropped": [T] bool}``, where
       ``dropped`` marks tasks whose contribution was zeroed (non-finite outer gradient,
       solution or inner loss). A task whose CG broke down (``info["cg"].breakdown``) keeps
-      CG's last good iterate; ``info["cg"].diverged`` flags a residual that grew.
+      CG's last good iterate; ``info["cg"].diverged`` flags a residual that grew;
+    - ``plan``: how the call ran (:mod:`imaml_kernels.plan`).
     """
 
     def __init__(self, *args, _diag=None, **kw):
@@ -50,6 +51,11 @@ class AdaptedParams(dict):
     @property
     def info(self) -> Optional[dict]:
         return self._diag.info
+
+    @property
+    def plan(self):
+        """The :class:`~imaml_kernels.plan.Plan` the call ran (``print(phi.plan)`` says how)."""
+        return self._diag.plan
 
     def __reduce__(self):
         return (dict, (dict(self),))

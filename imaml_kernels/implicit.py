@@ -21,12 +21,13 @@ import torch.nn.functional as F
 from torch.func import vmap
 
 from . import arguments as args
+from . import plan as plans
 from .adapted import AdaptedParams, Diagnostics
 from .cg import CGInfo
 from .engine import functional_logits, select_engine
 from .objective import ProximalObjective, batch_stats_only, lam_like, task_loss_fn
 
-__all__ = ["implicit_adapt", "implicit_meta_grad"]
+__all__ = ["implicit_adapt", "implicit_meta_grad", "plan_for"]
 
 
 def _rows_finite(t):
@@ -145,43 +146,66 @@ class _ImplicitGrad(torch.autograd.Function):
         return (None, *out)
 
 
-def _chunks(T, chunk):
-    chunk = T if chunk is None else max(1, min(int(chunk), T))
-    return tuple((lo, min(lo + chunk, T)) for lo in range(0, T, chunk))
+def _objective(model, theta, support, lam, opts, psi):
+    """The call's :class:`ProximalObjective` (on the fused engine where it runs)."""
+    x, y = support
+    net = None if psi else select_engine(model, theta, x, opts.loss, opts.engine, opts.backend)
+    if psi and opts.engine is True:
+        raise ValueError(f"engine=True but the fused engine adapts every parameter; these are not in theta: {list(psi)}")
+    if net is None:  # the engine checks its labels itself (once per support set)
+        args.check_labels(model, theta, x, y, opts.loss)
+    return ProximalObjective(task_loss_fn(model, opts.loss), theta, args.as_lam(lam, x.shape[0], x.device), (x, y),
+                             engine=net, hvp_mode=opts.hvp_mode, key=(model, opts.loss), psi={k: p.detach() for k, p in psi.items()})
+
+
+def _planned(model, objective, inner, opts):
+    """The plan (:mod:`imaml_kernels.plan`), its HVP mode set on a generic objective."""
+    plan = plans.decide(model, objective, inner, opts, int(getattr(opts.solve, "iters", 5)))
+    if plan.path == "generic":
+        objective.task.hvp_mode = plan.hvp
+    return plan
 
 
 def _adapt(model, theta, support, lam, inner, opts, psi):
-    """The inner solve, chunk by chunk of tasks: ``(objective, phi, inner_loss, chunks, lin,
-    meta)`` (``lin``: the backward's linearisation, made now when the engine runs one chunk: its
-    loss is the inner loss, so the support set's forward pass runs once instead of twice)."""
-    x, y = support
-    T = x.shape[0]
+    """The inner solve, chunk by chunk of tasks as the plan says: ``(objective, phi, inner_loss,
+    plan, lin, meta)`` (``lin``: the backward's linearisation, made now when the engine runs one
+    chunk: its loss is the inner loss, so the support set's forward pass runs once, not twice)."""
+    T = support[0].shape[0]
     meta = torch.is_grad_enabled() and (any(v.requires_grad for v in theta.values()) or bool(psi))
     with batch_stats_only(model):
-        net = None if psi else select_engine(model, theta, x, opts.loss, opts.engine, opts.backend)
-        if psi and opts.engine is True:
-            raise ValueError(f"engine=True but the fused engine adapts every parameter; these are not in theta: {list(psi)}")
-        if net is None:  # the engine checks its labels itself (once per support set)
-            args.check_labels(model, theta, x, y, opts.loss)
-        objective = ProximalObjective(task_loss_fn(model, opts.loss), theta, args.as_lam(lam, T, x.device), (x, y),
-                                      engine=net, hvp_mode=opts.hvp_mode, key=(model, opts.loss),
-                                      psi={k: p.detach() for k, p in psi.items()})
-        chunks = _chunks(T, opts.chunk)
+        objective = _objective(model, theta, support, lam, opts, psi)
+        plan = _planned(model, objective, inner, opts)
         with torch.no_grad():
-            if len(chunks) == 1:
+            if len(plan.chunks) == 1:
                 phi = _inner_solve(objective, theta, inner, T)
-                if meta and net is not None and not opts.first_order:
+                if meta and objective.engine is not None and not opts.first_order:
                     lin = objective.linearize(objective.layout.as_flat(phi))
-                    return objective, phi, lin.loss, chunks, [lin], meta
-                return objective, phi, objective.task_value(phi), chunks, [], meta
-            flat = torch.empty(T, objective.layout.numel, dtype=objective.theta_flat.dtype, device=x.device)
+                    return objective, phi, lin.loss, plan, [lin], meta
+                return objective, phi, objective.task_value(phi), plan, [], meta
+            flat = torch.empty(T, objective.layout.numel, dtype=objective.theta_flat.dtype, device=support[0].device)
             losses = []
-            for lo, hi in chunks:
+            for lo, hi in plan.chunks:
                 sub = objective.subset(lo, hi)
                 part = _inner_solve(sub, theta, inner, hi - lo)
                 flat[lo:hi] = objective.layout.flatten(part)
                 losses.append(sub.task_value(part))
-            return objective, objective.layout.unflatten(flat), torch.cat(losses), chunks, [], meta
+            return objective, objective.layout.unflatten(flat), torch.cat(losses), plan, [], meta
+
+
+def plan_for(model, theta, support, *, lam, inner, **options) -> plans.Plan:
+    """The :class:`~imaml_kernels.plan.Plan` :func:`implicit_adapt` runs for these arguments,
+    decided now if it is new (the generic path's probe runs once) and remembered.
+
+    Example::
+
+        >>> print(ik.plan_for(model, theta, (xs, ys), lam=2.0, inner=ik.GD(10, 0.1)))
+    """
+    opts = args.Options.make(**options)
+    args.check_theta(theta)
+    args.check_support(support)
+    psi = args.check_model_params(model, theta)
+    with batch_stats_only(model), torch.no_grad():
+        return _planned(model, _objective(model, theta, support, lam, opts, psi), inner, opts)
 
 
 def _inner_solve(objective, theta, inner, T):
@@ -251,11 +275,11 @@ def implicit_adapt(model: Union[torch.nn.Module, Callable], theta: Dict[str, tor
     psi = args.check_model_params(model, theta)
     args.check_inner(inner)
     args.check_dtypes(model, theta, support[0])
-    objective, phi, inner_loss, chunks, lin, meta = _adapt(model, theta, support, lam, inner, opts, psi)
-    diag = Diagnostics(inner_loss)
+    objective, phi, inner_loss, plan, lin, meta = _adapt(model, theta, support, lam, inner, opts, psi)
+    diag = Diagnostics(inner_loss, plan=plan)
     if not meta:
         return AdaptedParams(phi, _diag=diag)
-    saved = _Saved(objective, phi, opts, inner_loss, diag, model, psi, {k: v.dtype for k, v in theta.items()}, chunks, lin)
+    saved = _Saved(objective, phi, opts, inner_loss, diag, model, psi, {k: v.dtype for k, v in theta.items()}, plan.chunks, lin)
     outs = _ImplicitGrad.apply(saved, *theta.values(), *psi.values())
     return AdaptedParams(zip(theta, outs), _diag=diag)
 
@@ -284,11 +308,14 @@ def implicit_meta_grad(model, theta, support, query, *, lam, inner, **options):
     leaves = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in theta.items()}
     psi = args.check_model_params(model, leaves)
     lam = args.as_lam(lam, T, support[0].device)
+    plan = plan_for(model, leaves, support, lam=lam, inner=inner, **options)
+    # Each chunk's tasks end to end (adapt, query loss, backward): nothing [T, P] is kept.
+    fixed = {**options, "chunk": plan.chunk, "hvp_mode": plan.hvp} if plan.path == "generic" else {**options, "chunk": None}
     meta, infos = None, []
-    for lo, hi in _chunks(T, opts.chunk):  # the chunk's tasks end to end: nothing [T, P] is kept
+    for lo, hi in plan.chunks:
         part = (lam[lo:hi] if isinstance(lam, torch.Tensor) else lam)
         g, info = _meta_grad(model, leaves, psi, [t[lo:hi] for t in support], [t[lo:hi] for t in query], part, inner,
-                             {**options, "chunk": None}, opts)
+                             fixed, opts)
         meta = g if meta is None else {k: meta[k].add_(g[k]) for k in meta}
         infos.append(info)
     if len(infos) == 1:

@@ -200,11 +200,16 @@ class FuncObjective(TaskObjective):
         sub.batch = tuple(b[lo:hi] for b in self.batch)
         return sub
 
+    # Attention runs on the math SDPA backend here too: the fused kernels have no vmap batching
+    # rule (each would fall back to a loop over the tasks).
+
     def loss(self, phi):
-        return self._loss(dict(phi), *self.batch)
+        with _math_sdpa():
+            return self._loss(dict(phi), *self.batch)
 
     def loss_and_grad(self, phi):
-        g, v = self._grad_value(dict(phi), *self.batch)
+        with _math_sdpa():
+            g, v = self._grad_value(dict(phi), *self.batch)
         return v, g
 
     def linearize(self, phi):
@@ -219,7 +224,8 @@ class FuncObjective(TaskObjective):
         theta = self.layout.unflatten(theta_flat.reshape(1, -1).to(phi.dtype))
         w = lam_like(lam, phi) * lr
         for _ in range(steps):
-            grads = self._grad(views, *self.batch)
+            with _math_sdpa():
+                grads = self._grad(views, *self.batch)
             for k, p in views.items():
                 if proximal:  # φ − lr(g + λ(φ − θ)) = lerp(φ, θ, lr λ) − lr g, with g taken at φ
                     p.lerp_(theta[k], lam_like(w, p))
@@ -339,7 +345,8 @@ class FuncLinearization:
             if res is not None:
                 return res[0]
         if self.mode is None or self.mode == "fwdrev":
-            self.task._remember("fwdrev")
+            if self.task.hvp_mode == "auto":
+                self.task._remember("fwdrev")
             self.mode = "fwdrev"
         return self.task.hvp(self.phi, v, self.mode)
 

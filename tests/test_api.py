@@ -274,17 +274,20 @@ def test_hvp_fallback_matches_autograd_functional_hvp():
             torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12, msg=f"{name} {k}")
         # the implicit op picks the fallback by itself and agrees with an explicit revrev
         theta = {k: p.detach().clone().requires_grad_() for k, p in model.named_parameters()}
-        grads = []
+        grads, plans = [], []
         for mode in ("auto", "revrev"):
             phi = ik.implicit_adapt(model, theta, batch, lam=2.0, inner=ik.GD(2, 0.05), loss=loss, hvp_mode=mode)
             vmap(lambda p, x, yy: loss(functional_call(model, p, (x,)), yy))(phi, *batch).sum().backward()
             grads.append({k: t.grad.clone() for k, t in theta.items()})
+            plans.append(phi.plan)
             for t in theta.values():
                 t.grad = None
         for k in theta:
             torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-10, atol=1e-13)
-        if name != "attention":  # remembered for the model and loss: later calls do not retry fwdrev
-            assert ik.objective._AUTO_MODE[model][loss] == "revrev"
+        # "auto" took reverse-over-reverse (forward-over-reverse cannot run), and the plan is
+        # remembered for the model, loss and shapes: later calls do not probe again.
+        assert plans[0].hvp == "revrev" and plans[0].probe, plans[0]
+        assert ik.plan_for(model, theta, batch, lam=2.0, inner=ik.GD(2, 0.05), loss=loss) is plans[0]
     with pytest.raises(ValueError, match="hvp_mode must be one of"):
         ik.implicit_adapt(cases["mse"][0], dict(cases["mse"][0].named_parameters()), cases["mse"][2](2), lam=1.0,
                           inner=ik.GD(1, 0.1), loss=F.mse_loss, hvp_mode="fast")

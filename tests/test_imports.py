@@ -17,7 +17,7 @@ ROOT = Path(ik.__file__).parent
 # meta-step reads upwards: kernels (triton, ops) -> dispatch -> CG / HVP / engine -> objective
 # -> inner solvers -> the implicit op -> query forward and meta-step; then data and the trainer.
 LAYERS = ("_ext", "_atomic", "reference", "triton", "ops", "dispatch", "layout", "cg", "hvp", "engine", "nets", "objective",
-          "inner", "adapted", "arguments", "implicit", "query", "step", "graphs", "data", "selfcheck", "trainer")
+          "inner", "adapted", "arguments", "plan", "implicit", "query", "step", "graphs", "data", "selfcheck", "trainer")
 # The trainer's modules in layer order (the evaluation never imports the loop or the command line).
 TRAINER_LAYERS = ("presets", "builders", "checkpoint", "runs", "distributed", "plots", "_cli_util", "evaluate",
                   "loop", "cli", "__main__")

@@ -385,8 +385,8 @@ class Linear(Layer):
     def native(self):
         # After a channels-last Flatten the weight lives as [out, H, W, C] (the activations'
         # order) in the engine's layout.
-        if self.chw is None:
-            return {}
+        if self.chw is None or self.chw[0] == 1 or self.chw[1] * self.chw[2] == 1:
+            return {}  # no input after a channels-last flatten, or one whose two orders agree
         C, H, W = self.chw
         w = self.params[0]
         return {w: (lambda t: t.view(t.shape[0], self.outf, C, H, W).permute(0, 1, 3, 4, 2),

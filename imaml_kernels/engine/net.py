@@ -37,12 +37,13 @@ class Linearization:
         return self._grad
 
     def to_work(self, v: torch.Tensor) -> torch.Tensor:
-        """``[T, P]`` in θ's order -> the engine's order (a new buffer)."""
-        return self.net.to_native(v)
+        """``[T, P]`` in θ's order -> the engine's order: a new buffer, or ``v`` itself where the
+        two orders agree (an MLP)."""
+        return self.net.to_native(v) if self.net._native else v
 
     def from_work(self, v: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`to_work`."""
-        return self.net.from_native(v)
+        return self.net.from_native(v) if self.net._native else v
 
     def hvp(self, v: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``H_t v_t`` for all tasks, ``v [T, P]`` and the result in the engine's order (same
@@ -159,6 +160,10 @@ class BatchedNet:
         conversion, not one copy per parameter (the copies below build the index, once)."""
         if not self._native:
             return flat.clone(memory_format=torch.contiguous_format)
+        if flat.device.type == "cpu" and not torch.compiler.is_compiling():
+            # On the CPU launches cost nothing and a gather reads an int64 index per element:
+            # a copy per run of parameters stored alike, and a permuted copy per moved one.
+            return self._permute_copies(flat, src, dst, which)
         return flat.index_select(1, self._perm(flat, which))
 
     def _perm(self, flat, which):

@@ -1,0 +1,265 @@
+"""Execution plans of the implicit op: how its T tasks run (all at once, or chunk by chunk) and
+how the generic path takes its Hessian-vector products. A plan is decided once per (model,
+loss, shapes, device, dtype, options) and remembered, as ``torch.backends.cudnn.benchmark``
+remembers an algorithm.
+
+- The fused engine runs every task at once (``chunk=`` still splits them).
+- The generic path, when neither ``chunk=`` nor ``hvp_mode=`` fixes the choice, *probes* on
+  its first call: at chunk sizes 1, 2, 4, … T it times one gradient of the task loss, the
+  linearisation (the kept gradient graph) and one product of each HVP mode, and reads the
+  memory the linearisation holds. The plan takes the cheaper HVP mode, then the smallest chunk
+  whose time per task is within 10% of the best, among the chunks whose memory fits the budget
+  (``max_memory=``, default: a quarter of the available memory on the CPU, half of the free
+  memory on a GPU). Batching tasks pays where per-op overhead dominates (small models) and
+  costs memory where it does not (large layers): the probe sees which.
+
+Example::
+
+    >>> phi = ik.implicit_adapt(model, theta, (xs, ys), lam=2.0, inner=ik.GD(10, 0.1))
+    >>> print(phi.plan)
+    generic path: 8 tasks in chunks of 2; HVPs reverse-over-reverse on one kept graph; ...
+    >>> ik.implicit_adapt(..., chunk=1)            # the lean plan: one task at a time
+    >>> ik.implicit_adapt(..., max_memory=2**30)   # a 1 GiB budget for the probe's choice
+"""
+
+import dataclasses
+import os
+import time
+import weakref
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["Plan", "decide"]
+
+TOLERANCE = 1.10  # the smallest chunk whose time per task is within 10% of the best
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How one call runs.
+
+    Attributes:
+        path: ``"engine"`` (the fused engine) or ``"generic"`` (``torch.func``).
+        tasks: T; chunk: tasks adapted and solved together.
+        hvp: ``"engine"``, ``"revrev"`` (one kept gradient graph, a backward pass per product)
+            or ``"fwdrev"`` (each product recomputed forward-over-reverse).
+        budget: the memory bound (bytes) the choice respected, ``None`` when nothing was probed.
+        probe: ``((chunk, seconds per task, bytes held), ...)`` measured, empty when not probed.
+        why: how the choice was made, in words.
+    """
+
+    path: str
+    tasks: int
+    chunk: int
+    hvp: str
+    budget: Optional[int] = None
+    probe: Tuple[Tuple[int, float, int], ...] = ()
+    why: str = ""
+
+    @property
+    def chunks(self):
+        """The task ranges ``(lo, hi)`` in the order they run."""
+        return tuple((lo, min(lo + self.chunk, self.tasks)) for lo in range(0, self.tasks, self.chunk))
+
+    def __str__(self):
+        hvp = {"engine": "HVPs by the fused engine", "revrev": "HVPs reverse-over-reverse on one kept graph",
+               "fwdrev": "HVPs recomputed forward-over-reverse"}[self.hvp]
+        split = "all at once" if self.chunk >= self.tasks else f"in chunks of {self.chunk}"
+        text = f"{self.path} path: {self.tasks} tasks {split}; {hvp}"
+        if self.budget is not None:
+            text += f"; memory budget {self.budget / 2**20:.0f} MiB"
+        if self.probe:
+            text += "; probed " + ", ".join(f"chunk {c}: {1e3 * s:.1f} ms/task, {b / 2**20:.0f} MiB" for c, s, b in self.probe)
+        return text + (f" ({self.why})" if self.why else "")
+
+
+# {model (weakly): {call key: Plan}}; callables that cannot be weakly referenced go by id.
+_PLANS = weakref.WeakKeyDictionary()
+_PLANS_BY_ID = {}
+
+
+def _store(model):
+    try:
+        return _PLANS.setdefault(model, {})
+    except TypeError:
+        return _PLANS_BY_ID.setdefault(id(model), {})
+
+
+def forget(model=None):
+    """Drop the remembered plans (of ``model``, or all): the next call decides again."""
+    if model is None:
+        _PLANS.clear()
+        _PLANS_BY_ID.clear()
+        return
+    _store(model).clear()
+
+
+def default_budget(device) -> int:
+    """A quarter of the available memory on the CPU, half of the free memory on a GPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 4
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+def _in_use(device) -> Optional[int]:
+    """Bytes in use now: the CUDA caching allocator's count, or the process's resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+def _release(device):
+    """Hand freed memory back (so that the resident memory shows what a buffer held)."""
+    if device.type == "cuda":
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _timed(device, fn):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t, out
+
+
+def _inner_products(inner):
+    """``(gradients, linearisations, HVPs)`` the inner solver makes per task (its cost model)."""
+    steps = int(getattr(inner, "steps", 1))
+    if hasattr(inner, "cg_iters"):  # Newton-CG: a linearisation and cg_iters products per step
+        return 0, steps, steps * int(inner.cg_iters)
+    return steps, 0, 0
+
+
+def _held(device, alive):
+    """Bytes freed since ``alive`` was read (what the objects just dropped held)."""
+    _release(device)
+    return max(0, (alive or 0) - (_in_use(device) or 0))
+
+
+def _probe_chunk(objective, c, device):
+    """One measurement at chunk ``c``: ``{mode: (seconds of a gradient, of the linearisation,
+    of one product)}`` for each HVP mode that runs, and the bytes a linearisation holds."""
+    sub = objective.subset(0, c)
+    task = sub.task
+    phi = sub.theta_flat.detach().expand(c, -1).clone()
+    t_grad, _ = _timed(device, lambda: task.loss_and_grad(task.layout.unflatten(phi)))
+    v = torch.randn_like(phi)
+    modes, held = {}, 0
+    for mode in (("engine",) if sub.engine is not None else ("revrev", "fwdrev")):
+        if mode != "engine":
+            task.hvp_mode = mode
+        try:
+            t_lin, lin = _timed(device, lambda: task.linearize(phi))
+            w = lin.to_work(v)
+            t_hvp, _ = _timed(device, lambda: lin.hvp(w))
+        except (RuntimeError, NotImplementedError):
+            continue
+        if mode == "fwdrev":  # nothing is kept: the "linearisation" costs a gradient at most
+            t_lin = 0.0
+        alive = _in_use(device)
+        del lin, w
+        held = max(held, _held(device, alive))
+        modes[mode] = (t_grad, t_lin, t_hvp)
+    return modes, held
+
+
+# Besides what a linearisation holds, a chunk keeps about this many [chunk, P] vectors alive
+# (φ, its gradient, the solve's right-hand side and CG's four vectors, the product).
+VECTORS = 8
+
+
+def _probe(objective, inner, solve_iters, budget, device):
+    """``(chunk, hvp, probe rows, why)`` from measurements at chunks 1, 2, 4, …, T."""
+    T = objective.batch[0].shape[0]
+    P, size = objective.layout.numel, objective.theta_flat.element_size()
+    grads, lins, prods = _inner_products(inner)
+    sizes = sorted({min(T, 2**i) for i in range(T.bit_length() + 1)})
+    _probe_chunk(objective, 1, device)  # warm-up: first-call allocations and lazy initialisation
+    rows = []
+    for c in sizes:
+        modes, held = _probe_chunk(objective, c, device)
+        if not modes:
+            raise RuntimeError("no HVP mode runs on this model (no double backward and no forward-mode derivative)")
+        costs = {m: grads * tg + (lins + 1) * tl + (prods + solve_iters) * th for m, (tg, tl, th) in modes.items()}
+        mode = min(costs, key=costs.get)
+        need = held + VECTORS * c * P * size
+        rows.append((c, mode, costs[mode] / c, need))
+        if need > budget:
+            break  # larger chunks need more
+    fits = [r for r in rows if r[3] <= budget] or rows[:1]
+    best = min(r[2] for r in fits)
+    c, mode, _, _ = next(r for r in fits if r[2] <= TOLERANCE * best)
+    why = f"probed: the smallest chunk within {round(100 * (TOLERANCE - 1))}% of the best time per task that fits the budget"
+    return c, mode, tuple((r[0], r[2], r[3]) for r in rows), why
+
+
+# The fused engine probes only when one [T, P] vector is this large: below it every task at
+# once is both fastest and small (the paper's networks: 14 MiB at T = 32).
+ENGINE_PROBE_BYTES = 32 * 2**20
+
+
+def _no_probe(x) -> Optional[str]:
+    """Why nothing may be timed now (tracing, capturing, data-less tensors), or ``None``."""
+    if torch.compiler.is_compiling():
+        return "traced"
+    if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return "captured in a CUDA graph"
+    from torch._guards import detect_fake_mode
+
+    if detect_fake_mode(x) is not None or x.device.type == "meta":
+        return "data-less tensors"
+    return None
+
+
+def decide(model, objective, inner, opts, solve_iters: int) -> Plan:
+    """The plan of this call (remembered; see the module docstring). ``objective``: the call's
+    :class:`~imaml_kernels.ProximalObjective`."""
+    x = objective.batch[0]
+    T = x.shape[0]
+    engine = objective.engine is not None
+    fixed_chunk = None if opts.chunk is None else max(1, min(int(opts.chunk), T))
+    fixed_mode = "engine" if engine else (opts.hvp_mode if opts.hvp_mode != "auto" else None)
+    reason = _no_probe(x)
+    if reason is not None:
+        return Plan("engine" if engine else "generic", T, fixed_chunk or T, fixed_mode or "revrev", why=f"{reason}: no probe")
+    if engine and fixed_chunk is None and T * objective.layout.numel * x.element_size() <= ENGINE_PROBE_BYTES:
+        return Plan("engine", T, T, "engine", why="the fused engine batches every task")
+    key = (opts.loss, engine, tuple(tuple(b.shape) for b in objective.batch), x.dtype, str(x.device), opts.chunk,
+           opts.max_memory, opts.hvp_mode, repr(inner), solve_iters)
+    plans = _store(model)
+    plan = plans.get(key)
+    if plan is None:
+        path = "engine" if engine else "generic"
+        if fixed_chunk is not None and fixed_mode is not None:
+            plan = Plan(path, T, fixed_chunk, fixed_mode, why="chunk and HVP mode given")
+        else:
+            budget = opts.max_memory if opts.max_memory is not None else default_budget(x.device)
+            probed = objective if fixed_chunk is None else objective.subset(0, fixed_chunk)
+            chunk, mode, rows, why = _probe(probed, inner, solve_iters, budget, x.device)
+            if fixed_chunk is not None:
+                chunk, why = fixed_chunk, "chunk given; HVP mode probed"
+            plan = Plan(path, T, chunk, fixed_mode or mode, budget, rows, why)
+        plans[key] = plan
+    return plan
