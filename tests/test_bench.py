@@ -1,5 +1,7 @@
 """Each benchmark runs once at tiny sizes: it runs, produces rows and files (no timing asserts)."""
 
+import os
+
 import pytest
 import torch
 
@@ -13,6 +15,48 @@ from imaml_kernels.nets import OmniglotConv
 def test_machine_header_names_versions():
     h = machine_header()
     assert "torch" in h and "CPU" in h
+
+
+def test_fresh_driver_runs_each_row_and_round_in_its_own_process(tmp_path):
+    from bench import fresh
+
+    log = tmp_path / "order.txt"
+    rows = [fresh.Row(k, f"row {k}", "bench.fresh:probe", {"name": k, "log": str(log)}, warmup=1, repeat=2) for k in "abc"]
+    measured = fresh.run_rows(rows, rounds=3, threads=1)
+    entries = [line.split() for line in log.read_text().splitlines()]
+    # round 0 as given, round 1 reversed, round 2 as given
+    assert [name for name, _ in entries] == list("abc" "cba" "abc")
+    pids = [int(pid) for _, pid in entries]
+    assert len(set(pids)) == 9 and os.getpid() not in pids
+    assert list(measured) == list("abc")
+    for k, m in measured.items():
+        assert m.ok and len(m.rounds) == 3 and m.info == {"name": k}
+        assert [r["pid"] for r in m.rounds] == [int(p) for n, p in entries if n == k]
+        med, lo, hi = m.stat("seconds")
+        assert 0 < lo <= med <= hi and m.stat("peak_mib")[0] >= 0
+    r = fresh.ratio(measured["a"], measured["b"])
+    per_round = [x["seconds"] / y["seconds"] for x, y in zip(measured["a"].rounds, measured["b"].rounds)]
+    assert r[1] == min(per_round) and r[2] == max(per_round)
+    assert fresh.order(rows, 1) == rows[::-1]
+
+
+def test_fresh_driver_reports_failing_rows():
+    from bench import fresh
+
+    rows = [
+        fresh.Row("ok", "fine", "bench.fresh:probe", {"name": "ok"}),
+        fresh.Row("raises", "raises", "bench.fresh:probe", {"name": "x", "fail": "no checkout here"}),
+        fresh.Row("dies", "dies", "bench.fresh:probe", {"name": "y", "exit_code": 3}),
+        fresh.Row("missing", "missing", "bench.no_such_module:fn"),
+    ]
+    measured = fresh.run_rows(rows, rounds=2, threads=1)
+    assert measured["ok"].ok and measured["ok"].seconds > 0
+    assert measured["raises"].error == "RuntimeError: no checkout here"
+    assert measured["dies"].error.startswith("worker exited with 3")
+    assert measured["missing"].error.startswith("ModuleNotFoundError")
+    assert not any(measured[k].ok for k in ("raises", "dies", "missing"))
+    assert measured["raises"].seconds is None and fresh.ratio(measured["raises"], measured["ok"]) is None
+    assert fresh.ratio_text(None, 2) == "n/a"
 
 
 def test_cg_bench_rows():
