@@ -33,7 +33,7 @@ def main(argv=None):
     p.add_argument("--no-generic", action="store_true", help="skip the generic torch.func path")
     p.add_argument("--official", metavar="DIR", default=None,
                    help="an unpacked aravindr93/imaml_dev checkout: adds the authors' released learner as a row (nothing of it is in this repo)")
-    p.add_argument("--rounds", type=int, default=1, help="time every method once per round, in turn; ratios get their min-max over rounds")
+    p.add_argument("--rounds", type=int, default=1, help="fresh processes per method (one per round, the order alternating); ratios get their min-max over rounds")
     p.add_argument("--device", default=dev)
     p.set_defaults(func=meta_step.main)
     p = sub.add_parser("profile", help="where one fused CPU meta-step's time goes: kinds of work, stages, GEMM GFLOP/s")

@@ -1,5 +1,6 @@
 """Each benchmark runs once at tiny sizes: it runs, produces rows and files (no timing asserts)."""
 
+import json
 import os
 
 import pytest
@@ -72,7 +73,10 @@ def test_cg_bench_rows():
 def test_meta_step_bench_rows():
     rows, res = meta_step.run(T=2, inner_steps=1, cg_iters=1, repeat=1)
     keys = {"engine", "batched", "serial"} | ({"torchopt"} if meta_step.torchopt_available() else set())
-    assert set(res) == keys and len(rows) == len(keys) and all(v > 0 for v in res.values())
+    extra = {"spread", "rounds", "peak", "failed"}
+    assert set(res) == keys | extra and len(rows) == len(keys) and all(res[k] > 0 for k in keys)
+    assert res["failed"] == {} and set(res["peak"]) == keys and all(res["peak"][k][0] >= 0 for k in keys)
+    assert len(rows[0]) == len(meta_step.HEADER)
     assert "fused engine" in meta_step.summary(res)
 
 
@@ -133,19 +137,32 @@ def test_distributed_bench_rows():
 # A stand-in for an imaml_dev checkout, written here with the released learner's interface
 # (the names bench.official calls), so the driver is tested without the authors' code.
 _FAKE_LEARNER = '''
+import json
+import os
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from imaml_kernels.nets import OmniglotConv
 
+_LOG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "calls.jsonl")
+
 
 def make_conv_network(in_channels, out_dim, task="Omniglot"):
     return OmniglotConv(out_dim, in_channels=in_channels)
 
 
+class _Calls(list):
+    # Each call also goes to calls.jsonl beside the package: the learner runs in worker processes.
+    def append(self, call):
+        super().append(call)
+        with open(_LOG, "a") as f:
+            f.write(json.dumps([os.getpid(), *call]) + "\\n")
+
+
 class Learner:
-    calls = []
+    calls = _Calls()
 
     def __init__(self, model, loss_function, inner_lr=1e-3, outer_lr=1e-2, GPU=False):
         self.model, self.loss_function = model, loss_function
@@ -194,6 +211,14 @@ def test_official_row_needs_a_checkout(tmp_path):
         load(tmp_path)
     _, res = meta_step.run(T=1, inner_steps=1, cg_iters=1, repeat=1, serial=False, generic=False, torchopt=False)
     assert "official" not in res and "--official DIR" in meta_step.summary(res)
+    # A checkout that is not one: the worker fails, the row is reported, nothing raises.
+    rows, res = meta_step.run(T=1, inner_steps=1, cg_iters=1, repeat=1, serial=False, generic=False, torchopt=False,
+                              official=str(tmp_path))
+    assert "official" not in res and "implicit_maml/learner_model.py" in res["failed"]["official"]
+    row = next(r for r in rows if r[0].startswith("authors' released learner"))
+    assert row[1].startswith("not measured: OfficialUnavailable")
+    assert "learner (aravindr93/imaml_dev, per task): not measured: OfficialUnavailable" in meta_step.summary(res)
+    assert res["engine"] > 0
 
 
 def test_official_row_drives_the_learner(tmp_path):
@@ -204,17 +229,21 @@ def test_official_row_drives_the_learner(tmp_path):
     (pkg / "utils.py").write_text(_FAKE_UTILS)
     rows, res = meta_step.run(T=2, inner_steps=3, cg_iters=4, repeat=1, serial=False, generic=False, torchopt=False,
                               official=str(tmp_path), rounds=2)
-    from implicit_maml.learner_model import Learner
+    logged = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    calls = [tuple(c[1:]) for c in logged]
 
     assert "official" in res and res["official"] > 0 and res["rounds"] == 2
     lo, hi = res["spread"]["official"]
     assert 0 < lo <= hi
     assert any(r[0].startswith("authors' released learner") for r in rows)
     # per task: 3 SGD steps, the damped evaluator (lam 2, c 1), 4 CG iterations; one outer step per meta-step
-    assert ("learn_task", 3) in Learner.calls and ("matrix_evaluator", 2.0, 1.0) in Learner.calls
-    assert ("cg_solve", 4) in Learner.calls and ("outer_step", True) in Learner.calls
-    n_tasks = sum(1 for c in Learner.calls if c[0] == "learn_task")
-    assert n_tasks == 2 * sum(1 for c in Learner.calls if c[0] == "outer_step")
+    assert ("learn_task", 3) in calls and ("matrix_evaluator", 2.0, 1.0) in calls
+    assert ("cg_solve", 4) in calls and ("outer_step", True) in calls
+    n_tasks = sum(1 for c in calls if c[0] == "learn_task")
+    assert n_tasks == 2 * sum(1 for c in calls if c[0] == "outer_step")
+    # one fresh worker per round, neither of them this process
+    pids = {c[0] for c in logged}
+    assert len(pids) == 2 and os.getpid() not in pids
     assert "target: >= 5x the authors' learner" in meta_step.summary(res)
 
 
@@ -227,3 +256,4 @@ def test_profile_bench_rows():
     assert "im2col" in kinds and "Python and dispatch" in kinds
     assert len(stage_rows) == 4 and facts["gemm_gflop"] > 0 and facts["floor"] > 0
     assert "### By stage" in profile.report(kind_rows, stage_rows, facts, "## t")
+
