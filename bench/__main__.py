@@ -18,6 +18,7 @@ def main(argv=None):
     p.add_argument("--tasks", type=int, default=32)
     p.add_argument("--params", type=int, default=113_221)
     p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=1, help="fresh processes per row; order alternates across rounds")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=cg.main)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,6 +48,7 @@ def main(argv=None):
     p.add_argument("--shapes", nargs="*", choices=list(hvp.SHAPES))
     p.add_argument("--tasks", type=int, default=None, help="override T")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=1, help="fresh processes per row; order alternates across rounds")
     p.add_argument("--device", default=dev)
     p.set_defaults(func=hvp.main)
     p = sub.add_parser("memory", help="peak memory vs inner steps: iMAML vs unrolled MAML")
