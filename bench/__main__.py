@@ -5,7 +5,7 @@ import argparse
 import torch
 
 from . import all as all_suite
-from . import cg, distributed, hvp, launches, memory, meta_step
+from . import cg, distributed, hvp, launches, memory, meta_step, models
 from . import profile as profile_suite
 from . import compile as compile_suite
 from .common import machine_header, set_threads
@@ -74,6 +74,15 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="also write the markdown report here")
     p.add_argument("--json", default=None, help="write the raw counts (JSON) here")
     p.set_defaults(func=launches.main)
+    p = sub.add_parser("models", help="one meta-gradient on user models (ResNet-12, MLP, transformer, paper CNN): package plans vs a per-task loop vs torchopt, each row in fresh processes")
+    p.add_argument("--models", nargs="*", choices=list(models.cases()), help="default: all")
+    p.add_argument("--rounds", type=int, default=3, help="fresh processes per row; order alternates across rounds")
+    p.add_argument("--repeat", type=int, default=3, help="timed calls per worker, after one warm-up call")
+    p.add_argument("--tiny", action="store_true", help="toy widths and sizes (a smoke run)")
+    p.add_argument("--no-torchopt", action="store_true", help="skip the torchopt row")
+    p.add_argument("--device", default=dev)
+    p.add_argument("--out", default=None, help="also write models.md, models.csv and models.png here")
+    p.set_defaults(func=models.main)
     p = sub.add_parser("all", help="every suite: tables, CSV and PNG plots under --out")
     p.add_argument("--quick", action="store_true", help="small sizes: a few minutes on a 2-core CPU")
     p.add_argument("--device", default=dev)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from . import cg, hvp, memory, meta_step
+from . import cg, hvp, memory, meta_step, models
 from .common import cpu_model_and_flags, gemm_rate, machine_header, markdown_table, write_csv
 
 
@@ -106,6 +106,11 @@ def main(args):
     mem_rows, _ = memory.run(T=2 if quick else 8, device=device, steps=(1, 5, 25) if quick else memory.STEPS, channels=16 if quick else 64, out=out, progress=True)
     header = ("inner steps", "iMAML MiB", "MAML MiB", "iMAML RSS MiB", "MAML RSS MiB")
     report += ["## memory: peak of one meta-gradient vs inner steps", "", markdown_table(header, mem_rows), ""]
+
+    rounds = 1 if quick else 3
+    model_results = models.run(device=device, rounds=rounds, repeat=1 if quick else 3)
+    models.write(out, model_results, rounds, device)
+    report += [models.report(model_results, rounds, device), ""]
 
     text = "\n".join(report)
     (out / "report.md").write_text(text)

@@ -257,3 +257,49 @@ def test_profile_bench_rows():
     assert len(stage_rows) == 4 and facts["gemm_gflop"] > 0 and facts["floor"] > 0
     assert "### By stage" in profile.report(kind_rows, stage_rows, facts, "## t")
 
+
+# Toy sizes of bench models' networks; λ per model where I + H/λ is positive definite along every
+# CG direction (a narrow ResNet with BatchNorm over 5 images is far from convex at its
+# initialisation, and CG's breakdown guard would then stop where the plain loop goes on).
+_MODEL_LAMS = {"resnet12": 1e3, "mlp": 2.0, "transformer": 2.0, "paper-cnn": 20.0}
+
+
+@pytest.mark.parametrize("name", list(_MODEL_LAMS))
+def test_models_bench_rows_agree_in_float64(name):
+    from bench import models
+    from bench.models_zoo import build, cases, make_tasks
+
+    case = cases(tiny=True)[name]
+    net = build(case, dtype=torch.float64)
+    tasks = make_tasks(case, dtype=torch.float64)
+    lam = _MODEL_LAMS[name]
+    flat = lambda d: torch.cat([d[k].reshape(-1) for k, _ in net.named_parameters()])  # noqa: E731
+    loop = flat(models.meta_grad_fn("loop", case, net, tasks, lam=lam)())
+    assert torch.isfinite(loop).all() and loop.norm() > 0
+    for row in ("default", "lean"):
+        g, info = models.meta_grad_fn(row, case, net, tasks, models.lean_option(), lam=lam)()
+        assert not info["cg"].breakdown.any() and (info["cg"].iterations == models.CG_ITERS).all()
+        torch.testing.assert_close(flat(g), loop, rtol=1e-6, atol=1e-9 * loop.abs().max().item())
+
+
+def test_models_bench_runs_end_to_end(tmp_path):
+    from bench import models
+
+    results = models.run(tiny=True, rounds=1, repeat=1)
+    assert list(results) == ["resnet12", "mlp", "transformer", "paper-cnn"]
+    keys = ["default", "lean", "loop"] + (["torchopt"] if meta_step.torchopt_available() else [])
+    for name, measured in results.items():
+        assert list(measured) == keys
+        assert all(m.ok and m.seconds > 0 and m.stat("peak_mib")[0] >= 0 for m in measured.values()), name
+        assert measured["lean"].row.label.endswith(f"({models.lean_option()}=1)")
+        assert measured["default"].info["path"] in ("fused engine", "generic torch.func")
+    assert results["mlp"]["default"].info["path"] == "fused engine"
+    assert results["resnet12"]["default"].info["path"] == "generic torch.func"
+    text = models.report(results, 1, "cpu", tiny=True)
+    assert text.count("\n| ") == 1 + sum(len(m) for m in results.values())  # header + one line per row
+    targets = [line for line in text.splitlines() if line.startswith("target ")]
+    assert len(targets) == 3 * 3 + 2 and all(("met" in t) for t in targets)
+    models.write(tmp_path, results, 1, "cpu")
+    csv_lines = (tmp_path / "models.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("model,row,label,path,s_median") and len(csv_lines) == 1 + sum(len(m) for m in results.values())
+    assert (tmp_path / "models.png").stat().st_size > 1000
