@@ -204,22 +204,22 @@ def _plot(path, results, mem, device):
     import matplotlib.pyplot as plt
 
     names = list(results)
-    keys = list(dict.fromkeys(k for measured in results.values() for k in measured))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    width = 0.8 / max(len(keys), 1)
-    for j, key in enumerate(keys):
-        xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(names))]
+    labels = {k: m.row.label for measured in results.values() for k, m in measured.items()}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    width = 0.8 / max(len(labels), 1)
+    for j, key in enumerate(labels):
+        xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(names))]
         for ax, field in zip(axes, ("seconds", mem)):
             vals = [(results[n][key].stat(field) or (0,))[0] if key in results[n] else 0 for n in names]
-            ax.bar(xs, vals, width, label=LABELS[key])
+            ax.bar(xs, vals, width, label=labels[key])
     for ax, ylabel in zip(axes, ("seconds per meta-gradient (log)", "peak memory growth (MiB)")):
         ax.set_xticks(range(len(names)), names)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, axis="y")
     axes[0].set_yscale("log")
-    axes[1].legend(fontsize=7)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=7, frameon=False)
     fig.suptitle(f"one iMAML meta-gradient, {device}: median over rounds, each row in fresh processes", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
