@@ -1,38 +1,22 @@
 """``python -m bench all [--quick]``: every suite, tables on stdout, CSV and PNG plots under
-``--out`` (default ``bench/results/<machine>/``)."""
+``--out`` (default ``bench/results/<machine>/``). Every comparison runs each implementation in
+its own fresh processes (:mod:`bench.fresh`)."""
 
-import csv
-import platform
 import re
 from pathlib import Path
 
 import torch
 
-from . import cg, hvp, memory, meta_step
-from .common import gemm_rate, machine_header, markdown_table
+from . import cg, hvp, memory, meta_step, models
+from .common import cpu_model_and_flags, gemm_rate, machine_header, markdown_table, write_csv
 
 
 def machine_slug():
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
     else:
-        name = platform.processor() or platform.machine()
-        try:
-            for line in open("/proc/cpuinfo"):
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1]
-                    break
-        except OSError:
-            pass
-        name = f"cpu-{name}-{torch.get_num_threads()}t"
+        name = f"cpu-{cpu_model_and_flags()[0]}-{torch.get_num_threads()}t"
     return re.sub(r"[^A-Za-z0-9]+", "-", name.strip()).strip("-").lower()
-
-
-def _csv(path, header, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
 
 
 def _plot_cg(path, records, title):
@@ -94,7 +78,7 @@ def main(args):
             if key in ("eager", "cpu", "cuda", "triton"):
                 cg_records.setdefault((P, key), []).append((T, sec * 1e3))
     header = ("T", "P", "backend", "ms / iteration", "effective GB/s")
-    _csv(out / "cg.csv", header, cg_rows)
+    write_csv(out / "cg.csv", header, cg_rows)
     _plot_cg(out / "cg_time_vs_T.png", cg_records, f"CG iteration, {device}")
     report += ["## cg: one CG iteration's vector work (float32)", "", markdown_table(header, cg_rows), ""]
     solve_rows = []
@@ -102,17 +86,17 @@ def main(args):
         rows, _ = cg.run_solve(T=T, P=P, device=device, repeat=3 if quick else 10)
         solve_rows += [(T, P, *r) for r in rows]
     header = ("T", "P", "backend", "ms / 5-iteration solve", "ms / iteration")
-    _csv(out / "cg_solve.csv", header, solve_rows)
+    write_csv(out / "cg_solve.csv", header, solve_rows)
     report += ["## cg: a full 5-iteration cg_solve (diagonal matvec, float32)", "", markdown_table(header, solve_rows), ""]
 
     hvp_rows, _ = hvp.run(["omniglot-5w1s"] if quick else list(hvp.SHAPES), device=device, repeat=2 if quick else 5, T=8 if quick else None)
-    _csv(out / "hvp.csv", hvp.HEADER, hvp_rows)
+    write_csv(out / "hvp.csv", hvp.HEADER, hvp_rows)
     report += ["## hvp: batched Hessian-vector products", "", markdown_table(hvp.HEADER, hvp_rows), "",
                f"measured float32 GEMM rate (1024^3): {gemm_rate(device):.1f} GFLOP/s", ""]
 
     T_ms, steps_ms = (8, 4) if quick else (32, 16)
     ms_rows, ms = meta_step.run(T=T_ms, inner_steps=steps_ms, device=device, repeat=1 if quick else 3)
-    _csv(out / "meta_step.csv", meta_step.HEADER, ms_rows)
+    write_csv(out / "meta_step.csv", meta_step.HEADER, ms_rows)
     others = [k for k in ("batched", "serial", "torchopt") if k in ms]
     _plot_speedup(out / "meta_step_speedup.png", [f"vs {meta_step.LABELS[k]}" for k in others],
                   [ms[k] / ms["engine"] for k in others], f"iMAML meta-step (fused engine), {device}")
@@ -122,6 +106,11 @@ def main(args):
     mem_rows, _ = memory.run(T=2 if quick else 8, device=device, steps=(1, 5, 25) if quick else memory.STEPS, channels=16 if quick else 64, out=out, progress=True)
     header = ("inner steps", "iMAML MiB", "MAML MiB", "iMAML RSS MiB", "MAML RSS MiB")
     report += ["## memory: peak of one meta-gradient vs inner steps", "", markdown_table(header, mem_rows), ""]
+
+    rounds = 1 if quick else 3
+    model_results = models.run(device=device, rounds=rounds, repeat=1 if quick else 3)
+    models.write(out, model_results, rounds, device)
+    report += [models.report(model_results, rounds, device), ""]
 
     text = "\n".join(report)
     (out / "report.md").write_text(text)

@@ -9,7 +9,9 @@ import torch
 
 from imaml_kernels import dispatch, ops, reference
 
+from . import fresh
 from .common import markdown_table, time_fn
+from .fresh import Prepared, Row
 
 
 def _plain_eager(x, r, p, Ap, rr):
@@ -34,72 +36,87 @@ def _masked_eager(x, r, p, Ap, thresh, status):
     return status
 
 
-def run(T=32, P=113_221, dtype=torch.float32, device="cpu", backends=None, repeat=20):
-    """Time one iteration per backend; returns rows ``(backend, ms, GB/s, ratio vs eager ref)``."""
+EAGER_MASKED, EAGER_PLAIN = "eager (masked, same semantics)", "eager (plain, no masks)"
+
+
+def _fused_backends(device, dtype=torch.float32):
+    names = [b for b in ("cuda", "triton", "cpu") if not dispatch.backend_problems(b, device, dtype)]
+    if torch.device(device).type == "cpu":
+        names = [n for n in names if n != "triton"]  # the interpreter is not a performance path
+    return names
+
+
+def prepare_iteration(kind, T, P, dtype="float32", device="cpu"):
+    """In a worker (:mod:`bench.fresh_worker`): one CG iteration of ``kind`` (a backend,
+    ``"reference"``, :data:`EAGER_MASKED` or :data:`EAGER_PLAIN`) on fresh ``[T, P]`` vectors.
+    Every timed call restores r and p so values stay bounded across repeats; the reset is
+    the baseline, its own time measured and subtracted."""
+    dtype = getattr(torch, dtype)
     g = torch.Generator(device="cpu").manual_seed(0)
     base = [torch.randn(T, P, generator=g, dtype=dtype).to(device) for _ in range(4)]
     Ap = base[3].abs() + 0.1
     base[2] = base[1].clone()  # p = r, as at the first iteration
     thresh = torch.zeros(T, dtype=torch.float64, device=device)
-    bytes_moved = (3 + 7) * T * P * base[0].element_size()  # dots: 3 reads; update: 4 reads + 3 writes
-    results = {}
     x, r, p = (t.clone() for t in base[:3])
+    status = torch.zeros(T, dtype=torch.int32, device=device)
 
     def reset():
-        # Every timed call restores r and p so values stay bounded across repeats; the
-        # reset's own time is measured once and subtracted from every row.
         r.copy_(base[1])
         p.copy_(base[1])
 
-    t_reset = time_fn(reset, device=device, repeat=repeat)[0]
+    if kind == EAGER_MASKED:
+        fn = lambda: _masked_eager(x, r, p, Ap, thresh, status)  # noqa: E731
+    elif kind == EAGER_PLAIN:
+        rr = (r * r).sum(1, keepdim=True)
+        fn = lambda: _plain_eager(x, r, p, Ap, rr)  # noqa: E731
+    else:
+        partials, chunk = ops.cg.cg_partials(x, kind)
+        s_out, it = torch.zeros_like(status), torch.zeros_like(status)
+        kern = dispatch.kernels(x.device, x.dtype, kind)
 
-    def timed(fn):
-        return max(time_fn(lambda: (fn(), reset()), device=device, repeat=repeat)[0] - t_reset, 1e-9)
+        def fn():
+            kern.cg_dots(r, p, Ap, partials, chunk)
+            kern.cg_update(x, r, p, Ap, partials, status, s_out, it, thresh, chunk)
 
-    names = backends or [b for b in ("cuda", "triton", "cpu") if not dispatch.backend_problems(b, device, dtype)]
-    if torch.device(device).type == "cpu":
-        names = [n for n in names if n != "triton"]  # the interpreter is not a performance path
-    for name in names + ["reference"]:
-        partials, chunk = ops.cg.cg_partials(x, name)
-        s_in = torch.zeros(T, dtype=torch.int32, device=device)
-        s_out = torch.zeros_like(s_in)
-        it = torch.zeros_like(s_in)
-        kern = dispatch.kernels(x.device, x.dtype, name)
-        dots, update = kern.cg_dots, kern.cg_update
-
-        def step():
-            dots(r, p, Ap, partials, chunk)
-            update(x, r, p, Ap, partials, s_in, s_out, it, thresh, chunk)
-
-        results[name] = timed(step)
-    rr = (r * r).sum(1, keepdim=True)
-    status = torch.zeros(T, dtype=torch.int32, device=device)
-    results["eager (masked, same semantics)"] = timed(lambda: _masked_eager(x, r, p, Ap, thresh, status))
-    results["eager (plain, no masks)"] = timed(lambda: _plain_eager(x, r, p, Ap, rr))
-    ref = results["eager (masked, same semantics)"]
-    rows = [
-        (name, f"{sec * 1e3:.2f}", f"{bytes_moved / sec / 1e9:.1f}", f"{ref / sec:.2f}x")
-        for name, sec in results.items()
-    ]
-    return rows, results
+    return Prepared(lambda: (fn(), reset()), baseline=reset)
 
 
-def run_solve(T=32, P=113_221, dtype=torch.float32, device="cpu", iters=5, repeat=10):
-    """A full ``cg_solve`` of ``iters`` iterations per backend (diagonal SPD matvec, so the
-    vector work dominates): rows ``(backend, ms / solve, ms / iteration)``."""
+def run(T=32, P=113_221, dtype=torch.float32, device="cpu", backends=None, repeat=20, rounds=1):
+    """Time one iteration per backend, each in fresh worker processes (:mod:`bench.fresh`);
+    rows ``(backend, ms, GB/s, speed vs eager with the same semantics)`` and ``{backend: s}``."""
+    bytes_moved = (3 + 7) * T * P * torch.finfo(dtype).bits // 8  # dots: 3 reads; update: 4 reads + 3 writes
+    names = (backends or _fused_backends(device, dtype)) + ["reference", EAGER_MASKED, EAGER_PLAIN]
+    kw = dict(T=T, P=P, dtype=str(dtype).removeprefix("torch."), device=device)
+    rows = [Row(n, n, "bench.cg:prepare_iteration", {"kind": n, **kw}, warmup=3, repeat=repeat, device=device) for n in names]
+    measured = fresh.run_rows(rows, rounds=rounds)
+    ref = measured[EAGER_MASKED]
+    table = [(n, f"{m.seconds * 1e3:.2f}", f"{bytes_moved / m.seconds / 1e9:.1f}", fresh.ratio_text(fresh.ratio(ref, m), rounds))
+             if m.ok else (n, f"not measured: {m.error}", "", "") for n, m in measured.items()]
+    return table, {n: m.seconds for n, m in measured.items() if m.ok}
+
+
+def prepare_solve(backend, T, P, iters, dtype="float32", device="cpu"):
+    """In a worker: a full ``cg_solve`` of ``iters`` iterations on ``backend`` with a diagonal
+    SPD matvec (so the vector work dominates)."""
     import imaml_kernels as ik
 
+    dtype = getattr(torch, dtype)
     g = torch.Generator(device="cpu").manual_seed(1)
     d = (torch.rand(T, P, generator=g, dtype=dtype) + 0.5).to(device)
     b = torch.randn(T, P, generator=g, dtype=dtype).to(device)
-    names = [n for n in ("cuda", "triton", "cpu") if not dispatch.backend_problems(n, device, dtype)]
-    if torch.device(device).type == "cpu":
-        names = [n for n in names if n != "triton"]
-    results = {}
-    for name in names + ["reference"]:
-        results[name] = time_fn(lambda: ik.cg_solve(lambda v: d * v, b, iters=iters, backend=name), device=device, repeat=repeat)[0]
-    rows = [(name, f"{sec * 1e3:.2f}", f"{sec * 1e3 / iters:.2f}") for name, sec in results.items()]
-    return rows, results
+    return lambda: ik.cg_solve(lambda v: d * v, b, iters=iters, backend=backend)
+
+
+def run_solve(T=32, P=113_221, dtype=torch.float32, device="cpu", iters=5, repeat=10, rounds=1):
+    """A full ``cg_solve`` per backend, each in fresh worker processes: rows ``(backend,
+    ms / solve, ms / iteration)`` and ``{backend: s}``."""
+    kw = dict(T=T, P=P, iters=iters, dtype=str(dtype).removeprefix("torch."), device=device)
+    names = _fused_backends(device, dtype) + ["reference"]
+    rows = [Row(n, n, "bench.cg:prepare_solve", {"backend": n, **kw}, warmup=3, repeat=repeat, device=device) for n in names]
+    measured = fresh.run_rows(rows, rounds=rounds)
+    table = [(n, f"{m.seconds * 1e3:.2f}", f"{m.seconds * 1e3 / iters:.2f}") if m.ok else (n, f"not measured: {m.error}", "")
+             for n, m in measured.items()]
+    return table, {n: m.seconds for n, m in measured.items() if m.ok}
 
 
 def copy_bandwidth(T, P, dtype, device):
@@ -111,9 +128,10 @@ def copy_bandwidth(T, P, dtype, device):
 
 
 def main(args):
-    device = args.device
-    rows, results = run(T=args.tasks, P=args.params, device=device, repeat=args.repeat)
+    device, rounds = args.device, getattr(args, "rounds", 1)
+    rows, results = run(T=args.tasks, P=args.params, device=device, repeat=args.repeat, rounds=rounds)
     print(f"\n## CG iteration vector work: T={args.tasks}, P={args.params}, float32, {device}\n")
+    print(fresh.method(rounds, "milliseconds per iteration") + "\n")
     print("(GB/s counts the fused kernels' 10 vector passes for every row; 'ratio' is speed vs eager PyTorch with the same semantics; 'reference' is the float64-accumulating test oracle)\n")
     print(markdown_table(("backend", "ms / iteration", "effective GB/s", "ratio"), rows))
     bw = copy_bandwidth(args.tasks, args.params, torch.float32, device)
@@ -121,10 +139,10 @@ def main(args):
     fused = [n for n in ("cuda", "triton", "cpu") if n in results]
     for n in fused:
         eff = 10 * args.tasks * args.params * 4 / results[n] / 1e9
-        print(f"{n}: fused vs eager (same semantics) = {results['eager (masked, same semantics)'] / results[n]:.2f}x "
-              f"(target >= 3x on CPU), vs the float64 reference = {results['reference'] / results[n]:.1f}x, vs plain eager = {results['eager (plain, no masks)'] / results[n]:.2f}x, "
-              f"{100 * eff / bw:.0f}% of copy bandwidth (target >= 80% on GPU)")
-    solve_rows, _ = run_solve(T=args.tasks, P=args.params, device=device, repeat=max(3, args.repeat // 2))
+        vs = {k: f"{results[k] / results[n]:.2f}x" if k in results else "not measured" for k in (EAGER_MASKED, "reference", EAGER_PLAIN)}
+        print(f"{n}: fused vs eager (same semantics) = {vs[EAGER_MASKED]} (target >= 3x on CPU), vs the float64 reference = "
+              f"{vs['reference']}, vs plain eager = {vs[EAGER_PLAIN]}, {100 * eff / bw:.0f}% of copy bandwidth (target >= 80% on GPU)")
+    solve_rows, _ = run_solve(T=args.tasks, P=args.params, device=device, repeat=max(3, args.repeat // 2), rounds=rounds)
     print(f"\n## Full 5-iteration cg_solve (diagonal matvec), T={args.tasks}, P={args.params}, float32, {device}\n")
     print(markdown_table(("backend", "ms / solve", "ms / iteration"), solve_rows))
     return rows

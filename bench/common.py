@@ -19,18 +19,35 @@ def child_env(**overrides):
     return env
 
 
-def machine_header():
-    """One line naming the machine and the library versions."""
-    cpu = platform.processor() or platform.machine()
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the ones the CPU GEMMs' speed turns on
+
+
+def cpu_model_and_flags():
+    """``(model name, {flag: present})`` from ``/proc/cpuinfo`` (what ``lscpu`` reads), for
+    :data:`CPU_FLAGS`; the platform's processor name and no flags where it is unreadable."""
+    cpu, flags = None, {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and cpu is None:
+                    cpu = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = {k: k in value.split() for k in CPU_FLAGS}
+                if cpu is not None and flags:
                     break
     except OSError:
         pass
-    parts = [f"CPU: {cpu} ({torch.get_num_threads()} threads)"]
+    return cpu or platform.processor() or platform.machine(), flags
+
+
+def machine_header():
+    """One line naming the machine (CPU model, threads, the CPU flags of :data:`CPU_FLAGS`), the
+    library versions and the date."""
+    cpu, flags = cpu_model_and_flags()
+    have = " ".join(k for k, v in flags.items() if v) or "none of " + "/".join(CPU_FLAGS)
+    lack = " ".join(k for k, v in flags.items() if not v)
+    parts = [f"CPU: {cpu} ({torch.get_num_threads()} threads; {have}{f'; no {lack}' if lack else ''})"]
     if torch.cuda.is_available():
         parts.append(f"GPU: {torch.cuda.get_device_name()}")
         parts.append(f"CUDA {torch.version.cuda}")
@@ -43,6 +60,52 @@ def machine_header():
         parts.append("triton -")
     parts.append(time.strftime("%Y-%m-%d"))
     return " | ".join(parts)
+
+
+def rss_bytes():
+    """The process's resident memory now (``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as m: calls()`` then ``m.rss_mib`` (and ``m.cuda_mib`` on CUDA).
+
+    ``rss_mib``: the process's peak resident memory at the end of the block
+    (``getrusage(RUSAGE_SELF).ru_maxrss``) minus its resident memory at the start
+    (``/proc/self/statm``), in MiB: how far the block raised the high-water mark above where
+    the process stood. The high-water mark is reset on entry (``/proc/self/clear_refs``,
+    Linux >= 4.0), so a transient peak before the block does not count; where the reset is
+    refused, such a peak can only make the number larger. ``cuda_mib``:
+    ``torch.cuda.max_memory_allocated()`` over the block (after ``reset_peak_memory_stats``)
+    minus what was allocated at its start; ``None`` off CUDA.
+    """
+
+    def __init__(self, device="cpu"):
+        self.cuda = torch.device(device).type == "cuda"
+        self.rss_mib = self.cuda_mib = None
+
+    def __enter__(self):
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # peak RSS := current RSS
+        except OSError:
+            pass
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._cuda0 = torch.cuda.memory_allocated()
+        self._rss0 = rss_bytes()
+        return self
+
+    def __exit__(self, *exc):
+        import resource
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.cuda_mib = max(torch.cuda.max_memory_allocated() - self._cuda0, 0) / 2**20
+        self.rss_mib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self._rss0, 0) / 2**20
+        return False
 
 
 def sync(device):
@@ -75,6 +138,15 @@ def time_fn(fn, *, device="cpu", warmup=3, repeat=20, min_time=0.0):
     times.sort()
     q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
     return statistics.median(times), q(0.2), q(0.8)
+
+
+def write_csv(path, header, rows):
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
 
 
 def markdown_table(header, rows):

@@ -13,7 +13,9 @@
 #   3 compile table     python3 -m bench compile
 #   4 GPU tests         python3 -m pytest -q tests/test_gpu.py (+ tests/test_compile.py if present)
 #   5 benchmarks        bench cg / hvp / meta-step (5w1s with the one-CUDA-graph row, 20w1s) on
-#                       cuda at paper shapes, bench launches
+#                       cuda at paper shapes, bench launches, bench models (user models: package
+#                       plans vs a per-task loop vs torchopt, 2 rounds); every row of a comparison
+#                       runs in its own fresh processes (bench/fresh.py)
 #   6 report            bench/results/gpu/gpu_check.md (machine header, per-stage status and
 #                       seconds, every stage's tables), logs in bench/results/gpu/logs/; both
 #                       copied to $OUT when it is set
@@ -121,7 +123,7 @@ targets() {  # the GPU targets, read off the benchmark logs
   else
     echo "- meta-step, Omniglot 5-way 1-shot, T=32, one CUDA graph: not measured (target <= 10 ms)"
   fi
-  for name in "bench cg" "bench hvp" "bench meta-step 5w1s" "bench meta-step 20w1s" "bench launches"; do
+  for name in "bench cg" "bench hvp" "bench meta-step 5w1s" "bench meta-step 20w1s" "bench launches" "bench models"; do
     log=$(stage_log "$name")
     [[ -n $log ]] && grep -i 'target' "$log" | sed "s/^/- $name: /"
   done
@@ -236,5 +238,6 @@ stage "bench hvp" 150 raw 'python3 -m bench hvp --device cuda'
 stage "bench meta-step 5w1s" 150 raw 'python3 -m bench meta-step --device cuda'
 stage "bench meta-step 20w1s" 120 raw 'python3 -m bench meta-step --device cuda --way 20 --tasks 16 --inner-steps 25 --no-serial'
 stage "bench launches" 90 raw 'python3 -m bench launches'
+stage "bench models" 150 raw 'python3 -m bench models --device cuda --rounds 2'
 
 finish

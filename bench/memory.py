@@ -1,39 +1,39 @@
 """Peak memory of one meta-gradient vs the number of inner steps: iMAML (implicit_adapt)
-against fully unrolled MAML, each configuration in a fresh process.
+against fully unrolled MAML, each configuration in a fresh process (:mod:`bench.fresh`).
 
 CPU: peak of live tensor-storage bytes counted by a dispatch-mode tracker
 (:mod:`bench.memtrack`), plus the process's peak RSS growth for reference; GPU:
 ``torch.cuda.max_memory_allocated`` after a reset.
 """
 
-import csv
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-from .common import markdown_table
+from . import fresh
+from .common import markdown_table, write_csv
+from .fresh import Row
 
 STEPS = (1, 5, 10, 25, 50, 100)
 
 
-def worker(method, steps, T, device, channels):
-    import resource
-
+def measure(method, steps, T, device, channels):
+    """In a worker (:mod:`bench.fresh_worker`): one meta-gradient of ``method`` ("imaml" or
+    "maml") at ``steps`` inner steps, after a warm-up at 1 step so that allocator pools and
+    lazy initialisation are not counted: ``{"peak_bytes", "rss_growth_bytes"}``."""
     import torch
 
     import imaml_kernels as ik
     from imaml_kernels.nets import OmniglotConv
 
     from .baselines import maml_meta_grad
+    from .common import PeakMemory
+    from .memtrack import PeakTensorBytes
     from .meta_step import make_tasks
 
     torch.manual_seed(0)
     model = OmniglotConv(5, channels=channels).to(device)
     theta = dict(model.named_parameters())
     tasks = make_tasks(T, 5, 1, 1, device)
-    # Warm-up at 1 step so that allocator pools and lazy init are not counted.
     run = lambda k: (  # noqa: E731
         maml_meta_grad(model, theta, tasks, inner_steps=k, inner_lr=0.1)
         if method == "maml"
@@ -41,50 +41,32 @@ def worker(method, steps, T, device, channels):
     )
     run(1)
     if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run(steps)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        from .memtrack import PeakTensorBytes
-
-        with open("/proc/self/statm") as f:
-            base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        with PeakTensorBytes() as tracker:
+        with PeakMemory(device) as mem:
             run(steps)
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-        peak = tracker.peak
-    print(json.dumps({"method": method, "steps": steps, "peak_bytes": max(peak, 0), "rss_growth_bytes": max(rss, 0) if device != "cuda" else None}))
+        return {"method": method, "steps": steps, "peak_bytes": int(mem.cuda_mib * 2**20), "rss_growth_bytes": None}
+    with PeakMemory(device) as mem, PeakTensorBytes() as tracker:
+        run(steps)
+    return {"method": method, "steps": steps, "peak_bytes": max(tracker.peak, 0), "rss_growth_bytes": int(mem.rss_mib * 2**20)}
 
 
 def run(T=8, device="cpu", steps=STEPS, channels=64, out=None, progress=True):
-    rows, records = [], []
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    cases = [(m, s) for s in steps for m in ("imaml", "maml")]
-    it = tqdm(cases, desc="memory", disable=not progress) if tqdm else cases
-    root = Path(__file__).resolve().parents[1]
-    for method, k in it:
-        cmd = [sys.executable, "-m", "bench.memory", "--worker", method, str(k), str(T), device, str(channels)]
-        res = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        if res.returncode != 0:
-            raise RuntimeError(f"memory worker failed ({method}, {k} steps):\n{res.stderr[-2000:]}")
-        records.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    """Every (method, steps) configuration in a fresh process (one thread): table rows and
+    ``{(method, steps): peak MiB}``; a configuration whose worker fails raises."""
+    specs = [Row(f"{m}-{k}", f"{m}, {k} steps", "bench.memory:measure",
+                 {"method": m, "steps": k, "T": T, "device": device, "channels": channels}, device=device)
+             for k in steps for m in ("imaml", "maml")]
+    measured = fresh.run_rows(specs, threads=1, log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else None)
+    failed = {k: m.error for k, m in measured.items() if not m.ok}
+    if failed:
+        raise RuntimeError(f"memory workers failed: {failed}")
+    records = [m.rounds[0]["custom"] for m in measured.values()]
     by = {(r["method"], r["steps"]): r["peak_bytes"] / 2**20 for r in records}
     rss = {(r["method"], r["steps"]): (r.get("rss_growth_bytes") or 0) / 2**20 for r in records}
-    for k in steps:
-        rows.append((k, f"{by[('imaml', k)]:.1f}", f"{by[('maml', k)]:.1f}", f"{rss[('imaml', k)]:.0f}", f"{rss[('maml', k)]:.0f}"))
+    rows = [(k, f"{by[('imaml', k)]:.1f}", f"{by[('maml', k)]:.1f}", f"{rss[('imaml', k)]:.0f}", f"{rss[('maml', k)]:.0f}") for k in steps]
     if out:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "memory.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["inner_steps", "imaml_peak_mib", "maml_peak_mib", "imaml_rss_growth_mib", "maml_rss_growth_mib"])
-            w.writerows(rows)
+        write_csv(out / "memory.csv", ["inner_steps", "imaml_peak_mib", "maml_peak_mib", "imaml_rss_growth_mib", "maml_rss_growth_mib"], rows)
         _plot(steps, [by[("imaml", k)] for k in steps], [by[("maml", k)] for k in steps], out / "memory.png", T, device)
     return rows, by
 
@@ -120,9 +102,3 @@ def main(args):
     if args.out:
         print(f"wrote {args.out}/memory.csv and memory.png")
     return rows
-
-
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        m, s, t, d, c = sys.argv[2:7]
-        worker(m, int(s), int(t), d, int(c))

@@ -4,10 +4,10 @@ per-task baseline and (when installed) torchopt's implicit-differentiation iMAML
 
 Omniglot 5-way 1-shot shapes by default: the paper's conv net (113,221 parameters),
 T=32 tasks, 16 inner GD steps, 5 CG iterations, 5 support and 5 query images per task.
-Inputs are random images of the right shape (timing does not depend on the data).
+Inputs are random images of the right shape (timing does not depend on the data). Every
+row runs in fresh worker processes, one per round (:mod:`bench.fresh`).
 """
 
-import statistics
 import sys
 
 import torch
@@ -15,8 +15,11 @@ import torch
 import imaml_kernels as ik
 from imaml_kernels.nets import OmniglotConv
 
+from . import fresh
 from .baselines import serial_imaml_meta_grad
-from .common import markdown_table, time_fn
+from .common import markdown_table
+from .fresh import Row
+from .torchopt_imaml import torchopt_available
 
 
 def make_tasks(T, way, shot, query, device="cpu", image=28, seed=0):
@@ -50,97 +53,112 @@ LABELS = {
 TARGET = 5.0  # issue 14: the fused meta-step at least 5x the authors' learner, same run
 
 
-def run(T=32, way=5, shot=1, query=1, inner_steps=16, cg_iters=5, device="cpu", repeat=3, serial=True, generic=True,
-        torchopt=True, official=None, rounds=1, log=None):
-    """Rows ``(method, s/step, tasks/s, engine speedup over it)`` and ``{key: seconds}``.
-
-    ``official``: an unpacked aravindr93/imaml_dev checkout (its learner becomes a row; see
-    :mod:`bench.official`), or ``None``. ``rounds``: every method is timed once per round,
-    in turn, so each round's ratios come from one stretch of the machine's (noisy) time;
-    seconds are the median over rounds and each ratio's min–max over rounds is kept
-    (``{key: seconds}`` then also holds ``"spread": {key: (lo, hi)}`` and ``"rounds"``).
-    """
+def prepare(row, T, way, shot, query, inner_steps, cg_iters, device="cpu", official=None):
+    """In a worker (:mod:`bench.fresh_worker`): the model, the tasks and the meta-step of ``row``
+    (a key of :data:`LABELS`), ready to time."""
     torch.manual_seed(0)
     model = OmniglotConv(way).to(device)
     theta = dict(model.named_parameters())
     tasks = make_tasks(T, way, shot, query, device)
     kw = dict(lam=2.0, inner_steps=inner_steps, inner_lr=0.1, cg_iters=cg_iters)
-    few = max(1, repeat // 2)
-    methods = {"engine": (lambda: batched_meta_step(model, theta, tasks, engine=True, **kw), 1, repeat)}
-    if torch.device(device).type == "cuda":
+    if row == "graph":  # captured here, in the worker that replays it
         from imaml_kernels.graphs import CUDAGraphStep
 
         graphed = CUDAGraphStep(lambda *b: batched_meta_step(model, theta, b, engine=True, **kw), tasks)
-        methods["graph"] = (lambda: graphed(*tasks), 2, max(10, repeat))
-    if generic:
-        methods["batched"] = (lambda: batched_meta_step(model, theta, tasks, engine=False, **kw), 1, repeat // 2 + 1)
-    if official is not None:
+        return lambda: graphed(*tasks)
+    if row == "official":
         from .official import OfficialStep
 
         learner = OfficialStep(official, model, **kw)
-        methods["official"] = (lambda: learner(tasks), 1, few)
-    if serial:
-        methods["serial"] = (lambda: serial_imaml_meta_grad(model, theta, tasks, cg_tol=0.0, **kw), 1, few)
-    if torchopt and torchopt_available():
+        return lambda: learner(tasks)
+    if row == "serial":
+        return lambda: serial_imaml_meta_grad(model, theta, tasks, cg_tol=0.0, **kw)
+    if row == "torchopt":
         from .torchopt_imaml import torchopt_meta_grad
 
-        methods["torchopt"] = (lambda: torchopt_meta_grad(model, tasks, **kw), 0, few)
-    per_round = []
-    for r in range(rounds):
-        res = {}
-        for key, (fn, warmup, reps) in methods.items():
-            res[key] = time_fn(fn, device=device, warmup=warmup if r == 0 else 0, repeat=reps)[0]
-            if log:
-                log(f"round {r + 1}/{rounds}: {LABELS[key]}: {res[key]:.3f} s")
-        per_round.append(res)
-    results = {k: statistics.median(r[k] for r in per_round) for k in methods}
-    spread = {k: (min(r[k] / r["engine"] for r in per_round), max(r[k] / r["engine"] for r in per_round)) for k in methods}
-    e = results["engine"]
-    rows = []
-    for k, sec in results.items():
-        ratio = f"{sec / e:.2f}x"
-        if rounds > 1 and k != "engine":
-            ratio += f" ({spread[k][0]:.2f}-{spread[k][1]:.2f})"
-        rows.append((LABELS[k], f"{sec:.3f}", f"{T / sec:.1f}", ratio))
-    if rounds > 1:
-        results["spread"], results["rounds"] = spread, rounds
-    return rows, results
+        return lambda: torchopt_meta_grad(model, tasks, **kw)
+    if row not in ("engine", "batched"):
+        raise ValueError(f"unknown meta-step row {row!r}; the rows are {list(LABELS)}")
+    return lambda: batched_meta_step(model, theta, tasks, engine=row == "engine", **kw)
 
 
-def torchopt_available():
-    try:
-        import torchopt  # noqa: F401
+def make_rows(T=32, way=5, shot=1, query=1, inner_steps=16, cg_iters=5, device="cpu", repeat=3, serial=True, generic=True,
+         torchopt=True, official=None):
+    """The :class:`~bench.fresh.Row` of each method (the engine first: the ratios' reference)."""
+    few = max(1, repeat // 2)
+    keys = [("engine", 1, repeat)]
+    if torch.device(device).type == "cuda":
+        keys.append(("graph", 2, max(10, repeat)))
+    if generic:
+        keys.append(("batched", 1, repeat // 2 + 1))
+    if official is not None:
+        keys.append(("official", 1, few))
+    if serial:
+        keys.append(("serial", 1, few))
+    if torchopt and torchopt_available():
+        keys.append(("torchopt", 1, few))
+    kw = dict(T=T, way=way, shot=shot, query=query, inner_steps=inner_steps, cg_iters=cg_iters, device=device, official=official)
+    return [Row(k, LABELS[k], "bench.meta_step:prepare", {"row": k, **kw}, warmup=w, repeat=n, device=device) for k, w, n in keys]
 
-        return True
-    except ImportError:
-        return False
+
+def run(T=32, way=5, shot=1, query=1, inner_steps=16, cg_iters=5, device="cpu", repeat=3, serial=True, generic=True,
+        torchopt=True, official=None, rounds=1, log=None):
+    """Rows ``(method, s/step, tasks/s, engine speedup over it, peak MiB)`` and ``{key: seconds}``.
+
+    Every method runs in fresh worker processes, one per round (:mod:`bench.fresh`).
+    ``official``: an unpacked aravindr93/imaml_dev checkout (its learner becomes a row; see
+    :mod:`bench.official`), or ``None``. Seconds are medians over rounds; ``{key: seconds}``
+    also holds ``"spread": {key: (lo, hi)}`` (the min-max over rounds of each per-round ratio
+    to the engine), ``"rounds"``, ``"peak": {key: (median, lo, hi)}`` (MiB) and ``"failed":
+    {key: reason}`` for the rows not measured.
+    """
+    measured = fresh.run_rows(make_rows(T, way, shot, query, inner_steps, cg_iters, device, repeat, serial, generic, torchopt,
+                                   official), rounds=rounds, log=log)
+    eng, mem = measured["engine"], fresh.memory_field(device)
+    results = {k: m.seconds for k, m in measured.items() if m.ok}
+    spread = {k: fresh.ratio(m, eng)[1:] for k, m in measured.items() if m.ok and eng.ok}
+    table = []
+    for k, m in measured.items():
+        if not m.ok:
+            table.append((LABELS[k], f"not measured: {m.error}", "", "", ""))
+            continue
+        table.append((LABELS[k], f"{m.seconds:.3f}", f"{T / m.seconds:.1f}", fresh.ratio_text(fresh.ratio(m, eng), rounds),
+                      fresh.stat_text(m.stat(mem), fmt=".0f", rounds=rounds)))
+    results.update(spread=spread, rounds=rounds, peak={k: m.stat(mem) for k, m in measured.items() if m.ok},
+                   failed={k: m.error for k, m in measured.items() if not m.ok})
+    return table, results
 
 
 def main(args):
     official = getattr(args, "official", None)
-    rows, res = run(T=args.tasks, way=args.way, shot=args.shot, query=args.query, inner_steps=args.inner_steps,
-                    cg_iters=args.cg_iters, device=args.device, repeat=args.repeat, serial=not args.no_serial,
-                    generic=not args.no_generic, official=official, rounds=getattr(args, "rounds", 1),
-                    log=lambda m: print(m, file=sys.stderr, flush=True))
+    rounds = getattr(args, "rounds", 1)
+    table, res = run(T=args.tasks, way=args.way, shot=args.shot, query=args.query, inner_steps=args.inner_steps,
+                     cg_iters=args.cg_iters, device=args.device, repeat=args.repeat, serial=not args.no_serial,
+                     generic=not args.no_generic, official=official, rounds=rounds,
+                     log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"\n## iMAML meta-step: OmniglotConv({args.way}), T={args.tasks}, {args.way}-way {args.shot}-shot, "
           f"{args.inner_steps} inner GD steps, {args.cg_iters} CG iterations, {args.device}\n")
-    print(markdown_table(HEADER, rows))
+    print(fresh.method(rounds, "seconds per meta-step") + " " + fresh.memory_note(args.device) + "\n")
+    print(markdown_table(HEADER, table))
     print()
     print(summary(res))
-    return rows
+    return table
 
 
-HEADER = ("method", "s / meta-step", "tasks / s", "fused engine speedup over it")
+HEADER = ("method", "s / meta-step", "tasks / s", "fused engine speedup over it", "peak MiB")
 
 
 def summary(res):
     """The printed ratios (and targets) of a run."""
     spread = res.get("spread", {})
     rounds = res.get("rounds", 1)
+    failed = res.get("failed", {})
+    if "engine" not in res:
+        return f"fused engine: not measured: {failed.get('engine')}"
 
     def ratio(k):
         text = f"{res[k] / res['engine']:.2f}x"
-        if k in spread:
+        if rounds > 1 and k in spread:
             text += f" (min {spread[k][0]:.2f}x, max {spread[k][1]:.2f}x over {rounds} rounds)"
         return text
 
@@ -150,12 +168,14 @@ def summary(res):
     for k in ("official", "batched", "serial", "torchopt"):
         if k in res:
             lines.append(f"engine speedup over {LABELS[k]}: {ratio(k)}")
+        elif k in failed:
+            lines.append(f"{LABELS[k]}: not measured: {failed[k]}")
     if "official" in res:
         worst = spread.get("official", (res["official"] / res["engine"],))[0]
         verdict = "met" if worst >= TARGET else "NOT met"
         lines.append(f"target: >= {TARGET:.0f}x the authors' learner in every round: {verdict} (worst round {worst:.2f}x)")
-    else:
+    elif "official" not in failed:
         lines.append("authors' released learner: not measured (give --official DIR, an unpacked aravindr93/imaml_dev checkout)")
-    if "torchopt" not in res:
+    if "torchopt" not in res and "torchopt" not in failed:
         lines.append("torchopt: not installed, not measured (pip install -r requirements-bench.txt to add it)")
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """The anchor row: the authors' released iMAML learner (aravindr93/imaml_dev), run from an
 unpacked checkout the user points at (``--official DIR``), at the bench's shapes and threads,
-in the same process as the other rows.
+in fresh worker processes of its own like every other row (:mod:`bench.fresh`); a missing
+or broken checkout makes the row "not measured" with the reason.
 
 Nothing of that repository is copied here: this module imports its ``implicit_maml``
 package from ``DIR`` at run time and drives it the way its

@@ -11,6 +11,15 @@ import torch
 import torch.nn.functional as F
 
 
+def torchopt_available():
+    try:
+        import torchopt  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
 def _inner_net_class(cg_iters):
     import torchopt
 

@@ -1,5 +1,8 @@
 """Each benchmark runs once at tiny sizes: it runs, produces rows and files (no timing asserts)."""
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -15,6 +18,48 @@ def test_machine_header_names_versions():
     assert "torch" in h and "CPU" in h
 
 
+def test_fresh_driver_runs_each_row_and_round_in_its_own_process(tmp_path):
+    from bench import fresh
+
+    log = tmp_path / "order.txt"
+    rows = [fresh.Row(k, f"row {k}", "bench.fresh:probe", {"name": k, "log": str(log)}, warmup=1, repeat=2) for k in "abc"]
+    measured = fresh.run_rows(rows, rounds=3, threads=1)
+    entries = [line.split() for line in log.read_text().splitlines()]
+    # round 0 as given, round 1 reversed, round 2 as given
+    assert [name for name, _ in entries] == list("abc" "cba" "abc")
+    pids = [int(pid) for _, pid in entries]
+    assert len(set(pids)) == 9 and os.getpid() not in pids
+    assert list(measured) == list("abc")
+    for k, m in measured.items():
+        assert m.ok and len(m.rounds) == 3 and m.info == {"name": k}
+        assert [r["pid"] for r in m.rounds] == [int(p) for n, p in entries if n == k]
+        med, lo, hi = m.stat("seconds")
+        assert 0 < lo <= med <= hi and m.stat("peak_mib")[0] >= 0
+    r = fresh.ratio(measured["a"], measured["b"])
+    per_round = [x["seconds"] / y["seconds"] for x, y in zip(measured["a"].rounds, measured["b"].rounds)]
+    assert r[1] == min(per_round) and r[2] == max(per_round)
+    assert fresh.order(rows, 1) == rows[::-1]
+
+
+def test_fresh_driver_reports_failing_rows():
+    from bench import fresh
+
+    rows = [
+        fresh.Row("ok", "fine", "bench.fresh:probe", {"name": "ok"}),
+        fresh.Row("raises", "raises", "bench.fresh:probe", {"name": "x", "fail": "no checkout here"}),
+        fresh.Row("dies", "dies", "bench.fresh:probe", {"name": "y", "exit_code": 3}),
+        fresh.Row("missing", "missing", "bench.no_such_module:fn"),
+    ]
+    measured = fresh.run_rows(rows, rounds=2, threads=1)
+    assert measured["ok"].ok and measured["ok"].seconds > 0
+    assert measured["raises"].error == "RuntimeError: no checkout here"
+    assert measured["dies"].error.startswith("worker exited with 3")
+    assert measured["missing"].error.startswith("ModuleNotFoundError")
+    assert not any(measured[k].ok for k in ("raises", "dies", "missing"))
+    assert measured["raises"].seconds is None and fresh.ratio(measured["raises"], measured["ok"]) is None
+    assert fresh.ratio_text(None, 2) == "n/a"
+
+
 def test_cg_bench_rows():
     rows, results = cg.run(T=2, P=5000, repeat=2)
     names = [r[0] for r in rows]
@@ -28,7 +73,10 @@ def test_cg_bench_rows():
 def test_meta_step_bench_rows():
     rows, res = meta_step.run(T=2, inner_steps=1, cg_iters=1, repeat=1)
     keys = {"engine", "batched", "serial"} | ({"torchopt"} if meta_step.torchopt_available() else set())
-    assert set(res) == keys and len(rows) == len(keys) and all(v > 0 for v in res.values())
+    extra = {"spread", "rounds", "peak", "failed"}
+    assert set(res) == keys | extra and len(rows) == len(keys) and all(res[k] > 0 for k in keys)
+    assert res["failed"] == {} and set(res["peak"]) == keys and all(res["peak"][k][0] >= 0 for k in keys)
+    assert len(rows[0]) == len(meta_step.HEADER)
     assert "fused engine" in meta_step.summary(res)
 
 
@@ -89,19 +137,32 @@ def test_distributed_bench_rows():
 # A stand-in for an imaml_dev checkout, written here with the released learner's interface
 # (the names bench.official calls), so the driver is tested without the authors' code.
 _FAKE_LEARNER = '''
+import json
+import os
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from imaml_kernels.nets import OmniglotConv
 
+_LOG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "calls.jsonl")
+
 
 def make_conv_network(in_channels, out_dim, task="Omniglot"):
     return OmniglotConv(out_dim, in_channels=in_channels)
 
 
+class _Calls(list):
+    # Each call also goes to calls.jsonl beside the package: the learner runs in worker processes.
+    def append(self, call):
+        super().append(call)
+        with open(_LOG, "a") as f:
+            f.write(json.dumps([os.getpid(), *call]) + "\\n")
+
+
 class Learner:
-    calls = []
+    calls = _Calls()
 
     def __init__(self, model, loss_function, inner_lr=1e-3, outer_lr=1e-2, GPU=False):
         self.model, self.loss_function = model, loss_function
@@ -150,6 +211,14 @@ def test_official_row_needs_a_checkout(tmp_path):
         load(tmp_path)
     _, res = meta_step.run(T=1, inner_steps=1, cg_iters=1, repeat=1, serial=False, generic=False, torchopt=False)
     assert "official" not in res and "--official DIR" in meta_step.summary(res)
+    # A checkout that is not one: the worker fails, the row is reported, nothing raises.
+    rows, res = meta_step.run(T=1, inner_steps=1, cg_iters=1, repeat=1, serial=False, generic=False, torchopt=False,
+                              official=str(tmp_path))
+    assert "official" not in res and "implicit_maml/learner_model.py" in res["failed"]["official"]
+    row = next(r for r in rows if r[0].startswith("authors' released learner"))
+    assert row[1].startswith("not measured: OfficialUnavailable")
+    assert "learner (aravindr93/imaml_dev, per task): not measured: OfficialUnavailable" in meta_step.summary(res)
+    assert res["engine"] > 0
 
 
 def test_official_row_drives_the_learner(tmp_path):
@@ -160,17 +229,21 @@ def test_official_row_drives_the_learner(tmp_path):
     (pkg / "utils.py").write_text(_FAKE_UTILS)
     rows, res = meta_step.run(T=2, inner_steps=3, cg_iters=4, repeat=1, serial=False, generic=False, torchopt=False,
                               official=str(tmp_path), rounds=2)
-    from implicit_maml.learner_model import Learner
+    logged = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    calls = [tuple(c[1:]) for c in logged]
 
     assert "official" in res and res["official"] > 0 and res["rounds"] == 2
     lo, hi = res["spread"]["official"]
     assert 0 < lo <= hi
     assert any(r[0].startswith("authors' released learner") for r in rows)
     # per task: 3 SGD steps, the damped evaluator (lam 2, c 1), 4 CG iterations; one outer step per meta-step
-    assert ("learn_task", 3) in Learner.calls and ("matrix_evaluator", 2.0, 1.0) in Learner.calls
-    assert ("cg_solve", 4) in Learner.calls and ("outer_step", True) in Learner.calls
-    n_tasks = sum(1 for c in Learner.calls if c[0] == "learn_task")
-    assert n_tasks == 2 * sum(1 for c in Learner.calls if c[0] == "outer_step")
+    assert ("learn_task", 3) in calls and ("matrix_evaluator", 2.0, 1.0) in calls
+    assert ("cg_solve", 4) in calls and ("outer_step", True) in calls
+    n_tasks = sum(1 for c in calls if c[0] == "learn_task")
+    assert n_tasks == 2 * sum(1 for c in calls if c[0] == "outer_step")
+    # one fresh worker per round, neither of them this process
+    pids = {c[0] for c in logged}
+    assert len(pids) == 2 and os.getpid() not in pids
     assert "target: >= 5x the authors' learner" in meta_step.summary(res)
 
 
@@ -183,3 +256,50 @@ def test_profile_bench_rows():
     assert "im2col" in kinds and "Python and dispatch" in kinds
     assert len(stage_rows) == 4 and facts["gemm_gflop"] > 0 and facts["floor"] > 0
     assert "### By stage" in profile.report(kind_rows, stage_rows, facts, "## t")
+
+
+# Toy sizes of bench models' networks; λ per model where I + H/λ is positive definite along every
+# CG direction (a narrow ResNet with BatchNorm over 5 images is far from convex at its
+# initialisation, and CG's breakdown guard would then stop where the plain loop goes on).
+_MODEL_LAMS = {"resnet12": 1e3, "mlp": 2.0, "transformer": 2.0, "paper-cnn": 20.0}
+
+
+@pytest.mark.parametrize("name", list(_MODEL_LAMS))
+def test_models_bench_rows_agree_in_float64(name):
+    from bench import models
+    from bench.models_zoo import build, cases, make_tasks
+
+    case = cases(tiny=True)[name]
+    net = build(case, dtype=torch.float64)
+    tasks = make_tasks(case, dtype=torch.float64)
+    lam = _MODEL_LAMS[name]
+    flat = lambda d: torch.cat([d[k].reshape(-1) for k, _ in net.named_parameters()])  # noqa: E731
+    loop = flat(models.meta_grad_fn("loop", case, net, tasks, lam=lam)())
+    assert torch.isfinite(loop).all() and loop.norm() > 0
+    for row in ("default", "lean"):
+        g, info = models.meta_grad_fn(row, case, net, tasks, models.lean_option(), lam=lam)()
+        assert not info["cg"].breakdown.any() and (info["cg"].iterations == models.CG_ITERS).all()
+        torch.testing.assert_close(flat(g), loop, rtol=1e-6, atol=1e-9 * loop.abs().max().item())
+
+
+def test_models_bench_runs_end_to_end(tmp_path):
+    from bench import models
+
+    results = models.run(tiny=True, rounds=1, repeat=1)
+    assert list(results) == ["resnet12", "mlp", "transformer", "paper-cnn"]
+    keys = ["default", "lean", "loop"] + (["torchopt"] if meta_step.torchopt_available() else [])
+    for name, measured in results.items():
+        assert list(measured) == keys
+        assert all(m.ok and m.seconds > 0 and m.stat("peak_mib")[0] >= 0 for m in measured.values()), name
+        assert measured["lean"].row.label.endswith(f"({models.lean_option()}=1)")
+        assert measured["default"].info["path"] in ("fused engine", "generic torch.func")
+    assert results["mlp"]["default"].info["path"] == "fused engine"
+    assert results["resnet12"]["default"].info["path"] == "generic torch.func"
+    text = models.report(results, 1, "cpu", tiny=True)
+    assert text.count("\n| ") == 1 + sum(len(m) for m in results.values())  # header + one line per row
+    targets = [line for line in text.splitlines() if line.startswith("target ")]
+    assert len(targets) == 3 * 3 + 2 and all(("met" in t) for t in targets)
+    models.write(tmp_path, results, 1, "cpu")
+    csv_lines = (tmp_path / "models.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("model,row,label,path,s_median") and len(csv_lines) == 1 + sum(len(m) for m in results.values())
+    assert (tmp_path / "models.png").stat().st_size > 1000
