@@ -7,8 +7,7 @@ loss's backward, summed over the tasks. Rows, each in fresh worker processes, on
 
 - ``default``: the package's default plan, ``ik.implicit_meta_grad(model, theta, support,
   query, lam=2.0, inner=ik.GD(steps, lr), cg_iters=5)``;
-- ``lean``: the same with ``chunk=1`` when the op has that option
-  (``imaml_kernels.arguments._OPTION_NAMES``), else ``hvp_chunk=1``; the label says which;
+- ``lean``: the same with ``chunk=1`` (one task at a time, end to end);
 - ``loop``: the hand-written per-task loop (:func:`bench.baselines.serial_imaml_meta_grad`
   with ``cg_tol=None``: inner steps from ``autograd.grad`` with the proximal gradient in
   closed form, the query gradient, the support gradient built once with ``create_graph``
@@ -46,16 +45,7 @@ SPEED_TARGETS = {"resnet12": 1.5, "transformer": 1.5, "mlp": 1.0}  # the default
 PEAK_TARGETS = {"default": 2.0, "lean": 1.25}  # peak memory over the loop's, at most
 
 
-def lean_option():
-    """The option name of the lean plan: ``"chunk"`` where the op has it, else ``"hvp_chunk"``."""
-    try:
-        from imaml_kernels.arguments import _OPTION_NAMES
-    except ImportError:
-        return "hvp_chunk"
-    return "chunk" if "chunk" in _OPTION_NAMES else "hvp_chunk"
-
-
-def meta_grad_fn(row, case, model, tasks, option="hvp_chunk", lam=LAM):
+def meta_grad_fn(row, case, model, tasks, lam=LAM):
     """A zero-argument callable computing ``row``'s meta-gradient (a dict shaped like the
     model's parameters) for ``case`` on ``model`` and ``tasks = (x_s, y_s, x_q, y_q)``; the
     package's rows return ``(meta_grad, info)`` as :func:`imaml_kernels.implicit_meta_grad` does."""
@@ -63,7 +53,7 @@ def meta_grad_fn(row, case, model, tasks, option="hvp_chunk", lam=LAM):
     kw = dict(lam=lam, inner_steps=case.steps, inner_lr=case.lr, cg_iters=CG_ITERS)
     if row in ("default", "lean"):
         xs, ys, xq, yq = tasks
-        extra = {option: 1} if row == "lean" else {}
+        extra = {"chunk": 1} if row == "lean" else {}
         inner = ik.GD(case.steps, case.lr)
         return lambda: ik.implicit_meta_grad(model, theta, (xs, ys), (xq, yq), lam=lam, inner=inner, cg_iters=CG_ITERS, **extra)
     if row == "loop":
@@ -82,19 +72,16 @@ def meta_grad_fn(row, case, model, tasks, option="hvp_chunk", lam=LAM):
     return double_backward
 
 
-def prepare(model, row, tiny=False, device="cpu", option="hvp_chunk"):
+def prepare(model, row, tiny=False, device="cpu"):
     """In a worker (:mod:`bench.fresh_worker`): ``model``'s network and tasks and ``row``'s
-    meta-gradient, ready to time. For the package's rows ``info`` says which path ran and, after
-    the timed calls, in how many tasks the last call's CG broke down (``I + H/λ`` not positive
+    meta-gradient, ready to time. For the package's rows ``info`` says which plan ran (path,
+    chunk, HVP mode) and in how many tasks the last call's CG broke down (``I + H/λ`` not positive
     definite along a search direction: CG keeps its last good iterate, where the loop goes on)."""
-    from imaml_kernels.engine import select_engine
-
     case = cases(tiny)[model]
     net, tasks = build(case, device), make_tasks(case, device)
-    fn = meta_grad_fn(row, case, net, tasks, option)
+    fn = meta_grad_fn(row, case, net, tasks)
     if row not in ("default", "lean"):
         return Prepared(fn)
-    path = "fused engine" if select_engine(net, dict(net.named_parameters()), tasks[0]) is not None else "generic torch.func"
     last = {}
 
     def step():
@@ -103,16 +90,17 @@ def prepare(model, row, tiny=False, device="cpu", option="hvp_chunk"):
     def info():
         cg = last["info"].get("cg")
         broke = int(cg.breakdown.sum()) if cg is not None else 0
+        plan = last["info"]["plan"]
+        path = f"{plan.path}, chunk {plan.chunk}" + ("" if plan.hvp == "engine" else f", {plan.hvp}")
         return {"path": path, "cg_breakdowns": broke, "tasks": case.T}
 
     return Prepared(step, info=info)
 
 
 def make_rows(model, tiny=False, device="cpu", repeat=3, torchopt=True):
-    option = lean_option()
     keys = ["default", "lean", "loop"] + (["torchopt"] if torchopt and torchopt_available() else [])
-    label = {**LABELS, "lean": f"{LABELS['lean']} ({option}=1)"}
-    kw = dict(model=model, tiny=tiny, device=device, option=option)
+    label = {**LABELS, "lean": f"{LABELS['lean']} (chunk=1)"}
+    kw = dict(model=model, tiny=tiny, device=device)
     return [Row(k, label[k], "bench.models:prepare", {**kw, "row": k}, warmup=1, repeat=repeat, device=device) for k in keys]
 
 

@@ -293,7 +293,8 @@ def implicit_meta_grad(model, theta, support, query, *, lam, inner, **options):
         ``(meta_grad, info)``: ``meta_grad`` a dict shaped like θ holding the sum over tasks of
         the implicit gradients of ``L_t(query)`` (plus, for an ``nn.Module``, an entry per
         parameter that requires grad and is not in θ: its direct + cross term); ``info`` a
-        dict with ``outer_loss`` ``[T]``, ``inner_loss`` ``[T]``, ``cg`` and ``dropped`` ``[T]``.
+        dict with ``outer_loss`` ``[T]``, ``inner_loss`` ``[T]``, ``cg`` and ``dropped`` ``[T]``,
+        and ``plan`` (:class:`~imaml_kernels.plan.Plan`: how the tasks ran).
 
     Example::
 
@@ -319,11 +320,11 @@ def implicit_meta_grad(model, theta, support, query, *, lam, inner, **options):
         meta = g if meta is None else {k: meta[k].add_(g[k]) for k in meta}
         infos.append(info)
     if len(infos) == 1:
-        return meta, infos[0]
+        return meta, {**infos[0], "plan": plan}
     info = {k: torch.cat([i[k] for i in infos]) for k in ("outer_loss", "inner_loss", "dropped") if k in infos[0]}
     if "cg" in infos[0]:
         info["cg"] = _joined([i["cg"] for i in infos])
-    return meta, info
+    return meta, {**info, "plan": plan}
 
 
 def _meta_grad(model, leaves, psi, support, query, lam, inner, options, opts):

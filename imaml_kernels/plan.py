@@ -23,6 +23,7 @@ Example::
 """
 
 import dataclasses
+import functools
 import os
 import time
 import weakref
@@ -171,9 +172,9 @@ def _probe_chunk(objective, c, device):
         if mode != "engine":
             task.hvp_mode = mode
         try:
-            t_lin, lin = _timed(device, lambda: task.linearize(phi))
+            t_lin, lin = _timed(device, functools.partial(task.linearize, phi))
             w = lin.to_work(v)
-            t_hvp, _ = _timed(device, lambda: lin.hvp(w))
+            t_hvp, _ = _timed(device, functools.partial(lin.hvp, w))
         except (RuntimeError, NotImplementedError):
             continue
         if mode == "fwdrev":  # nothing is kept: the "linearisation" costs a gradient at most
