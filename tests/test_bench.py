@@ -277,7 +277,7 @@ def test_models_bench_rows_agree_in_float64(name):
     loop = flat(models.meta_grad_fn("loop", case, net, tasks, lam=lam)())
     assert torch.isfinite(loop).all() and loop.norm() > 0
     for row in ("default", "lean"):
-        g, info = models.meta_grad_fn(row, case, net, tasks, models.lean_option(), lam=lam)()
+        g, info = models.meta_grad_fn(row, case, net, tasks, lam=lam)()
         assert not info["cg"].breakdown.any() and (info["cg"].iterations == models.CG_ITERS).all()
         torch.testing.assert_close(flat(g), loop, rtol=1e-6, atol=1e-9 * loop.abs().max().item())
 
@@ -291,7 +291,7 @@ def test_models_bench_runs_end_to_end(tmp_path):
     for name, measured in results.items():
         assert list(measured) == keys
         assert all(m.ok and m.seconds > 0 and m.stat("peak_mib")[0] >= 0 for m in measured.values()), name
-        assert measured["lean"].row.label.endswith(f"({models.lean_option()}=1)")
+        assert measured["lean"].row.label.endswith("(chunk=1)")
         assert measured["default"].info["path"] in ("fused engine", "generic torch.func")
     assert results["mlp"]["default"].info["path"] == "fused engine"
     assert results["resnet12"]["default"].info["path"] == "generic torch.func"
