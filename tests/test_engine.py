@@ -279,25 +279,6 @@ def test_non_finite_parameters_give_a_non_finite_loss_for_that_task_only(backend
 # --------------------------------------------------------------------------- the fused ops
 
 
-GEOMS = [(7, 7, 3, 1, 1), (14, 14, 3, 2, 1), (8, 5, 3, 2, 0), (5, 8, 2, 1, 0)]  # H, W, k, s, pad
-
-
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-@pytest.mark.parametrize("H,W,k,s,pad", GEOMS)
-def test_im2col_matches_reference_and_is_the_adjoint_of_col2im(backend, H, W, k, s, pad):
-    if backend == "cpu" and not dispatch._engine_kernels_built():
-        pytest.skip("extension without engine kernels")
-    torch.manual_seed(0)
-    T, N, C = 2, 2, 5
-    Ho, Wo = (H + 2 * pad - k) // s + 1, (W + 2 * pad - k) // s + 1
-    x = torch.randn(T, N, H, W, C, dtype=torch.float64)
-    cols = op("im2col", backend)(x, Ho, Wo, k, s, pad, pad)
-    assert torch.equal(cols, twins.im2col(x, Ho, Wo, k, s, pad, pad))
-    g = torch.randn_like(cols)
-    gx = op("col2im", backend)(g, H, W, s, pad, pad)
-    assert torch.allclose((cols * g).sum(), (x * gx).sum(), rtol=1e-12)
-
-
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("H,W,C", [(6, 6, 3), (7, 5, 5), (2, 3, 1), (21, 21, 2)])
 def test_maxpool_ops_match_reference(backend, H, W, C):
@@ -449,7 +430,6 @@ def test_one_parsed_net_per_model_is_reused():
     assert select_engine(tracked, th, x) is None
 
 
-
 @pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_batchnorm_reads_and_writes_parameter_views_in_place(backend, dtype):
@@ -489,7 +469,6 @@ def test_batchnorm_reads_and_writes_parameter_views_in_place(backend, dtype):
             op("bn_bwd", backend)(gy, xhat, rstd, g, y, torch.empty(T, C, dtype=dtype), grad[:, 11:11 + C])
 
 
-
 def test_conv_bias_before_batchnorm_is_exactly_dead():
     """A conv bias feeding a batch-statistics BatchNorm changes nothing: the engine skips it, so
     its gradient and HVP entries are exactly 0 (the float64 reference gets rounding noise), and
@@ -514,7 +493,6 @@ def test_conv_bias_before_batchnorm_is_exactly_dead():
     g2 = BatchedNet(m2, m2.input_shape).linearize(p2, x2, y2).grad
     lay2 = ParamLayout.from_params(dict(m2.named_parameters()), batched=False)
     assert g2[:, lay2.offsets["0.bias"]:lay2.offsets["0.bias"] + 6].abs().min() > 0
-
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
@@ -572,7 +550,6 @@ def test_inner_loop_on_triton_equals_reference():
     a = model.batched("triton").inner_loop(theta, x, y, lam=2.0, steps=2, lr=0.1)
     b = model.batched("reference").inner_loop(theta, x, y, lam=2.0, steps=2, lr=0.1)
     assert rel(a, b) < 1e-12
-
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

@@ -201,54 +201,6 @@ def test_prox_step(dtype, shared_theta):
                (phi, grad, theta, lam), dtype)
 
 
-# ----------------------------------------------------------------------------- col2im
-
-
-def _col2im_autograd(gcols, H, W, s, ph, pw):
-    """The adjoint of an im2col written with pad + strided slices, by autograd."""
-    T, N, Ho, Wo, k, _, C = gcols.shape
-    Hp, Wp = max(H + 2 * ph, s * (Ho - 1) + k), max(W + 2 * pw, s * (Wo - 1) + k)
-    x = torch.zeros(T, N, H, W, C, dtype=gcols.dtype, requires_grad=True)
-    xp = torch.nn.functional.pad(x, (0, 0, pw, Wp - W - pw, ph, Hp - H - ph))
-    cols = torch.stack([torch.stack([xp[:, :, i:i + s * (Ho - 1) + 1:s, j:j + s * (Wo - 1) + 1:s, :]
-                                     for j in range(k)], dim=4) for i in range(k)], dim=4)
-    (gx,) = torch.autograd.grad(cols, x, gcols)
-    return gx
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize("s", [1, 2])
-@pytest.mark.parametrize("pad", [0, 1])
-def test_col2im(dtype, s, pad):
-    k = 3
-    # the last: few images, big enough to run in parallel: output rows split among the threads
-    cases = [(1, 1, 7, 7, 1), (3, 2, 8, 8, 5), (2, 3, 7, 8, 64), (1, 1, 24, 23, 64)]
-    for seed, (T, N, H, W, C) in enumerate(cases):
-        ho_nat, wo_nat = (H + 2 * pad - k) // s + 1, (W + 2 * pad - k) // s + 1
-        # natural output size, and one more window (reaching past the bottom/right padding)
-        for Ho, Wo in [(ho_nat, wo_nat), (ho_nat + 1, wo_nat + 1)]:
-            g = torch.Generator().manual_seed(seed)
-            gcols = _rand(T, N, Ho, Wo, k, k, C, dtype=dtype, gen=g)
-            gx = _nan((T, N, H, W, C), dtype)
-            C_.col2im_cpu(CODE[dtype], gcols.data_ptr(), gx.data_ptr(), T, N, H, W, C, Ho, Wo, k, s, pad, pad)
-            # at most k*k terms per element, summed in another order than the references
-            tol = 1e-15 if dtype == torch.float64 else 1e-6
-            want = ref.col2im(gcols.double(), H, W, s, pad, pad)
-            assert _relerr(gx, want) <= tol, f"col2im {(T, N, H, W, C, Ho, Wo, s, pad)}"
-            assert _relerr(gx, _col2im_autograd(gcols, H, W, s, pad, pad)) <= tol
-
-
-def test_col2im_asymmetric_padding():
-    """ph != pw, stride 2, a 1x1 and a 5x5 kernel."""
-    for k, s, ph, pw in [(1, 2, 0, 0), (5, 2, 2, 1), (3, 1, 0, 2)]:
-        T, N, H, W, C = 2, 2, 9, 6, 3
-        Ho, Wo = (H + 2 * ph - k) // s + 1, (W + 2 * pw - k) // s + 1
-        gcols = torch.randn(T, N, Ho, Wo, k, k, C, dtype=torch.float64, generator=torch.Generator().manual_seed(k))
-        gx = _nan((T, N, H, W, C), torch.float64)
-        C_.col2im_cpu(1, gcols.data_ptr(), gx.data_ptr(), T, N, H, W, C, Ho, Wo, k, s, ph, pw)
-        assert _relerr(gx, ref.col2im(gcols, H, W, s, ph, pw)) <= 1e-15
-
-
 # ----------------------------------------------------------------------------- softmax CE
 
 SM_SHAPES = list(itertools.product([1, 3], [1, 5, 25], [1, 5, 20]))
