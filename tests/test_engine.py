@@ -22,13 +22,6 @@ def hvp_theta(lin, v):
     return lin.from_work(lin.hvp(lin.to_work(v)))
 
 
-def _empty_params(T, C, dtype, like=None):
-    """Two [T, C] gradient buffers for the BatchNorm backward ops (they write γ's and β's),
-    rows of ``like``'s row stride (the parameter-like arrays of one call share one)."""
-    stride = C if like is None else like.stride(0)
-    return torch.empty(T, stride, dtype=dtype)[:, :C], torch.empty(T, stride, dtype=dtype)[:, :C]
-
-
 def small_conv_no_bn(way=4):
     """A conv net without BatchNorm (stride, padding, max-pool, ReLU, Tanh, two linears)."""
     net = nn.Sequential(
@@ -430,45 +423,6 @@ def test_one_parsed_net_per_model_is_reused():
     assert select_engine(tracked, th, x) is None
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_batchnorm_reads_and_writes_parameter_views_in_place(backend, dtype):
-    """γ, β and their (co)tangents as views into flat [T, P] buffers: values equal the
-    contiguous case, the gradients land in their views and nothing around them changes."""
-    if backend == "cpu" and not dispatch._engine_kernels_built():
-        pytest.skip("extension without engine kernels")
-    torch.manual_seed(1)
-    T, R, C, P = 3, 37, 5, 23
-    x, gy, rx, rgy = (torch.randn(T, R, C, dtype=dtype) for _ in range(4))
-    params, tangent = torch.randn(T, P, dtype=dtype), torch.randn(T, P, dtype=dtype)
-    g, b = params[:, 3:3 + C], params[:, 11:11 + C]
-    rg, rb = tangent[:, 3:3 + C], tangent[:, 11:11 + C]
-    y, xhat, rstd = op("bn_fwd", backend)(x, g, b, 1e-5, True)
-    want = op("bn_fwd", "reference")(x, g.contiguous(), b.contiguous(), 1e-5, True)
-    for o, w in zip((y, xhat, rstd), want):
-        assert torch.allclose(o, w, rtol=1e-5, atol=1e-6)
-    grad = torch.full((T, P), 7.0, dtype=dtype)
-    gx = op("bn_bwd", backend)(gy, xhat, rstd, g, y, grad[:, 3:3 + C], grad[:, 11:11 + C])
-    wgg, wgb = torch.empty(T, C, dtype=dtype), torch.empty(T, C, dtype=dtype)
-    wgx = op("bn_bwd", "reference")(gy, xhat, rstd, g.contiguous(), y, wgg, wgb)
-    assert torch.allclose(gx, wgx, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(grad[:, 3:3 + C], wgg, rtol=1e-5, atol=1e-5) and torch.allclose(grad[:, 11:11 + C], wgb, rtol=1e-5, atol=1e-5)
-    untouched = torch.ones(P, dtype=torch.bool)
-    untouched[3:3 + C] = untouched[11:11 + C] = False
-    assert (grad[:, untouched] == 7.0).all()
-    ry, rxhat, a = op("bn_tfwd", backend)(rx, xhat, rstd, g, rg, rb, y)
-    hv = torch.full((T, P), -3.0, dtype=dtype)
-    rgx = op("bn_tbwd", backend)(gy, rgy, xhat, rxhat, rstd, a, g, rg, y, hv[:, 3:3 + C], hv[:, 11:11 + C])
-    wp = _empty_params(T, C, dtype)
-    w = (op("bn_tbwd", "reference")(gy, rgy, xhat, rxhat, rstd, a, g.contiguous(), rg.contiguous(), y, *wp), *wp)
-    assert torch.allclose(rgx, w[0], rtol=1e-5, atol=1e-5)
-    assert torch.allclose(hv[:, 3:3 + C], w[1], rtol=1e-5, atol=1e-4) and torch.allclose(hv[:, 11:11 + C], w[2], rtol=1e-5, atol=1e-4)
-    assert (hv[:, untouched] == -3.0).all()
-    if backend != "reference":  # the ops validate; the twin is plain PyTorch
-        with pytest.raises(ValueError, match="share one row stride"):
-            op("bn_bwd", backend)(gy, xhat, rstd, g, y, torch.empty(T, C, dtype=dtype), grad[:, 11:11 + C])
-
-
 def test_conv_bias_before_batchnorm_is_exactly_dead():
     """A conv bias feeding a batch-statistics BatchNorm changes nothing: the engine skips it, so
     its gradient and HVP entries are exactly 0 (the float64 reference gets rounding noise), and
@@ -493,50 +447,6 @@ def test_conv_bias_before_batchnorm_is_exactly_dead():
     g2 = BatchedNet(m2, m2.input_shape).linearize(p2, x2, y2).grad
     lay2 = ParamLayout.from_params(dict(m2.named_parameters()), batched=False)
     assert g2[:, lay2.offsets["0.bias"]:lay2.offsets["0.bias"] + 6].abs().min() > 0
-
-
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-@pytest.mark.parametrize("relu", [False, True])
-def test_col2im_bn_bwd_equals_col2im_then_bn_bwd(backend, relu, monkeypatch):
-    """The fused backward (Triton: col2im in the loads; C++: the two kernels) equals col2im then
-    bn_bwd, with rows split over programs (Triton) and with γ/β gradients written into views."""
-    if backend == "cpu" and not dispatch._engine_kernels_built():
-        pytest.skip("extension without engine kernels")
-    from imaml_kernels.triton import batchnorm as tbn
-
-    monkeypatch.setattr(tbn, "BN_SPLIT_MIN_R", 64)  # split the 3 x 7 x 5 = 105 rows at test size
-    monkeypatch.setattr(tbn, "BN_MIN_SPLIT_ROWS", 16)
-    torch.manual_seed(2)
-    T, N, H, W, C, s, pad = 2, 3, 7, 5, 6, 2, 1
-    Ho, Wo = (H + 2 * pad - 3) // s + 1, (W + 2 * pad - 3) // s + 1
-    x = torch.randn(T, N * H * W, C, dtype=torch.float64)
-    gcols = torch.randn(T, N, Ho, Wo, 3, 3, C, dtype=torch.float64)
-    flat = torch.randn(T, 3 * C + 4, dtype=torch.float64)
-    g, b = flat[:, :C], flat[:, C + 2:2 * C + 2]
-    y, xhat, rstd = op("bn_fwd", "reference")(x, g, b, 1e-5, relu)
-    relu_y = y if relu else None
-    gy = twins.col2im(gcols, H, W, s, pad, pad).reshape(T, -1, C)
-    wgg, wgb = _empty_params(T, C, torch.float64)
-    want = (op("bn_bwd", "reference")(gy, xhat, rstd, g, relu_y, wgg, wgb), wgg, wgb)
-    grad = torch.zeros(T, 3 * C + 4, dtype=torch.float64)
-    gx = op("col2im_bn_bwd", backend)(gcols, H, W, s, pad, pad, xhat, rstd, g, relu_y, grad[:, :C], grad[:, C + 2:2 * C + 2])
-    assert rel(gx, want[0]) < 1e-12 and rel(grad[:, :C], want[1]) < 1e-12 and rel(grad[:, C + 2:2 * C + 2], want[2]) < 1e-12
-    assert (grad[:, C:C + 2] == 0).all() and (grad[:, 2 * C + 2:] == 0).all()
-    torch.library.opcheck(torch.ops.imaml.col2im_bn_bwd, (gcols, H, W, s, pad, pad, xhat, rstd, g.contiguous(), relu_y,
-                                                          torch.empty(T, C, dtype=torch.float64), torch.empty(T, C, dtype=torch.float64)))
-    # The tangent backward, gathering the cotangent's tangent the same way.
-    gy2, rx = torch.randn_like(x), torch.randn_like(x)
-    tangent = torch.randn(T, 3 * C + 4, dtype=torch.float64)  # rows of the same stride as flat
-    rg, rb = tangent[:, :C], tangent[:, C + 2:2 * C + 2]
-    _, rxhat, a = op("bn_tfwd", "reference")(rx, xhat, rstd, g, rg, rb, relu_y)
-    want_p = _empty_params(T, C, torch.float64)
-    want = (op("bn_tbwd", "reference")(gy2, gy, xhat, rxhat, rstd, a, g, rg, relu_y, *want_p), *want_p)
-    got_p = _empty_params(T, C, torch.float64, like=g)
-    got = (op("col2im_bn_tbwd", backend)(gy2, gcols, H, W, s, pad, pad, xhat, rxhat, rstd, a, g, rg, relu_y, *got_p), *got_p)
-    for o, w in zip(got, want):
-        assert rel(o, w) < 1e-12
-    torch.library.opcheck(torch.ops.imaml.col2im_bn_tbwd, (gy2, gcols, H, W, s, pad, pad, xhat, rxhat, rstd, a, g.contiguous(), rg.contiguous(),
-                                                           relu_y, torch.empty(T, C, dtype=torch.float64), torch.empty(T, C, dtype=torch.float64)))
 
 
 def test_inner_loop_on_triton_equals_reference():

@@ -23,15 +23,6 @@ DTYPES = [torch.float64, torch.float32]
 CODE = {torch.float32: 0, torch.float64: 1}
 EPS = 1e-5
 
-BN_SHAPES = list(itertools.product([1, 3], [1, 7, 100], [1, 5, 64])) + [
-    # big enough to run in parallel: one job per (task, channel block) ...
-    (2, 1000, 80),  # (blocks of 64 and 16 channels)
-    # ... or, with few tasks, rows split among the threads (partial sums combined)
-    (1, 1001, 64),
-    (3, 333, 64),
-    (1, 300, 130),
-]
-
 
 def _addr(t):
     return 0 if t is None else t.data_ptr()
@@ -70,116 +61,6 @@ def _check(name, outs, ref_fn, inputs, dtype):
 
 def _rand(*shape, dtype, gen, scale=1.0, shift=0.0):
     return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift).to(dtype)
-
-
-def _bn_inputs(T, R, C, dtype, seed, relu):
-    """x, gamma, beta and the consistent (xhat, rstd, y) of the float64 forward, cast to dtype."""
-    g = torch.Generator().manual_seed(seed)
-    x = _rand(T, R, C, dtype=dtype, gen=g, scale=2.0, shift=0.5)
-    gamma = _rand(T, C, dtype=dtype, gen=g, scale=0.5, shift=1.0)
-    beta = _rand(T, C, dtype=dtype, gen=g, scale=0.5)
-    y, xhat, rstd = ref.bn_fwd(x.double(), gamma.double(), beta.double(), EPS, relu)
-    return g, x, gamma, beta, y.to(dtype), xhat.to(dtype), rstd.to(dtype)
-
-
-# ----------------------------------------------------------------------------- BatchNorm
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
-def test_bn_fwd(dtype, relu):
-    for seed, (T, R, C) in enumerate(BN_SHAPES):
-        _, x, gamma, beta, _, _, _ = _bn_inputs(T, R, C, dtype, seed, relu)
-        y, xhat, rstd = _nan((T, R, C), dtype), _nan((T, R, C), dtype), _nan((T, C), dtype)
-        C_.bn_fwd_cpu(CODE[dtype], x.data_ptr(), gamma.data_ptr(), beta.data_ptr(), y.data_ptr(),
-                      xhat.data_ptr(), rstd.data_ptr(), T, R, C, EPS, relu)
-        _check(f"bn_fwd{(T, R, C)}", (y, xhat, rstd), lambda *a: ref.bn_fwd(*a, EPS, relu), (x, gamma, beta), dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
-def test_bn_bwd(dtype, relu):
-    for seed, (T, R, C) in enumerate(BN_SHAPES):
-        g, _, gamma, _, y, xhat, rstd = _bn_inputs(T, R, C, dtype, seed, relu)
-        gy = _rand(T, R, C, dtype=dtype, gen=g)
-        relu_y = y if relu else None
-        gx, gg, gb = _nan((T, R, C), dtype), _nan((T, C), dtype), _nan((T, C), dtype)
-        C_.bn_bwd_cpu(CODE[dtype], gy.data_ptr(), xhat.data_ptr(), rstd.data_ptr(), gamma.data_ptr(),
-                      _addr(relu_y), gx.data_ptr(), gg.data_ptr(), gb.data_ptr(), T, R, C)
-        _check(f"bn_bwd{(T, R, C)}", (gx, gg, gb), ref.bn_bwd, (gy, xhat, rstd, gamma, relu_y), dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
-def test_bn_tfwd(dtype, relu):
-    for seed, (T, R, C) in enumerate(BN_SHAPES):
-        g, _, gamma, _, y, xhat, rstd = _bn_inputs(T, R, C, dtype, seed, relu)
-        rx = _rand(T, R, C, dtype=dtype, gen=g)
-        rgamma, rbeta = _rand(T, C, dtype=dtype, gen=g), _rand(T, C, dtype=dtype, gen=g)
-        relu_y = y if relu else None
-        ry, rxhat, a = _nan((T, R, C), dtype), _nan((T, R, C), dtype), _nan((T, C), dtype)
-        C_.bn_tfwd_cpu(CODE[dtype], rx.data_ptr(), xhat.data_ptr(), rstd.data_ptr(), gamma.data_ptr(),
-                       rgamma.data_ptr(), rbeta.data_ptr(), _addr(relu_y), ry.data_ptr(), rxhat.data_ptr(),
-                       a.data_ptr(), T, R, C)
-        _check(f"bn_tfwd{(T, R, C)}", (ry, rxhat, a), ref.bn_tfwd,
-               (rx, xhat, rstd, gamma, rgamma, rbeta, relu_y), dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
-def test_bn_tbwd(dtype, relu):
-    for seed, (T, R, C) in enumerate(BN_SHAPES):
-        g, _, gamma, _, y, xhat, rstd = _bn_inputs(T, R, C, dtype, seed, relu)
-        rx = _rand(T, R, C, dtype=dtype, gen=g)
-        rgamma, rbeta = _rand(T, C, dtype=dtype, gen=g), _rand(T, C, dtype=dtype, gen=g)
-        relu_y = y if relu else None
-        _, rxhat, a = ref.bn_tfwd(rx.double(), xhat.double(), rstd.double(), gamma.double(),
-                                  rgamma.double(), rbeta.double(), None)
-        rxhat, a = rxhat.to(dtype), a.to(dtype)
-        gy, rgy = _rand(T, R, C, dtype=dtype, gen=g), _rand(T, R, C, dtype=dtype, gen=g)
-        rgx, rgg, rgb = _nan((T, R, C), dtype), _nan((T, C), dtype), _nan((T, C), dtype)
-        C_.bn_tbwd_cpu(CODE[dtype], gy.data_ptr(), rgy.data_ptr(), xhat.data_ptr(), rxhat.data_ptr(),
-                       rstd.data_ptr(), a.data_ptr(), gamma.data_ptr(), rgamma.data_ptr(), _addr(relu_y),
-                       rgx.data_ptr(), rgg.data_ptr(), rgb.data_ptr(), T, R, C)
-        _check(f"bn_tbwd{(T, R, C)}", (rgx, rgg, rgb), ref.bn_tbwd,
-               (gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y), dtype)
-
-
-def test_bn_tbwd_is_the_tangent_of_bn_bwd():
-    """Independent of the reference's algebra: bn_tbwd == d/dε bn_bwd along (ẋ, γ̇, ġy) (float64
-    central difference through bn_fwd/bn_bwd kernels)."""
-    T, R, C = 2, 50, 5
-    g = torch.Generator().manual_seed(7)
-    x, rx = _rand(T, R, C, dtype=torch.float64, gen=g), _rand(T, R, C, dtype=torch.float64, gen=g)
-    gam, rgam = _rand(T, C, dtype=torch.float64, gen=g, shift=1.0), _rand(T, C, dtype=torch.float64, gen=g)
-    beta = _rand(T, C, dtype=torch.float64, gen=g)
-    gy, rgy = _rand(T, R, C, dtype=torch.float64, gen=g), _rand(T, R, C, dtype=torch.float64, gen=g)
-    d = CODE[torch.float64]
-
-    def fwd(xx, gg):
-        y, xh, rs = torch.empty(T, R, C, dtype=torch.float64), torch.empty(T, R, C, dtype=torch.float64), torch.empty(T, C, dtype=torch.float64)
-        C_.bn_fwd_cpu(d, xx.data_ptr(), gg.data_ptr(), beta.data_ptr(), y.data_ptr(), xh.data_ptr(), rs.data_ptr(), T, R, C, EPS, False)
-        return xh, rs
-
-    def bwd(e):
-        xh, rs = fwd(x + e * rx, gam + e * rgam)
-        gx, gg, gb = (torch.empty(T, R, C, dtype=torch.float64), torch.empty(T, C, dtype=torch.float64), torch.empty(T, C, dtype=torch.float64))
-        gye, game = gy + e * rgy, gam + e * rgam  # named: a temporary's data_ptr() would dangle
-        C_.bn_bwd_cpu(d, gye.data_ptr(), xh.data_ptr(), rs.data_ptr(), game.data_ptr(), 0,
-                      gx.data_ptr(), gg.data_ptr(), gb.data_ptr(), T, R, C)
-        return gx, gg, gb
-
-    xh, rs = fwd(x, gam)
-    ry, rxh, a = _nan((T, R, C), torch.float64), _nan((T, R, C), torch.float64), _nan((T, C), torch.float64)
-    zero = torch.zeros(T, C, dtype=torch.float64)
-    C_.bn_tfwd_cpu(d, rx.data_ptr(), xh.data_ptr(), rs.data_ptr(), gam.data_ptr(), rgam.data_ptr(), zero.data_ptr(), 0,
-                   ry.data_ptr(), rxh.data_ptr(), a.data_ptr(), T, R, C)
-    out = [_nan((T, R, C), torch.float64), _nan((T, C), torch.float64), _nan((T, C), torch.float64)]
-    C_.bn_tbwd_cpu(d, gy.data_ptr(), rgy.data_ptr(), xh.data_ptr(), rxh.data_ptr(), rs.data_ptr(), a.data_ptr(),
-                   gam.data_ptr(), rgam.data_ptr(), 0, *[o.data_ptr() for o in out], T, R, C)
-    h = 1e-5
-    for o, p, m in zip(out, bwd(h), bwd(-h)):
-        assert _relerr(o, (p - m) / (2 * h)) < 1e-7
 
 
 # ----------------------------------------------------------------------------- prox_step
@@ -249,10 +130,3 @@ def test_softmax_ce_tangent(dtype):
         rg = _nan((T, N, K), dtype)
         C_.softmax_ce_tangent_cpu(CODE[dtype], prob.data_ptr(), rl.data_ptr(), rg.data_ptr(), T, N, K)
         _check(f"softmax_ce_tangent{(T, N, K)}", (rg,), lambda p, r: (ref.softmax_ce_tangent(p, r),), (prob, rl), dtype)
-
-
-def test_bad_dtype_code():
-    x = torch.zeros(1, 1, 1)
-    with pytest.raises(ValueError):
-        C_.bn_fwd_cpu(2, x.data_ptr(), x.data_ptr(), x.data_ptr(), x.data_ptr(), x.data_ptr(), x.data_ptr(),
-                      1, 1, 1, EPS, False)

@@ -76,11 +76,6 @@ def _run(launch, reference, inputs, out_shapes, dtype, names):
 
 # --------------------------------------------------------------------------- BatchNorm
 
-BN_CASES = [
-    pytest.param(T, R, C, relu, id=f"T{T}-R{R}-C{C}-{'relu' if relu else 'id'}")
-    for T, R, C, relu in itertools.product((1, 2), (1, 7, 37), (1, 5, 20), (False, True))
-]
-
 
 @pytest.fixture
 def small_tiles(monkeypatch):
@@ -96,16 +91,6 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(maxpool, "POOL_MAX_BLOCK_C", 4)
 
 
-def _bn_splits(monkeypatch, min_rows):
-    """Row splits at test sizes: as many as ``min_rows`` rows per split allow, partials
-    combined 2 at a time (several combining steps, a partial last one)."""
-    monkeypatch.setattr(batchnorm, "BN_TARGET_PROGRAMS", 10**6)
-    monkeypatch.setattr(batchnorm, "BN_MIN_PROGRAMS", 10**6)
-    monkeypatch.setattr(batchnorm, "BN_SPLIT_MIN_R", 0)
-    monkeypatch.setattr(batchnorm, "BN_MIN_SPLIT_ROWS", min_rows)
-    monkeypatch.setattr(batchnorm, "BN_SPLIT_BLOCK", 2)
-
-
 def _bn_state(T, R, C, relu, seed):
     """Consistent inputs: forward and tangent-forward of the reference on random data."""
     g = _gen(seed)
@@ -119,107 +104,6 @@ def _bn_state(T, R, C, relu, seed):
     _, rxhat, a = ref.bn_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y)
     return dict(x=x, gamma=gamma, beta=beta, rx=rx, rgamma=rgamma, rbeta=rbeta, gy=gy, rgy=rgy,
                 y=y, xhat=xhat, rstd=rstd, relu_y=relu_y, rxhat=rxhat, a=a)
-
-
-def _bn_fwd_case(T, R, C, relu, dtype):
-    s = _bn_state(T, R, C, relu, seed=100 * T + 10 * R + C)
-    _run(
-        lambda x, ga, be, *o: batchnorm.bn_fwd(x, ga, be, EPS, relu, *o),
-        lambda x, ga, be: ref.bn_fwd(x, ga, be, EPS, relu),
-        [s["x"], s["gamma"], s["beta"]], [(T, R, C), (T, R, C), (T, C)], dtype, ("y", "xhat", "rstd"),
-    )
-
-
-def _bn_bwd_case(T, R, C, relu, dtype):
-    s = _bn_state(T, R, C, relu, seed=200 * T + 10 * R + C)
-    _run(
-        lambda gy, xh, r, ga, ry, gx, gg, gb: batchnorm.bn_bwd(gy, xh, r, ga, ry, gg, gb, gx), ref.bn_bwd,
-        [s["gy"], s["xhat"], s["rstd"], s["gamma"], s["relu_y"]], [(T, R, C), (T, C), (T, C)], dtype,
-        ("gx", "ggamma", "gbeta"),
-    )
-
-
-def _bn_tfwd_case(T, R, C, relu, dtype):
-    s = _bn_state(T, R, C, relu, seed=300 * T + 10 * R + C)
-    _run(
-        batchnorm.bn_tfwd, ref.bn_tfwd,
-        [s["rx"], s["xhat"], s["rstd"], s["gamma"], s["rgamma"], s["rbeta"], s["relu_y"]],
-        [(T, R, C), (T, R, C), (T, C)], dtype, ("ry", "rxhat", "a"),
-    )
-
-
-def _bn_tbwd_case(T, R, C, relu, dtype):
-    s = _bn_state(T, R, C, relu, seed=400 * T + 10 * R + C)
-    _run(
-        lambda *a: batchnorm.bn_tbwd(*a[:9], *a[10:], a[9]), ref.bn_tbwd,  # a: the 9 inputs, then rgx, rggamma, rgbeta
-        [s[k] for k in ("gy", "rgy", "xhat", "rxhat", "rstd", "a", "gamma", "rgamma", "relu_y")],
-        [(T, R, C), (T, C), (T, C)], dtype, ("rgx", "rggamma", "rgbeta"),
-    )
-
-
-BN_STAGES = {"fwd": _bn_fwd_case, "bwd": _bn_bwd_case, "tfwd": _bn_tfwd_case, "tbwd": _bn_tbwd_case}
-
-
-@pytest.mark.parametrize("stage", list(BN_STAGES))
-@pytest.mark.parametrize("T,R,C,relu", BN_CASES)
-def test_bn(stage, T, R, C, relu):
-    for dtype in DTYPES:
-        BN_STAGES[stage](T, R, C, relu, dtype)
-
-
-@pytest.mark.parametrize("stage", list(BN_STAGES))
-def test_bn_small_tiles(small_tiles, stage):
-    for relu in (False, True):
-        for dtype in DTYPES:
-            BN_STAGES[stage](2, 37, 5, relu, dtype)
-
-
-@pytest.mark.parametrize("min_rows", (5, 12))  # R = 37: 7 splits of 6 rows / 3 of 13 (+ a partial one)
-@pytest.mark.parametrize("stage", list(BN_STAGES))
-def test_bn_row_splits(small_tiles, monkeypatch, stage, min_rows):
-    _bn_splits(monkeypatch, min_rows)
-    T, R, C = 2, 37, 5
-    assert batchnorm.plan(T, R, C, 4)[4] == (7 if min_rows == 5 else 3)
-    for relu in (True,) if min_rows == 5 else (False, True):  # (the interpreter is slow)
-        for dtype in DTYPES:
-            BN_STAGES[stage](T, R, C, relu, dtype)
-
-
-@pytest.mark.parametrize("stage", list(BN_STAGES))
-def test_bn_row_splits_default_tiles(monkeypatch, stage):
-    # Default tiles and channel blocks: 4 splits of 41 rows (the last of 38).
-    _bn_splits(monkeypatch, 40)
-    assert batchnorm.plan(1, 161, 20, 8)[3:] == (41, 4)
-    for dtype in DTYPES:
-        BN_STAGES[stage](1, 161, 20, True, dtype)
-
-
-def test_bn_plan_paper_shapes():
-    """At least 2 programs per SM of an H100 where rows allow: from narrower channel blocks
-    first (every Omniglot layer at T = 32: one launch), then from row splits; small layers
-    stay one launch."""
-    for R in (980, 245, 80, 20):  # Omniglot 5w1s at T = 32: 512 programs, no split
-        assert batchnorm.plan(32, R, 64, 4)[1:] [1:] == (16, R, 1) and batchnorm.plan(32, R, 64, 4)[1] == 4
-    for T, R, C in ((32, 980, 64), (16, 3920, 64), (16, 980, 64), (4, 35280, 32), (4, 529200, 32), (4, 2205, 32)):
-        for elsize in (4, 8):
-            _, _, cb, rps, ns = batchnorm.plan(T, R, C, elsize)
-            assert T * cb * ns >= 2 * 132 and rps * ns >= R > rps * (ns - 1), (T, R, C)
-            assert ns <= batchnorm.BN_MAX_SPLITS and rps >= batchnorm.BN_MIN_SPLIT_ROWS
-    for T, R, C in ((32, 245, 64), (32, 20, 64), (16, 320, 64), (4, 500, 32)):
-        assert batchnorm.plan(T, R, C, 4)[4] == 1, (T, R, C)
-
-
-def test_bn_fwd_constant_channel():
-    # var = 0: rstd = 1/sqrt(eps) exactly as the reference has it (eps reaches a CUDA kernel
-    # as fp32 hi + lo, so float64 keeps ~48 bits of it).
-    x = torch.full((1, 9, 3), 2.5, dtype=torch.float64)
-    x[..., 1] += torch.linspace(-1, 1, 9, dtype=torch.float64)
-    gamma, beta = torch.ones(1, 3, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64)
-    _run(
-        lambda x, ga, be, *o: batchnorm.bn_fwd(x, ga, be, EPS, False, *o),
-        lambda x, ga, be: ref.bn_fwd(x, ga, be, EPS, False),
-        [x, gamma, beta], [(1, 9, 3), (1, 9, 3), (1, 3)], torch.float64, ("y", "xhat", "rstd"),
-    )
 
 
 # --------------------------------------------------------------------------- prox step
