@@ -10,7 +10,6 @@ from torch.func import functional_call, grad, jvp, vmap
 import imaml_kernels as ik
 from imaml_kernels import dispatch
 from imaml_kernels.dispatch import op
-from imaml_kernels import reference as twins
 from imaml_kernels.engine import BatchedNet, UnsupportedModel, functional_logits
 from imaml_kernels.layout import ParamLayout
 from imaml_kernels.nets import MLP, MiniImagenetConv, OmniglotConv
@@ -270,27 +269,6 @@ def test_non_finite_parameters_give_a_non_finite_loss_for_that_task_only(backend
 
 
 # --------------------------------------------------------------------------- the fused ops
-
-
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-@pytest.mark.parametrize("H,W,C", [(6, 6, 3), (7, 5, 5), (2, 3, 1), (21, 21, 2)])
-def test_maxpool_ops_match_reference(backend, H, W, C):
-    if backend == "cpu" and not dispatch._engine_kernels_built():
-        pytest.skip("extension without engine kernels")
-    torch.manual_seed(0)
-    T, N = 2, 2
-    x = torch.randn(T, N, H, W, C, dtype=torch.float64)
-    x[0, 0, :2, :2, 0] = 0.0  # a tie: the first maximum in window order wins, as in torch
-    y, idx = op("maxpool_fwd", backend)(x)
-    y_ref, idx_ref = twins.maxpool_fwd(x)
-    assert torch.equal(y, y_ref) and torch.equal(idx, idx_ref) and idx.dtype == torch.uint8
-    assert torch.equal(y, F.max_pool2d(x.permute(0, 1, 4, 2, 3).reshape(T * N, C, H, W), 2).view(T, N, C, H // 2, W // 2).permute(0, 1, 3, 4, 2))
-    rx = torch.randn_like(x)
-    assert torch.equal(op("maxpool_gather", backend)(rx, idx), twins.maxpool_gather(rx, idx))
-    gy = torch.randn_like(y)
-    gx = op("maxpool_scatter", backend)(gy, idx, H, W)
-    assert torch.equal(gx, twins.maxpool_scatter(gy, idx, H, W))
-    assert torch.allclose((op("maxpool_gather", backend)(rx, idx) * gy).sum(), (rx * gx).sum(), rtol=1e-12)
 
 
 def test_engine_ops_pass_opcheck():

@@ -22,7 +22,7 @@ try:  # noqa: E402
     ref.bn_fwd  # noqa: B018 - the per-family references (imaml_kernels.reference.<family>)
 except (ImportError, AttributeError):  # before the move
     from imaml_kernels import fused_reference as ref
-from imaml_kernels.triton import _common, batchnorm, conv, maxpool, prox, softmax_ce  # noqa: E402
+from imaml_kernels.triton import _common, batchnorm, conv, prox, softmax_ce  # noqa: E402
 
 DTYPES = (torch.float64, torch.float32)
 # The interpreter turns a runtime loop bound (a 1-element array) into a Python int the way
@@ -77,20 +77,6 @@ def _run(launch, reference, inputs, out_shapes, dtype, names):
 # --------------------------------------------------------------------------- BatchNorm
 
 
-@pytest.fixture
-def small_tiles(monkeypatch):
-    """256-byte tiles of 4 channels (BLOCK_R = 16 float32, 8 float64 rows): R = 37 takes three
-    or five row tiles, C = 5 two channel blocks, so the accumulation loops and partial blocks
-    are exercised (conv and max-pool tiles likewise)."""
-    monkeypatch.setattr(batchnorm, "BN_TILE_BYTES", 256)
-    monkeypatch.setattr(batchnorm, "BN_TBWD_TILE_BYTES", 256)
-    monkeypatch.setattr(batchnorm, "BN_MAX_BLOCK_C", 4)
-    monkeypatch.setattr(conv, "CONV_TILE_BYTES", 256)
-    monkeypatch.setattr(conv, "CONV_MAX_BLOCK_C", 4)
-    monkeypatch.setattr(maxpool, "POOL_TILE_BYTES", 256)
-    monkeypatch.setattr(maxpool, "POOL_MAX_BLOCK_C", 4)
-
-
 def _bn_state(T, R, C, relu, seed):
     """Consistent inputs: forward and tangent-forward of the reference on random data."""
     g = _gen(seed)
@@ -122,45 +108,6 @@ def test_prox_step(T, P, shared, dtype):
     out = phi.clone()
     prox.prox_step(out, grad, theta, lam, lr)
     _close(out, want, f"phi {dtype}")
-
-
-# --------------------------------------------------------------------------- max-pool
-
-
-def _pool_inputs(T, N, H, W, C, seed):
-    g = _gen(seed)
-    x = _randn(g, T, N, H, W, C)
-    return x, _randn(g, T, N, H // 2, W // 2, C)
-
-
-POOL_CASES = [
-    pytest.param(T, H, W, C, id=f"T{T}-H{H}-W{W}-C{C}")
-    for T, H, W, C in ((1, 2, 2, 1), (2, 5, 4, 3), (2, 7, 9, 20), (1, 10, 10, 37))
-]
-
-
-@pytest.mark.parametrize("T,H,W,C", POOL_CASES)
-def test_maxpool(T, H, W, C):
-    x, gy = _pool_inputs(T, 2, H, W, C, seed=T + H + W + C)
-    out = (T, 2, H // 2, W // 2, C)
-    for dtype in DTYPES:
-        xd, gyd = x.to(dtype), gy.to(dtype)
-        y, idx = _nan(*out, dtype=dtype), torch.full(out, 77, dtype=torch.uint8)
-        maxpool.maxpool_fwd(xd, y, idx)
-        want_y, want_idx = ref.maxpool_fwd(xd.double())
-        _close(y, want_y, f"maxpool y {dtype}")
-        assert torch.equal(idx, want_idx), dtype
-        rx = _randn(_gen(3), T, 2, H, W, C).to(dtype)
-        ry = _nan(*out, dtype=dtype)
-        maxpool.maxpool_gather(rx, idx, ry)
-        _close(ry, ref.maxpool_gather(rx.double(), idx), f"maxpool gather {dtype}")
-        gx = _nan(T, 2, H, W, C, dtype=dtype)
-        maxpool.maxpool_scatter(gyd, idx, H, W, gx)
-        _close(gx, ref.maxpool_scatter(gyd.double(), idx, H, W), f"maxpool scatter {dtype}")
-
-
-def test_maxpool_small_tiles(small_tiles):
-    test_maxpool(2, 7, 9, 5)
 
 
 # --------------------------------------------------------------------------- softmax cross-entropy
