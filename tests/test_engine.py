@@ -9,7 +9,6 @@ from torch.func import functional_call, grad, jvp, vmap
 
 import imaml_kernels as ik
 from imaml_kernels import dispatch
-from imaml_kernels.dispatch import op
 from imaml_kernels.engine import BatchedNet, UnsupportedModel, functional_logits
 from imaml_kernels.layout import ParamLayout
 from imaml_kernels.nets import MLP, MiniImagenetConv, OmniglotConv
@@ -438,22 +437,3 @@ def test_inner_loop_on_triton_equals_reference():
     a = model.batched("triton").inner_loop(theta, x, y, lam=2.0, steps=2, lr=0.1)
     b = model.batched("reference").inner_loop(theta, x, y, lam=2.0, steps=2, lr=0.1)
     assert rel(a, b) < 1e-12
-
-
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_softmax_ce_bias_writes_the_bias_gradient_in_place(backend):
-    """The head's bias gradient from the softmax kernel (the sum of its gradient over each task's
-    rows) into a strided view; the other outputs are softmax_ce's."""
-    if backend == "cpu" and not dispatch._engine_kernels_built():
-        pytest.skip("extension without engine kernels")
-    torch.manual_seed(4)
-    T, N, K = 3, 7, 5
-    logits, y = torch.randn(T, N, K, dtype=torch.float64), torch.randint(0, K, (T, N))
-    buf = torch.full((T, K + 3), 9.0, dtype=torch.float64)
-    loss, prob, grad = op("softmax_ce_bias", backend)(logits, y, buf[:, 1:1 + K])
-    want = op("softmax_ce", "reference")(logits, y)
-    for o, w in zip((loss, prob, grad), want):
-        assert rel(o, w) < 1e-12
-    assert rel(buf[:, 1:1 + K], want[2].sum(1)) < 1e-12
-    assert (buf[:, 0] == 9.0).all() and (buf[:, 1 + K:] == 9.0).all()
-    torch.library.opcheck(torch.ops.imaml.softmax_ce_bias, (logits, y, torch.empty(T, K, dtype=torch.float64)))

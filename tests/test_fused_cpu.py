@@ -6,8 +6,6 @@ float64 reference to ~1e-12 (relative to the output's scale); float32 is compare
 float64 reference computed from the same float32 inputs and may be off by at most a few times
 PyTorch-float32's own error (or 2e-6 relative; ours are ~1e-7)."""
 
-import itertools
-import math
 
 import pytest
 import torch
@@ -80,53 +78,3 @@ def test_prox_step(dtype, shared_theta):
                          lam.data_ptr(), lr, T, P)
         _check(f"prox_step{(T, P)}", (out,), lambda p, gr, th, la: (ref.prox_step(p.clone(), gr, th, la[:, None], lr),),
                (phi, grad, theta, lam), dtype)
-
-
-# ----------------------------------------------------------------------------- softmax CE
-
-SM_SHAPES = list(itertools.product([1, 3], [1, 5, 25], [1, 5, 20]))
-
-
-def _sm_inputs(T, N, K, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    logits = _rand(T, N, K, dtype=dtype, gen=g, scale=3.0, shift=1.0)
-    y = torch.randint(0, K, (T, N), generator=g, dtype=torch.int64)
-    return g, logits, y
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-def test_softmax_ce(dtype):
-    for seed, (T, N, K) in enumerate(SM_SHAPES):
-        _, logits, y = _sm_inputs(T, N, K, dtype, seed)
-        loss, prob, grad = _nan((T,), dtype), _nan((T, N, K), dtype), _nan((T, N, K), dtype)
-        C_.softmax_ce_cpu(CODE[dtype], logits.data_ptr(), y.data_ptr(), loss.data_ptr(), prob.data_ptr(),
-                          grad.data_ptr(), T, N, K)
-
-        def both(lg, yy):
-            lo, p = ref.softmax_ce(lg, yy)
-            return lo, p, ref.softmax_ce_grad(p, yy)
-
-        _check(f"softmax_ce{(T, N, K)}", (loss, prob, grad), both, (logits, y), dtype)
-
-
-def test_softmax_ce_extreme_logits_and_bad_labels():
-    logits = torch.tensor([[[1000.0, -1000.0, 0.0], [-50.0, -50.0, -50.0]]], dtype=torch.float32)
-    y = torch.tensor([[1, 2]])
-    loss, prob, grad = _nan((1,), torch.float32), _nan((1, 2, 3), torch.float32), _nan((1, 2, 3), torch.float32)
-    C_.softmax_ce_cpu(0, logits.data_ptr(), y.data_ptr(), loss.data_ptr(), prob.data_ptr(), grad.data_ptr(), 1, 2, 3)
-    assert math.isclose(loss.item(), (2000.0 + math.log(3.0)) / 2, rel_tol=1e-6)
-    assert torch.isfinite(prob).all() and torch.isfinite(grad).all()
-    bad = torch.tensor([[1, 3]])
-    with pytest.raises(IndexError, match="outside"):
-        C_.softmax_ce_cpu(0, logits.data_ptr(), bad.data_ptr(), loss.data_ptr(), prob.data_ptr(), grad.data_ptr(), 1, 2, 3)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-def test_softmax_ce_tangent(dtype):
-    for seed, (T, N, K) in enumerate(SM_SHAPES):
-        g, logits, _ = _sm_inputs(T, N, K, dtype, seed)
-        prob = torch.softmax(logits.double(), -1).to(dtype)
-        rl = _rand(T, N, K, dtype=dtype, gen=g)
-        rg = _nan((T, N, K), dtype)
-        C_.softmax_ce_tangent_cpu(CODE[dtype], prob.data_ptr(), rl.data_ptr(), rg.data_ptr(), T, N, K)
-        _check(f"softmax_ce_tangent{(T, N, K)}", (rg,), lambda p, r: (ref.softmax_ce_tangent(p, r),), (prob, rl), dtype)
