@@ -1,5 +1,6 @@
 """The fused batched network engine (imaml_kernels.engine, nets' batched methods) against a
-float64 torch.func reference: loss, gradient, HVP, the fused inner loop, errors, dispatch."""
+float64 torch.func reference: loss, gradient, HVP, the fused inner loop, errors, backends,
+tracing, reuse. The ops behind it are tested family by family in ``tests/ops/``."""
 
 import pytest
 import torch
@@ -267,42 +268,7 @@ def test_non_finite_parameters_give_a_non_finite_loss_for_that_task_only(backend
     assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
 
 
-# --------------------------------------------------------------------------- the fused ops
-
-
-def test_engine_ops_pass_opcheck():
-    if not dispatch._engine_kernels_built():
-        pytest.skip("extension without engine kernels")
-    torch.manual_seed(0)
-    T, R, C = 2, 6, 3
-    x, rx, gy, rgy = (torch.randn(T, R, C, dtype=torch.float64) for _ in range(4))
-    g, b, rg, rb = (torch.randn(T, C, dtype=torch.float64) for _ in range(4))
-    y, xhat, rstd = torch.ops.imaml.bn_fwd(x, g, b, 1e-5, True)
-    ry, rxhat, a = torch.ops.imaml.bn_tfwd(rx, xhat, rstd, g, rg, rb, y)
-    logits, labels = torch.randn(T, 4, 3, dtype=torch.float64), torch.randint(0, 3, (T, 4))
-    prob = torch.softmax(logits, -1)
-    flat, out = torch.randn(T, 17, dtype=torch.float64), torch.randn(T, 17, dtype=torch.float64)
-    cases = [
-        (torch.ops.imaml.bn_fwd, (x, g, b, 1e-5, True)),
-        (torch.ops.imaml.bn_bwd, (gy, xhat, rstd, g, y, torch.empty_like(g), torch.empty_like(g))),
-        (torch.ops.imaml.bn_bwd, (gy, xhat, rstd, g, None, torch.empty_like(g), torch.empty_like(g))),
-        (torch.ops.imaml.bn_tfwd, (rx, xhat, rstd, g, rg, rb, y)),
-        (torch.ops.imaml.bn_tbwd, (gy, rgy, xhat, rxhat, rstd, a, g, rg, y, torch.empty_like(g), torch.empty_like(g))),
-        # parameter-like arrays as views into a flat [T, P] buffer (row stride P, in place)
-        (torch.ops.imaml.bn_fwd, (x, flat[:, 1:1 + C], flat[:, 9:9 + C], 1e-5, True)),
-        (torch.ops.imaml.bn_bwd, (gy, xhat, rstd, flat[:, 1:1 + C], y, out[:, 2:2 + C], out[:, 7:7 + C])),
-        (torch.ops.imaml.softmax_ce, (logits, labels)),
-        (torch.ops.imaml.softmax_ce_tangent, (prob, torch.randn_like(prob))),
-        (torch.ops.imaml.im2col, (torch.randn(T, 2, 5, 5, 3, dtype=torch.float64), 3, 3, 3, 2, 1, 1)),
-        (torch.ops.imaml.maxpool_fwd, (torch.randn(T, 2, 5, 4, 3, dtype=torch.float64),)),
-        (torch.ops.imaml.maxpool_gather, (torch.randn(T, 2, 5, 4, 3, dtype=torch.float64), torch.randint(0, 4, (T, 2, 2, 2, 3), dtype=torch.uint8))),
-        (torch.ops.imaml.maxpool_scatter, (torch.randn(T, 2, 2, 2, 3, dtype=torch.float64), torch.randint(0, 4, (T, 2, 2, 2, 3), dtype=torch.uint8), 5, 4)),
-        (torch.ops.imaml.col2im, (torch.randn(T, 2, 3, 3, 3, 3, 4, dtype=torch.float64), 5, 5, 2, 1, 1)),
-        (torch.ops.imaml.prox_step, (torch.randn(T, 7, dtype=torch.float64), torch.randn(T, 7, dtype=torch.float64),
-                                     torch.randn(7, dtype=torch.float64), torch.rand(T, dtype=torch.float64), 0.1)),
-    ]
-    for fn, args in cases:
-        torch.library.opcheck(fn, args)
+# --------------------------------------------------------------------------- tracing and selfcheck
 
 
 def test_engine_loss_and_grad_compiles_fullgraph():
