@@ -68,7 +68,7 @@ def test_newton_cg_reaches_a_small_gradient_on_a_convex_ridge_problem(lam):
     assert (obj.value(phi) < obj.value(phi0)).all()
 
 
-BAD = [
+BAD = [pytest.param(make, match, id=f"bad{i}") for i, (make, match) in enumerate([
     (lambda: ik.GD(-1, 0.1), "GD needs steps >= 0 and lr > 0"),
     (lambda: ik.GD(3, 0.0), "GD needs steps >= 0 and lr > 0"),
     (lambda: ik.SGD(3, -0.1), "SGD needs steps >= 0, lr > 0, 0 <= momentum < 1"),
@@ -81,10 +81,19 @@ BAD = [
     (lambda: ik.SGDThenPullBack(1.5, 0.1), "SGDThenPullBack needs an int steps >= 0 and lr > 0"),
     (lambda: ik.SGDThenPullBack(True, 0.1), "SGDThenPullBack needs"),
     (lambda: ik.SGDThenPullBack(3, float("nan")), "SGDThenPullBack needs"),
-]
+])]
+# Library gap (reported, not fixed here): only SGDThenPullBack refuses a NaN lr or a steps that
+# is not an int; the others take them and fail later, or run with NaN. strict: fixing it fails
+# these until the mark goes.
+UNCHECKED = pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
+                              reason="GD/SGD/Adam/NewtonCG accept a NaN lr and a non-int steps")
+BAD += [pytest.param(make, "needs", marks=UNCHECKED, id=f"unchecked-{name}") for name, make in (
+    ("gd-nan-lr", lambda: ik.GD(3, float("nan"))), ("gd-float-steps", lambda: ik.GD(2.5, 0.1)),
+    ("sgd-nan-lr", lambda: ik.SGD(3, float("nan"))), ("adam-nan-lr", lambda: ik.Adam(3, float("nan"))),
+    ("newton-cg-float-steps", lambda: ik.NewtonCG(2.5)))]
 
 
-@pytest.mark.parametrize("make,match", BAD, ids=[f"bad{i}" for i in range(len(BAD))])
+@pytest.mark.parametrize("make,match", BAD)
 def test_bad_constructor_arguments_raise(make, match):
     with pytest.raises(ValueError, match=match):
         make()
