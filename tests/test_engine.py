@@ -1,5 +1,6 @@
 """The fused batched network engine (imaml_kernels.engine, nets' batched methods) against a
-float64 torch.func reference: loss, gradient, HVP, the fused inner loop, errors, dispatch."""
+float64 torch.func reference: loss, gradient, HVP, the fused inner loop, errors, backends,
+tracing, reuse. The ops behind it are tested family by family in ``tests/ops/``."""
 
 import pytest
 import torch
@@ -9,8 +10,6 @@ from torch.func import functional_call, grad, jvp, vmap
 
 import imaml_kernels as ik
 from imaml_kernels import dispatch
-from imaml_kernels.dispatch import op
-from imaml_kernels import reference as twins
 from imaml_kernels.engine import BatchedNet, UnsupportedModel, functional_logits
 from imaml_kernels.layout import ParamLayout
 from imaml_kernels.nets import MLP, MiniImagenetConv, OmniglotConv
@@ -20,13 +19,6 @@ from helpers import rel_err as rel
 def hvp_theta(lin, v):
     """An engine linearisation's HVP in θ's (the module's) order: its ``hvp`` works in the engine's order."""
     return lin.from_work(lin.hvp(lin.to_work(v)))
-
-
-def _empty_params(T, C, dtype, like=None):
-    """Two [T, C] gradient buffers for the BatchNorm backward ops (they write γ's and β's),
-    rows of ``like``'s row stride (the parameter-like arrays of one call share one)."""
-    stride = C if like is None else like.stride(0)
-    return torch.empty(T, stride, dtype=dtype)[:, :C], torch.empty(T, stride, dtype=dtype)[:, :C]
 
 
 def small_conv_no_bn(way=4):
@@ -276,82 +268,7 @@ def test_non_finite_parameters_give_a_non_finite_loss_for_that_task_only(backend
     assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
 
 
-# --------------------------------------------------------------------------- the fused ops
-
-
-GEOMS = [(7, 7, 3, 1, 1), (14, 14, 3, 2, 1), (8, 5, 3, 2, 0), (5, 8, 2, 1, 0)]  # H, W, k, s, pad
-
-
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-@pytest.mark.parametrize("H,W,k,s,pad", GEOMS)
-def test_im2col_matches_reference_and_is_the_adjoint_of_col2im(backend, H, W, k, s, pad):
-    if backend == "cpu" and not dispatch._engine_kernels_built():
-        pytest.skip("extension without engine kernels")
-    torch.manual_seed(0)
-    T, N, C = 2, 2, 5
-    Ho, Wo = (H + 2 * pad - k) // s + 1, (W + 2 * pad - k) // s + 1
-    x = torch.randn(T, N, H, W, C, dtype=torch.float64)
-    cols = op("im2col", backend)(x, Ho, Wo, k, s, pad, pad)
-    assert torch.equal(cols, twins.im2col(x, Ho, Wo, k, s, pad, pad))
-    g = torch.randn_like(cols)
-    gx = op("col2im", backend)(g, H, W, s, pad, pad)
-    assert torch.allclose((cols * g).sum(), (x * gx).sum(), rtol=1e-12)
-
-
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-@pytest.mark.parametrize("H,W,C", [(6, 6, 3), (7, 5, 5), (2, 3, 1), (21, 21, 2)])
-def test_maxpool_ops_match_reference(backend, H, W, C):
-    if backend == "cpu" and not dispatch._engine_kernels_built():
-        pytest.skip("extension without engine kernels")
-    torch.manual_seed(0)
-    T, N = 2, 2
-    x = torch.randn(T, N, H, W, C, dtype=torch.float64)
-    x[0, 0, :2, :2, 0] = 0.0  # a tie: the first maximum in window order wins, as in torch
-    y, idx = op("maxpool_fwd", backend)(x)
-    y_ref, idx_ref = twins.maxpool_fwd(x)
-    assert torch.equal(y, y_ref) and torch.equal(idx, idx_ref) and idx.dtype == torch.uint8
-    assert torch.equal(y, F.max_pool2d(x.permute(0, 1, 4, 2, 3).reshape(T * N, C, H, W), 2).view(T, N, C, H // 2, W // 2).permute(0, 1, 3, 4, 2))
-    rx = torch.randn_like(x)
-    assert torch.equal(op("maxpool_gather", backend)(rx, idx), twins.maxpool_gather(rx, idx))
-    gy = torch.randn_like(y)
-    gx = op("maxpool_scatter", backend)(gy, idx, H, W)
-    assert torch.equal(gx, twins.maxpool_scatter(gy, idx, H, W))
-    assert torch.allclose((op("maxpool_gather", backend)(rx, idx) * gy).sum(), (rx * gx).sum(), rtol=1e-12)
-
-
-def test_engine_ops_pass_opcheck():
-    if not dispatch._engine_kernels_built():
-        pytest.skip("extension without engine kernels")
-    torch.manual_seed(0)
-    T, R, C = 2, 6, 3
-    x, rx, gy, rgy = (torch.randn(T, R, C, dtype=torch.float64) for _ in range(4))
-    g, b, rg, rb = (torch.randn(T, C, dtype=torch.float64) for _ in range(4))
-    y, xhat, rstd = torch.ops.imaml.bn_fwd(x, g, b, 1e-5, True)
-    ry, rxhat, a = torch.ops.imaml.bn_tfwd(rx, xhat, rstd, g, rg, rb, y)
-    logits, labels = torch.randn(T, 4, 3, dtype=torch.float64), torch.randint(0, 3, (T, 4))
-    prob = torch.softmax(logits, -1)
-    flat, out = torch.randn(T, 17, dtype=torch.float64), torch.randn(T, 17, dtype=torch.float64)
-    cases = [
-        (torch.ops.imaml.bn_fwd, (x, g, b, 1e-5, True)),
-        (torch.ops.imaml.bn_bwd, (gy, xhat, rstd, g, y, torch.empty_like(g), torch.empty_like(g))),
-        (torch.ops.imaml.bn_bwd, (gy, xhat, rstd, g, None, torch.empty_like(g), torch.empty_like(g))),
-        (torch.ops.imaml.bn_tfwd, (rx, xhat, rstd, g, rg, rb, y)),
-        (torch.ops.imaml.bn_tbwd, (gy, rgy, xhat, rxhat, rstd, a, g, rg, y, torch.empty_like(g), torch.empty_like(g))),
-        # parameter-like arrays as views into a flat [T, P] buffer (row stride P, in place)
-        (torch.ops.imaml.bn_fwd, (x, flat[:, 1:1 + C], flat[:, 9:9 + C], 1e-5, True)),
-        (torch.ops.imaml.bn_bwd, (gy, xhat, rstd, flat[:, 1:1 + C], y, out[:, 2:2 + C], out[:, 7:7 + C])),
-        (torch.ops.imaml.softmax_ce, (logits, labels)),
-        (torch.ops.imaml.softmax_ce_tangent, (prob, torch.randn_like(prob))),
-        (torch.ops.imaml.im2col, (torch.randn(T, 2, 5, 5, 3, dtype=torch.float64), 3, 3, 3, 2, 1, 1)),
-        (torch.ops.imaml.maxpool_fwd, (torch.randn(T, 2, 5, 4, 3, dtype=torch.float64),)),
-        (torch.ops.imaml.maxpool_gather, (torch.randn(T, 2, 5, 4, 3, dtype=torch.float64), torch.randint(0, 4, (T, 2, 2, 2, 3), dtype=torch.uint8))),
-        (torch.ops.imaml.maxpool_scatter, (torch.randn(T, 2, 2, 2, 3, dtype=torch.float64), torch.randint(0, 4, (T, 2, 2, 2, 3), dtype=torch.uint8), 5, 4)),
-        (torch.ops.imaml.col2im, (torch.randn(T, 2, 3, 3, 3, 3, 4, dtype=torch.float64), 5, 5, 2, 1, 1)),
-        (torch.ops.imaml.prox_step, (torch.randn(T, 7, dtype=torch.float64), torch.randn(T, 7, dtype=torch.float64),
-                                     torch.randn(7, dtype=torch.float64), torch.rand(T, dtype=torch.float64), 0.1)),
-    ]
-    for fn, args in cases:
-        torch.library.opcheck(fn, args)
+# --------------------------------------------------------------------------- tracing and selfcheck
 
 
 def test_engine_loss_and_grad_compiles_fullgraph():
@@ -449,47 +366,6 @@ def test_one_parsed_net_per_model_is_reused():
     assert select_engine(tracked, th, x) is None
 
 
-
-@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_batchnorm_reads_and_writes_parameter_views_in_place(backend, dtype):
-    """γ, β and their (co)tangents as views into flat [T, P] buffers: values equal the
-    contiguous case, the gradients land in their views and nothing around them changes."""
-    if backend == "cpu" and not dispatch._engine_kernels_built():
-        pytest.skip("extension without engine kernels")
-    torch.manual_seed(1)
-    T, R, C, P = 3, 37, 5, 23
-    x, gy, rx, rgy = (torch.randn(T, R, C, dtype=dtype) for _ in range(4))
-    params, tangent = torch.randn(T, P, dtype=dtype), torch.randn(T, P, dtype=dtype)
-    g, b = params[:, 3:3 + C], params[:, 11:11 + C]
-    rg, rb = tangent[:, 3:3 + C], tangent[:, 11:11 + C]
-    y, xhat, rstd = op("bn_fwd", backend)(x, g, b, 1e-5, True)
-    want = op("bn_fwd", "reference")(x, g.contiguous(), b.contiguous(), 1e-5, True)
-    for o, w in zip((y, xhat, rstd), want):
-        assert torch.allclose(o, w, rtol=1e-5, atol=1e-6)
-    grad = torch.full((T, P), 7.0, dtype=dtype)
-    gx = op("bn_bwd", backend)(gy, xhat, rstd, g, y, grad[:, 3:3 + C], grad[:, 11:11 + C])
-    wgg, wgb = torch.empty(T, C, dtype=dtype), torch.empty(T, C, dtype=dtype)
-    wgx = op("bn_bwd", "reference")(gy, xhat, rstd, g.contiguous(), y, wgg, wgb)
-    assert torch.allclose(gx, wgx, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(grad[:, 3:3 + C], wgg, rtol=1e-5, atol=1e-5) and torch.allclose(grad[:, 11:11 + C], wgb, rtol=1e-5, atol=1e-5)
-    untouched = torch.ones(P, dtype=torch.bool)
-    untouched[3:3 + C] = untouched[11:11 + C] = False
-    assert (grad[:, untouched] == 7.0).all()
-    ry, rxhat, a = op("bn_tfwd", backend)(rx, xhat, rstd, g, rg, rb, y)
-    hv = torch.full((T, P), -3.0, dtype=dtype)
-    rgx = op("bn_tbwd", backend)(gy, rgy, xhat, rxhat, rstd, a, g, rg, y, hv[:, 3:3 + C], hv[:, 11:11 + C])
-    wp = _empty_params(T, C, dtype)
-    w = (op("bn_tbwd", "reference")(gy, rgy, xhat, rxhat, rstd, a, g.contiguous(), rg.contiguous(), y, *wp), *wp)
-    assert torch.allclose(rgx, w[0], rtol=1e-5, atol=1e-5)
-    assert torch.allclose(hv[:, 3:3 + C], w[1], rtol=1e-5, atol=1e-4) and torch.allclose(hv[:, 11:11 + C], w[2], rtol=1e-5, atol=1e-4)
-    assert (hv[:, untouched] == -3.0).all()
-    if backend != "reference":  # the ops validate; the twin is plain PyTorch
-        with pytest.raises(ValueError, match="share one row stride"):
-            op("bn_bwd", backend)(gy, xhat, rstd, g, y, torch.empty(T, C, dtype=dtype), grad[:, 11:11 + C])
-
-
-
 def test_conv_bias_before_batchnorm_is_exactly_dead():
     """A conv bias feeding a batch-statistics BatchNorm changes nothing: the engine skips it, so
     its gradient and HVP entries are exactly 0 (the float64 reference gets rounding noise), and
@@ -516,51 +392,6 @@ def test_conv_bias_before_batchnorm_is_exactly_dead():
     assert g2[:, lay2.offsets["0.bias"]:lay2.offsets["0.bias"] + 6].abs().min() > 0
 
 
-
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-@pytest.mark.parametrize("relu", [False, True])
-def test_col2im_bn_bwd_equals_col2im_then_bn_bwd(backend, relu, monkeypatch):
-    """The fused backward (Triton: col2im in the loads; C++: the two kernels) equals col2im then
-    bn_bwd, with rows split over programs (Triton) and with γ/β gradients written into views."""
-    if backend == "cpu" and not dispatch._engine_kernels_built():
-        pytest.skip("extension without engine kernels")
-    from imaml_kernels.triton import batchnorm as tbn
-
-    monkeypatch.setattr(tbn, "BN_SPLIT_MIN_R", 64)  # split the 3 x 7 x 5 = 105 rows at test size
-    monkeypatch.setattr(tbn, "BN_MIN_SPLIT_ROWS", 16)
-    torch.manual_seed(2)
-    T, N, H, W, C, s, pad = 2, 3, 7, 5, 6, 2, 1
-    Ho, Wo = (H + 2 * pad - 3) // s + 1, (W + 2 * pad - 3) // s + 1
-    x = torch.randn(T, N * H * W, C, dtype=torch.float64)
-    gcols = torch.randn(T, N, Ho, Wo, 3, 3, C, dtype=torch.float64)
-    flat = torch.randn(T, 3 * C + 4, dtype=torch.float64)
-    g, b = flat[:, :C], flat[:, C + 2:2 * C + 2]
-    y, xhat, rstd = op("bn_fwd", "reference")(x, g, b, 1e-5, relu)
-    relu_y = y if relu else None
-    gy = twins.col2im(gcols, H, W, s, pad, pad).reshape(T, -1, C)
-    wgg, wgb = _empty_params(T, C, torch.float64)
-    want = (op("bn_bwd", "reference")(gy, xhat, rstd, g, relu_y, wgg, wgb), wgg, wgb)
-    grad = torch.zeros(T, 3 * C + 4, dtype=torch.float64)
-    gx = op("col2im_bn_bwd", backend)(gcols, H, W, s, pad, pad, xhat, rstd, g, relu_y, grad[:, :C], grad[:, C + 2:2 * C + 2])
-    assert rel(gx, want[0]) < 1e-12 and rel(grad[:, :C], want[1]) < 1e-12 and rel(grad[:, C + 2:2 * C + 2], want[2]) < 1e-12
-    assert (grad[:, C:C + 2] == 0).all() and (grad[:, 2 * C + 2:] == 0).all()
-    torch.library.opcheck(torch.ops.imaml.col2im_bn_bwd, (gcols, H, W, s, pad, pad, xhat, rstd, g.contiguous(), relu_y,
-                                                          torch.empty(T, C, dtype=torch.float64), torch.empty(T, C, dtype=torch.float64)))
-    # The tangent backward, gathering the cotangent's tangent the same way.
-    gy2, rx = torch.randn_like(x), torch.randn_like(x)
-    tangent = torch.randn(T, 3 * C + 4, dtype=torch.float64)  # rows of the same stride as flat
-    rg, rb = tangent[:, :C], tangent[:, C + 2:2 * C + 2]
-    _, rxhat, a = op("bn_tfwd", "reference")(rx, xhat, rstd, g, rg, rb, relu_y)
-    want_p = _empty_params(T, C, torch.float64)
-    want = (op("bn_tbwd", "reference")(gy2, gy, xhat, rxhat, rstd, a, g, rg, relu_y, *want_p), *want_p)
-    got_p = _empty_params(T, C, torch.float64, like=g)
-    got = (op("col2im_bn_tbwd", backend)(gy2, gcols, H, W, s, pad, pad, xhat, rxhat, rstd, a, g, rg, relu_y, *got_p), *got_p)
-    for o, w in zip(got, want):
-        assert rel(o, w) < 1e-12
-    torch.library.opcheck(torch.ops.imaml.col2im_bn_tbwd, (gy2, gcols, H, W, s, pad, pad, xhat, rxhat, rstd, a, g.contiguous(), rg.contiguous(),
-                                                           relu_y, torch.empty(T, C, dtype=torch.float64), torch.empty(T, C, dtype=torch.float64)))
-
-
 def test_inner_loop_on_triton_equals_reference():
     """The fused inner loop (the gathering BatchNorm backward included) through the Triton
     interpreter equals the reference backend."""
@@ -572,23 +403,3 @@ def test_inner_loop_on_triton_equals_reference():
     a = model.batched("triton").inner_loop(theta, x, y, lam=2.0, steps=2, lr=0.1)
     b = model.batched("reference").inner_loop(theta, x, y, lam=2.0, steps=2, lr=0.1)
     assert rel(a, b) < 1e-12
-
-
-
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_softmax_ce_bias_writes_the_bias_gradient_in_place(backend):
-    """The head's bias gradient from the softmax kernel (the sum of its gradient over each task's
-    rows) into a strided view; the other outputs are softmax_ce's."""
-    if backend == "cpu" and not dispatch._engine_kernels_built():
-        pytest.skip("extension without engine kernels")
-    torch.manual_seed(4)
-    T, N, K = 3, 7, 5
-    logits, y = torch.randn(T, N, K, dtype=torch.float64), torch.randint(0, K, (T, N))
-    buf = torch.full((T, K + 3), 9.0, dtype=torch.float64)
-    loss, prob, grad = op("softmax_ce_bias", backend)(logits, y, buf[:, 1:1 + K])
-    want = op("softmax_ce", "reference")(logits, y)
-    for o, w in zip((loss, prob, grad), want):
-        assert rel(o, w) < 1e-12
-    assert rel(buf[:, 1:1 + K], want[2].sum(1)) < 1e-12
-    assert (buf[:, 0] == 9.0).all() and (buf[:, 1 + K:] == 9.0).all()
-    torch.library.opcheck(torch.ops.imaml.softmax_ce_bias, (logits, y, torch.empty(T, K, dtype=torch.float64)))

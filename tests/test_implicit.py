@@ -1,4 +1,5 @@
-"""The implicit-gradient op and batched HVPs against closed forms and dense Hessians (float64)."""
+"""The implicit-gradient op against closed forms and dense Hessians (float64); batched HVPs
+alone are tested in test_hvp.py."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from torch import nn
 from torch.func import functional_call, hessian, vmap
 
 import imaml_kernels as ik
-from imaml_kernels.nets import MLP, OmniglotConv
+from imaml_kernels.nets import MLP
 
 DT = torch.float64
 
@@ -111,54 +112,6 @@ def test_meta_grad_matches_dense_hessian(kind):
         expected += _dense_meta_grad(lambda p: F.cross_entropy(call(p, X[t]), y[t]), phi_flat[t], lam, g_t)
     got = layout.flatten({k: theta[k].grad[None] for k in names})[0]
     assert torch.allclose(got, expected, atol=1e-6, rtol=1e-6), (got - expected).abs().max()
-
-
-class SmallCNN(nn.Module):
-    def __init__(self, way=3):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 3, 3, padding=1)
-        self.bn = nn.BatchNorm2d(3, track_running_stats=False)
-        self.fc = nn.Linear(3 * 6 * 6, way)
-
-    def forward(self, x):
-        return self.fc(torch.tanh(self.bn(self.conv(x))).flatten(1))
-
-
-MODELS = {
-    "mlp": (lambda: MLP([5, 7, 3]), (5,)),
-    "cnn-bn": (lambda: SmallCNN(), (1, 6, 6)),
-    "omniglot-conv-small": (lambda: OmniglotConv(3, channels=4), (1, 28, 28)),
-}
-
-
-@pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("T", [1, 3, 8])
-def test_batched_hvp_matches_dense(name, T):
-    torch.manual_seed(T)
-    make, in_shape = MODELS[name]
-    model = make().to(DT)
-    n = 6
-    x = torch.randn(T, n, *in_shape, dtype=DT)
-    y = torch.randint(0, 3, (T, n))
-    base = {k: v.detach() for k, v in model.named_parameters()}
-    params = {k: v[None].repeat(T, *([1] * v.dim())) + 0.1 * torch.randn(T, *v.shape, dtype=DT) for k, v in base.items()}
-    v = {k: torch.randn_like(p) for k, p in params.items()}
-
-    def loss_fn(p, xb, yb):
-        return F.cross_entropy(functional_call(model, p, (xb,)), yb)
-
-    hv = ik.batched_hvp(loss_fn, params, v, x, y)
-    layout = ik.ParamLayout.from_params(params)
-    flat_p, flat_v, flat_hv = layout.flatten(params), layout.flatten(v), layout.flatten(hv)
-    for t in range(T):
-        f = lambda q: loss_fn({k: q[layout.offsets[k] : layout.offsets[k] + layout.numels[k]].view(layout.shapes[k]) for k in layout.names}, x[t], y[t])  # noqa: E731
-        # Classic double backward as the dense reference (torch.func.hessian's batched
-        # forward-mode through conv has disagreed with finite differences here).
-        H = torch.autograd.functional.hessian(f, flat_p[t])
-        assert torch.allclose(flat_hv[t], H @ flat_v[t], atol=1e-10, rtol=1e-9)
-    # flat form with a layout gives the same, and chunking changes nothing
-    hv_flat = ik.batched_hvp(loss_fn, flat_p, flat_v, x, y, layout=layout, chunk=2)
-    assert torch.allclose(hv_flat, flat_hv, atol=1e-12)
 
 
 def test_first_order_passes_gradient_through():
