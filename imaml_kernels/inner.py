@@ -5,9 +5,19 @@ Each solver is a callable ``solver(objective, phi0) -> phi`` where ``objective``
 ``[T, ...]`` tensors. Solvers build no autograd graph and never synchronise with the host.
 """
 
+import math
+
 import torch
 
 from .cg import cg_solve
+
+
+def _count(v, least=0):
+    return not isinstance(v, bool) and isinstance(v, int) and v >= least
+
+
+def _positive(v):
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and 0 < v < math.inf
 from .objective import lam_like, proximal_term
 
 
@@ -21,8 +31,8 @@ class GD:
     """
 
     def __init__(self, steps: int, lr: float):
-        if steps < 0 or lr <= 0:
-            raise ValueError(f"GD needs steps >= 0 and lr > 0, got steps={steps}, lr={lr}")
+        if not (_count(steps) and _positive(lr)):
+            raise ValueError(f"GD needs steps >= 0 and lr > 0 (an int and a finite number), got steps={steps!r}, lr={lr!r}")
         self.steps, self.lr = steps, lr
 
     def __repr__(self):
@@ -54,7 +64,7 @@ class SGDThenPullBack:
     """
 
     def __init__(self, steps: int, lr: float, pull_back: bool = True):
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0 or not lr > 0:
+        if not (_count(steps) and _positive(lr)):
             raise ValueError(f"SGDThenPullBack needs an int steps >= 0 and lr > 0, got steps={steps!r}, lr={lr!r}")
         self.steps, self.lr, self.pull_back = steps, lr, bool(pull_back)
 
@@ -70,8 +80,8 @@ class SGD:
     """Gradient descent with heavy-ball momentum: ``buf = m buf + g; φ -= lr buf``."""
 
     def __init__(self, steps: int, lr: float, momentum: float = 0.9):
-        if steps < 0 or lr <= 0 or not 0 <= momentum < 1:
-            raise ValueError(f"SGD needs steps >= 0, lr > 0, 0 <= momentum < 1; got {steps}, {lr}, {momentum}")
+        if not (_count(steps) and _positive(lr) and isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+            raise ValueError(f"SGD needs steps >= 0, lr > 0, 0 <= momentum < 1 (an int, finite numbers); got {steps!r}, {lr!r}, {momentum!r}")
         self.steps, self.lr, self.momentum = steps, lr, momentum
 
     def __repr__(self):
@@ -92,8 +102,8 @@ class Adam:
     """Adam (bias-corrected) on every task's proximal objective."""
 
     def __init__(self, steps: int, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
-        if steps < 0 or lr <= 0:
-            raise ValueError(f"Adam needs steps >= 0 and lr > 0, got steps={steps}, lr={lr}")
+        if not (_count(steps) and _positive(lr)):
+            raise ValueError(f"Adam needs steps >= 0 and lr > 0 (an int and a finite number), got steps={steps!r}, lr={lr!r}")
         self.steps, self.lr, self.betas, self.eps = steps, lr, betas, eps
 
     def __repr__(self):
@@ -124,8 +134,9 @@ class NewtonCG:
     """
 
     def __init__(self, steps: int, cg_iters: int = 5, ls_steps: int = 4, c1: float = 1e-4, backend=None):
-        if steps < 0 or cg_iters < 1 or ls_steps < 1:
-            raise ValueError(f"NewtonCG needs steps >= 0, cg_iters >= 1, ls_steps >= 1; got {steps}, {cg_iters}, {ls_steps}")
+        if not (_count(steps) and _count(cg_iters, 1) and _count(ls_steps, 1) and _positive(c1) and c1 < 1):
+            raise ValueError(f"NewtonCG needs steps >= 0, cg_iters >= 1, ls_steps >= 1 (ints) and 0 < c1 < 1; "
+                             f"got {steps!r}, {cg_iters!r}, {ls_steps!r}, c1={c1!r}")
         self.steps, self.cg_iters, self.ls_steps, self.c1, self.backend = steps, cg_iters, ls_steps, c1, backend
 
     def __repr__(self):

@@ -82,15 +82,12 @@ BAD = [pytest.param(make, match, id=f"bad{i}") for i, (make, match) in enumerate
     (lambda: ik.SGDThenPullBack(True, 0.1), "SGDThenPullBack needs"),
     (lambda: ik.SGDThenPullBack(3, float("nan")), "SGDThenPullBack needs"),
 ])]
-# Library gap (reported, not fixed here): only SGDThenPullBack refuses a NaN lr or a steps that
-# is not an int; the others take them and fail later, or run with NaN. strict: fixing it fails
-# these until the mark goes.
-UNCHECKED = pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                              reason="GD/SGD/Adam/NewtonCG accept a NaN lr and a non-int steps")
-BAD += [pytest.param(make, "needs", marks=UNCHECKED, id=f"unchecked-{name}") for name, make in (
+# Every solver refuses a NaN or infinite lr and a steps that is not an int (bool included).
+BAD += [pytest.param(make, "needs", id=f"checked-{name}") for name, make in (
     ("gd-nan-lr", lambda: ik.GD(3, float("nan"))), ("gd-float-steps", lambda: ik.GD(2.5, 0.1)),
+    ("gd-bool-steps", lambda: ik.GD(True, 0.1)), ("gd-inf-lr", lambda: ik.GD(3, float("inf"))),
     ("sgd-nan-lr", lambda: ik.SGD(3, float("nan"))), ("adam-nan-lr", lambda: ik.Adam(3, float("nan"))),
-    ("newton-cg-float-steps", lambda: ik.NewtonCG(2.5)))]
+    ("newton-cg-float-steps", lambda: ik.NewtonCG(2.5)), ("newton-cg-c1", lambda: ik.NewtonCG(2, c1=1.5)))]
 
 
 @pytest.mark.parametrize("make,match", BAD)
