@@ -100,7 +100,7 @@ def _chunk_backward(s, obj, phi, g, inner_loss, eager):
 
 def _joined(infos):
     """The chunks' solve infos as one: a :class:`CGInfo` of ``[T]`` fields, else the list."""
-    if len(infos) == 1:
+    if len(infos) == 1 or all(i is None for i in infos):
         return infos[0]
     if all(isinstance(i, CGInfo) for i in infos):
         return CGInfo(*(torch.cat(f) for f in zip(*infos)))

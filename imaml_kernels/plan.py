@@ -225,12 +225,12 @@ def _no_probe(x) -> Optional[str]:
     """Why nothing may be timed now (tracing, capturing, data-less tensors), or ``None``."""
     if torch.compiler.is_compiling():
         return "traced"
-    if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return "captured in a CUDA graph"
     from torch._guards import detect_fake_mode
 
     if detect_fake_mode(x) is not None or x.device.type == "meta":
         return "data-less tensors"
+    if x.device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return "captured in a CUDA graph"
     return None
 
 
@@ -242,9 +242,9 @@ def decide(model, objective, inner, opts, solve_iters: int) -> Plan:
     engine = objective.engine is not None
     fixed_chunk = None if opts.chunk is None else max(1, min(int(opts.chunk), T))
     fixed_mode = "engine" if engine else (opts.hvp_mode if opts.hvp_mode != "auto" else None)
-    reason = _no_probe(x)
+    reason = _no_probe(x) or ("first order: no solve to plan" if opts.first_order else None)
     if reason is not None:
-        return Plan("engine" if engine else "generic", T, fixed_chunk or T, fixed_mode or "revrev", why=f"{reason}: no probe")
+        return Plan("engine" if engine else "generic", T, fixed_chunk or T, fixed_mode or "revrev", why=f"{reason}; no probe")
     if engine and fixed_chunk is None and T * objective.layout.numel * x.element_size() <= ENGINE_PROBE_BYTES:
         return Plan("engine", T, T, "engine", why="the fused engine batches every task")
     key = (opts.loss, engine, tuple(tuple(b.shape) for b in objective.batch), x.dtype, str(x.device), opts.chunk,
