@@ -23,8 +23,9 @@ from torch.func import vmap
 from . import arguments as args
 from . import plan as plans
 from .adapted import AdaptedParams, Diagnostics
-from .cg import CGInfo
+from .cg import CG, CGInfo
 from .engine import functional_logits, select_engine
+from .inner import GD, SGDThenPullBack
 from .objective import ProximalObjective, batch_stats_only, lam_like, task_loss_fn
 
 __all__ = ["implicit_adapt", "implicit_meta_grad", "plan_for"]
@@ -43,7 +44,7 @@ class _Saved:
     (the engine's; the backward takes it, so its activations are freed after the solve)."""
 
     objective: ProximalObjective
-    phi: Dict[str, torch.Tensor]
+    phi: list  # [φ as a dict]: the forward takes it out and saves it with save_for_backward
     opts: args.Options
     inner_loss: torch.Tensor
     diag: Diagnostics
@@ -61,14 +62,20 @@ def _solve(lin, solve, g, lam):
     c, d = float(getattr(solve, "damping", 0.0)), float(getattr(solve, "lam_damping", 0.0))
     lam_p = lam_like(lam, g) + d
     lam_p = lam_p * (1.0 + c) if c else lam_p
-    hv = None
+    hv = res = None
+    # Two buffers reused by every call, the product and the result, for CG: it consumes a
+    # result before it asks for the next one (any other solve may keep results; fresh ones
+    # under compile too).
+    reuse = isinstance(solve, CG) and not torch.compiler.is_compiling()
 
     def matvec(v):
-        nonlocal hv  # one product buffer reused by every call (fresh ones under compile)
-        hv = lin.hvp(v, out=None if torch.compiler.is_compiling() else hv)
+        nonlocal hv, res
+        hv = lin.hvp(v, out=hv if reuse else None)
         if isinstance(lam_p, float):
-            return torch.add(v, hv, alpha=1.0 / lam_p)
-        return torch.addcdiv(v, hv, lam_p)
+            res = torch.add(v, hv, alpha=1.0 / lam_p, out=res if reuse else None)
+        else:
+            res = torch.addcdiv(v, hv, lam_p, out=res if reuse else None)
+        return res
 
     out = solve(matvec, lin.to_work(g / (1.0 + c) if c else g))
     if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor) and out[0].shape == g.shape):
@@ -79,7 +86,7 @@ def _solve(lin, solve, g, lam):
 def _chunk_backward(s, obj, phi, g, inner_loss, eager):
     """One chunk of tasks: ``(x, info, dropped, cross)`` for the flat gradient ``g [c, P]``."""
     keep = _rows_finite(g)
-    g = g.masked_fill(~keep[:, None], 0.0)
+    g.masked_fill_(~keep[:, None], 0.0)  # g is this backward's own buffer
     x, info, cross = g, None, {}
     if not s.opts.first_order:
         with batch_stats_only(s.model):
@@ -89,7 +96,7 @@ def _chunk_backward(s, obj, phi, g, inner_loss, eager):
         # iterate, a usable partial solve; it is reported in info["cg"].breakdown.
         keep = keep & _rows_finite(x)
     bad = ~keep | ~torch.isfinite(inner_loss)
-    x = x.masked_fill(bad[:, None], 0.0)
+    x = x.masked_fill_(bad[:, None], 0.0)  # x: g, or the solve's own result
     if s.psi and not s.opts.first_order:
         # dφ*/dψ = −(H + λ'I)⁻¹ ∂²L̂/∂φ∂ψ, and (H + λ'I)⁻¹ g = x/(λ+d).
         lam_d = lam_like(obj.lam, x) + float(getattr(s.opts.solve, "lam_damping", 0.0))
@@ -114,19 +121,20 @@ class _ImplicitGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, saved, *leaves):
-        ctx.saved = saved
-        # A copy: an autograd op must never return an alias of a saved buffer. One buffer,
-        # returned as views (one launch, not one per tensor).
-        layout = saved.objective.layout
-        out = layout.unflatten(layout.as_flat(saved.phi).clone())
-        return tuple(out[k] for k in saved.phi)
+        # φ itself, no copy of [T, P]: saved as the op's outputs (no reference cycle through
+        # ctx, and autograd refuses a backward after φ was modified in place).
+        phi = saved.phi.pop()
+        ctx.saved, ctx.names = saved, list(phi)
+        ctx.save_for_backward(*phi.values())
+        return tuple(phi.values())
 
     @staticmethod
     def backward(ctx, *grads):
         s = ctx.saved
         obj, eager = s.objective, not torch.compiler.is_compiling()
-        grads = {k: (gr if gr is not None else torch.zeros_like(s.phi[k])) for k, gr in zip(s.phi, grads)}
-        phi = obj.layout.as_flat(s.phi)
+        phi = dict(zip(ctx.names, ctx.saved_tensors))
+        grads = {k: (gr if gr is not None else torch.zeros_like(phi[k])) for k, gr in zip(phi, grads)}
+        phi = obj.layout.as_flat(phi)
         total, cross, infos, bad = None, {}, [], []
         for lo, hi in s.chunks:
             sub = obj if len(s.chunks) == 1 else obj.subset(lo, hi)
@@ -140,7 +148,7 @@ class _ImplicitGrad(torch.autograd.Function):
         if eager:
             s.diag.info = {"cg": _joined(infos), "dropped": torch.cat(bad)}
         total = obj.layout.unflatten(total)
-        out = [total[k][0].to(s.theta_dtypes[k]) for k in s.phi]
+        out = [total[k][0].to(s.theta_dtypes[k]) for k in ctx.names]
         if s.psi:
             out += [None] * len(s.psi) if s.opts.first_order else [-cross[k].to(p.dtype) for k, p in s.psi.items()]
         return (None, *out)
@@ -210,8 +218,11 @@ def plan_for(model, theta, support, *, lam, inner, **options) -> plans.Plan:
 
 def _inner_solve(objective, theta, inner, T):
     if len({v.dtype for v in theta.values()}) == 1:
-        # One copy of θ per task, as views of one [T, P] buffer (one launch, not one per tensor).
-        phi0 = objective.layout.unflatten(objective.theta_flat.detach().expand(T, -1).clone())
+        # θ for every task, as views of one [T, P] buffer: GD and the released procedure never
+        # write it (their fused loops copy it once), so they get θ expanded, with no copy;
+        # any other solver a copy (one launch, not one per tensor).
+        start = objective.theta_flat.detach().expand(T, -1)
+        phi0 = objective.layout.unflatten(start if isinstance(inner, (GD, SGDThenPullBack)) else start.clone())
     else:
         phi0 = {k: v.detach().unsqueeze(0).expand(T, *v.shape).clone() for k, v in theta.items()}
     phi = inner(objective, phi0)
@@ -279,7 +290,7 @@ def implicit_adapt(model: Union[torch.nn.Module, Callable], theta: Dict[str, tor
     diag = Diagnostics(inner_loss, plan=plan)
     if not meta:
         return AdaptedParams(phi, _diag=diag)
-    saved = _Saved(objective, phi, opts, inner_loss, diag, model, psi, {k: v.dtype for k, v in theta.items()}, plan.chunks, lin)
+    saved = _Saved(objective, [phi], opts, inner_loss, diag, model, psi, {k: v.dtype for k, v in theta.items()}, plan.chunks, lin)
     outs = _ImplicitGrad.apply(saved, *theta.values(), *psi.values())
     return AdaptedParams(zip(theta, outs), _diag=diag)
 

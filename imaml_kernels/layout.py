@@ -82,7 +82,7 @@ class ParamLayout:
                 if size != 1 and stride != expect:
                     return None
                 expect *= size
-        if base < 0 or row < self.numel:
+        if base < 0 or (row < self.numel and row != 0):  # row 0: one row expanded to T (read-only)
             return None
         return first.as_strided((T, self.numel), (row, 1), base)
 

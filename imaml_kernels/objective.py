@@ -302,18 +302,22 @@ class FuncLinearization:
     def _build(self):
         task = self.task
         with torch.enable_grad(), _math_sdpa():
-            leaf = self.phi.detach().requires_grad_()
+            # One leaf per parameter (not views of one flat leaf: the backward of each view would
+            # zero-fill a whole [T, P] buffer, for every parameter and every product).
+            leaves = {k: t.detach().requires_grad_() for k, t in task.layout.unflatten(self.phi).items()}
             psi = {k: p.detach().requires_grad_() for k, p in task.psi.items()}
             f = task.task_loss
-            loss = vmap(lambda p, *b: f({**p, **psi}, *b))(task.layout.unflatten(leaf), *task.batch)
-            (g,) = torch.autograd.grad(loss.sum(), leaf, create_graph=True)
-        self._vg = (loss.detach(), g.detach())
-        return leaf, g, psi
+            loss = vmap(lambda p, *b: f({**p, **psi}, *b))(leaves, *task.batch)
+            grads = torch.autograd.grad(loss.sum(), list(leaves.values()), create_graph=True)
+        self._vg = (loss.detach(), [g.detach() for g in grads])  # the flat gradient made on first use
+        return list(leaves.values()), grads, psi
 
     def _value_grad(self):
         if self._vg is None:
             v, g = self.task.loss_and_grad(self.task.layout.unflatten(self.phi))
             self._vg = (v, self.task.layout.flatten(g))
+        elif isinstance(self._vg[1], list):
+            self._vg = (self._vg[0], torch.cat([g.reshape(g.shape[0], -1) for g in self._vg[1]], 1))
         return self._vg
 
     @property
@@ -325,7 +329,7 @@ class FuncLinearization:
         return self._value_grad()[1]
 
     def _through_graph(self, wrt, v):
-        leaf, g, _ = self._graph
+        _, g, _ = self._graph
         try:
             with _math_sdpa():
                 out = torch.autograd.grad(g, wrt, v, retain_graph=True, allow_unused=True)
@@ -340,10 +344,13 @@ class FuncLinearization:
         return out
 
     def hvp(self, v, out=None):
+        """``H_t v_t`` (flat ``[T, P]``); ``out``: a buffer from an earlier call to write into."""
         if self._graph is not None:
-            res = self._through_graph(self._graph[0], v)
+            leaves = self._graph[0]
+            res = self._through_graph(leaves, list(self.task.layout.unflatten(v).values()))
             if res is not None:
-                return res[0]
+                parts = [r.reshape(r.shape[0], -1) for r in res]
+                return torch.cat(parts, 1, out=out) if out is not None and not torch.compiler.is_compiling() else torch.cat(parts, 1)
         if self.mode is None or self.mode == "fwdrev":
             if self.task.hvp_mode == "auto":
                 self.task._remember("fwdrev")
@@ -356,7 +363,7 @@ class FuncLinearization:
             return {}
         if self._graph is not None:
             psi = self._graph[2]
-            res = self._through_graph(list(psi.values()), u)
+            res = self._through_graph(list(psi.values()), list(self.task.layout.unflatten(u).values()))
             if res is not None:
                 return {k: torch.zeros_like(p) if r is None else r for (k, p), r in zip(psi.items(), res)}
         return self.task.cross_vjp(self.phi, u, self.mode or "fwdrev")

@@ -124,3 +124,20 @@ def proximal_descent(model, theta, lam, x, y, phi0, steps, lr, proximal=True, pu
     if pull_back:
         phi = {k: phi[k] - lr * pull(k) for k in phi}
     return phi
+
+
+def peak_bytes(fn):
+    """The peak of the bytes held by PyTorch's CPU allocator while ``fn()`` runs, counted from
+    the allocator's own allocation and free records (``torch.profiler`` with ``profile_memory``):
+    what ``fn`` allocates on top of what was alive before, independent of timing and of the
+    process's resident size."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak

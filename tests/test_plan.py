@@ -1,0 +1,175 @@
+"""Execution plans (imaml_kernels/plan.py): every plan computes the same meta-gradient as a
+float64 per-task loop; a chunked plan bounds the peak memory (counted from the allocator's own
+records, not from wall time or the process's resident size); the plan is decided once and
+remembered; a memory budget is respected."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import imaml_kernels as ik
+from imaml_kernels import plan as plans
+
+from helpers import peak_bytes, rel_err
+
+DT = torch.float64
+
+
+class TinyResNet(nn.Module):
+    """A residual block with batch-statistics BatchNorm and LeakyReLU, global average pool, head."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False)
+        self.c2, self.b2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False)
+        self.sc = nn.Conv2d(3, 4, 1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.leaky_relu(self.b1(self.c1(x)), 0.1)
+        h = F.leaky_relu(self.b2(self.c2(h)) + self.sc(x), 0.1)
+        return self.head(F.max_pool2d(h, 2).mean((2, 3)))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(4, 8)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x)).mean(1))
+
+
+def _models():
+    torch.manual_seed(0)
+    return {
+        "mlp": (nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 3)).to(DT), (1, 3, 4)),
+        "resnet": (TinyResNet().to(DT), (3, 4, 4)),
+        "transformer": (TinyTransformer().to(DT), (5, 4)),
+    }
+
+
+def _tasks(shape, T=3, n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    xs, xq = torch.randn(T, n, *shape, generator=g, dtype=DT), torch.randn(T, n, *shape, generator=g, dtype=DT)
+    ys, yq = torch.randint(0, 3, (T, n), generator=g), torch.randint(0, 3, (T, n), generator=g)
+    return xs, ys, xq, yq
+
+
+def _loop(model, theta, tasks, lam, steps, lr, iters):
+    """The per-task loop in float64: GD on the proximal objective, then ``iters`` CG iterations
+    of ``(I + H/λ) x = ∇φ L_query`` with double-backward HVPs; the tasks' solutions summed."""
+    from torch.func import functional_call
+
+    xs, ys, xq, yq = tasks
+    names = list(theta)
+    total = {k: torch.zeros_like(v) for k, v in theta.items()}
+    for t in range(xs.shape[0]):
+        p = [theta[k].detach().clone().requires_grad_() for k in names]
+        f = lambda ps, x, y: F.cross_entropy(functional_call(model, dict(zip(names, ps)), (x,)), y)  # noqa: E731
+        for _ in range(steps):
+            g = torch.autograd.grad(f(p, xs[t], ys[t]), p)
+            with torch.no_grad():
+                for pi, gi, k in zip(p, g, names):
+                    pi.sub_(lr * (gi + lam * (pi - theta[k])))
+        b = torch.cat([gi.reshape(-1) for gi in torch.autograd.grad(f(p, xq[t], yq[t]), p)])
+        gs = torch.cat([gi.reshape(-1) for gi in torch.autograd.grad(f(p, xs[t], ys[t]), p, create_graph=True)])
+
+        def mv(v):
+            return v + torch.cat([h.reshape(-1) for h in torch.autograd.grad(gs, p, v, retain_graph=True)]) / lam
+
+        x, r = torch.zeros_like(b), b.clone()
+        d, rr = r.clone(), r @ r
+        for _ in range(iters):
+            Ad = mv(d)
+            a = rr / (d @ Ad)
+            x, r = x + a * d, r - a * Ad
+            rr, rr_old = r @ r, rr
+            d = r + (rr / rr_old) * d
+        off = 0
+        for k in names:
+            n = theta[k].numel()
+            total[k] += x[off:off + n].view_as(theta[k])
+            off += n
+    return total
+
+
+PLANS = [dict(), dict(chunk=1), dict(chunk=2), dict(chunk=2, hvp_mode="fwdrev"), dict(hvp_mode="revrev"),
+         dict(engine=False), dict(engine=False, chunk=1)]
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet", "transformer"])
+def test_every_plan_equals_the_float64_per_task_loop(name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model, shape = _models()[name]
+    tasks = _tasks(shape)
+    theta = dict(model.named_parameters())
+    with sdpa_kernel([SDPBackend.MATH]):
+        want = _loop(model, theta, tasks, 2.0, 3, 0.1, 4)
+    for options in PLANS:
+        got, info = ik.implicit_meta_grad(model, theta, tasks[:2], tasks[2:], lam=2.0, inner=ik.GD(3, 0.1), cg_iters=4,
+                                          **options)
+        plan = info["plan"]
+        if "chunk" in options:
+            assert plan.chunk == options["chunk"]
+        assert plan.path == ("engine" if name == "mlp" and options.get("engine") is not False else "generic"), plan
+        flat = lambda d: torch.cat([d[k].reshape(-1) for k in theta])  # noqa: E731  (dead biases are ~1e-16 each)
+        assert rel_err(flat(got), flat(want)) < 1e-9, (name, options, str(plan))
+
+
+def test_the_plan_is_decided_once_and_remembered(monkeypatch):
+    model, shape = _models()["transformer"]
+    theta = dict(model.named_parameters())
+    xs, ys, _, _ = _tasks(shape)
+    probes = []
+    real = plans._probe
+    monkeypatch.setattr(plans, "_probe", lambda *a, **k: probes.append(1) or real(*a, **k))
+    plans.forget(model)
+    first = ik.implicit_adapt(model, theta, (xs, ys), lam=2.0, inner=ik.GD(2, 0.1)).plan
+    again = ik.implicit_adapt(model, theta, (xs, ys), lam=2.0, inner=ik.GD(2, 0.1)).plan
+    assert again is first and len(probes) == 1
+    assert first.probe and [row[0] for row in first.probe] == [1, 2, 3]  # chunk sizes 1, 2, T
+    assert "probed" in str(first) and "ms/task" in str(first)
+    ik.implicit_adapt(model, theta, (xs[:2], ys[:2]), lam=2.0, inner=ik.GD(2, 0.1))  # other shapes: decided anew
+    assert len(probes) == 2
+    assert ik.plan_for(model, theta, (xs, ys), lam=2.0, inner=ik.GD(2, 0.1)) is first
+    plans.forget(model)
+    ik.plan_for(model, theta, (xs, ys), lam=2.0, inner=ik.GD(2, 0.1))
+    assert len(probes) == 3
+    # Given both the chunk and the HVP mode, nothing is probed.
+    p = ik.plan_for(model, theta, (xs, ys), lam=2.0, inner=ik.GD(2, 0.1), chunk=2, hvp_mode="revrev")
+    assert (p.chunk, p.hvp, p.probe, len(p.chunks)) == (2, "revrev", (), 2) and len(probes) == 3
+
+
+def test_a_memory_budget_below_two_tasks_gives_one_task_at_a_time():
+    model, shape = _models()["resnet"]
+    theta = dict(model.named_parameters())
+    xs, ys, _, _ = _tasks(shape, T=4)
+    plans.forget(model)
+    roomy = ik.plan_for(model, theta, (xs, ys), lam=2.0, inner=ik.GD(2, 0.1))
+    one = dict((c, b) for c, _, b in roomy.probe)[1]
+    tight = ik.plan_for(model, theta, (xs, ys), lam=2.0, inner=ik.GD(2, 0.1), max_memory=one)
+    assert tight.chunk == 1 and tight.budget == one and roomy.budget > one
+
+
+def test_one_task_at_a_time_bounds_the_peak_memory():
+    """A wide MLP (P large beside its activations): with ``chunk=1`` the meta-gradient's peak
+    memory, counted from the allocator's records (torch.profiler), stays within 1.25x the
+    per-task loop's, and all tasks at once take several times more."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 3)).to(DT)
+    theta = dict(model.named_parameters())
+    T = 8
+    g = torch.Generator().manual_seed(2)
+    xs, xq = torch.randn(T, 6, 64, generator=g, dtype=DT), torch.randn(T, 6, 64, generator=g, dtype=DT)
+    ys, yq = torch.randint(0, 3, (T, 6), generator=g), torch.randint(0, 3, (T, 6), generator=g)
+    kw = dict(lam=2.0, inner=ik.GD(3, 0.1), cg_iters=3, engine=False)
+    loop = peak_bytes(lambda: _loop(model, theta, (xs, ys, xq, yq), 2.0, 3, 0.1, 3))
+    lean = peak_bytes(lambda: ik.implicit_meta_grad(model, theta, (xs, ys), (xq, yq), chunk=1, hvp_mode="revrev", **kw))
+    wide = peak_bytes(lambda: ik.implicit_meta_grad(model, theta, (xs, ys), (xq, yq), chunk=T, hvp_mode="revrev", **kw))
+    assert lean <= 1.25 * loop, (lean / 2**20, loop / 2**20)
+    assert wide >= 3 * lean, (wide / 2**20, lean / 2**20)
