@@ -150,10 +150,10 @@ def _rank_entry(argv: list[str]) -> int:
 
 
 def test_spawn_runs_the_given_entry_point():
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     assert spawn(_rank_entry, ["0"], 2) == 0
     assert spawn(_rank_entry, ["3"], 2) == 3
-    # spawn's SIGTERM/SIGINT handlers are there only while it waits for its ranks.
+    # spawn's SIGTERM/SIGUSR1/SIGINT handlers are there only while it waits for its ranks.
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
@@ -181,6 +181,17 @@ def sleeper(argv):
         while len(list(folder.glob("rank*.pid"))) < 2 and time.monotonic() < end:
             time.sleep(0.05)
         return int(argv[2])
+    if len(argv) > 1 and argv[1] in ("preemptible", "stubborn"):
+        # Once the launcher asks for a stop: "preemptible" returns 75 (a checkpoint written),
+        # "stubborn" writes stop_seen<R> and goes on sleeping.
+        from imaml_kernels.trainer.distributed import PREEMPTED, Preemption
+
+        stop, end = Preemption(signals=()), time.monotonic() + 120
+        while not stop.requested() and time.monotonic() < end:
+            time.sleep(0.05)
+        if argv[1] == "preemptible":
+            return PREEMPTED
+        (folder / f"stop_seen{rank}").write_text(str(stop.requested()))
     time.sleep(120)
     return 0
 """
@@ -199,7 +210,7 @@ if __name__ == "__main__":
     from imaml_kernels.trainer.distributed import spawn
     from imaml_spawn_helper import sleeper
 
-    sys.exit(spawn(sleeper, sys.argv[1:], 2))
+    sys.exit(spawn(sleeper, sys.argv[1:], 2, preempt_timeout=float(os.environ["IMAML_TEST_PREEMPT_TIMEOUT"])))
 """
 
 _REPO = Path(imaml_kernels.__file__).resolve().parents[1]  # the checkout the tests import
@@ -244,9 +255,10 @@ def launch(tmp_path):
     (tmp_path / "launcher.py").write_text(_LAUNCHER)
     started = []
 
-    def start(*argv: str, ignore_sigint: bool = False) -> subprocess.Popen:
+    def start(*argv: str, ignore_sigint: bool = False, preempt_timeout: float = 60.0) -> subprocess.Popen:
         env = _child_env(tmp_path)
         env["IMAML_TEST_IGNORE_SIGINT"] = "1" if ignore_sigint else "0"
+        env["IMAML_TEST_PREEMPT_TIMEOUT"] = str(preempt_timeout)
         with open(tmp_path / "launcher.out", "wb") as out, open(tmp_path / "launcher.err", "wb") as err:
             proc = subprocess.Popen(
                 [sys.executable, str(tmp_path / "launcher.py"), str(tmp_path), *argv],
@@ -283,15 +295,42 @@ def _rank_pids(tmp_path: Path, proc: subprocess.Popen, timeout: float = 45.0) ->
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_to_the_launcher_stops_every_rank(launch, tmp_path, sig):
-    proc = launch()
+def test_ranks_that_do_not_stop_are_stopped_after_the_preempt_timeout(launch, tmp_path, sig):
+    proc = launch(preempt_timeout=1.0)
     pids = _rank_pids(tmp_path, proc)
     proc.send_signal(sig)
-    assert proc.wait(timeout=15) == 128 + sig  # 143, 130
+    assert proc.wait(timeout=20) == 128 + sig  # 143, 138, 130
     assert _still_alive(pids) == []
     err = (tmp_path / "launcher.err").read_text()
-    assert err.count(f"imaml-train: error: stopped by {sig.name}; ranks stopped\n") == 1, err
+    line = f"imaml-train: error: stopped by {sig.name}; the ranks did not exit within 1 s and were stopped\n"
+    assert err.count(line) == 1, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+def test_ranks_that_checkpoint_make_the_launcher_exit_preempted(launch, tmp_path):
+    # SIGUSR1 (SLURM's --signal warning) here; SIGTERM with the trainer's ranks in test_preemption.
+    proc = launch("preemptible")
+    pids = _rank_pids(tmp_path, proc)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=30) == 75
+    assert _still_alive(pids) == []
+    assert (tmp_path / "launcher.err").read_text() == ""
+
+
+def test_a_second_signal_kills_the_ranks_at_once(launch, tmp_path):
+    proc = launch("stubborn", preempt_timeout=300.0)  # the ranks ignore the stop: only the second signal ends them
+    pids = _rank_pids(tmp_path, proc)
+    proc.send_signal(signal.SIGTERM)
+    end = time.monotonic() + 30
+    while not (tmp_path / "stop_seen0").exists():  # the launcher took SIGTERM as the first
+        assert time.monotonic() < end and proc.poll() is None, (tmp_path / "launcher.err").read_text()
+        time.sleep(0.05)
+    assert (tmp_path / "stop_seen0").read_text() == str(int(signal.SIGTERM))
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=20) == 130
+    assert _still_alive(pids) == []
+    err = (tmp_path / "launcher.err").read_text()
+    assert err.count("imaml-train: error: stopped by SIGINT, a second stop signal after SIGTERM: ranks killed\n") == 1, err
 
 
 def test_sigkill_of_the_launcher_leaves_no_rank(launch, tmp_path):

@@ -1,7 +1,8 @@
 """``imaml-train``: implicit MAML on Omniglot / MiniImagenet, from the command line.
 
 The flags override a preset (:mod:`imaml_kernels.trainer.presets`); ``--resume`` continues a
-run bit-for-bit from its checkpoint. The run folder is checked and claimed here
+run bit-for-bit from its checkpoint. SIGTERM, SIGUSR1 or SIGINT checkpoint the step reached and exit 75
+(:class:`imaml_kernels.trainer.distributed.Preemption`). The run folder is checked and claimed here
 (:mod:`imaml_kernels.trainer.runs`), the ranks of ``--world-size N`` spawned here
 (:mod:`imaml_kernels.trainer.distributed`), and the run itself is
 :func:`imaml_kernels.trainer.loop.train`. Every failure the user can fix is one
@@ -100,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="stop after N meta-steps in a row with every task dropped or a non-finite loss (default: 3)")
     p.add_argument("--dist-timeout", type=float, default=300.0, metavar="S",
                    help="seconds a rank waits for its peers before it exits with an error (default: 300)")
+    p.add_argument("--preempt-timeout", type=float, default=distributed.PREEMPT_TIMEOUT, metavar="S",
+                   help="with --world-size N: seconds the launcher waits, after SIGTERM, SIGUSR1 or SIGINT, for its "
+                   f"ranks to checkpoint and exit before it stops them (default: {distributed.PREEMPT_TIMEOUT:g})")
     return p
 
 
@@ -111,6 +115,8 @@ def _check_args(args: argparse.Namespace, launched: int | None) -> None:
                         ("--threads", args.threads)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if not 0 < args.preempt_timeout < float("inf"):
+        raise ConfigError(f"--preempt-timeout must be finite and > 0, got {args.preempt_timeout}")
     if args.resume is not None and args.overwrite:
         raise ConfigError("--resume continues the run in the folder and --overwrite replaces it: give one")
     check_device(args.device)
@@ -145,11 +151,29 @@ def _resolve(args: argparse.Namespace, device: str) -> tuple[dict[str, Any], Pat
     return requested, out, resume, ckpt_path
 
 
+def _report(result: dict[str, Any], rank: int) -> int:
+    """The exit status of a run that returned, and (rank 0) its last line."""
+    if result["preempted"]:
+        if rank == 0:
+            print(f"imaml-train: preempted by {result['preempted']}: checkpoint of step {result['step']} in "
+                  f"{result['out']}; continue with --resume (exit status {distributed.PREEMPTED})", file=sys.stderr)
+        return distributed.PREEMPTED
+    if rank:
+        return 0
+    files = result["files"]
+    print(f"run folder: {result['out']} ({', '.join(files)})" if files else f"run folder: {result['out']} (nothing written: no step ran)")
+    return 0
+
+
 def main(argv=None) -> int:
-    """``imaml-train``; returns the exit status (0; 2 with a one-line error on stderr, also when
-    the run diverged; 1 when a peer rank of a distributed run failed; 143/130 when the launcher
-    of ``--world-size N`` was stopped by SIGTERM/SIGINT, its ranks stopped with it). Under torchrun (WORLD_SIZE set) this process is
-    one rank; with ``--world-size N`` it spawns N ranks that run ``main(argv)`` again."""
+    """``imaml-train``; returns the exit status: 0; 2 with a one-line error on stderr (also when
+    the run diverged); 1 when a peer rank of a distributed run failed; 75
+    (:data:`~imaml_kernels.trainer.distributed.PREEMPTED`) when a stop signal (SIGTERM, SIGUSR1,
+    SIGINT) preempted the run and the step it reached is checkpointed (``--resume`` continues);
+    128 + the signal when the launcher of ``--world-size N`` stopped its ranks without such a
+    checkpoint (a second signal, ranks past ``--preempt-timeout``). Under torchrun (WORLD_SIZE
+    set) this process is one rank; with ``--world-size N`` it spawns N ranks that run
+    ``main(argv)`` again."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     launched = distributed.env_world_size()  # set by torchrun or by our own spawn
@@ -172,7 +196,7 @@ def main(argv=None) -> int:
         check_out_dir(out)
         RunFolder(out).check_free(resume=resume is not None, overwrite=args.overwrite)
         if world > 1 and not launched:
-            return distributed.spawn(main, argv, world)  # each rank runs this main again
+            return distributed.spawn(main, argv, world, preempt_timeout=args.preempt_timeout)  # each rank runs this main again
         if rank == 0:
             run = RunFolder(out)
             run.lock()  # released in finally, and by the kernel if this process dies
@@ -188,7 +212,7 @@ def main(argv=None) -> int:
         result = train(
             cfg, out, device=device, data_root=args.data_root, resume=resume, log_every=args.log_every,
             ckpt_every=args.ckpt_every, eval_batch=args.eval_batch, progress=not args.no_progress, dist=dist,
-            max_bad_steps=args.max_bad_steps, checkpoint_path=ckpt_path,
+            max_bad_steps=args.max_bad_steps, checkpoint_path=ckpt_path, preemption=distributed.Preemption(),
         )
     except (ConfigError, CheckpointError, DataError, RunError) as exc:
         where = f" (rank {rank})" if launched and launched > 1 else ""
@@ -202,8 +226,4 @@ def main(argv=None) -> int:
             dist.close()
         if run is not None:
             run.release()
-    if rank:
-        return 0
-    files = result["files"]
-    print(f"run folder: {result['out']} ({', '.join(files)})" if files else f"run folder: {result['out']} (nothing written: no step ran)")
-    return 0
+    return _report(result, rank)

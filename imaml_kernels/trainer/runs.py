@@ -177,6 +177,11 @@ class MetricsLog:
             if os.write(self._fd, data) != len(data):  # a regular file takes it whole or raises
                 raise RunError(f"{self.path}: short write (disk full?)")
 
+    def sync(self) -> None:
+        """The rows written so far onto the disk (``fsync``), before a checkpoint says they are logged."""
+        if self._fd is not None:
+            os.fsync(self._fd)
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
