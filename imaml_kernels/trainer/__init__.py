@@ -4,7 +4,7 @@ Which module owns what (each imports only those listed before it, and the librar
 
 - :mod:`.presets`: named configurations and their checks (a configuration is a flat dict);
 - :mod:`.builders`: a configuration -> network, task samplers, inner solver, backward solve;
-- :mod:`.checkpoint`: atomic checkpoints and their checks;
+- :mod:`.checkpoint`: atomic checkpoints, their history (the last K) and their checks;
 - :mod:`.runs`: the run folder (lock, files) and its metrics log;
 - :mod:`.distributed`: data-parallel ranks (process group, spawning) and stop requests
   (SIGTERM, SIGUSR1, SIGINT, the launcher's flag; the preempted exit status 75); imports none

@@ -1,7 +1,7 @@
 """``imaml-train``: implicit MAML on Omniglot / MiniImagenet, from the command line.
 
 The flags override a preset (:mod:`imaml_kernels.trainer.presets`); ``--resume`` continues a
-run bit-for-bit from its checkpoint. SIGTERM, SIGUSR1 or SIGINT checkpoint the step reached and exit 75
+run bit-for-bit from its latest good checkpoint. SIGTERM, SIGUSR1 or SIGINT checkpoint the step reached and exit 75
 (:class:`imaml_kernels.trainer.distributed.Preemption`). The run folder is checked and claimed here
 (:mod:`imaml_kernels.trainer.runs`), the ranks of ``--world-size N`` spawned here
 (:mod:`imaml_kernels.trainer.distributed`), and the run itself is
@@ -28,7 +28,7 @@ import torch
 from . import distributed
 from ._cli_util import check_device, one_line
 from .builders import DataError
-from .checkpoint import CHECKPOINT_NAME, CheckpointError, checkpoint_config, load_checkpoint
+from .checkpoint import CheckpointError, Found, checkpoint_config, fallback_warning, find_checkpoint, set_aside
 from .loop import train
 from .presets import (INITS, INNER_SOLVERS, PRESET_NOTES, SCHEDULES, ConfigError, apply_overrides, config_diff,
                       preset_names, resolve_config)
@@ -86,9 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default: runs/<preset>)")
     p.add_argument("--data-root", help="data folder (default: $IMAML_DATA, else the user cache)")
     p.add_argument("--resume", nargs="?", const="", metavar="CKPT",
-                   help="continue from CKPT (default: <out>/ckpt.pt) bit-for-bit")
+                   help="continue bit-for-bit from CKPT, a checkpoint file or a run folder (default: --out); from a "
+                   "folder, its latest good checkpoint (ckpt.pt, else ckpt.1.pt, ...: one warning names each one skipped)")
     p.add_argument("--log-every", type=int, default=10, help="read metrics back every N steps (default: 10)")
     p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps (default: 100)")
+    p.add_argument("--keep-ckpts", type=int, default=2, metavar="K",
+                   help="checkpoints kept: ckpt.pt (the latest), ckpt.1.pt, ..., ckpt.<K-1>.pt (default: 2)")
     p.add_argument("--eval-batch", type=int, default=50, help="tasks adapted at once in the final evaluation")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -112,7 +115,7 @@ def _check_args(args: argparse.Namespace, launched: int | None) -> None:
     device, the world size (against the launcher's, under torchrun)."""
     for flag, value in (("--log-every", args.log_every), ("--ckpt-every", args.ckpt_every),
                         ("--eval-batch", args.eval_batch), ("--max-bad-steps", args.max_bad_steps),
-                        ("--threads", args.threads)):
+                        ("--threads", args.threads), ("--keep-ckpts", args.keep_ckpts)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     if not 0 < args.preempt_timeout < float("inf"):
@@ -125,30 +128,51 @@ def _check_args(args: argparse.Namespace, launched: int | None) -> None:
                           if launched else f"--world-size must be >= 1, got {args.world_size}")
 
 
-def _resolve(args: argparse.Namespace, device: str) -> tuple[dict[str, Any], Path, dict | None, Path | None]:
-    """``(cfg, out, resume, ckpt_path)``: the run's configuration and folder; for ``--resume``
-    also the loaded checkpoint and its path (refused when its configuration differs from the
-    requested one), else None and None."""
+def _resolve(args: argparse.Namespace, device: str) -> tuple[dict[str, Any], Path, Found | None]:
+    """``(cfg, out, found)``: the run's configuration and folder; for ``--resume`` also the
+    checkpoint read (a folder's latest good one; refused when its configuration differs from
+    the requested one), else None."""
     overrides = {k: getattr(args, k) for k in _OVERRIDES}
     overrides.update(inner=args.inner, init=args.init, outer_schedule=args.outer_schedule)
     if args.resume is None:
         cfg = resolve_config(args.preset or "omniglot-5w1s", overrides)
-        return cfg, Path(args.out or Path("runs") / cfg["preset"]), None, None
-    if args.resume:
-        ckpt_path = Path(args.resume)
-    elif args.out:
-        ckpt_path = Path(args.out) / CHECKPOINT_NAME
-    else:
+        return cfg, Path(args.out or Path("runs") / cfg["preset"]), None
+    if not (args.resume or args.out):
         raise ConfigError("--resume needs a checkpoint path or --out")
-    resume = load_checkpoint(ckpt_path, map_location=device)
-    saved = checkpoint_config(resume, ckpt_path)
+    source = Path(args.resume or args.out)
+    found = find_checkpoint(source, map_location=device, check=_resumable)
+    saved = checkpoint_config(found.state, found.path)
     requested = resolve_config(args.preset, overrides) if args.preset else apply_overrides(saved, overrides)
     diff = config_diff(saved, requested)
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
-        raise ConfigError(f"{ckpt_path} comes from another configuration ({detail})")
-    out = Path(args.out) if args.out else (ckpt_path if ckpt_path.is_dir() else ckpt_path.parent)
-    return requested, out, resume, ckpt_path
+        raise ConfigError(f"{found.path} comes from another configuration ({detail})")
+    out = Path(args.out) if args.out else (source if source.is_dir() else source.parent)
+    return requested, out, found
+
+
+def _resumable(state: dict[str, Any], path: Path) -> None:
+    """What a resume needs besides θ and the configuration (a checkpoint of ``imaml-train``)."""
+    missing = [k for k in ("optimizer", "sampler", "torch_rng") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: cannot be resumed (missing {', '.join(missing)})")
+
+
+def _fall_back(found: Found, out: Path) -> None:
+    """Rank 0, the folder locked: one warning naming the checkpoints ``--resume`` skipped and
+    why; those of this run folder are set aside (``<name>.damaged``), so that the next
+    checkpoints do not rotate them back into the history."""
+    message = fallback_warning(found, "resuming from")
+    if message is None:
+        return
+    ours = [p for p, _ in found.skipped if p.parent.resolve() == out.resolve()]
+    try:
+        aside = [set_aside(p).name for p in ours]
+    except OSError as exc:
+        raise RunError(f"cannot set the damaged checkpoint aside in {out}: {exc.strerror or exc}") from exc
+    if aside:
+        message += f" (set aside as {', '.join(aside)})"
+    print(f"imaml-train: warning: {message}", file=sys.stderr)
 
 
 def _report(result: dict[str, Any], rank: int) -> int:
@@ -187,20 +211,22 @@ def main(argv=None) -> int:
         _check_args(args, launched)
         if args.threads:
             torch.set_num_threads(args.threads)
-        cfg, out, resume, ckpt_path = _resolve(args, device)
+        cfg, out, found = _resolve(args, device)
         if cfg["meta_batch"] % world:
             raise ConfigError(
                 f"meta-batch {cfg['meta_batch']} is not divisible by the world size {world}: "
                 f"each rank takes meta-batch / world-size tasks of every meta-step"
             )
         check_out_dir(out)
-        RunFolder(out).check_free(resume=resume is not None, overwrite=args.overwrite)
+        RunFolder(out).check_free(resume=found is not None, overwrite=args.overwrite)
         if world > 1 and not launched:
             return distributed.spawn(main, argv, world, preempt_timeout=args.preempt_timeout)  # each rank runs this main again
         if rank == 0:
             run = RunFolder(out)
             run.lock()  # released in finally, and by the kernel if this process dies
-            run.claim(resume=resume is not None, overwrite=args.overwrite)
+            run.claim(resume=found is not None, overwrite=args.overwrite)
+            if found is not None:
+                _fall_back(found, out)
         dist = distributed.init(device, args.dist_timeout)
         if rank == 0:
             print(
@@ -210,9 +236,10 @@ def main(argv=None) -> int:
                 flush=True,
             )
         result = train(
-            cfg, out, device=device, data_root=args.data_root, resume=resume, log_every=args.log_every,
-            ckpt_every=args.ckpt_every, eval_batch=args.eval_batch, progress=not args.no_progress, dist=dist,
-            max_bad_steps=args.max_bad_steps, checkpoint_path=ckpt_path, preemption=distributed.Preemption(),
+            cfg, out, device=device, data_root=args.data_root, resume=found and found.state,
+            log_every=args.log_every, ckpt_every=args.ckpt_every, eval_batch=args.eval_batch,
+            progress=not args.no_progress, dist=dist, max_bad_steps=args.max_bad_steps,
+            checkpoint_path=found and found.path, keep_ckpts=args.keep_ckpts, preemption=distributed.Preemption(),
         )
     except (ConfigError, CheckpointError, DataError, RunError) as exc:
         where = f" (rank {rank})" if launched and launched > 1 else ""

@@ -17,9 +17,10 @@ rank 0 alone).
 
 Metrics stay on the device as ``[T]``-reduced tensors and are read back once every
 ``log_every`` steps (a progress bar, ``metrics.jsonl``). Every ``ckpt_every`` steps a
-checkpoint is written atomically; a resumed run continues bit-for-bit (same θ, Adam state,
-task stream). With a :class:`~imaml_kernels.trainer.distributed.DistContext` the T tasks of
-each meta-batch are split across its ranks. At the end: ``curves.png``
+checkpoint is written atomically (the last ``keep_ckpts`` are kept); a resumed run continues
+bit-for-bit (same θ, Adam state, task stream). With a
+:class:`~imaml_kernels.trainer.distributed.DistContext` the T tasks of each meta-batch are
+split across its ranks. At the end: ``curves.png``
 (:mod:`imaml_kernels.trainer.plots`) and, with ``eval_tasks``, the meta-test accuracy
 (:mod:`imaml_kernels.trainer.evaluate`). The run folder's ownership is the caller's
 (:mod:`imaml_kernels.trainer.runs`; :mod:`imaml_kernels.trainer.cli` takes care of it).
@@ -40,7 +41,7 @@ from tqdm import tqdm
 from ..step import STATS, meta_step
 from . import distributed
 from .builders import build_backward_solve, build_model, build_samplers, build_solver
-from .checkpoint import CHECKPOINT_NAME, check_model_state, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, check_model_state, checkpoint_history, save_checkpoint
 from .evaluate import describe, evaluate, write_json
 from .plots import plot_curves
 from .presets import ConfigError, outer_lr_at
@@ -66,6 +67,7 @@ def train(
     dist: distributed.DistContext | None = None,
     max_bad_steps: int = 3,
     checkpoint_path: str | os.PathLike | None = None,
+    keep_ckpts: int = 2,
     preemption: distributed.Preemption | None = None,
 ) -> dict[str, Any]:
     """Train to ``cfg["steps"]`` meta-steps, writing checkpoints, metrics and curves in ``out``.
@@ -79,6 +81,8 @@ def train(
         max_bad_steps: stop (:class:`~imaml_kernels.trainer.runs.RunError`) after this many bad
             meta-steps in a row (every task dropped, or a non-finite loss); parameters that
             turn non-finite stop the run at the next read-back and are never checkpointed.
+        keep_ckpts: checkpoints kept (``ckpt.pt``, ``ckpt.1.pt``, ...; see
+            :func:`~imaml_kernels.trainer.checkpoint.save_checkpoint`).
         preemption: the stop requests honoured between meta-steps (its signals are caught
             while the loop runs); None: the launcher's flag only, no signal is caught. After a
             stop the run checkpoints the step just finished and returns without evaluating,
@@ -93,7 +97,7 @@ def train(
         "preempted": signal name | None}``.
     """
     dist = dist or distributed.DistContext()
-    run = _Run(cfg, Path(out), device, data_root, dist.is_main)
+    run = _Run(cfg, Path(out), device, data_root, dist.is_main, keep_ckpts)
     saved_log = {} if resume is None else _restore(run, resume, checkpoint_path or run.ckpt_path)
     T = int(cfg["meta_batch"])
     if T % dist.world_size:
@@ -127,8 +131,8 @@ class _Run:
     """This rank's run: its folder, the network and its Adam state, the samplers, the step
     reached and the files written so far (rank 0 alone writes)."""
 
-    def __init__(self, cfg: Mapping[str, Any], out: Path, device, data_root, main_rank: bool):
-        self.cfg, self.out, self.main_rank = cfg, out, main_rank
+    def __init__(self, cfg: Mapping[str, Any], out: Path, device, data_root, main_rank: bool, keep_ckpts: int = 2):
+        self.cfg, self.out, self.main_rank, self.keep_ckpts = cfg, out, main_rank, keep_ckpts
         self.metrics_path, self.ckpt_path = out / METRICS_NAME, out / CHECKPOINT_NAME
         if main_rank:
             out.mkdir(parents=True, exist_ok=True)
@@ -325,13 +329,14 @@ class _Divergence:
 
 def _save(run: _Run, logger: _Logger, plot: bool = True) -> None:
     """Rank 0 at a checkpoint step: the rows logged so far onto the disk, the checkpoint
-    (atomically: the previous one survives a failed write), then (``plot``) the curves."""
+    (atomically: the previous ones survive a failed write; ``keep_ckpts`` of them kept), then
+    (``plot``) the curves."""
     try:
         logger.log.sync()
-        save_checkpoint(run.ckpt_path, run.checkpoint_state(logger.state()))
+        save_checkpoint(run.ckpt_path, run.checkpoint_state(logger.state()), keep=run.keep_ckpts)
     except OSError as exc:
         raise RunError(f"cannot write the checkpoint {run.ckpt_path}: {exc.strerror or exc}") from exc
-    run.add_files(CHECKPOINT_NAME)
+    run.add_files(*(p.name for p in checkpoint_history(run.ckpt_path)))
     if plot:
         _plot(run)
 
