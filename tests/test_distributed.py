@@ -64,13 +64,23 @@ def two_rank_run(tmp_path_factory):
     return out
 
 
-@needs_omniglot
-def test_two_ranks_match_one_process(two_rank_run, tmp_path):
-    assert _run(tmp_path, "--steps", "4", "--log-every", "3", "--ckpt-every", "2") == 0
-    one, two = load_checkpoint(tmp_path / "ckpt.pt"), load_checkpoint(two_rank_run / "ckpt.pt")
-    assert two["step"] == one["step"] == 4
+@pytest.fixture(scope="module")
+def one_rank_run(tmp_path_factory):
+    """The same 4 meta-steps on one process."""
+    if not HAVE_OMNIGLOT:
+        pytest.skip("Omniglot not found in $IMAML_DATA")
+    out = tmp_path_factory.mktemp("dp1")
+    assert _run(out, "--steps", "4", "--log-every", "3", "--ckpt-every", "2") == 0
+    return out
+
+
+def _assert_same_run(one: dict, two: dict) -> None:
+    """Two checkpoints of the same run on different numbers of ranks: the same step and task
+    stream, θ equal to 1e-6 (the conv biases before BatchNorm aside: rounding noise, see
+    :func:`_bias_before_batchnorm`) and the same network function to 1e-5."""
+    assert two["step"] == one["step"]
     # The same task stream: every rank draws the whole meta-batch.
-    assert two["sampler"]["tasks_drawn"] == one["sampler"]["tasks_drawn"] == 16
+    assert two["sampler"]["tasks_drawn"] == one["sampler"]["tasks_drawn"]
     assert torch.equal(two["sampler"]["generator"], one["sampler"]["generator"])
     noise = _bias_before_batchnorm(one["model"])
     assert noise and len(noise) == 4  # the four conv blocks
@@ -87,8 +97,15 @@ def test_two_ranks_match_one_process(two_rank_run, tmp_path):
         net.load_state_dict(ckpt["model"])
         nets.append(net(x))
     torch.testing.assert_close(nets[1], nets[0], rtol=0, atol=1e-5)
+
+
+@needs_omniglot
+def test_two_ranks_match_one_process(two_rank_run, one_rank_run):
+    one, two = load_checkpoint(one_rank_run / "ckpt.pt"), load_checkpoint(two_rank_run / "ckpt.pt")
+    assert two["step"] == one["step"] == 4 and one["sampler"]["tasks_drawn"] == 16
+    _assert_same_run(one, two)
     # Logged metrics are reduced over the ranks: the global means of the 1-process run.
-    r1, r2 = _rows(tmp_path), _rows(two_rank_run)
+    r1, r2 = _rows(one_rank_run), _rows(two_rank_run)
     assert [r["step"] for r in r2] == [1, 2, 3, 4]
     for a, b in zip(r1, r2):
         for k in ("loss", "acc", "inner_loss", "dropped"):
@@ -107,6 +124,58 @@ def test_two_rank_resume_continues_identically(two_rank_run, tmp_path):
         torch.testing.assert_close(resumed["model"][k], v, rtol=0, atol=1e-6, msg=k)
     assert torch.equal(resumed["sampler"]["generator"], straight["sampler"]["generator"])
     assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------ resume on another world size
+#
+# The checkpoint's state does not depend on the number of ranks (every rank draws every task
+# of the stream and holds the same θ and Adam state): the step-2 checkpoint (ckpt.1.pt) of
+# one world size, resumed on the other, ends where both uninterrupted runs end.
+
+
+@needs_omniglot
+def test_resume_two_ranks_on_one_process(two_rank_run, one_rank_run, tmp_path):
+    assert load_checkpoint(two_rank_run / "ckpt.1.pt")["step"] == 2
+    assert main(["--resume", str(two_rank_run / "ckpt.1.pt"), "--out", str(tmp_path), "--steps", "4",
+                 "--threads", "1", "--no-progress"]) == 0
+    resumed = load_checkpoint(tmp_path / "ckpt.pt")
+    assert resumed["step"] == 4 and resumed["world_size"] == 1
+    _assert_same_run(load_checkpoint(one_rank_run / "ckpt.pt"), resumed)
+    _assert_same_run(load_checkpoint(two_rank_run / "ckpt.pt"), resumed)
+    assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4]  # rows 1-2 were pending in the checkpoint
+
+
+@needs_omniglot
+def test_resume_one_process_on_two_ranks(two_rank_run, one_rank_run, tmp_path):
+    assert main(["--resume", str(one_rank_run / "ckpt.1.pt"), "--out", str(tmp_path), "--steps", "4",
+                 "--threads", "1", "--no-progress", "--world-size", "2", "--dist-timeout", "60"]) == 0
+    resumed = load_checkpoint(tmp_path / "ckpt.pt")
+    assert resumed["step"] == 4 and resumed["world_size"] == 2
+    _assert_same_run(load_checkpoint(one_rank_run / "ckpt.pt"), resumed)
+    _assert_same_run(load_checkpoint(two_rank_run / "ckpt.pt"), resumed)
+
+
+@needs_omniglot
+def test_resume_on_a_world_size_that_does_not_divide_the_meta_batch_is_refused(two_rank_run, capsys):
+    before = (two_rank_run / "ckpt.pt").read_bytes()
+    assert main(["--out", str(two_rank_run), "--resume", "--threads", "1", "--world-size", "3"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and "meta-batch 4 is not divisible by the world size 3" in err[0], err
+    assert (two_rank_run / "ckpt.pt").read_bytes() == before
+
+
+@needs_omniglot
+def test_a_task_stream_of_another_device_type_is_refused_in_one_line(one_rank_run, tmp_path, capsys):
+    from imaml_kernels.trainer.checkpoint import save_checkpoint
+
+    state = load_checkpoint(one_rank_run / "ckpt.1.pt")
+    state["sampler"]["config"]["device_type"] = "cuda"  # a run of a GPU resumed on a CPU
+    del state["version"]
+    save_checkpoint(tmp_path / "gpu.pt", state)
+    assert main(["--resume", str(tmp_path / "gpu.pt"), "--out", str(tmp_path / "run"), "--steps", "4",
+                 "--threads", "1", "--no-progress"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and "its task stream cannot be continued here" in err[0] and "device_type" in err[0], err
 
 
 @needs_omniglot

@@ -115,6 +115,7 @@ def test_stop_signal_to_the_launcher_of_two_ranks(tmp_path, capsys):
     lines = [x for x in err.splitlines() if x.strip()]
     assert lines == [(f"imaml-train: preempted by SIGTERM: checkpoint of step {k} in {run}; "
                       "continue with --resume (exit status 75)")], err  # rank 0's line, nothing else
+    assert load_checkpoint(run)["world_size"] == 2
     # Every step logged once; resumed on one process (a world-size change: test_distributed
     # compares its values with uninterrupted runs) it runs the 2 steps left, no more.
     rows = _train_rows(run)

@@ -1,7 +1,8 @@
 """``imaml-train``: implicit MAML on Omniglot / MiniImagenet, from the command line.
 
 The flags override a preset (:mod:`imaml_kernels.trainer.presets`); ``--resume`` continues a
-run bit-for-bit from its latest good checkpoint. SIGTERM, SIGUSR1 or SIGINT checkpoint the step reached and exit 75
+run bit-for-bit from its latest good checkpoint, on any world size that divides the
+meta-batch. SIGTERM, SIGUSR1 or SIGINT checkpoint the step reached and exit 75
 (:class:`imaml_kernels.trainer.distributed.Preemption`). The run folder is checked and claimed here
 (:mod:`imaml_kernels.trainer.runs`), the ranks of ``--world-size N`` spawned here
 (:mod:`imaml_kernels.trainer.distributed`), and the run itself is

@@ -18,7 +18,7 @@ rank 0 alone).
 Metrics stay on the device as ``[T]``-reduced tensors and are read back once every
 ``log_every`` steps (a progress bar, ``metrics.jsonl``). Every ``ckpt_every`` steps a
 checkpoint is written atomically (the last ``keep_ckpts`` are kept); a resumed run continues
-bit-for-bit (same θ, Adam state, task stream). With a
+bit-for-bit (same θ, Adam state, task stream), on any number of ranks that divides T. With a
 :class:`~imaml_kernels.trainer.distributed.DistContext` the T tasks of each meta-batch are
 split across its ranks. At the end: ``curves.png``
 (:mod:`imaml_kernels.trainer.plots`) and, with ``eval_tasks``, the meta-test accuracy
@@ -41,7 +41,7 @@ from tqdm import tqdm
 from ..step import STATS, meta_step
 from . import distributed
 from .builders import build_backward_solve, build_model, build_samplers, build_solver
-from .checkpoint import CHECKPOINT_NAME, check_model_state, checkpoint_history, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, check_model_state, checkpoint_history, save_checkpoint
 from .evaluate import describe, evaluate, write_json
 from .plots import plot_curves
 from .presets import ConfigError, outer_lr_at
@@ -97,7 +97,7 @@ def train(
         "preempted": signal name | None}``.
     """
     dist = dist or distributed.DistContext()
-    run = _Run(cfg, Path(out), device, data_root, dist.is_main, keep_ckpts)
+    run = _Run(cfg, Path(out), device, data_root, dist, keep_ckpts)
     saved_log = {} if resume is None else _restore(run, resume, checkpoint_path or run.ckpt_path)
     T = int(cfg["meta_batch"])
     if T % dist.world_size:
@@ -131,10 +131,12 @@ class _Run:
     """This rank's run: its folder, the network and its Adam state, the samplers, the step
     reached and the files written so far (rank 0 alone writes)."""
 
-    def __init__(self, cfg: Mapping[str, Any], out: Path, device, data_root, main_rank: bool, keep_ckpts: int = 2):
-        self.cfg, self.out, self.main_rank, self.keep_ckpts = cfg, out, main_rank, keep_ckpts
+    def __init__(self, cfg: Mapping[str, Any], out: Path, device, data_root, dist: distributed.DistContext,
+                 keep_ckpts: int = 2):
+        self.cfg, self.out, self.keep_ckpts = cfg, out, keep_ckpts
+        self.main_rank, self.world_size = dist.is_main, dist.world_size
         self.metrics_path, self.ckpt_path = out / METRICS_NAME, out / CHECKPOINT_NAME
-        if main_rank:
+        if self.main_rank:
             out.mkdir(parents=True, exist_ok=True)
         self.train_sampler, self.test_sampler = build_samplers(cfg, device, data_root)
         # θ₀ from the configuration's seed alone, so a run is reproducible from its config.
@@ -156,6 +158,9 @@ class _Run:
             "sampler": self.train_sampler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            # Informative only: nothing above depends on the number of ranks (every rank draws
+            # every task and holds the same θ and Adam state), so any world size can resume it.
+            "world_size": self.world_size,
             # The statistics read back but not yet logged and the divergence count: a crash at
             # any step loses no row and keeps the log's cadence.
             "log": log_state,
@@ -168,7 +173,10 @@ def _restore(run: _Run, resume: Mapping[str, Any], where) -> dict:
     logged, the divergence count); rank 0 drops the rows ``metrics.jsonl`` holds past it."""
     check_model_state(run.model, resume["model"], where)
     run.optimizer.load_state_dict(resume["optimizer"])
-    run.train_sampler.load_state_dict(resume["sampler"])
+    try:
+        run.train_sampler.load_state_dict(resume["sampler"])
+    except (ValueError, KeyError, TypeError) as exc:  # another device type: another task stream
+        raise CheckpointError(f"{where}: its task stream cannot be continued here ({exc})") from exc
     torch.set_rng_state(resume["torch_rng"])
     if resume.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(resume["cuda_rng"])
