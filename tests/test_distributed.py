@@ -64,13 +64,23 @@ def two_rank_run(tmp_path_factory):
     return out
 
 
-@needs_omniglot
-def test_two_ranks_match_one_process(two_rank_run, tmp_path):
-    assert _run(tmp_path, "--steps", "4", "--log-every", "3", "--ckpt-every", "2") == 0
-    one, two = load_checkpoint(tmp_path / "ckpt.pt"), load_checkpoint(two_rank_run / "ckpt.pt")
-    assert two["step"] == one["step"] == 4
+@pytest.fixture(scope="module")
+def one_rank_run(tmp_path_factory):
+    """The same 4 meta-steps on one process."""
+    if not HAVE_OMNIGLOT:
+        pytest.skip("Omniglot not found in $IMAML_DATA")
+    out = tmp_path_factory.mktemp("dp1")
+    assert _run(out, "--steps", "4", "--log-every", "3", "--ckpt-every", "2") == 0
+    return out
+
+
+def _assert_same_run(one: dict, two: dict) -> None:
+    """Two checkpoints of the same run on different numbers of ranks: the same step and task
+    stream, θ equal to 1e-6 (the conv biases before BatchNorm aside: rounding noise, see
+    :func:`_bias_before_batchnorm`) and the same network function to 1e-5."""
+    assert two["step"] == one["step"]
     # The same task stream: every rank draws the whole meta-batch.
-    assert two["sampler"]["tasks_drawn"] == one["sampler"]["tasks_drawn"] == 16
+    assert two["sampler"]["tasks_drawn"] == one["sampler"]["tasks_drawn"]
     assert torch.equal(two["sampler"]["generator"], one["sampler"]["generator"])
     noise = _bias_before_batchnorm(one["model"])
     assert noise and len(noise) == 4  # the four conv blocks
@@ -87,8 +97,15 @@ def test_two_ranks_match_one_process(two_rank_run, tmp_path):
         net.load_state_dict(ckpt["model"])
         nets.append(net(x))
     torch.testing.assert_close(nets[1], nets[0], rtol=0, atol=1e-5)
+
+
+@needs_omniglot
+def test_two_ranks_match_one_process(two_rank_run, one_rank_run):
+    one, two = load_checkpoint(one_rank_run / "ckpt.pt"), load_checkpoint(two_rank_run / "ckpt.pt")
+    assert two["step"] == one["step"] == 4 and one["sampler"]["tasks_drawn"] == 16
+    _assert_same_run(one, two)
     # Logged metrics are reduced over the ranks: the global means of the 1-process run.
-    r1, r2 = _rows(tmp_path), _rows(two_rank_run)
+    r1, r2 = _rows(one_rank_run), _rows(two_rank_run)
     assert [r["step"] for r in r2] == [1, 2, 3, 4]
     for a, b in zip(r1, r2):
         for k in ("loss", "acc", "inner_loss", "dropped"):
@@ -107,6 +124,58 @@ def test_two_rank_resume_continues_identically(two_rank_run, tmp_path):
         torch.testing.assert_close(resumed["model"][k], v, rtol=0, atol=1e-6, msg=k)
     assert torch.equal(resumed["sampler"]["generator"], straight["sampler"]["generator"])
     assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------ resume on another world size
+#
+# The checkpoint's state does not depend on the number of ranks (every rank draws every task
+# of the stream and holds the same θ and Adam state): the step-2 checkpoint (ckpt.1.pt) of
+# one world size, resumed on the other, ends where both uninterrupted runs end.
+
+
+@needs_omniglot
+def test_resume_two_ranks_on_one_process(two_rank_run, one_rank_run, tmp_path):
+    assert load_checkpoint(two_rank_run / "ckpt.1.pt")["step"] == 2
+    assert main(["--resume", str(two_rank_run / "ckpt.1.pt"), "--out", str(tmp_path), "--steps", "4",
+                 "--threads", "1", "--no-progress"]) == 0
+    resumed = load_checkpoint(tmp_path / "ckpt.pt")
+    assert resumed["step"] == 4 and resumed["world_size"] == 1
+    _assert_same_run(load_checkpoint(one_rank_run / "ckpt.pt"), resumed)
+    _assert_same_run(load_checkpoint(two_rank_run / "ckpt.pt"), resumed)
+    assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4]  # rows 1-2 were pending in the checkpoint
+
+
+@needs_omniglot
+def test_resume_one_process_on_two_ranks(two_rank_run, one_rank_run, tmp_path):
+    assert main(["--resume", str(one_rank_run / "ckpt.1.pt"), "--out", str(tmp_path), "--steps", "4",
+                 "--threads", "1", "--no-progress", "--world-size", "2", "--dist-timeout", "60"]) == 0
+    resumed = load_checkpoint(tmp_path / "ckpt.pt")
+    assert resumed["step"] == 4 and resumed["world_size"] == 2
+    _assert_same_run(load_checkpoint(one_rank_run / "ckpt.pt"), resumed)
+    _assert_same_run(load_checkpoint(two_rank_run / "ckpt.pt"), resumed)
+
+
+@needs_omniglot
+def test_resume_on_a_world_size_that_does_not_divide_the_meta_batch_is_refused(two_rank_run, capsys):
+    before = (two_rank_run / "ckpt.pt").read_bytes()
+    assert main(["--out", str(two_rank_run), "--resume", "--threads", "1", "--world-size", "3"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and "meta-batch 4 is not divisible by the world size 3" in err[0], err
+    assert (two_rank_run / "ckpt.pt").read_bytes() == before
+
+
+@needs_omniglot
+def test_a_task_stream_of_another_device_type_is_refused_in_one_line(one_rank_run, tmp_path, capsys):
+    from imaml_kernels.trainer.checkpoint import save_checkpoint
+
+    state = load_checkpoint(one_rank_run / "ckpt.1.pt")
+    state["sampler"]["config"]["device_type"] = "cuda"  # a run of a GPU resumed on a CPU
+    del state["version"]
+    save_checkpoint(tmp_path / "gpu.pt", state)
+    assert main(["--resume", str(tmp_path / "gpu.pt"), "--out", str(tmp_path / "run"), "--steps", "4",
+                 "--threads", "1", "--no-progress"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and "its task stream cannot be continued here" in err[0] and "device_type" in err[0], err
 
 
 @needs_omniglot
@@ -150,10 +219,10 @@ def _rank_entry(argv: list[str]) -> int:
 
 
 def test_spawn_runs_the_given_entry_point():
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     assert spawn(_rank_entry, ["0"], 2) == 0
     assert spawn(_rank_entry, ["3"], 2) == 3
-    # spawn's SIGTERM/SIGINT handlers are there only while it waits for its ranks.
+    # spawn's SIGTERM/SIGUSR1/SIGINT handlers are there only while it waits for its ranks.
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
@@ -181,6 +250,17 @@ def sleeper(argv):
         while len(list(folder.glob("rank*.pid"))) < 2 and time.monotonic() < end:
             time.sleep(0.05)
         return int(argv[2])
+    if len(argv) > 1 and argv[1] in ("preemptible", "stubborn"):
+        # Once the launcher asks for a stop: "preemptible" returns 75 (a checkpoint written),
+        # "stubborn" writes stop_seen<R> and goes on sleeping.
+        from imaml_kernels.trainer.distributed import PREEMPTED, Preemption
+
+        stop, end = Preemption(signals=()), time.monotonic() + 120
+        while not stop.requested() and time.monotonic() < end:
+            time.sleep(0.05)
+        if argv[1] == "preemptible":
+            return PREEMPTED
+        (folder / f"stop_seen{rank}").write_text(str(stop.requested()))
     time.sleep(120)
     return 0
 """
@@ -199,7 +279,7 @@ if __name__ == "__main__":
     from imaml_kernels.trainer.distributed import spawn
     from imaml_spawn_helper import sleeper
 
-    sys.exit(spawn(sleeper, sys.argv[1:], 2))
+    sys.exit(spawn(sleeper, sys.argv[1:], 2, preempt_timeout=float(os.environ["IMAML_TEST_PREEMPT_TIMEOUT"])))
 """
 
 _REPO = Path(imaml_kernels.__file__).resolve().parents[1]  # the checkout the tests import
@@ -244,9 +324,10 @@ def launch(tmp_path):
     (tmp_path / "launcher.py").write_text(_LAUNCHER)
     started = []
 
-    def start(*argv: str, ignore_sigint: bool = False) -> subprocess.Popen:
+    def start(*argv: str, ignore_sigint: bool = False, preempt_timeout: float = 60.0) -> subprocess.Popen:
         env = _child_env(tmp_path)
         env["IMAML_TEST_IGNORE_SIGINT"] = "1" if ignore_sigint else "0"
+        env["IMAML_TEST_PREEMPT_TIMEOUT"] = str(preempt_timeout)
         with open(tmp_path / "launcher.out", "wb") as out, open(tmp_path / "launcher.err", "wb") as err:
             proc = subprocess.Popen(
                 [sys.executable, str(tmp_path / "launcher.py"), str(tmp_path), *argv],
@@ -283,15 +364,42 @@ def _rank_pids(tmp_path: Path, proc: subprocess.Popen, timeout: float = 45.0) ->
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_to_the_launcher_stops_every_rank(launch, tmp_path, sig):
-    proc = launch()
+def test_ranks_that_do_not_stop_are_stopped_after_the_preempt_timeout(launch, tmp_path, sig):
+    proc = launch(preempt_timeout=1.0)
     pids = _rank_pids(tmp_path, proc)
     proc.send_signal(sig)
-    assert proc.wait(timeout=15) == 128 + sig  # 143, 130
+    assert proc.wait(timeout=20) == 128 + sig  # 143, 138, 130
     assert _still_alive(pids) == []
     err = (tmp_path / "launcher.err").read_text()
-    assert err.count(f"imaml-train: error: stopped by {sig.name}; ranks stopped\n") == 1, err
+    line = f"imaml-train: error: stopped by {sig.name}; the ranks did not exit within 1 s and were stopped\n"
+    assert err.count(line) == 1, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+def test_ranks_that_checkpoint_make_the_launcher_exit_preempted(launch, tmp_path):
+    # SIGUSR1 (SLURM's --signal warning) here; SIGTERM with the trainer's ranks in test_preemption.
+    proc = launch("preemptible")
+    pids = _rank_pids(tmp_path, proc)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=30) == 75
+    assert _still_alive(pids) == []
+    assert (tmp_path / "launcher.err").read_text() == ""
+
+
+def test_a_second_signal_kills_the_ranks_at_once(launch, tmp_path):
+    proc = launch("stubborn", preempt_timeout=300.0)  # the ranks ignore the stop: only the second signal ends them
+    pids = _rank_pids(tmp_path, proc)
+    proc.send_signal(signal.SIGTERM)
+    end = time.monotonic() + 30
+    while not (tmp_path / "stop_seen0").exists():  # the launcher took SIGTERM as the first
+        assert time.monotonic() < end and proc.poll() is None, (tmp_path / "launcher.err").read_text()
+        time.sleep(0.05)
+    assert (tmp_path / "stop_seen0").read_text() == str(int(signal.SIGTERM))
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=20) == 130
+    assert _still_alive(pids) == []
+    err = (tmp_path / "launcher.err").read_text()
+    assert err.count("imaml-train: error: stopped by SIGINT, a second stop signal after SIGTERM: ranks killed\n") == 1, err
 
 
 def test_sigkill_of_the_launcher_leaves_no_rank(launch, tmp_path):

@@ -46,6 +46,19 @@ def _train_rows(out: Path) -> list[dict]:
     return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
 
 
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two checkpoints bit for bit: step, θ, the Adam state, the task stream, the global RNG."""
+    assert a["step"] == b["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for i, s in a["optimizer"]["state"].items():
+        for k in s:
+            assert torch.equal(s[k], b["optimizer"]["state"][i][k]), (i, k)
+    assert torch.equal(a["sampler"]["generator"], b["sampler"]["generator"])
+    assert a["sampler"]["tasks_drawn"] == b["sampler"]["tasks_drawn"]
+    assert torch.equal(a["torch_rng"], b["torch_rng"])
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """4 meta-steps of the tiny configuration with a 6-task evaluation at the end."""
@@ -99,12 +112,7 @@ def test_resume_is_bit_for_bit(tmp_path):
     assert main(["--out", str(split), "--resume", "--steps", "5", "--threads", "1", "--no-progress"]) == 0
     a, b = load_checkpoint(straight / "ckpt.pt"), load_checkpoint(split / "ckpt.pt")
     assert a["step"] == b["step"] == 5
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for i, s in a["optimizer"]["state"].items():
-        for k in s:
-            assert torch.equal(s[k], b["optimizer"]["state"][i][k]), (i, k)
-    assert torch.equal(a["sampler"]["generator"], b["sampler"]["generator"])
+    assert_same_state(a, b)
     # The log holds each step once, with the same values (wall times aside).
     strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]  # noqa: E731
     assert strip(_train_rows(straight)) == strip(_train_rows(split))

@@ -9,6 +9,18 @@ It is written with :func:`imaml_kernels._atomic.atomic_write` (a temporary file 
 folder, flushed to disk, then moved over the target with ``os.replace``): a crash mid-write
 leaves the previous checkpoint intact, never a truncated one.
 
+History (:func:`save_checkpoint` with ``keep``): ``ckpt.pt`` is the latest, ``ckpt.1.pt`` the
+one before, ... ``ckpt.<keep-1>.pt``. A new checkpoint is written in full (fsynced) under a
+temporary name first; then each older one moves down a place (``os.replace``), the latest is
+hard-linked to ``ckpt.1.pt`` and the new one renamed to ``ckpt.pt``: at every instant each
+name holds a whole checkpoint and ``ckpt.pt`` is present (without hard links, as on some
+network file systems, the latest is renamed instead, and a crash in that instant leaves
+``ckpt.1.pt`` the latest).
+
+:func:`find_checkpoint` reads a run folder's latest good checkpoint: the first of ``ckpt.pt``,
+``ckpt.1.pt``, ... that loads (``weights_only``), is finite and has a valid configuration;
+the ones it skips are named, with why, in :func:`fallback_warning`.
+
 :func:`load_checkpoint` checks the structure (and, by default, that the model state is finite:
 a diverged run's checkpoint is refused); :func:`checkpoint_config` checks its configuration and
 :func:`check_model_state` loads its model state into a network; each failure is one
@@ -24,9 +36,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -34,18 +49,75 @@ from .._atomic import atomic_write
 
 CHECKPOINT_VERSION = 1
 CHECKPOINT_NAME = "ckpt.pt"
+DAMAGED_SUFFIX = ".damaged"  # a checkpoint that could not be read, set aside by --resume
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or not one of ours."""
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write ``state`` (plus the format version) to ``path`` atomically; returns the path."""
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], *, keep: int | None = None) -> Path:
+    """Write ``state`` (plus the format version) to ``path`` atomically; returns the path.
+
+    ``keep`` (None: ``path`` alone is written): the number of checkpoints kept, this one
+    included; the ones it replaces move down the history (``ckpt.pt`` -> ``ckpt.1.pt`` -> ...,
+    see the module's docstring) and those past ``keep`` are removed.
+    """
     path = Path(path)
-    with atomic_write(path) as f:
+    staged = path if keep is None or keep <= 1 else path.with_name(f".{path.name}.next.tmp")
+    with atomic_write(staged) as f:
         torch.save({"version": CHECKPOINT_VERSION, **state}, f)
+    if staged != path:
+        try:
+            _shift_history(path, keep)
+            os.replace(staged, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(staged)
+            raise
+    if keep is not None:
+        for old in checkpoint_history(path)[keep:]:
+            old.unlink(missing_ok=True)
     return path
+
+
+def history_path(path: str | os.PathLike, i: int) -> Path:
+    """The ``i``-th checkpoint before the latest ``path``: ``ckpt.pt`` -> ``ckpt.<i>.pt`` (0: ``path``)."""
+    path = Path(path)
+    return path if i == 0 else path.with_name(f"{path.stem}.{i}{path.suffix}")
+
+
+def checkpoint_history(path: str | os.PathLike) -> list[Path]:
+    """The checkpoints present of the history whose latest is ``path``, latest first."""
+    path = Path(path)
+    pattern = re.compile(rf"{re.escape(path.stem)}\.(\d+){re.escape(path.suffix)}")
+    older = []
+    if path.parent.is_dir():
+        older = sorted((int(m.group(1)), p) for p in path.parent.iterdir()
+                       if (m := pattern.fullmatch(p.name)) and int(m.group(1)) > 0)
+    return ([path] if path.is_file() else []) + [p for _, p in older if p.is_file()]
+
+
+def _shift_history(path: Path, keep: int) -> None:
+    """Move every kept checkpoint down a place (oldest first), the latest by a hard link."""
+    for i in range(keep - 1, 1, -1):
+        if history_path(path, i - 1).is_file():
+            os.replace(history_path(path, i - 1), history_path(path, i))
+    if not path.is_file():
+        return
+    first = history_path(path, 1)
+    link = first.with_name(f".{first.name}.link.tmp")
+    try:
+        link.unlink(missing_ok=True)
+        os.link(path, link)
+    except OSError:  # no hard links here: move it (ckpt.pt is missing until the new one lands)
+        os.replace(path, first)
+        return
+    try:
+        os.replace(link, first)
+    except BaseException:
+        link.unlink(missing_ok=True)
+        raise
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -105,6 +177,75 @@ def load_checkpoint(
                 f"resume or evaluate an earlier checkpoint"
             )
     return state
+
+
+@dataclass
+class Found:
+    """What :func:`find_checkpoint` read: the checkpoint ``state`` from ``path``, and the newer
+    ones it skipped, ``[(path, why)]``."""
+
+    state: dict[str, Any]
+    path: Path
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def find_checkpoint(
+    source: str | os.PathLike, map_location: str | torch.device = "cpu",
+    check: Callable[[dict[str, Any], Path], Any] | None = None,
+) -> Found:
+    """The checkpoint ``source`` names: a file is read as it is; a run folder gives its latest
+    good one, the first of ``ckpt.pt``, ``ckpt.1.pt``, ... that :func:`load_checkpoint` reads
+    (``weights_only``, finite) and that passes :func:`checkpoint_config` and ``check(state,
+    path)`` (which raises :class:`CheckpointError` to refuse it).
+
+    Raises:
+        CheckpointError: ``no checkpoint at <folder>/ckpt.pt`` (none there), the file's own
+            error, or every checkpoint of the folder refused (each named, with why).
+    """
+    source = Path(source)
+    candidates = checkpoint_history(source / CHECKPOINT_NAME) if source.is_dir() else [source]
+    if not candidates:
+        raise CheckpointError(f"no checkpoint at {source / CHECKPOINT_NAME}")
+    skipped = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(path, map_location)
+            checkpoint_config(state, path)
+            if check is not None:
+                check(state, path)
+        except CheckpointError as exc:
+            if len(candidates) == 1:
+                raise
+            skipped.append((path, _why(exc, path)))
+            continue
+        return Found(state, path, skipped)
+    raise CheckpointError(f"no readable checkpoint in {source}: " + "; ".join(f"{p.name}: {why}" for p, why in skipped))
+
+
+def set_aside(path: str | os.PathLike) -> Path:
+    """Rename a damaged checkpoint out of the history (``ckpt.pt`` -> ``ckpt.pt.damaged``,
+    replacing an older one), so that the next checkpoints do not rotate it in."""
+    path = Path(path)
+    aside = path.with_name(path.name + DAMAGED_SUFFIX)
+    os.replace(path, aside)
+    return aside
+
+
+def _why(exc: Exception, path: Path) -> str:
+    """A :class:`CheckpointError`'s message on one line, without the leading ``<path>: ``,
+    cut to 160 characters (torch's unpickling errors run to a paragraph)."""
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    text = text.removeprefix(f"{path}: ")
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def fallback_warning(found: Found, doing: str = "using") -> str | None:
+    """One line naming each checkpoint :func:`find_checkpoint` skipped and why, and the one
+    read in their place (None when none was skipped)."""
+    if not found.skipped:
+        return None
+    bad = "; ".join(f"{p}: {why}" for p, why in found.skipped)
+    return f"{bad}; {doing} {found.path} (step {found.state['step']}), the latest good checkpoint, instead"
 
 
 def first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:

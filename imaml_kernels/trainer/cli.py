@@ -1,7 +1,9 @@
 """``imaml-train``: implicit MAML on Omniglot / MiniImagenet, from the command line.
 
 The flags override a preset (:mod:`imaml_kernels.trainer.presets`); ``--resume`` continues a
-run bit-for-bit from its checkpoint. The run folder is checked and claimed here
+run bit-for-bit from its latest good checkpoint, on any world size that divides the
+meta-batch. SIGTERM, SIGUSR1 or SIGINT checkpoint the step reached and exit 75
+(:class:`imaml_kernels.trainer.distributed.Preemption`). The run folder is checked and claimed here
 (:mod:`imaml_kernels.trainer.runs`), the ranks of ``--world-size N`` spawned here
 (:mod:`imaml_kernels.trainer.distributed`), and the run itself is
 :func:`imaml_kernels.trainer.loop.train`. Every failure the user can fix is one
@@ -27,7 +29,7 @@ import torch
 from . import distributed
 from ._cli_util import check_device, one_line
 from .builders import DataError
-from .checkpoint import CHECKPOINT_NAME, CheckpointError, checkpoint_config, load_checkpoint
+from .checkpoint import CheckpointError, Found, checkpoint_config, fallback_warning, find_checkpoint, set_aside
 from .loop import train
 from .presets import (INITS, INNER_SOLVERS, PRESET_NOTES, SCHEDULES, ConfigError, apply_overrides, config_diff,
                       preset_names, resolve_config)
@@ -85,9 +87,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default: runs/<preset>)")
     p.add_argument("--data-root", help="data folder (default: $IMAML_DATA, else the user cache)")
     p.add_argument("--resume", nargs="?", const="", metavar="CKPT",
-                   help="continue from CKPT (default: <out>/ckpt.pt) bit-for-bit")
+                   help="continue bit-for-bit from CKPT, a checkpoint file or a run folder (default: --out); from a "
+                   "folder, its latest good checkpoint (ckpt.pt, else ckpt.1.pt, ...: one warning names each one skipped)")
     p.add_argument("--log-every", type=int, default=10, help="read metrics back every N steps (default: 10)")
     p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps (default: 100)")
+    p.add_argument("--keep-ckpts", type=int, default=2, metavar="K",
+                   help="checkpoints kept: ckpt.pt (the latest), ckpt.1.pt, ..., ckpt.<K-1>.pt (default: 2)")
     p.add_argument("--eval-batch", type=int, default=50, help="tasks adapted at once in the final evaluation")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -100,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="stop after N meta-steps in a row with every task dropped or a non-finite loss (default: 3)")
     p.add_argument("--dist-timeout", type=float, default=300.0, metavar="S",
                    help="seconds a rank waits for its peers before it exits with an error (default: 300)")
+    p.add_argument("--preempt-timeout", type=float, default=distributed.PREEMPT_TIMEOUT, metavar="S",
+                   help="with --world-size N: seconds the launcher waits, after SIGTERM, SIGUSR1 or SIGINT, for its "
+                   f"ranks to checkpoint and exit before it stops them (default: {distributed.PREEMPT_TIMEOUT:g})")
     return p
 
 
@@ -108,9 +116,11 @@ def _check_args(args: argparse.Namespace, launched: int | None) -> None:
     device, the world size (against the launcher's, under torchrun)."""
     for flag, value in (("--log-every", args.log_every), ("--ckpt-every", args.ckpt_every),
                         ("--eval-batch", args.eval_batch), ("--max-bad-steps", args.max_bad_steps),
-                        ("--threads", args.threads)):
+                        ("--threads", args.threads), ("--keep-ckpts", args.keep_ckpts)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if not 0 < args.preempt_timeout < float("inf"):
+        raise ConfigError(f"--preempt-timeout must be finite and > 0, got {args.preempt_timeout}")
     if args.resume is not None and args.overwrite:
         raise ConfigError("--resume continues the run in the folder and --overwrite replaces it: give one")
     check_device(args.device)
@@ -119,37 +129,76 @@ def _check_args(args: argparse.Namespace, launched: int | None) -> None:
                           if launched else f"--world-size must be >= 1, got {args.world_size}")
 
 
-def _resolve(args: argparse.Namespace, device: str) -> tuple[dict[str, Any], Path, dict | None, Path | None]:
-    """``(cfg, out, resume, ckpt_path)``: the run's configuration and folder; for ``--resume``
-    also the loaded checkpoint and its path (refused when its configuration differs from the
-    requested one), else None and None."""
+def _resolve(args: argparse.Namespace, device: str) -> tuple[dict[str, Any], Path, Found | None]:
+    """``(cfg, out, found)``: the run's configuration and folder; for ``--resume`` also the
+    checkpoint read (a folder's latest good one; refused when its configuration differs from
+    the requested one), else None."""
     overrides = {k: getattr(args, k) for k in _OVERRIDES}
     overrides.update(inner=args.inner, init=args.init, outer_schedule=args.outer_schedule)
     if args.resume is None:
         cfg = resolve_config(args.preset or "omniglot-5w1s", overrides)
-        return cfg, Path(args.out or Path("runs") / cfg["preset"]), None, None
-    if args.resume:
-        ckpt_path = Path(args.resume)
-    elif args.out:
-        ckpt_path = Path(args.out) / CHECKPOINT_NAME
-    else:
+        return cfg, Path(args.out or Path("runs") / cfg["preset"]), None
+    if not (args.resume or args.out):
         raise ConfigError("--resume needs a checkpoint path or --out")
-    resume = load_checkpoint(ckpt_path, map_location=device)
-    saved = checkpoint_config(resume, ckpt_path)
+    source = Path(args.resume or args.out)
+    found = find_checkpoint(source, map_location=device, check=_resumable)
+    saved = checkpoint_config(found.state, found.path)
     requested = resolve_config(args.preset, overrides) if args.preset else apply_overrides(saved, overrides)
     diff = config_diff(saved, requested)
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
-        raise ConfigError(f"{ckpt_path} comes from another configuration ({detail})")
-    out = Path(args.out) if args.out else (ckpt_path if ckpt_path.is_dir() else ckpt_path.parent)
-    return requested, out, resume, ckpt_path
+        raise ConfigError(f"{found.path} comes from another configuration ({detail})")
+    out = Path(args.out) if args.out else (source if source.is_dir() else source.parent)
+    return requested, out, found
+
+
+def _resumable(state: dict[str, Any], path: Path) -> None:
+    """What a resume needs besides θ and the configuration (a checkpoint of ``imaml-train``)."""
+    missing = [k for k in ("optimizer", "sampler", "torch_rng") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: cannot be resumed (missing {', '.join(missing)})")
+
+
+def _fall_back(found: Found, out: Path) -> None:
+    """Rank 0, the folder locked: one warning naming the checkpoints ``--resume`` skipped and
+    why; those of this run folder are set aside (``<name>.damaged``), so that the next
+    checkpoints do not rotate them back into the history."""
+    message = fallback_warning(found, "resuming from")
+    if message is None:
+        return
+    ours = [p for p, _ in found.skipped if p.parent.resolve() == out.resolve()]
+    try:
+        aside = [set_aside(p).name for p in ours]
+    except OSError as exc:
+        raise RunError(f"cannot set the damaged checkpoint aside in {out}: {exc.strerror or exc}") from exc
+    if aside:
+        message += f" (set aside as {', '.join(aside)})"
+    print(f"imaml-train: warning: {message}", file=sys.stderr)
+
+
+def _report(result: dict[str, Any], rank: int) -> int:
+    """The exit status of a run that returned, and (rank 0) its last line."""
+    if result["preempted"]:
+        if rank == 0:
+            print(f"imaml-train: preempted by {result['preempted']}: checkpoint of step {result['step']} in "
+                  f"{result['out']}; continue with --resume (exit status {distributed.PREEMPTED})", file=sys.stderr)
+        return distributed.PREEMPTED
+    if rank:
+        return 0
+    files = result["files"]
+    print(f"run folder: {result['out']} ({', '.join(files)})" if files else f"run folder: {result['out']} (nothing written: no step ran)")
+    return 0
 
 
 def main(argv=None) -> int:
-    """``imaml-train``; returns the exit status (0; 2 with a one-line error on stderr, also when
-    the run diverged; 1 when a peer rank of a distributed run failed; 143/130 when the launcher
-    of ``--world-size N`` was stopped by SIGTERM/SIGINT, its ranks stopped with it). Under torchrun (WORLD_SIZE set) this process is
-    one rank; with ``--world-size N`` it spawns N ranks that run ``main(argv)`` again."""
+    """``imaml-train``; returns the exit status: 0; 2 with a one-line error on stderr (also when
+    the run diverged); 1 when a peer rank of a distributed run failed; 75
+    (:data:`~imaml_kernels.trainer.distributed.PREEMPTED`) when a stop signal (SIGTERM, SIGUSR1,
+    SIGINT) preempted the run and the step it reached is checkpointed (``--resume`` continues);
+    128 + the signal when the launcher of ``--world-size N`` stopped its ranks without such a
+    checkpoint (a second signal, ranks past ``--preempt-timeout``). Under torchrun (WORLD_SIZE
+    set) this process is one rank; with ``--world-size N`` it spawns N ranks that run
+    ``main(argv)`` again."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     launched = distributed.env_world_size()  # set by torchrun or by our own spawn
@@ -163,20 +212,22 @@ def main(argv=None) -> int:
         _check_args(args, launched)
         if args.threads:
             torch.set_num_threads(args.threads)
-        cfg, out, resume, ckpt_path = _resolve(args, device)
+        cfg, out, found = _resolve(args, device)
         if cfg["meta_batch"] % world:
             raise ConfigError(
                 f"meta-batch {cfg['meta_batch']} is not divisible by the world size {world}: "
                 f"each rank takes meta-batch / world-size tasks of every meta-step"
             )
         check_out_dir(out)
-        RunFolder(out).check_free(resume=resume is not None, overwrite=args.overwrite)
+        RunFolder(out).check_free(resume=found is not None, overwrite=args.overwrite)
         if world > 1 and not launched:
-            return distributed.spawn(main, argv, world)  # each rank runs this main again
+            return distributed.spawn(main, argv, world, preempt_timeout=args.preempt_timeout)  # each rank runs this main again
         if rank == 0:
             run = RunFolder(out)
             run.lock()  # released in finally, and by the kernel if this process dies
-            run.claim(resume=resume is not None, overwrite=args.overwrite)
+            run.claim(resume=found is not None, overwrite=args.overwrite)
+            if found is not None:
+                _fall_back(found, out)
         dist = distributed.init(device, args.dist_timeout)
         if rank == 0:
             print(
@@ -186,9 +237,10 @@ def main(argv=None) -> int:
                 flush=True,
             )
         result = train(
-            cfg, out, device=device, data_root=args.data_root, resume=resume, log_every=args.log_every,
-            ckpt_every=args.ckpt_every, eval_batch=args.eval_batch, progress=not args.no_progress, dist=dist,
-            max_bad_steps=args.max_bad_steps, checkpoint_path=ckpt_path,
+            cfg, out, device=device, data_root=args.data_root, resume=found and found.state,
+            log_every=args.log_every, ckpt_every=args.ckpt_every, eval_batch=args.eval_batch,
+            progress=not args.no_progress, dist=dist, max_bad_steps=args.max_bad_steps,
+            checkpoint_path=found and found.path, keep_ckpts=args.keep_ckpts, preemption=distributed.Preemption(),
         )
     except (ConfigError, CheckpointError, DataError, RunError) as exc:
         where = f" (rank {rank})" if launched and launched > 1 else ""
@@ -202,8 +254,4 @@ def main(argv=None) -> int:
             dist.close()
         if run is not None:
             run.release()
-    if rank:
-        return 0
-    files = result["files"]
-    print(f"run folder: {result['out']} ({', '.join(files)})" if files else f"run folder: {result['out']} (nothing written: no step ran)")
-    return 0
+    return _report(result, rank)

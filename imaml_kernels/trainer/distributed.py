@@ -14,12 +14,18 @@ Launch::
     $ imaml-train --world-size 2 --threads 1 ...                           # spawns 2 CPU ranks (gloo)
     $ python -m bench distributed                                           # meta-steps/s, 1 vs 2 ranks
 
+Stop signals (SIGTERM, SIGUSR1, SIGINT; see "stop requests" below): each rank records them
+(:class:`Preemption`), the ranks agree on the step to stop after (:meth:`DistContext.agree`,
+once per meta-step), the trainer checkpoints it and exits :data:`PREEMPTED` (75); the launcher
+of :func:`spawn` passes a stop on to its ranks through shared memory and waits for them.
+
 This module knows nothing of the training loop or the command line: :func:`spawn` and
 :func:`bench` take the entry point (``imaml_kernels.trainer.cli.main``) as an argument.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -28,15 +34,16 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "DistributedError", "bench", "env_world_size", "init", "shard", "spawn"]
+__all__ = ["PREEMPTED", "STOP_SIGNALS", "DistContext", "DistributedError", "Latch", "Preemption", "attach_launcher",
+           "bench", "catch_signals", "env_world_size", "init", "restore_signals", "shard", "spawn"]
 
 # An entry point: ``entry(argv) -> exit status``, e.g. imaml_kernels.trainer.cli.main.
 Entry = Callable[[list[str]], int]
@@ -60,6 +67,9 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     timeout: float = 300.0
+    # A gloo group for the host-side collectives when the default group is nccl (None: the
+    # default group, which is gloo): agreeing on a stop reads no device tensor.
+    cpu_group: Any = field(default=None, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -108,6 +118,17 @@ class DistContext:
         scale[list(summed)] = 1.0
         return block * scale
 
+    def agree(self, value: int) -> int:
+        """The largest of every rank's ``value`` (a stop signal's number, 0 for none): one
+        all_reduce of a 1-element CPU tensor, over gloo, so no device synchronisation; every
+        rank gets the same answer."""
+        if not self.active:
+            return value
+        flag = torch.tensor([int(value)], dtype=torch.int64)
+        self._run("all_reduce of the stop flag",
+                  lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.cpu_group))
+        return int(flag[0])
+
     def barrier(self) -> None:
         if self.active:
             self._run("barrier", dist.barrier)
@@ -139,6 +160,8 @@ def init(device: str, timeout: float = 300.0) -> DistContext:
             backend, rank=ctx.rank, world_size=world, timeout=timedelta(seconds=ctx.timeout)
         ),
     )
+    if backend == "nccl":
+        ctx.cpu_group = ctx._run("new_group(gloo)", lambda: dist.new_group(backend="gloo"))
     return ctx
 
 
@@ -147,6 +170,114 @@ def shard(idx, rank: int, world_size: int):
     T = idx.classes.shape[0]
     n = T // world_size
     return type(idx)(*(t[rank * n : (rank + 1) * n] for t in idx))
+
+
+# ------------------------------------------------------------------ stop requests (preemption)
+#
+# What a scheduler sends before it takes the machine back (SLURM, Kubernetes, spot instances:
+# SIGTERM; SLURM's --signal warning: SIGUSR1; a terminal: SIGINT) makes the trainer finish the
+# meta-step in flight, checkpoint that step, flush the metrics log and exit with PREEMPTED (75,
+# EX_TEMPFAIL of sysexits.h: "try again later"); --resume then recomputes no step.
+#
+# - The handler only records the signal (Preemption); the training loop reads that record after
+#   each meta-step (a Python attribute, plus one int in shared memory under --world-size N): no
+#   host synchronisation inside a meta-step. With several ranks, DistContext.agree makes them
+#   stop after the same step.
+# - A second signal exits at once, by the signal's default action (status 128 + signum), as soon
+#   as the interpreter runs its handler. A repeat of the first signal within REPEAT_WINDOW
+#   seconds counts as the same request (a launcher such as torchrun relaying what the process
+#   group already received); any other signal, or a repeat after that, is a second signal.
+# - The launcher of --world-size N (spawn) does not relay the signal to its ranks (they may have
+#   received it already: kill -TERM -PGID, Ctrl-C in a terminal); it raises a flag in memory
+#   shared with them (attach_launcher), waits for them within a bound, and exits 75 when they
+#   checkpointed.
+
+PREEMPTED = 75  # EX_TEMPFAIL: preempted, resumable (--resume continues from the step reached)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+REPEAT_WINDOW = 2.0  # seconds within which a repeat of the first signal is the same request
+
+# Set in a rank of --world-size N: [the launcher's stop signal (0: none), a rank was preempted].
+_launcher = None
+
+
+def attach_launcher(shared) -> None:
+    """In a rank spawned by the launcher: ``shared`` is its ``RawArray("i", 2)``; a non-zero
+    ``shared[0]`` is the stop signal the launcher received."""
+    global _launcher
+    _launcher = shared
+
+
+def catch_signals(signals: Sequence[int], handler: Callable) -> dict:
+    """Install ``handler`` for ``signals``; returns the handlers replaced (for :func:`restore_signals`).
+    Only from the main thread (elsewhere: nothing, ``{}``). A signal that is ignored (SIGINT of
+    a job started with ``&``) stays ignored; one whose handler was not set from Python
+    (``getsignal`` is None) is left alone, since it could not be restored."""
+    old = {}
+    if threading.current_thread() is not threading.main_thread():
+        return old
+    for sig in signals:
+        prev = signal.getsignal(sig)
+        if prev is not None and prev is not signal.SIG_IGN:
+            old[sig] = prev
+            signal.signal(sig, handler)
+    return old
+
+
+def restore_signals(old: dict) -> None:
+    for sig, prev in old.items():
+        signal.signal(sig, prev)
+
+
+class Latch:
+    """The first stop signal (``signum``, 0 before any) and whether a later one is a second."""
+
+    def __init__(self) -> None:
+        self.signum, self.since = 0, 0.0
+
+    def see(self, signum: int) -> bool:
+        """Record ``signum``; True when it is a second signal (the caller then exits at once)."""
+        now = time.monotonic()
+        if not self.signum:
+            self.signum, self.since = int(signum), now
+            return False
+        return signum != self.signum or now - self.since > REPEAT_WINDOW
+
+
+class Preemption:
+    """Stop requests of this process: the signals ``signals`` while :meth:`catching`, and the
+    launcher's flag (ranks of ``--world-size N``). ``signals=()``: the launcher's flag only.
+
+    Example::
+
+        >>> stop = Preemption()
+        >>> with stop.catching():
+        ...     while not stop.requested():
+        ...         step()
+    """
+
+    def __init__(self, signals: Sequence[int] = STOP_SIGNALS):
+        self.signals = tuple(signals)
+        self.latch = Latch()
+
+    def requested(self) -> int:
+        """The number of the signal that asked for a stop, else 0 (no system call)."""
+        if not self.latch.signum and _launcher is not None and _launcher[0]:
+            self.latch.see(_launcher[0])
+        return self.latch.signum
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.latch.see(signum):  # a second signal: its default action, now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    @contextlib.contextmanager
+    def catching(self) -> Iterator[Preemption]:
+        """Within the block the signals are recorded; the old handlers come back after it."""
+        old = catch_signals(self.signals, self._on_signal)
+        try:
+            yield self
+        finally:
+            restore_signals(old)
 
 
 # ------------------------------------------------------------------ spawning
@@ -202,7 +333,7 @@ def _watch_parent(parent: int, interval: float = 1.0) -> None:
 
 
 def _worker(
-    rank: int, entry: Entry, world_size: int, addr: str, port: int, argv: list[str], parent: int
+    rank: int, entry: Entry, world_size: int, addr: str, port: int, argv: list[str], parent: int, shared=None
 ) -> None:
     # First the parent-death signal: SIGTERM, in place of the SIGINT torch's wrapper set, which
     # is ignored in the ranks of a launcher started with SIGINT ignored (`imaml-train ... &` in
@@ -214,21 +345,30 @@ def _worker(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR=addr, MASTER_PORT=str(port),
     )
+    attach_launcher(shared)
     rc = entry(argv)
+    if rc == PREEMPTED and shared is not None:
+        # Told through shared memory, not the exit status: torch's join takes any non-zero
+        # status for a failure and terminates the other ranks, which may still be checkpointing.
+        shared[1] = 1
+        rc = 0
     if rc:
         sys.exit(rc)
 
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL to a rank that does not stop
 _JOIN_POLL = 0.5  # seconds per ProcessContext.join() between checks for a stop signal
+PREEMPT_TIMEOUT = 60.0  # seconds the launcher waits, after a stop signal, for its ranks to exit
 
 
 def _stop_ranks(processes, grace: float = _STOP_GRACE) -> None:
-    """SIGTERM to every live rank, SIGKILL to those still alive after ``grace`` s; joins all."""
+    """SIGTERM to every live rank, SIGKILL to those still alive after ``grace`` s (at once
+    for ``grace`` 0); joins all."""
     for proc in processes:
-        if proc.is_alive():
+        if proc.is_alive() and grace > 0:
             proc.terminate()
+        elif proc.is_alive():
+            proc.kill()
     end = time.monotonic() + grace
     for proc in processes:
         proc.join(max(0.0, end - time.monotonic()))
@@ -238,14 +378,86 @@ def _stop_ranks(processes, grace: float = _STOP_GRACE) -> None:
         proc.join()
 
 
-def spawn(entry: Entry, argv: Sequence[str], world_size: int) -> int:
+class _LauncherStop:
+    """The launcher's stop signals: the first raises the ranks' shared flag (:meth:`poll`), a
+    second (:class:`Latch`) stops them at once."""
+
+    def __init__(self, shared, timeout: float):
+        self.shared, self.timeout = shared, timeout
+        self.latch, self.second, self.deadline = Latch(), 0, None
+
+    def on_signal(self, signum, frame) -> None:
+        if self.latch.see(signum):
+            self.second = signum
+        else:
+            self.shared[0] = self.latch.signum  # the ranks see it after their meta-step in flight
+
+    def poll(self) -> str | None:
+        """None while the ranks may go on; else why the launcher stops them now."""
+        if self.latch.signum and self.deadline is None:
+            self.deadline = time.monotonic() + self.timeout
+        if self.second:
+            return f"{signal.Signals(self.second).name}, a second stop signal after {self.name}: ranks killed"
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            return f"{self.name}; the ranks did not exit within {self.timeout:g} s and were stopped"
+        return None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.latch.signum).name
+
+
+def _stopped(processes, stop: _LauncherStop, why: str) -> int:
+    """Stop the ranks (at once after a second signal), say why, return 128 + the signal."""
+    _stop_ranks(processes, 0.0 if stop.second else _STOP_GRACE)
+    print(f"imaml-train: error: stopped by {why}", file=sys.stderr)
+    return 128 + (stop.second or stop.latch.signum)
+
+
+def _supervise(context, stop: _LauncherStop) -> int:
+    """Wait for the ranks: 0 when all succeeded; :data:`~.PREEMPTED` when they stopped
+    on a stop signal with a checkpoint; else the status of the first that failed (the others
+    stopped) or 128 + the stop signal."""
+    import torch.multiprocessing as mp
+
+    while True:
+        why = stop.poll()
+        if why:
+            return _stopped(context.processes, stop, why)
+        try:
+            if context.join(timeout=_JOIN_POLL):
+                break
+        except mp.ProcessExitedException as exc:
+            if stop.latch.signum:  # a rank killed along with the launcher (kill -TERM -PGID) is no failure
+                return _stopped(context.processes, stop, f"{stop.name}; ranks stopped")
+            how = (f"was killed by signal {-exc.exit_code}" if exc.exit_code < 0
+                   else f"exited with status {exc.exit_code}")
+            print(f"imaml-train: error: rank {exc.error_index} {how}; the other ranks were stopped", file=sys.stderr)
+            return exc.exit_code if exc.exit_code and exc.exit_code > 0 else 1
+        except mp.ProcessRaisedException as exc:
+            if stop.latch.signum:
+                return _stopped(context.processes, stop, f"{stop.name}; ranks stopped")
+            print(f"imaml-train: error: rank {exc.error_index} raised: {exc}", file=sys.stderr)
+            return 1
+    if stop.shared[1]:
+        return PREEMPTED
+    if stop.latch.signum:  # the ranks exited without a checkpoint of the stop (the run had ended)
+        return _stopped(context.processes, stop, f"{stop.name}; ranks stopped")
+    return 0
+
+
+def spawn(entry: Entry, argv: Sequence[str], world_size: int, *, preempt_timeout: float = PREEMPT_TIMEOUT) -> int:
     """Run ``entry(argv)`` on ``world_size`` local processes (torch.multiprocessing, spawn), each
     with torchrun's environment (RANK, WORLD_SIZE, ..., MASTER_ADDR/PORT) set for its rank;
     returns 0, or the exit status of the first rank that failed (the others are terminated).
 
-    SIGTERM or SIGINT to this process (the launcher) while it waits stops every rank (SIGTERM,
-    SIGKILL after 5 s), waits for them and returns ``128 + signum`` (143, 130); the old
-    handlers are restored on return (a signal that was ignored stays ignored). A launcher
+    Stop signals to this process (the launcher) while it waits: SIGTERM, SIGUSR1 or SIGINT
+    raises a flag in memory shared with the ranks (:class:`Preemption`: the trainer's ranks
+    finish their meta-step, checkpoint it and return 75); the launcher waits for them up to
+    ``preempt_timeout`` s and returns 75 (:data:`PREEMPTED`) when they did. Ranks that do not
+    exit in time are stopped (SIGTERM, SIGKILL after 5 s), a second signal kills them at once;
+    then, or when they exited without checkpointing, it returns ``128 + signum`` (143, 138,
+    130). The old handlers are restored on return (a signal that was ignored stays ignored). A launcher
     killed outright takes its ranks with it: each rank has Linux's parent-death signal set to
     SIGTERM and polls its parent pid once a second.
 
@@ -261,47 +473,20 @@ def spawn(entry: Entry, argv: Sequence[str], world_size: int) -> int:
 
     addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = int(os.environ.get("MASTER_PORT") or _free_port())
-    stopped: list[int] = []
-    old_handlers = {}
-    if threading.current_thread() is threading.main_thread():  # signal.signal works there only
-        for sig in _STOP_SIGNALS:
-            old = signal.getsignal(sig)
-            # Ignored (SIGINT of a job started with `&`) stays ignored; None (a handler not set
-            # from Python) could not be restored afterwards, so it is left alone too.
-            if old is not None and old is not signal.SIG_IGN:
-                old_handlers[sig] = old
-                signal.signal(sig, lambda signum, frame: stopped.append(signum))
+    shared = mp.get_context("spawn").RawArray("i", 2)  # [the stop signal, a rank was preempted]
+    stop = _LauncherStop(shared, preempt_timeout)
+    old_handlers = catch_signals(STOP_SIGNALS, stop.on_signal)
     context = None
     try:
         context = mp.start_processes(
-            _worker, args=(entry, world_size, addr, port, list(argv), os.getpid()), nprocs=world_size,
+            _worker, args=(entry, world_size, addr, port, list(argv), os.getpid(), shared), nprocs=world_size,
             join=False, start_method="spawn",
         )
-        try:
-            while not stopped and not context.join(timeout=_JOIN_POLL):
-                pass
-        except mp.ProcessExitedException as exc:
-            if not stopped:  # a rank killed along with the launcher (kill -TERM -PGID) is no failure
-                how = (f"was killed by signal {-exc.exit_code}" if exc.exit_code < 0
-                       else f"exited with status {exc.exit_code}")
-                print(f"imaml-train: error: rank {exc.error_index} {how}; the other ranks were stopped",
-                      file=sys.stderr)
-                return exc.exit_code if exc.exit_code and exc.exit_code > 0 else 1
-        except mp.ProcessRaisedException as exc:
-            if not stopped:
-                print(f"imaml-train: error: rank {exc.error_index} raised: {exc}", file=sys.stderr)
-                return 1
-        if stopped:
-            _stop_ranks(context.processes)
-            name = signal.Signals(stopped[0]).name
-            print(f"imaml-train: error: stopped by {name}; ranks stopped", file=sys.stderr)
-            return 128 + stopped[0]
-        return 0
+        return _supervise(context, stop)
     finally:
         if context is not None and any(p.is_alive() for p in context.processes):
             _stop_ranks(context.processes)  # an unexpected exception: leave no rank behind
-        for sig, old in old_handlers.items():
-            signal.signal(sig, old)
+        restore_signals(old_handlers)
 
 
 # ------------------------------------------------------------------ benchmark

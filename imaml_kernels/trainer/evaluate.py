@@ -31,13 +31,7 @@ from ..inner import SGDThenPullBack
 from ..query import query_logits
 from . import builders
 from ._cli_util import check_device, one_line
-from .checkpoint import (
-    CheckpointError,
-    check_model_state,
-    checkpoint_config,
-    load_checkpoint,
-    resolve_checkpoint,
-)
+from .checkpoint import CheckpointError, check_model_state, checkpoint_config, fallback_warning, find_checkpoint
 from .presets import INNER_SOLVERS, ConfigError, apply_overrides
 
 __all__ = ["check_destination", "describe", "evaluate", "main", "mean_ci95", "write_json"]
@@ -119,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Evaluate an imaml-train checkpoint on fixed meta-test tasks: "
         "mean query accuracy ± 95% confidence interval (1.96·std/√n).",
     )
-    p.add_argument("checkpoint", help="checkpoint file, or a run folder holding ckpt.pt")
+    p.add_argument("checkpoint", help="checkpoint file, or a run folder: its latest good checkpoint (ckpt.pt, else "
+                   "ckpt.1.pt, ...: one warning names each one skipped)")
     p.add_argument("--tasks", type=int, default=600, help="meta-test tasks (default: 600, the paper's protocol)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fixed task set (default: 0)")
     p.add_argument("--inner", choices=INNER_SOLVERS, help="inner solver (default: the checkpoint's)")
@@ -170,8 +165,8 @@ def main(argv=None) -> int:
         device = check_device(args.device)
         if args.json:
             check_destination(Path(args.json), "--json")
-        ckpt_path = resolve_checkpoint(args.checkpoint)
-        state = load_checkpoint(ckpt_path)
+        found = find_checkpoint(args.checkpoint)
+        state, ckpt_path = found.state, found.path
         saved = checkpoint_config(state, ckpt_path)
         if args.protocol == "released" and args.inner is not None:
             raise ConfigError("--protocol released sets the inner solver (plain SGD); drop --inner")
@@ -191,6 +186,8 @@ def main(argv=None) -> int:
         model = builders.build_model(cfg)
         check_model_state(model, state["model"], ckpt_path)
         model = model.to(device)
+        if found.skipped:
+            print(f"imaml-eval: warning: {fallback_warning(found, 'evaluating')}", file=sys.stderr)
         _, test = builders.build_samplers(cfg, device, args.data_root)
         result = evaluate(model, test, cfg, tasks=args.tasks, seed=args.seed, batch=args.batch, solver=solver)
     except (ConfigError, CheckpointError, builders.DataError) as exc:

@@ -11,13 +11,16 @@ One meta-step, all on the device and with no host synchronisation
 A run is: restore (:func:`_restore`: θ, Adam state, task stream and the rows not yet
 logged, from a checkpoint) -> loop (:func:`_loop`: meta-steps; at a read-back
 :class:`_Logger` drains the statistics into ``metrics.jsonl``; at a checkpoint step
-:func:`_save`) -> evaluate (:func:`_final_eval`, rank 0 alone).
+:func:`_save`; after a stop signal, :class:`~imaml_kernels.trainer.distributed.Preemption`, a read-back and a
+checkpoint of the step just finished, and the run returns) -> evaluate (:func:`_final_eval`,
+rank 0 alone).
 
 Metrics stay on the device as ``[T]``-reduced tensors and are read back once every
 ``log_every`` steps (a progress bar, ``metrics.jsonl``). Every ``ckpt_every`` steps a
-checkpoint is written atomically; a resumed run continues bit-for-bit (same θ, Adam state,
-task stream). With a :class:`~imaml_kernels.trainer.distributed.DistContext` the T tasks of
-each meta-batch are split across its ranks. At the end: ``curves.png``
+checkpoint is written atomically (the last ``keep_ckpts`` are kept); a resumed run continues
+bit-for-bit (same θ, Adam state, task stream), on any number of ranks that divides T. With a
+:class:`~imaml_kernels.trainer.distributed.DistContext` the T tasks of each meta-batch are
+split across its ranks. At the end: ``curves.png``
 (:mod:`imaml_kernels.trainer.plots`) and, with ``eval_tasks``, the meta-test accuracy
 (:mod:`imaml_kernels.trainer.evaluate`). The run folder's ownership is the caller's
 (:mod:`imaml_kernels.trainer.runs`; :mod:`imaml_kernels.trainer.cli` takes care of it).
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -37,7 +41,7 @@ from tqdm import tqdm
 from ..step import STATS, meta_step
 from . import distributed
 from .builders import build_backward_solve, build_model, build_samplers, build_solver
-from .checkpoint import CHECKPOINT_NAME, check_model_state, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, check_model_state, checkpoint_history, save_checkpoint
 from .evaluate import describe, evaluate, write_json
 from .plots import plot_curves
 from .presets import ConfigError, outer_lr_at
@@ -63,6 +67,8 @@ def train(
     dist: distributed.DistContext | None = None,
     max_bad_steps: int = 3,
     checkpoint_path: str | os.PathLike | None = None,
+    keep_ckpts: int = 2,
+    preemption: distributed.Preemption | None = None,
 ) -> dict[str, Any]:
     """Train to ``cfg["steps"]`` meta-steps, writing checkpoints, metrics and curves in ``out``.
 
@@ -75,23 +81,32 @@ def train(
         max_bad_steps: stop (:class:`~imaml_kernels.trainer.runs.RunError`) after this many bad
             meta-steps in a row (every task dropped, or a non-finite loss); parameters that
             turn non-finite stop the run at the next read-back and are never checkpointed.
+        keep_ckpts: checkpoints kept (``ckpt.pt``, ``ckpt.1.pt``, ...; see
+            :func:`~imaml_kernels.trainer.checkpoint.save_checkpoint`).
+        preemption: the stop requests honoured between meta-steps (its signals are caught
+            while the loop runs); None: the launcher's flag only, no signal is caught. After a
+            stop the run checkpoints the step just finished and returns without evaluating,
+            with ``result["preempted"]`` the signal's name.
 
     The folder's ownership (lock, refusing another run) is the caller's
     (:class:`~imaml_kernels.trainer.runs.RunFolder`; :func:`imaml_kernels.trainer.cli.main`
     takes care of it).
 
     Returns:
-        ``{"step", "out", "seconds", "step_seconds", "eval": dict | None, "files": [...]}``.
+        ``{"step", "out", "seconds", "step_seconds", "eval": dict | None, "files": [...],
+        "preempted": signal name | None}``.
     """
     dist = dist or distributed.DistContext()
-    run = _Run(cfg, Path(out), device, data_root, dist.is_main)
+    run = _Run(cfg, Path(out), device, data_root, dist, keep_ckpts)
     saved_log = {} if resume is None else _restore(run, resume, checkpoint_path or run.ckpt_path)
     T = int(cfg["meta_batch"])
     if T % dist.world_size:
         raise ConfigError(f"meta-batch {T} is not divisible by the world size {dist.world_size}")
     first = run.step
-    with _Logger(run, dist, max_bad_steps, saved_log, progress) as logger:
-        _loop(run, dist, logger, log_every, ckpt_every)
+    stop = preemption or distributed.Preemption(signals=())
+    with stop.catching(), _Logger(run, dist, max_bad_steps, saved_log, progress) as logger:
+        # A signal after the last meta-step: rank 0 skips the evaluation (bounded exit).
+        stopped = _loop(run, dist, logger, log_every, ckpt_every, stop) or (dist.is_main and stop.requested())
     dist.barrier()  # the last checkpoint is written before any rank returns
     steps_run, seconds = run.step - first, time.perf_counter() - logger.t_start
     result: dict[str, Any] = {
@@ -101,8 +116,9 @@ def train(
         "step_seconds": seconds / steps_run if steps_run else None,
         "eval": None,
         "files": run.files,
+        "preempted": signal.Signals(stopped).name if stopped else None,
     }
-    if not dist.is_main:
+    if not dist.is_main or stopped:
         return result
     if steps_run:
         print(f"trained {steps_run} meta-steps in {seconds:.1f} s ({seconds / steps_run:.2f} s/step, {T} tasks/step)")
@@ -115,10 +131,12 @@ class _Run:
     """This rank's run: its folder, the network and its Adam state, the samplers, the step
     reached and the files written so far (rank 0 alone writes)."""
 
-    def __init__(self, cfg: Mapping[str, Any], out: Path, device, data_root, main_rank: bool):
-        self.cfg, self.out, self.main_rank = cfg, out, main_rank
+    def __init__(self, cfg: Mapping[str, Any], out: Path, device, data_root, dist: distributed.DistContext,
+                 keep_ckpts: int = 2):
+        self.cfg, self.out, self.keep_ckpts = cfg, out, keep_ckpts
+        self.main_rank, self.world_size = dist.is_main, dist.world_size
         self.metrics_path, self.ckpt_path = out / METRICS_NAME, out / CHECKPOINT_NAME
-        if main_rank:
+        if self.main_rank:
             out.mkdir(parents=True, exist_ok=True)
         self.train_sampler, self.test_sampler = build_samplers(cfg, device, data_root)
         # θ₀ from the configuration's seed alone, so a run is reproducible from its config.
@@ -140,6 +158,9 @@ class _Run:
             "sampler": self.train_sampler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            # Informative only: nothing above depends on the number of ranks (every rank draws
+            # every task and holds the same θ and Adam state), so any world size can resume it.
+            "world_size": self.world_size,
             # The statistics read back but not yet logged and the divergence count: a crash at
             # any step loses no row and keeps the log's cadence.
             "log": log_state,
@@ -152,7 +173,10 @@ def _restore(run: _Run, resume: Mapping[str, Any], where) -> dict:
     logged, the divergence count); rank 0 drops the rows ``metrics.jsonl`` holds past it."""
     check_model_state(run.model, resume["model"], where)
     run.optimizer.load_state_dict(resume["optimizer"])
-    run.train_sampler.load_state_dict(resume["sampler"])
+    try:
+        run.train_sampler.load_state_dict(resume["sampler"])
+    except (ValueError, KeyError, TypeError) as exc:  # another device type: another task stream
+        raise CheckpointError(f"{where}: its task stream cannot be continued here ({exc})") from exc
     torch.set_rng_state(resume["torch_rng"])
     if resume.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(resume["cuda_rng"])
@@ -170,9 +194,15 @@ def _restore(run: _Run, resume: Mapping[str, Any], where) -> dict:
     return saved_log
 
 
-def _loop(run: _Run, dist: distributed.DistContext, logger: _Logger, log_every: int, ckpt_every: int) -> None:
+def _loop(run: _Run, dist: distributed.DistContext, logger: _Logger, log_every: int, ckpt_every: int,
+          stop: distributed.Preemption) -> int:
     """Meta-steps up to ``cfg["steps"]``; at a log or checkpoint step the read-back, at a log
-    step the rows written, at a checkpoint step (rank 0) the checkpoint and the curves."""
+    step the rows written, at a checkpoint step (rank 0) the checkpoint and the curves.
+
+    After each meta-step, the stop requests (``stop``; with several ranks, agreed on by one
+    all_reduce of a CPU int over gloo, so every rank stops after the same step): after a stop
+    that step is logged and checkpointed like the last one and the signal's number returned
+    (0: the run reached its last step)."""
     cfg, model, optimizer = run.cfg, run.model, run.optimizer
     theta = dict(model.named_parameters())
     inner, solve = build_solver(cfg), build_backward_solve(cfg)
@@ -184,14 +214,19 @@ def _loop(run: _Run, dist: distributed.DistContext, logger: _Logger, log_every: 
         logger.pending.append(meta_step(model, theta, optimizer, sample(), lam=cfg["lam"], inner=inner, solve=solve,
                                         average_gradients=average_gradients))
         run.step += 1
-        log_now = run.step % log_every == 0 or run.step == run.total
-        ckpt_now = run.step % ckpt_every == 0 or run.step == run.total
+        stopped = dist.agree(stop.requested()) if dist.active else stop.requested()
+        last = run.step == run.total or bool(stopped)
+        log_now = run.step % log_every == 0 or last
+        ckpt_now = run.step % ckpt_every == 0 or last
         if log_now or ckpt_now:
             logger.drain()
         if log_now:
             logger.write()
         if run.main_rank and ckpt_now:
-            _save(run, logger)
+            _save(run, logger, plot=not stopped)  # a stop: out quickly, the curves at the next checkpoint
+        if stopped:
+            return stopped
+    return 0
 
 
 def _batches(sampler, T: int, dist: distributed.DistContext):
@@ -300,15 +335,18 @@ class _Divergence:
             )
 
 
-def _save(run: _Run, logger: _Logger) -> None:
-    """Rank 0 at a checkpoint step: the checkpoint (atomically: the previous one survives a
-    failed write), then the curves."""
+def _save(run: _Run, logger: _Logger, plot: bool = True) -> None:
+    """Rank 0 at a checkpoint step: the rows logged so far onto the disk, the checkpoint
+    (atomically: the previous ones survive a failed write; ``keep_ckpts`` of them kept), then
+    (``plot``) the curves."""
     try:
-        save_checkpoint(run.ckpt_path, run.checkpoint_state(logger.state()))
+        logger.log.sync()
+        save_checkpoint(run.ckpt_path, run.checkpoint_state(logger.state()), keep=run.keep_ckpts)
     except OSError as exc:
         raise RunError(f"cannot write the checkpoint {run.ckpt_path}: {exc.strerror or exc}") from exc
-    run.add_files(CHECKPOINT_NAME)
-    _plot(run)
+    run.add_files(*(p.name for p in checkpoint_history(run.ckpt_path)))
+    if plot:
+        _plot(run)
 
 
 def _plot(run: _Run) -> None:

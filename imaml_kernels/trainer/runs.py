@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .._atomic import folder_problem, write_text
+from .checkpoint import CHECKPOINT_NAME, DAMAGED_SUFFIX, checkpoint_history
 
 __all__ = ["RunError", "RunFolder", "MetricsLog", "read_metrics", "json_safe", "check_out_dir"]
 
-# What a run writes into its folder (besides the lock).
+# What a run writes into its folder (besides the lock, the older checkpoints ckpt.<n>.pt and
+# the damaged ones set aside, <name>.damaged).
 RUN_FILES = ("ckpt.pt", "metrics.jsonl", "curves.png", "eval.json")
 _TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")  # tempfile.mkstemp(prefix=".name.", suffix=".tmp")
 
@@ -75,7 +77,9 @@ class RunFolder:
 
     def holds_run(self) -> list[str]:
         """The run files present (empty: a fresh folder)."""
-        return [n for n in RUN_FILES if (self.out / n).exists()]
+        names = [n for n in RUN_FILES if (self.out / n).exists()]
+        names += [p.name for p in checkpoint_history(self.out / CHECKPOINT_NAME) if p.name not in names]
+        return names + sorted(p.name for p in self.out.glob(f"*{DAMAGED_SUFFIX}") if p.is_file())
 
     def lock(self) -> None:
         import fcntl
@@ -176,6 +180,11 @@ class MetricsLog:
             data = (dumps(row) + "\n").encode()
             if os.write(self._fd, data) != len(data):  # a regular file takes it whole or raises
                 raise RunError(f"{self.path}: short write (disk full?)")
+
+    def sync(self) -> None:
+        """The rows written so far onto the disk (``fsync``), before a checkpoint says they are logged."""
+        if self._fd is not None:
+            os.fsync(self._fd)
 
     def close(self) -> None:
         if self._fd is not None:
