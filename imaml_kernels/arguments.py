@@ -29,6 +29,7 @@ class Options:
     chunk: Optional[int] = None
     max_memory: Optional[int] = None
     hvp_mode: str = "auto"
+    compile: bool = False
     backend: Optional[str] = None
     engine: Any = None
 

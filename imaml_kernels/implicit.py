@@ -163,7 +163,8 @@ def _objective(model, theta, support, lam, opts, psi):
     if net is None:  # the engine checks its labels itself (once per support set)
         args.check_labels(model, theta, x, y, opts.loss)
     return ProximalObjective(task_loss_fn(model, opts.loss), theta, args.as_lam(lam, x.shape[0], x.device), (x, y),
-                             engine=net, hvp_mode=opts.hvp_mode, key=(model, opts.loss), psi={k: p.detach() for k, p in psi.items()})
+                             engine=net, hvp_mode=opts.hvp_mode, key=(model, opts.loss), psi={k: p.detach() for k, p in psi.items()},
+                             compiled=opts.compile and net is None)
 
 
 def _planned(model, objective, inner, opts):
@@ -263,6 +264,11 @@ def implicit_adapt(model: Union[torch.nn.Module, Callable], theta: Dict[str, tor
             second where an op has no forward-mode derivative, e.g. ``F.mse_loss``).
         backend: the backend of every kernel: the CG solve and the engine's stages
             (:func:`imaml_kernels.dispatch.kernels`; ``None``: automatic).
+        compile: the generic path's inner gradient and HVP through ``torch.compile`` (Inductor:
+            C++ on the CPU, Triton on a GPU), compiled once per model, loss and shape (tens of
+            seconds on the CPU); products are then recomputed, not taken on a kept graph. It pays
+            where per-op overhead dominates (small models, many steps); the fused engine is not
+            compiled (its stages are fused already).
         engine: the fused network engine (:func:`~imaml_kernels.engine.select_engine`):
             ``None`` uses it whenever the model is supported (OmniglotConv, MiniImagenetConv,
             MLP, ...), ``False`` forces the generic ``torch.func`` path, ``True`` requires it.

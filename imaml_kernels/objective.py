@@ -24,6 +24,7 @@ primal pass (the engine's :class:`~imaml_kernels.engine.Linearization`, or
 
 import contextlib
 import copy
+import functools
 import weakref
 from typing import Callable, Dict, Mapping, Optional
 
@@ -160,6 +161,21 @@ class EngineObjective(TaskObjective):
 
 # The HVP mode "auto" settled on, per model (weakly) and loss: a fallback is found once.
 _AUTO_MODE = weakref.WeakKeyDictionary()
+# torch.compile'd functions of the generic path, per model (weakly), loss and kind: compiled once.
+_COMPILED = weakref.WeakKeyDictionary()
+
+
+def _compiled(model, loss, kind, make):
+    """``torch.compile(make())``, made once per (model, loss, kind) and reused (dynamo's own
+    cache would see a new closure each call)."""
+    try:
+        store = _COMPILED.setdefault(model, {})
+    except TypeError:  # a model that cannot be weakly referenced: compiled per call
+        return torch.compile(make(), dynamic=False)
+    fn = store.get((loss, kind))
+    if fn is None:
+        fn = store[(loss, kind)] = torch.compile(make(), dynamic=False)
+    return fn
 
 
 def _math_sdpa():
@@ -183,15 +199,15 @@ class FuncObjective(TaskObjective):
 
     ``psi``: the parameters meta-learned but not adapted (a dict, for the cross term)."""
 
-    def __init__(self, task_loss, layout, batch, *, hvp_mode="auto", key=None, psi=None):
+    def __init__(self, task_loss, layout, batch, *, hvp_mode="auto", key=None, psi=None, compiled=False):
         if hvp_mode not in HVP_MODES + ("auto",):
             raise ValueError(f"hvp_mode must be one of {HVP_MODES + ('auto',)}, got {hvp_mode!r}")
         self.task_loss, self.layout, self.batch = task_loss, layout, tuple(batch)
-        self.hvp_mode, self.psi = hvp_mode, dict(psi or {})
+        self.hvp_mode, self.psi, self.compiled = hvp_mode, dict(psi or {}), bool(compiled)
         # "auto" remembers its choice per (model, loss): both outlive this call's task_loss closure.
         self._key, self._sub = key if isinstance(key, tuple) else (key if key is not None else task_loss, None)
         self._loss = vmap(task_loss)
-        self._grad = vmap(grad(task_loss))
+        self._grad = _compiled(self._key, self._sub, "grad", lambda: vmap(grad(task_loss))) if compiled else vmap(grad(task_loss))
         self._grad_value = vmap(grad_and_value(task_loss))
 
     def subset(self, lo, hi):
@@ -255,10 +271,16 @@ class FuncObjective(TaskObjective):
         return self._settled_mode()
 
     def hvp(self, phi, v, mode):
-        """``H_t v_t`` recomputed from scratch (no linearisation), flat ``[T, P]`` in and out."""
+        """``H_t v_t`` recomputed from scratch (no linearisation), flat ``[T, P]`` in and out;
+        compiled: through ``torch.compile`` (reverse-over-reverse: dynamo cannot trace a jvp there)."""
         un = self.layout.unflatten
+        f = self.task_loss
+        if self.compiled:
+            fn = _compiled(self._key, self._sub, "hvp", lambda: lambda p, t, *b: batched_hvp(f, p, t, *b, mode="revrev"))
+        else:
+            fn = functools.partial(batched_hvp, f, mode=mode)
         with _math_sdpa():
-            return self.layout.flatten(batched_hvp(self.task_loss, un(phi), un(v), *self.batch, mode=mode))
+            return self.layout.flatten(fn(un(phi), un(v), *self.batch))
 
     def cross_vjp(self, phi, u, mode) -> Dict[str, torch.Tensor]:
         """``Σ_t (∂²L̂_t/∂ψ∂φ) u_t`` recomputed: for each non-adapted parameter ψ, the gradient
@@ -295,8 +317,8 @@ class FuncLinearization:
     def __init__(self, task, phi):
         self.task, self.phi = task, phi
         self._vg = self._graph = None
-        self.mode = "revrev" if torch.compiler.is_compiling() else task._settled_mode()
-        if self.mode in (None, "revrev") and not torch.compiler.is_compiling():
+        self.mode = "revrev" if torch.compiler.is_compiling() or task.compiled else task._settled_mode()
+        if self.mode in (None, "revrev") and not (torch.compiler.is_compiling() or task.compiled):
             self._graph = self._build()
 
     def _build(self):
@@ -385,8 +407,9 @@ class ProximalObjective:
         theta: dict of shared meta-parameters (unbatched; detached here).
         lam: λ_t > 0: a Python number or a ``[T]`` tensor.
         batch: tensors with leading T (the support set).
-        hvp_mode: the generic path's HVPs (:class:`FuncObjective`); ``key``: the
-            ``(model, loss)`` under which its "auto" mode remembers a fallback.
+        hvp_mode, compiled: the generic path's HVPs and whether its gradient and HVP run
+            through ``torch.compile`` (:class:`FuncObjective`); ``key``: the ``(model, loss)``
+            under which its "auto" mode remembers a fallback.
         psi: the model's parameters that are meta-learned but not adapted (generic path:
             :meth:`FuncObjective.cross_vjp`).
         engine: a :class:`~imaml_kernels.engine.BatchedNet` computing the same ``task_loss``
@@ -399,7 +422,8 @@ class ProximalObjective:
     descent, fused where the task objective has a fused loop.
     """
 
-    def __init__(self, task_loss, theta, lam, batch, engine=None, *, hvp_mode="auto", task=None, key=None, psi=None):
+    def __init__(self, task_loss, theta, lam, batch, engine=None, *, hvp_mode="auto", task=None, key=None, psi=None,
+                 compiled=False):
         self.theta = {k: v.detach() for k, v in theta.items()}
         self.lam = lam
         self.batch = tuple(batch)
@@ -410,7 +434,7 @@ class ProximalObjective:
                     raise ValueError("the engine's parameter layout differs from theta's (names, order or shapes)")
                 task = EngineObjective(engine, self.batch)
             else:
-                task = FuncObjective(task_loss, self.layout, self.batch, hvp_mode=hvp_mode, key=key, psi=psi)
+                task = FuncObjective(task_loss, self.layout, self.batch, hvp_mode=hvp_mode, key=key, psi=psi, compiled=compiled)
         self.task = task
         self.engine = getattr(task, "net", None)
 

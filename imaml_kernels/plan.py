@@ -45,6 +45,7 @@ class Plan:
         tasks: T; chunk: tasks adapted and solved together.
         hvp: ``"engine"``, ``"revrev"`` (one kept gradient graph, a backward pass per product)
             or ``"fwdrev"`` (each product recomputed forward-over-reverse).
+        compiled: the generic path's gradient and products run through ``torch.compile``.
         budget: the memory bound (bytes) the choice respected, ``None`` when nothing was probed.
         probe: ``((chunk, seconds per task, bytes held), ...)`` measured, empty when not probed.
         why: how the choice was made, in words.
@@ -54,6 +55,7 @@ class Plan:
     tasks: int
     chunk: int
     hvp: str
+    compiled: bool = False
     budget: Optional[int] = None
     probe: Tuple[Tuple[int, float, int], ...] = ()
     why: str = ""
@@ -67,6 +69,8 @@ class Plan:
         hvp = {"engine": "HVPs by the fused engine", "revrev": "HVPs reverse-over-reverse on one kept graph",
                "fwdrev": "HVPs recomputed forward-over-reverse"}[self.hvp]
         split = "all at once" if self.chunk >= self.tasks else f"in chunks of {self.chunk}"
+        if self.compiled:
+            hvp = "HVPs recomputed reverse-over-reverse, gradient and HVP compiled (torch.compile)"
         text = f"{self.path} path: {self.tasks} tasks {split}; {hvp}"
         if self.budget is not None:
             text += f"; memory budget {self.budget / 2**20:.0f} MiB"
@@ -242,6 +246,9 @@ def decide(model, objective, inner, opts, solve_iters: int) -> Plan:
     engine = objective.engine is not None
     fixed_chunk = None if opts.chunk is None else max(1, min(int(opts.chunk), T))
     fixed_mode = "engine" if engine else (opts.hvp_mode if opts.hvp_mode != "auto" else None)
+    if opts.compile and not engine:
+        # Compiling a shape costs tens of seconds: no probe over chunk sizes.
+        return Plan("generic", T, fixed_chunk or T, "revrev", compiled=True, why="compiled: no probe")
     reason = _no_probe(x) or ("first order: no solve to plan" if opts.first_order else None)
     if reason is not None:
         return Plan("engine" if engine else "generic", T, fixed_chunk or T, fixed_mode or "revrev", why=f"{reason}; no probe")
