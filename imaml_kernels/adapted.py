@@ -20,10 +20,10 @@ __all__ = ["AdaptedParams", "Diagnostics"]
 class Diagnostics:
     """What the op learns about each task: the inner loss, and the backward's solve info."""
 
-    __slots__ = ("inner_loss", "info", "plan")
+    __slots__ = ("inner_loss", "info", "plan", "inner")
 
-    def __init__(self, inner_loss=None, info=None, plan=None):
-        self.inner_loss, self.info, self.plan = inner_loss, info, plan
+    def __init__(self, inner_loss=None, info=None, plan=None, inner=None):
+        self.inner_loss, self.info, self.plan, self.inner = inner_loss, info, plan, inner
 
 
 class AdaptedParams(dict):
@@ -37,7 +37,8 @@ class AdaptedParams(dict):
       ``dropped`` marks tasks whose contribution was zeroed (non-finite outer gradient,
       solution or inner loss). A task whose CG broke down (``info["cg"].breakdown``) keeps
       CG's last good iterate; ``info["cg"].diverged`` flags a residual that grew;
-    - ``plan``: how the call ran (:mod:`imaml_kernels.plan`).
+    - ``plan``: how the call ran (:mod:`imaml_kernels.plan`);
+    - ``inner_info``: what the inner solver reported, e.g. tasks whose objective did not decrease.
     """
 
     def __init__(self, *args, _diag=None, **kw):
@@ -51,6 +52,13 @@ class AdaptedParams(dict):
     @property
     def info(self) -> Optional[dict]:
         return self._diag.info
+
+    @property
+    def inner_info(self) -> Optional[dict]:
+        """What the inner solver reported (``None`` if nothing): :class:`~imaml_kernels.NewtonCG`
+        gives ``decreased`` ``[T]`` bool (the proximal objective went down) and ``fallbacks``
+        ``[T]`` (its steps that fell back to steepest descent)."""
+        return self._diag.inner
 
     @property
     def plan(self):

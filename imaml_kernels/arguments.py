@@ -54,32 +54,6 @@ def host_checks_allowed():
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
-def as_lam(lam, T, device):
-    """λ in its one form: a Python float (from a number) or a ``[T]`` tensor on ``device``."""
-    if isinstance(lam, (list, tuple)):
-        try:
-            lam = torch.tensor([float(v) for v in lam])
-        except (TypeError, ValueError):
-            raise TypeError(f"lam must be a number, a [T] tensor or a list of T numbers, got {lam!r}") from None
-    if isinstance(lam, torch.Tensor):
-        if lam.dim() == 0:
-            lam = lam.expand(T)
-        if tuple(lam.shape) != (T,):
-            raise ValueError(f"lam must be a scalar or a [T] tensor with T={T}, got shape {list(lam.shape)}")
-        if not lam.is_floating_point():
-            lam = lam.double()
-        # Checking values of a device tensor would sync with the host: only CPU tensors are checked.
-        if lam.device.type == "cpu" and host_checks_allowed() and not bool(((lam > 0) & torch.isfinite(lam)).all()):
-            raise ValueError("lam must be finite and > 0 for every task")
-        return lam.detach().to(device, torch.float64 if lam.dtype == torch.float64 else torch.float32)
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
-        raise TypeError(f"lam must be a number, a [T] tensor or a list of T numbers, got {type(lam).__name__}")
-    lam = float(lam)
-    if not 0 < lam < float("inf"):
-        raise ValueError(f"lam must be finite and > 0, got {lam}")
-    return lam
-
-
 def check_theta(theta):
     if not isinstance(theta, dict) or not theta:
         raise TypeError(f"theta must be a non-empty dict {{name: tensor}} of meta-parameters, got {type(theta).__name__}")

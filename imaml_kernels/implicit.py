@@ -14,6 +14,7 @@ and the options live in :mod:`~imaml_kernels.arguments`, φ's type in :mod:`~ima
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable, Dict, Union
 
 import torch
@@ -21,11 +22,14 @@ import torch.nn.functional as F
 from torch.func import vmap
 
 from . import arguments as args
+from . import lam as lam_mod
 from . import plan as plans
 from .adapted import AdaptedParams, Diagnostics
 from .cg import CG, CGInfo
 from .engine import functional_logits, select_engine
 from .inner import GD, SGDThenPullBack
+from .lam import Lam, PerCoordinate
+from .layout import ParamLayout
 from .objective import ProximalObjective, batch_stats_only, lam_like, task_loss_fn
 
 __all__ = ["implicit_adapt", "implicit_meta_grad", "plan_for"]
@@ -41,7 +45,8 @@ def _rows_finite(t):
 class _Saved:
     """What the backward needs. ``chunks``: the task ranges solved one after the other (the
     plan's); ``lin`` holds the linearisation made with the inner loss when there is one chunk
-    (the engine's; the backward takes it, so its activations are freed after the solve)."""
+    (the engine's; the backward takes it, so its activations are freed after the solve);
+    ``lam``: λ resolved (:class:`~imaml_kernels.lam.Lam`: its sources get gradients)."""
 
     objective: ProximalObjective
     phi: list  # [φ as a dict]: the forward takes it out and saves it with save_for_backward
@@ -53,56 +58,89 @@ class _Saved:
     theta_dtypes: Dict[str, torch.dtype]
     chunks: tuple
     lin: list
+    lam: Lam
 
 
-def _solve(lin, solve, g, lam):
-    """``((1+c) I + H/(λ+d)) x = g`` as ``(I + H/λ') x = g/(1+c)``, ``λ' = (1+c)(λ+d)``: the
-    same solution with a one-pass matvec, handed to any solve in the linearisation's work
-    order (CG is elementwise in the coordinates)."""
-    c, d = float(getattr(solve, "damping", 0.0)), float(getattr(solve, "lam_damping", 0.0))
-    lam_p = lam_like(lam, g) + d
-    lam_p = lam_p * (1.0 + c) if c else lam_p
+def _damping(solve):
+    return float(getattr(solve, "damping", 0.0)), float(getattr(solve, "lam_damping", 0.0))
+
+
+def _matvec(lin, solve, scale, inner):
+    """The operator handed to the solve, one pass beyond the HVP: ``v + H v / λ'`` (``scale``
+    ``λ'``, uniform per task), or per coordinate ``v + s ⊙ H (s ⊙ v)`` (``inner`` ``s``). For
+    CG, the product and the result live in two buffers reused by every call: it consumes a
+    result before it asks for the next one (any other solve may keep results; fresh ones under
+    compile too)."""
     hv = res = None
-    # Two buffers reused by every call, the product and the result, for CG: it consumes a
-    # result before it asks for the next one (any other solve may keep results; fresh ones
-    # under compile too).
     reuse = isinstance(solve, CG) and not torch.compiler.is_compiling()
 
     def matvec(v):
         nonlocal hv, res
+        if inner is not None:
+            hv = lin.hvp(v * inner, out=hv if reuse else None)
+            return torch.addcmul(v, hv, inner, out=res if reuse else None)
         hv = lin.hvp(v, out=hv if reuse else None)
-        if isinstance(lam_p, float):
-            res = torch.add(v, hv, alpha=1.0 / lam_p, out=res if reuse else None)
+        if isinstance(scale, float):
+            res = torch.add(v, hv, alpha=1.0 / scale, out=res if reuse else None)
         else:
-            res = torch.addcdiv(v, hv, lam_p, out=res if reuse else None)
+            res = torch.addcdiv(v, hv, scale, out=res if reuse else None)
         return res
 
-    out = solve(matvec, lin.to_work(g / (1.0 + c) if c else g))
+    return matvec
+
+
+def _solve(lin, solve, g, lam):
+    """``y = (H + Λ')⁻¹ g`` and θ's rows ``x = (Λ + d) y``, ``Λ' = (1+c)(Λ + d)`` (the damped
+    system ``((1+c) I + H/(λ+d)) x = g``; c, d: the solve's damping), handed to the solve in the
+    linearisation's work order -> ``(x, y, info)``.
+
+    λ uniform per task: ``(I + H/λ') x = g/(1+c)``, the same solution with a one-pass matvec
+    (CG is elementwise in the coordinates). λ per coordinate: the symmetric
+    ``(I + s H s) z = s g`` with ``s = Λ'^(-1/2)``, ``y = s z``."""
+    c, d = _damping(solve)
+    lam_d = lam_like(lam, g) + d
+    lam_p = lam_d * (1.0 + c) if c else lam_d
+    if isinstance(lam, PerCoordinate):
+        s = lam_p.rsqrt()
+        s_work = lin.to_work(s.expand_as(g))
+        out = solve(_matvec(lin, solve, None, s_work), lin.to_work(g * s))
+    else:
+        out = solve(_matvec(lin, solve, lam_p, None), lin.to_work(g / (1.0 + c) if c else g))
     if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor) and out[0].shape == g.shape):
         raise TypeError(f"solve(matvec, b) must return (x, info) with x of shape {list(g.shape)}")
-    return lin.from_work(out[0].to(g.dtype)), out[1]
+    z = lin.from_work(out[0].to(g.dtype))
+    if isinstance(lam, PerCoordinate):
+        y = z * s
+        return y * lam_d, y, out[1]
+    return z, None, out[1]
 
 
 def _chunk_backward(s, obj, phi, g, inner_loss, eager):
-    """One chunk of tasks: ``(x, info, dropped, cross)`` for the flat gradient ``g [c, P]``."""
+    """One chunk of tasks: ``(x, info, dropped, cross, lam_sensitivity)`` for the flat
+    gradient ``g [c, P]``; the last: ``dL/dλ`` per task ``[c]`` or per coordinate ``[P]``
+    summed over the chunk's tasks (``None`` when λ needs no gradient)."""
     keep = _rows_finite(g)
     g.masked_fill_(~keep[:, None], 0.0)  # g is this backward's own buffer
-    x, info, cross = g, None, {}
+    x, y, info, cross, sens = g, None, None, {}, None
     if not s.opts.first_order:
         with batch_stats_only(s.model):
             lin = (s.lin.pop() if eager and s.lin else None) or obj.linearize(phi)
-            x, info = _solve(lin, s.opts.solve, g, obj.lam)
+            x, y, info = _solve(lin, s.opts.solve, g, obj.lam)
         # A breakdown (I + H/λ indefinite for a non-convex task) keeps CG's last good
         # iterate, a usable partial solve; it is reported in info["cg"].breakdown.
         keep = keep & _rows_finite(x)
     bad = ~keep | ~torch.isfinite(inner_loss)
     x = x.masked_fill_(bad[:, None], 0.0)  # x: g, or the solve's own result
-    if s.psi and not s.opts.first_order:
-        # dφ*/dψ = −(H + λ'I)⁻¹ ∂²L̂/∂φ∂ψ, and (H + λ'I)⁻¹ g = x/(λ+d).
-        lam_d = lam_like(obj.lam, x) + float(getattr(s.opts.solve, "lam_damping", 0.0))
-        with batch_stats_only(s.model):
-            cross = lin.cross_vjp(x / lam_d)
-    return x, info, bad, cross
+    if not s.opts.first_order and (s.psi or s.lam.sources):
+        # (H + Λ')⁻¹ g: y, or x/(λ+d) where λ is uniform per task.
+        y = y.masked_fill_(bad[:, None], 0.0) if y is not None else x / (lam_like(obj.lam, x) + _damping(s.opts.solve)[1])
+        if s.psi:  # dφ*/dψ = −(H + Λ')⁻¹ ∂²L̂/∂φ∂ψ
+            with batch_stats_only(s.model):
+                cross = lin.cross_vjp(y)
+        if s.lam.sources:  # dL/dλ_g = −Σ_{i ∈ g} y_i (φ − θ)_i
+            prod = y * (phi - obj.theta_flat.to(phi.dtype))
+            sens = -(prod.sum(1) if s.lam.kind == "task" else prod.sum(0))
+    return x, info, bad, cross, sens
 
 
 def _joined(infos):
@@ -135,34 +173,51 @@ class _ImplicitGrad(torch.autograd.Function):
         phi = dict(zip(ctx.names, ctx.saved_tensors))
         grads = {k: (gr if gr is not None else torch.zeros_like(phi[k])) for k, gr in zip(phi, grads)}
         phi = obj.layout.as_flat(phi)
-        total, cross, infos, bad = None, {}, [], []
+        total, cross, infos, bad, sens = None, {}, [], [], []
         for lo, hi in s.chunks:
             sub = obj if len(s.chunks) == 1 else obj.subset(lo, hi)
             g = obj.layout.flatten({k: gr[lo:hi] for k, gr in grads.items()})
-            x, info, dropped, cr = _chunk_backward(s, sub, phi[lo:hi], g, s.inner_loss[lo:hi], eager)
+            x, info, dropped, cr, sn = _chunk_backward(s, sub, phi[lo:hi], g, s.inner_loss[lo:hi], eager)
             part = x.sum(0, keepdim=True)  # one reduction over the chunk's tasks
             total = part if total is None else total.add_(part)
             cross = cr if not cross else {k: cross[k] + cr[k] for k in cross}
             infos.append(info)
             bad.append(dropped)
+            sens.append(sn)
         if eager:
             s.diag.info = {"cg": _joined(infos), "dropped": torch.cat(bad)}
         total = obj.layout.unflatten(total)
         out = [total[k][0].to(s.theta_dtypes[k]) for k in ctx.names]
         if s.psi:
             out += [None] * len(s.psi) if s.opts.first_order else [-cross[k].to(p.dtype) for k, p in s.psi.items()]
+        if s.lam.sources:
+            if s.opts.first_order:
+                out += [None] * len(s.lam.sources)
+            elif s.lam.kind == "task":
+                out += s.lam.grads(torch.cat(sens), None)
+            else:
+                out += s.lam.grads(None, functools.reduce(torch.add, sens))
         return (None, *out)
 
 
+def _lam(lam, theta, T, device):
+    """λ resolved (:func:`imaml_kernels.lam.resolve`) against θ's layout and dtype."""
+    layout = ParamLayout.from_params(theta, batched=False)
+    dtype = next(iter(theta.values())).dtype
+    return lam_mod.resolve(lam, T, device, layout, dtype if dtype in (torch.float32, torch.float64) else torch.float32,
+                           args.host_checks_allowed())
+
+
 def _objective(model, theta, support, lam, opts, psi):
-    """The call's :class:`ProximalObjective` (on the fused engine where it runs)."""
+    """The call's :class:`ProximalObjective` (on the fused engine where it runs); ``lam``: its
+    one form (a float, a ``[T]`` tensor or per coordinate)."""
     x, y = support
     net = None if psi else select_engine(model, theta, x, opts.loss, opts.engine, opts.backend)
     if psi and opts.engine is True:
         raise ValueError(f"engine=True but the fused engine adapts every parameter; these are not in theta: {list(psi)}")
     if net is None:  # the engine checks its labels itself (once per support set)
         args.check_labels(model, theta, x, y, opts.loss)
-    return ProximalObjective(task_loss_fn(model, opts.loss), theta, args.as_lam(lam, x.shape[0], x.device), (x, y),
+    return ProximalObjective(task_loss_fn(model, opts.loss), theta, lam, (x, y),
                              engine=net, hvp_mode=opts.hvp_mode, key=(model, opts.loss), psi={k: p.detach() for k, p in psi.items()},
                              compiled=opts.compile and net is None)
 
@@ -177,28 +232,32 @@ def _planned(model, objective, inner, opts):
 
 def _adapt(model, theta, support, lam, inner, opts, psi):
     """The inner solve, chunk by chunk of tasks as the plan says: ``(objective, phi, inner_loss,
-    plan, lin, meta)`` (``lin``: the backward's linearisation, made now when the engine runs one
-    chunk: its loss is the inner loss, so the support set's forward pass runs once, not twice)."""
+    plan, lin, meta, report)`` (``lin``: the backward's linearisation, made now when the engine
+    runs one chunk: its loss is the inner loss, so the support set's forward pass runs once, not
+    twice; ``report``: what the inner solver left in ``objective.report``);
+    ``lam``: resolved (:class:`~imaml_kernels.lam.Lam`)."""
     T = support[0].shape[0]
-    meta = torch.is_grad_enabled() and (any(v.requires_grad for v in theta.values()) or bool(psi))
+    meta = torch.is_grad_enabled() and (any(v.requires_grad for v in theta.values()) or bool(psi) or bool(lam.sources))
     with batch_stats_only(model):
-        objective = _objective(model, theta, support, lam, opts, psi)
+        objective = _objective(model, theta, support, lam.value, opts, psi)
         plan = _planned(model, objective, inner, opts)
         with torch.no_grad():
             if len(plan.chunks) == 1:
                 phi = _inner_solve(objective, theta, inner, T)
+                report = getattr(objective, "report", None)
                 if meta and objective.engine is not None and not opts.first_order:
                     lin = objective.linearize(objective.layout.as_flat(phi))
-                    return objective, phi, lin.loss, plan, [lin], meta
-                return objective, phi, objective.task_value(phi), plan, [], meta
+                    return objective, phi, lin.loss, plan, [lin], meta, report
+                return objective, phi, objective.task_value(phi), plan, [], meta, report
             flat = torch.empty(T, objective.layout.numel, dtype=objective.theta_flat.dtype, device=support[0].device)
-            losses = []
+            losses, reports = [], []
             for lo, hi in plan.chunks:
                 sub = objective.subset(lo, hi)
                 part = _inner_solve(sub, theta, inner, hi - lo)
                 flat[lo:hi] = objective.layout.flatten(part)
                 losses.append(sub.task_value(part))
-            return objective, objective.layout.unflatten(flat), torch.cat(losses), plan, [], meta
+                reports.append(getattr(sub, "report", None))
+            return objective, objective.layout.unflatten(flat), torch.cat(losses), plan, [], meta, _reports(reports)
 
 
 def plan_for(model, theta, support, *, lam, inner, **options) -> plans.Plan:
@@ -213,8 +272,17 @@ def plan_for(model, theta, support, *, lam, inner, **options) -> plans.Plan:
     args.check_theta(theta)
     args.check_support(support)
     psi = args.check_model_params(model, theta)
+    lam = _lam(lam, theta, support[0].shape[0], support[0].device)
     with batch_stats_only(model), torch.no_grad():
-        return _planned(model, _objective(model, theta, support, lam, opts, psi), inner, opts)
+        return _planned(model, _objective(model, theta, support, lam.value, opts, psi), inner, opts)
+
+
+def _reports(parts):
+    """The chunks' inner-solver reports as one (``None`` when the solver reported nothing)."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def _inner_solve(objective, theta, inner, T):
@@ -292,12 +360,14 @@ def implicit_adapt(model: Union[torch.nn.Module, Callable], theta: Dict[str, tor
     psi = args.check_model_params(model, theta)
     args.check_inner(inner)
     args.check_dtypes(model, theta, support[0])
-    objective, phi, inner_loss, plan, lin, meta = _adapt(model, theta, support, lam, inner, opts, psi)
-    diag = Diagnostics(inner_loss, plan=plan)
+    lam = _lam(lam, theta, support[0].shape[0], support[0].device)
+    objective, phi, inner_loss, plan, lin, meta, report = _adapt(model, theta, support, lam, inner, opts, psi)
+    diag = Diagnostics(inner_loss, plan=plan, inner=report)
     if not meta:
         return AdaptedParams(phi, _diag=diag)
-    saved = _Saved(objective, [phi], opts, inner_loss, diag, model, psi, {k: v.dtype for k, v in theta.items()}, plan.chunks, lin)
-    outs = _ImplicitGrad.apply(saved, *theta.values(), *psi.values())
+    saved = _Saved(objective, [phi], opts, inner_loss, diag, model, psi, {k: v.dtype for k, v in theta.items()}, plan.chunks,
+                   lin, lam)
+    outs = _ImplicitGrad.apply(saved, *theta.values(), *psi.values(), *lam.sources)
     return AdaptedParams(zip(theta, outs), _diag=diag)
 
 
@@ -325,13 +395,14 @@ def implicit_meta_grad(model, theta, support, query, *, lam, inner, **options):
         raise ValueError(f"query has T={query[0].shape[0]} tasks but support has T={T}")
     leaves = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in theta.items()}
     psi = args.check_model_params(model, leaves)
-    lam = args.as_lam(lam, T, support[0].device)
+    if isinstance(lam, (list, tuple)):
+        lam = torch.tensor([float(v) for v in lam])
     plan = plan_for(model, leaves, support, lam=lam, inner=inner, **options)
     # Each chunk's tasks end to end (adapt, query loss, backward): nothing [T, P] is kept.
     fixed = {**options, "chunk": plan.chunk, "hvp_mode": plan.hvp} if plan.path == "generic" else {**options, "chunk": None}
     meta, infos = None, []
     for lo, hi in plan.chunks:
-        part = (lam[lo:hi] if isinstance(lam, torch.Tensor) else lam)
+        part = lam[lo:hi] if isinstance(lam, torch.Tensor) and lam.dim() else lam
         g, info = _meta_grad(model, leaves, psi, [t[lo:hi] for t in support], [t[lo:hi] for t in query], part, inner,
                              fixed, opts)
         meta = g if meta is None else {k: meta[k].add_(g[k]) for k in meta}

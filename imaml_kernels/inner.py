@@ -18,6 +18,7 @@ def _count(v, least=0):
 
 def _positive(v):
     return not isinstance(v, bool) and isinstance(v, (int, float)) and 0 < v < math.inf
+from .lam import PerCoordinate
 from .objective import lam_like, proximal_term
 
 
@@ -130,6 +131,13 @@ class NewtonCG:
     search over ``{1, 1/2, …}``, all tasks at once with no host synchronisation. A task whose
     line search finds no decrease does not move on that step.
 
+    Where ``H_t + λ_t I`` is indefinite (a non-convex task, λ small) CG can meet negative
+    curvature at its first iteration and return no direction; such a task, or one whose
+    direction is not a descent direction, takes the steepest-descent direction ``−∇_t/λ_t``
+    instead (truncated-Newton practice). The solver reports in ``objective.report``
+    (``phi.inner_info``): ``decreased`` ``[T]`` bool, whether the proximal objective went
+    down at all over the solve, and ``fallbacks`` ``[T]`` int32, the steps that fell back.
+
     This is the paper's best ("Hessian-Free") inner solver.
     """
 
@@ -145,6 +153,7 @@ class NewtonCG:
     def __call__(self, objective, phi0):
         layout = objective.layout
         phi = layout.flatten(phi0).clone()
+        start, fallbacks = None, torch.zeros(phi.shape[0], dtype=torch.int32, device=phi.device)
         for _ in range(self.steps):
             # One linearisation per Newton step: with the fused engine every CG product
             # reuses its primal pass; the solve runs in the linearisation's work order.
@@ -152,9 +161,17 @@ class NewtonCG:
             pv, pg = proximal_term(phi, objective.theta_flat, objective.lam)
             f0, g = lin.loss + pv, lin.grad + pg
             lam = lam_like(objective.lam, g)
-            d, _ = cg_solve(lambda v: lin.hvp(v) + lam * v, lin.to_work(-g), iters=self.cg_iters, backend=self.backend)
+            if isinstance(objective.lam, PerCoordinate):
+                lam = lin.to_work(lam.expand_as(g))  # per coordinate: into the work order
+            d, info = cg_solve(lambda v: lin.hvp(v) + lam * v, lin.to_work(-g), iters=self.cg_iters, backend=self.backend)
             d = lin.from_work(d)
             slope = (g * d).sum(1)  # < 0 for a descent direction
+            # No direction (negative curvature at CG's first iteration) or no descent: steepest descent.
+            fall = (info.iterations == 0) | ~(slope < 0)
+            d = torch.where(fall[:, None], -g / lam_like(objective.lam, g), d)
+            slope = torch.where(fall, (g * d).sum(1), slope)
+            fallbacks += fall.to(torch.int32)
+            start = f0 if start is None else start
             # Armijo, with the rounding error of f itself allowed: near the minimum the
             # decrease of a full Newton step falls below what f can resolve, and a strict
             # test would stall the task short of convergence.
@@ -166,6 +183,8 @@ class NewtonCG:
                 ok = torch.isfinite(ft) & (ft <= f0 + self.c1 * t * slope + slack) & (step == 0) & (slope < 0)
                 step = torch.where(ok, torch.full_like(step, t), step)
             phi = phi + step.to(phi.dtype)[:, None] * d
+        if start is not None:
+            objective.report = {"decreased": objective.value(layout.unflatten(phi)) < start, "fallbacks": fallbacks}
         return layout.unflatten(phi)
 
 

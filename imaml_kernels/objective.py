@@ -18,8 +18,9 @@ primal pass (the engine's :class:`~imaml_kernels.engine.Linearization`, or
 - ``to_work(v)`` / ``from_work(v)``: θ's order to the work order and back.
 
 :class:`ProximalObjective` adds the proximal term ``(λ_t/2)‖φ_t − θ‖²`` (written once, in
-:func:`proximal_term`) and is what every inner solver receives. λ is a Python number or a
-``[T]`` tensor throughout (:func:`lam_like` broadcasts either against a tensor).
+:func:`proximal_term`) and is what every inner solver receives. λ is a Python number, a
+``[T]`` tensor or per coordinate (:mod:`imaml_kernels.lam`) throughout (:func:`lam_like`
+broadcasts each against a tensor).
 """
 
 import contextlib
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 from .hvp import HVP_MODES, batched_hvp
+from .lam import PerCoordinate
 from .layout import ParamLayout
 
 __all__ = [
@@ -66,27 +68,32 @@ def task_loss_fn(model, loss: Optional[Callable] = None) -> Callable:
     return f
 
 
-def lam_like(lam, t: torch.Tensor):
-    """λ against ``t [T, ...]``: a Python number stays one (no launch); a ``[T]`` tensor
-    becomes ``[T, 1, ...]`` of ``t``'s dtype."""
+def lam_like(lam, t: torch.Tensor, key: Optional[str] = None):
+    """λ against ``t``: a Python number stays one (no launch); a ``[T]`` tensor becomes
+    ``[T, 1, ...]`` of ``t``'s dtype; a :class:`~imaml_kernels.lam.PerCoordinate` becomes
+    ``[1, P]`` against a flat ``t [T, P]`` in θ's order, or, with ``key``, parameter ``key``'s
+    ``[1, *shape]`` against its ``[T, *shape]``."""
+    if isinstance(lam, PerCoordinate):
+        return lam.param(key, t) if key is not None else lam.row(t)
     if not isinstance(lam, torch.Tensor):
         return lam
     return lam.to(t.dtype).view(-1, *([1] * (t.dim() - 1)))
 
 
 def proximal_term(phi, theta, lam):
-    """``((λ_t/2)‖φ_t − θ‖² [T], λ_t (φ_t − θ))`` for ``phi`` a ``[T, P]`` tensor (``theta``
+    """``(½ Σ_i λ_i (φ_t − θ)_i² [T], λ (φ_t − θ))`` for ``phi`` a ``[T, P]`` tensor (``theta``
     ``[P]``) or a dict of ``[T, ...]`` tensors (``theta`` a dict of unbatched ones); ``lam`` a
-    number or a ``[T]`` tensor."""
+    number, a ``[T]`` tensor or per coordinate."""
     if isinstance(phi, torch.Tensor):
         d = phi - theta.to(phi.dtype)
-        return 0.5 * lam_like(lam, d[:, 0]) * (d * d).sum(1), lam_like(lam, d) * d
+        g = lam_like(lam, d) * d
+        return 0.5 * (g * d).sum(1), g
     sq, g = 0, {}
     for k, p in phi.items():
         d = p - theta[k]
-        sq = sq + (d * d).reshape(p.shape[0], -1).sum(1)
-        g[k] = lam_like(lam, d) * d
-    return 0.5 * lam_like(lam, sq) * sq, g
+        g[k] = lam_like(lam, d, k) * d
+        sq = sq + (g[k] * d).reshape(p.shape[0], -1).sum(1)
+    return 0.5 * sq, g
 
 
 @contextlib.contextmanager
@@ -238,17 +245,17 @@ class FuncObjective(TaskObjective):
         phi = phi0.clone(memory_format=torch.contiguous_format)
         views = self.layout.unflatten(phi)
         theta = self.layout.unflatten(theta_flat.reshape(1, -1).to(phi.dtype))
-        w = lam_like(lam, phi) * lr
+        w = {k: lam_like(lam, p, k) * lr for k, p in views.items()}
         for _ in range(steps):
             with _math_sdpa():
                 grads = self._grad(views, *self.batch)
             for k, p in views.items():
                 if proximal:  # φ − lr(g + λ(φ − θ)) = lerp(φ, θ, lr λ) − lr g, with g taken at φ
-                    p.lerp_(theta[k], lam_like(w, p))
+                    p.lerp_(theta[k], w[k])
                 p.sub_(grads[k], alpha=lr)
         if pull_back:
             for k, p in views.items():
-                p.lerp_(theta[k], lam_like(w, p))
+                p.lerp_(theta[k], w[k])
         return phi
 
     # -- HVPs
@@ -405,7 +412,8 @@ class ProximalObjective:
     Args:
         task_loss: ``f(params_t, *batch_t) -> scalar`` for one task (:func:`task_loss_fn`).
         theta: dict of shared meta-parameters (unbatched; detached here).
-        lam: λ_t > 0: a Python number or a ``[T]`` tensor.
+        lam: λ > 0: a Python number, a ``[T]`` tensor or a
+            :class:`~imaml_kernels.lam.PerCoordinate` (:func:`imaml_kernels.lam.resolve`).
         batch: tensors with leading T (the support set).
         hvp_mode, compiled: the generic path's HVPs and whether its gradient and HVP run
             through ``torch.compile`` (:class:`FuncObjective`); ``key``: the ``(model, loss)``
@@ -453,7 +461,7 @@ class ProximalObjective:
         """The objective of tasks ``lo:hi`` (θ and its flat copy shared; λ and the batch sliced)."""
         sub = copy.copy(self)
         sub.batch = tuple(b[lo:hi] for b in self.batch)
-        sub.lam = self.lam[lo:hi] if isinstance(self.lam, torch.Tensor) else self.lam
+        sub.lam = self.lam[lo:hi] if isinstance(self.lam, torch.Tensor) else self.lam  # per coordinate: every task's
         sub.task = self.task.subset(lo, hi)
         return sub
 
@@ -482,7 +490,7 @@ class ProximalObjective:
     def hvp(self, phi, v):
         """``(H_t + λ_t I) v_t``: the Hessian of the proximal objective."""
         hv = self.task_hvp(phi, v)
-        return {k: hv[k] + lam_like(self.lam, v[k]) * v[k] for k in v}
+        return {k: hv[k] + lam_like(self.lam, v[k], k) * v[k] for k in v}
 
     def linearize(self, phi: torch.Tensor):
         """The task objective ``L̂_t`` (no proximal term: add :func:`proximal_term`) linearised at
@@ -507,5 +515,5 @@ class ProximalObjective:
                 phi[k].sub_(lr * g[k])
         if pull_back:
             for k in phi:
-                phi[k].sub_(lam_like(self.lam, phi[k]) * lr * (phi[k] - self.theta[k].to(phi[k].dtype)))
+                phi[k].sub_(lam_like(self.lam, phi[k], k) * lr * (phi[k] - self.theta[k].to(phi[k].dtype)))
         return phi

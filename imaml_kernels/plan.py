@@ -268,6 +268,6 @@ def decide(model, objective, inner, opts, solve_iters: int) -> Plan:
             chunk, mode, rows, why = _probe(probed, inner, solve_iters, budget, x.device)
             if fixed_chunk is not None:
                 chunk, why = fixed_chunk, "chunk given; HVP mode probed"
-            plan = Plan(path, T, chunk, fixed_mode or mode, budget, rows, why)
+            plan = Plan(path, T, chunk, fixed_mode or mode, budget=budget, probe=rows, why=why)
         plans[key] = plan
     return plan

@@ -357,7 +357,7 @@ def test_one_line_errors():
         (ValueError, "support y holds labels in \\[-1, 1\\]", dict(sup=(x, torch.cat([y[:, :1] * 0 - 1, y[:, 1:]], 1)), engine=False)),
         (ValueError, "labels must lie in \\[0, 2\\), got values in \\[7, 7\\]", dict(sup=(x, y.clone().fill_(7)), engine=True)),
         (ValueError, "lam must be a scalar or a \\[T\\] tensor with T=3, got shape \\[2\\]", dict(lam=[1.0, 2.0])),
-        (TypeError, "lam must be a number, a \\[T\\] tensor or a list of T numbers", dict(lam="2")),
+        (TypeError, "lam must be a number, a \\[T\\] tensor, a list of T numbers or a mapping", dict(lam="2")),
         (ValueError, "lam must be finite and > 0", dict(lam=float("inf"))),
         (TypeError, "theta must be a non-empty dict", dict(th={})),
         (TypeError, "model must be an nn.Module or a callable", dict(m=3)),

@@ -103,3 +103,26 @@ def test_solvers_describe_themselves():
     assert repr(ik.NewtonCG(2)) == "NewtonCG(steps=2, cg_iters=5, ls_steps=4)"
     assert repr(ik.SGDThenPullBack(16, 0.1, pull_back=False)) == "SGDThenPullBack(steps=16, lr=0.1, pull_back=False)"
     assert ik.HessianFree is ik.NewtonCG
+
+
+def test_newton_cg_moves_from_an_indefinite_start_and_reports_it():
+    """Where ``H + λI`` is indefinite at θ along the gradient (saturated tanh units, λ 0.5), CG
+    meets negative curvature at its first iteration and returns no direction; NewtonCG then takes
+    the steepest-descent direction instead of staying at θ, reaches a lower proximal objective,
+    and says so in ``phi.inner_info``."""
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 3)).double()
+    for p in model.parameters():
+        p.data.mul_(6.0)  # saturated units: negative curvature along the gradient at θ
+    x, y = torch.randn(2, 10, 2, dtype=torch.float64), torch.randint(0, 3, (2, 10))
+    theta = dict(model.named_parameters())
+    obj = ik.ProximalObjective(ik.task_loss_fn(model), {k: v.detach() for k, v in theta.items()}, 0.5, (x, y))
+    phi0 = {k: v.detach().unsqueeze(0).expand(2, *v.shape).clone() for k, v in theta.items()}
+    lin = obj.linearize(obj.layout.flatten(phi0))
+    _, info = ik.cg_solve(lambda v: lin.hvp(v) + 0.5 * v, -lin.grad, iters=5)
+    assert info.iterations[0] == 0 and info.breakdown[0], info  # task 0: no direction at all
+    phi = ik.implicit_adapt(model, theta, (x, y), lam=0.5, inner=ik.NewtonCG(3, cg_iters=5))
+    rep = phi.inner_info
+    assert rep["decreased"].all() and rep["fallbacks"][0] > 0, rep
+    assert (obj.value({k: v.detach() for k, v in phi.items()}) < obj.value(phi0)).all()

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import dispatch
+from ..lam import PerCoordinate
 from ..layout import ParamLayout
 from .layers import BatchNorm, Conv, Linear, UnsupportedModel, parse  # noqa: F401
 
@@ -344,7 +345,8 @@ class BatchedNet:
         ``φ ← φ − lr (∇L̂_t(φ) + λ_t (φ − θ))``, from ``φ0`` (default θ).
 
         Args:
-            theta: ``[P]`` (shared) or ``[T, P]``; lam: scalar or ``[T]``.
+            theta: ``[P]`` (shared) or ``[T, P]``; lam: scalar, ``[T]`` or a
+                :class:`~imaml_kernels.lam.PerCoordinate` (one λ per parameter group).
             x, y: the support set ``[T, N, ...]``, ``[T, N]``.
             phi0: ``[T, P]`` starting point (not modified).
             proximal: ``False``: the steps are plain gradient steps on the task loss alone,
@@ -368,7 +370,12 @@ class BatchedNet:
         self._check(start, x, y)
         if rows.shape[1] != self.numel or (not shared and rows.shape[0] != T):
             raise ValueError(f"theta must be [{self.numel}] or [{T}, {self.numel}], got {list(theta.shape)}")
-        lam_t = torch.as_tensor(lam, dtype=start.dtype, device=start.device).expand(T).contiguous()
+        coords = isinstance(lam, PerCoordinate)
+        if coords:  # λ per coordinate: a [1, P] row in the engine's order
+            lam_row = self.to_native(lam.row(start))
+            lam_t = torch.zeros(T, dtype=start.dtype, device=start.device)
+        else:
+            lam_t = torch.as_tensor(lam, dtype=start.dtype, device=start.device).expand(T).contiguous()
         # Work in the engine's order throughout: one permute in, one out.
         theta = self.to_native(rows.contiguous())
         if phi0 is None and shared:  # one row permuted, then copied T times (not T rows gathered)
@@ -381,13 +388,17 @@ class BatchedNet:
         data = self._prepare(k, x, phi.dtype)  # the support set's first-layer patches, once
         self._last_data = None if torch.compiler.is_compiling() else (x, x._version, phi.dtype, data)
         step_lam = lam_t if proximal else torch.zeros_like(lam_t)
+        theta_b = theta if theta.dim() == 2 else theta.unsqueeze(0)
+        w = lam_row * lr if coords else (lam_t * lr).unsqueeze(1)
         for _ in range(steps):
             p, caches, _, glogits = self._forward(k, phi, x, y, data, grad)
             self._backward(k, p, caches, glogits, grad, fuse=True)
+            if coords and proximal:  # per coordinate: lerp(φ, θ, lr λ), then the step with λ = 0
+                phi.lerp_(theta_b, w)
             # φ -= lr (g + λ (φ − θ))  ==  φ (1 − lr λ) + lr λ θ − lr g   (λ = 0: plain SGD)
             k.prox_step(phi, grad, theta, step_lam, lr)
         if pull_back:  # φ -= lr λ (φ − θ)  ==  lerp(φ, θ, lr λ): one launch
-            phi.lerp_(theta if theta.dim() == 2 else theta.unsqueeze(0), (lam_t * lr).unsqueeze(1))
+            phi.lerp_(theta_b, w)
         out = self.from_native(phi)
         self._last_inner = None if torch.compiler.is_compiling() else (out, phi, out._version)
         return out
