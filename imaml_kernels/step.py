@@ -32,8 +32,11 @@ def meta_step(model, theta, optimizer, batch, *, lam, inner, solve, average_grad
         optimizer: the outer optimizer over θ.
         batch: ``(x_s [T, N, ...], y_s [T, N], x_q [T, M, ...], y_q [T, M])``.
         lam, inner, solve: as in :func:`~imaml_kernels.implicit_adapt`.
-        average_gradients: ``f(parameters)`` called between the backward and the step (a
-            data-parallel run averages θ.grad over its ranks there).
+        average_gradients: ``f(parameters)`` called between the backward and the step with every
+            parameter the optimizer steps (a data-parallel run averages their gradients over its
+            ranks there).
+        lam may require grad (a learned λ, :mod:`imaml_kernels.lam`): the optimizer then steps
+        it too, when it holds it.
 
     θ.grad becomes the mean over tasks of the implicit gradients (``solve`` applied to
     ``∇φ L_t^query(φ_t)``). Nothing here reads a tensor back to the host.
@@ -46,8 +49,8 @@ def meta_step(model, theta, optimizer, batch, *, lam, inner, solve, average_grad
     loss_t = F.cross_entropy(logits.flatten(0, 1), y_q.flatten(), reduction="none").view(y_q.shape).mean(1)
     optimizer.zero_grad(set_to_none=True)
     loss_t.mean().backward()
-    if average_gradients is not None:
-        average_gradients(model.parameters())
+    if average_gradients is not None:  # every parameter the optimizer steps (θ, and a learned λ)
+        average_gradients([p for group in optimizer.param_groups for p in group["params"]])
     optimizer.step()
     with torch.no_grad():
         acc = (logits.argmax(-1) == y_q).float().mean()

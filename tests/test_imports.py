@@ -19,7 +19,7 @@ ROOT = Path(ik.__file__).parent
 LAYERS = ("_ext", "_atomic", "reference", "triton", "ops", "dispatch", "layout", "lam", "cg", "hvp", "engine", "nets", "objective",
           "inner", "adapted", "arguments", "plan", "implicit", "query", "step", "graphs", "data", "selfcheck", "trainer")
 # The trainer's modules in layer order (the evaluation never imports the loop or the command line).
-TRAINER_LAYERS = ("presets", "builders", "checkpoint", "runs", "distributed", "plots", "_cli_util", "evaluate",
+TRAINER_LAYERS = ("presets", "builders", "checkpoint", "lam", "runs", "distributed", "plots", "_cli_util", "evaluate",
                   "loop", "cli", "__main__")
 
 

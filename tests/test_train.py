@@ -302,3 +302,31 @@ def test_meta_step_reads_nothing_back(monkeypatch):
     stats = meta_step(model, dict(model.named_parameters()), opt, batch, lam=cfg["lam"], inner=GD(3, 0.1), solve=build_backward_solve(cfg))
     monkeypatch.undo()
     assert torch.isfinite(stats).all()
+
+
+@needs_omniglot
+@pytest.mark.parametrize("mode", ["scalar", "per-layer"])
+def test_learned_lam_moves_is_logged_checkpointed_and_resumes_bit_for_bit(tmp_path, mode):
+    """``--learn-lam``: log λ takes Adam steps of its own (lr --lam-lr) within the bounds, the
+    metrics rows carry λ (per layer), the checkpoint holds it, and a resumed run equals an
+    uninterrupted one bit for bit, λ and its Adam state included."""
+    extra = ("--learn-lam", mode, "--lam-lr", "0.05", "--lam-min", "1.5", "--lam-max", "3", "--log-every", "1")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _run(straight, "--steps", "4", *extra) == 0
+    assert _run(split, "--steps", "2", "--ckpt-every", "2", *extra) == 0
+    assert main(["--out", str(split), "--resume", "--steps", "4", "--threads", "1", "--no-progress", "--log-every", "1"]) == 0
+    a, b = load_checkpoint(straight / "ckpt.pt"), load_checkpoint(split / "ckpt.pt")
+    assert_same_state(a, b)
+    assert a["lam"] == b["lam"] and a["config"]["learn_lam"] == mode
+    groups = [""] if mode == "scalar" else [n.rpartition(".")[0] for n in a["model"] if n.endswith(".weight")]
+    assert sorted(a["lam"]) == sorted(groups)
+    lam = {g: torch.tensor(v).exp().item() for g, v in a["lam"].items()}
+    assert all(1.5 - 1e-6 <= v <= 3 + 1e-6 for v in lam.values()) and any(abs(v - 2.0) > 1e-4 for v in lam.values())
+    rows = _train_rows(straight)
+    keys = ["lam"] if mode == "scalar" else [f"lam/{g}" for g in groups]
+    assert all(set(keys) <= set(r) for r in rows)
+    assert rows[-1][keys[0]] == pytest.approx(lam[groups[0]], rel=1e-6)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]  # noqa: E731
+    assert strip(rows) == strip(_train_rows(split))
+    # A checkpoint of a fixed-λ run does not resume as a learned-λ one.
+    assert main(["--out", str(split), "--resume", "--steps", "5", "--threads", "1", "--no-progress", "--learn-lam", "none"]) == 2

@@ -31,7 +31,7 @@ from ._cli_util import check_device, one_line
 from .builders import DataError
 from .checkpoint import CheckpointError, Found, checkpoint_config, fallback_warning, find_checkpoint, set_aside
 from .loop import train
-from .presets import (INITS, INNER_SOLVERS, PRESET_NOTES, SCHEDULES, ConfigError, apply_overrides, config_diff,
+from .presets import (INITS, INNER_SOLVERS, LEARN_LAM, PRESET_NOTES, SCHEDULES, ConfigError, apply_overrides, config_diff,
                       preset_names, resolve_config)
 from .runs import RunError, RunFolder, check_out_dir
 
@@ -43,6 +43,7 @@ _OVERRIDES = {
     "way": int, "shot": int, "query": int, "meta_batch": int, "inner_steps": int, "inner_lr": float,
     "lam": float, "cg_iters": int, "cg_damping": float, "lam_damping": float, "outer_lr": float, "hf_steps": int, "hf_cg_iters": int,
     "channels": int, "steps": int, "seed": int, "eval_tasks": int, "warmup_steps": int,
+    "lam_lr": float, "lam_min": float, "lam_max": float,
 }
 
 
@@ -57,6 +58,8 @@ _HELP = {
     "channels": "conv filters (default: 64 Omniglot, 32 MiniImagenet)", "steps": "meta-steps in total",
     "seed": "seed of θ₀ and of the task stream", "eval_tasks": "meta-test tasks evaluated at the end (0: none)",
     "warmup_steps": "linear warm-up of the outer step size over the first N meta-steps (default 0)",
+    "lam_lr": "Adam step size of log λ when it is learned (default 1e-2)",
+    "lam_min": "lower bound of a learned λ (default 1e-2)", "lam_max": "upper bound of a learned λ (default 1e2)",
 }
 
 
@@ -78,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
                    "then one step φ ← φ − lr·λ(φ − θ)")
     p.add_argument("--outer-schedule", choices=SCHEDULES,
                    help="outer step size over the run: constant (default) or cosine (to 0 at --steps), after the warm-up")
+    p.add_argument("--learn-lam", choices=LEARN_LAM,
+                   help="none: λ fixed (default); scalar or per-layer: λ meta-learned by its exact implicit "
+                   "hypergradient, log-parameterised, from --lam, with its own Adam step size --lam-lr, within "
+                   "[--lam-min, --lam-max], logged per layer in metrics.jsonl and curves.png")
     p.add_argument("--init", choices=INITS,
                    help="θ₀: torch, PyTorch's default; released, the authors' code: xavier_uniform(gain 1.73) "
                    "weights and U(0, 0.05) biases for every conv and linear layer")
@@ -134,7 +141,7 @@ def _resolve(args: argparse.Namespace, device: str) -> tuple[dict[str, Any], Pat
     checkpoint read (a folder's latest good one; refused when its configuration differs from
     the requested one), else None."""
     overrides = {k: getattr(args, k) for k in _OVERRIDES}
-    overrides.update(inner=args.inner, init=args.init, outer_schedule=args.outer_schedule)
+    overrides.update(inner=args.inner, init=args.init, outer_schedule=args.outer_schedule, learn_lam=args.learn_lam)
     if args.resume is None:
         cfg = resolve_config(args.preset or "omniglot-5w1s", overrides)
         return cfg, Path(args.out or Path("runs") / cfg["preset"]), None

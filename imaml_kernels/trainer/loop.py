@@ -39,6 +39,8 @@ import torch
 from tqdm import tqdm
 
 from ..step import STATS, meta_step
+from .lam import GROUP as LAM_GROUP
+from .lam import LearnedLam
 from . import distributed
 from .builders import build_backward_solve, build_model, build_samplers, build_solver
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, check_model_state, checkpoint_history, save_checkpoint
@@ -143,6 +145,9 @@ class _Run:
         torch.manual_seed(cfg["seed"])
         self.model = build_model(cfg).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg["outer_lr"])
+        self.lam = LearnedLam(cfg, self.model, device)  # --learn-lam: log λ, its own Adam group
+        if self.lam.learned:
+            self.optimizer.add_param_group(self.lam.param_group())
         self.step, self.total = 0, int(cfg["steps"])
         self.files: list[str] = []
 
@@ -155,6 +160,7 @@ class _Run:
             "config": dict(self.cfg),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "lam": self.lam.state(),  # learned log λ per group ({} for a fixed λ)
             "sampler": self.train_sampler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -172,6 +178,7 @@ def _restore(run: _Run, resume: Mapping[str, Any], where) -> dict:
     stream, RNG state and step. Returns its log state (the rows read back but not yet
     logged, the divergence count); rank 0 drops the rows ``metrics.jsonl`` holds past it."""
     check_model_state(run.model, resume["model"], where)
+    run.lam.load(resume.get("lam"), where)
     run.optimizer.load_state_dict(resume["optimizer"])
     try:
         run.train_sampler.load_state_dict(resume["sampler"])
@@ -209,10 +216,12 @@ def _loop(run: _Run, dist: distributed.DistContext, logger: _Logger, log_every: 
     sample = _batches(run.train_sampler, int(cfg["meta_batch"]), dist)
     average_gradients = dist.average_gradients if dist.active else None
     while run.step < run.total:
-        for group in optimizer.param_groups:  # a host float: no launch, no sync
-            group["lr"] = outer_lr_at(cfg, run.step)
-        logger.pending.append(meta_step(model, theta, optimizer, sample(), lam=cfg["lam"], inner=inner, solve=solve,
+        for group in optimizer.param_groups:  # a host float: no launch, no sync (λ's group keeps its own)
+            if group.get("name") != LAM_GROUP:
+                group["lr"] = outer_lr_at(cfg, run.step)
+        logger.pending.append(meta_step(model, theta, optimizer, sample(), lam=run.lam.value(), inner=inner, solve=solve,
                                         average_gradients=average_gradients))
+        run.lam.clamp_()
         run.step += 1
         stopped = dist.agree(stop.requested()) if dist.active else stop.requested()
         last = run.step == run.total or bool(stopped)
@@ -294,8 +303,11 @@ class _Logger:
         tasks_per_s = len(self.rows) * self.T / max(now - self.t_log, 1e-9)
         self.t_log = now
         elapsed = round(now - self.t_start, 3)  # at the read-back, shared by its rows
+        lam = self.run.lam.row()  # the learned λ at this read-back (none for a fixed λ)
         for r in self.rows:
             r.setdefault("time", elapsed)
+            for k, v in lam.items():
+                r.setdefault(k, v)
         self.log.write(self.rows)
         mean = {k: sum(r[k] for r in self.rows) / len(self.rows) for k in STATS}
         self.bar.set_postfix(acc=f"{100 * mean['acc']:.1f}%", loss=f"{mean['loss']:.3f}", tasks_s=f"{tasks_per_s:.1f}")

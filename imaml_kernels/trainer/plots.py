@@ -1,5 +1,5 @@
 """``curves.png`` of a run: training loss and query accuracy against meta-step, from its
-``metrics.jsonl`` (plus the meta-test points)."""
+``metrics.jsonl`` (plus the meta-test points, and the learned λ per layer when it is learned)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
     nan = float("nan")
     loss = [nan if r["loss"] is None else r["loss"] for r in train]
     acc = [nan if r["acc"] is None else 100 * r["acc"] for r in train]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    lam_keys = sorted({k for r in train for k in r if k == "lam" or k.startswith("lam/")})
+    fig, axes = plt.subplots(1, 3 if lam_keys else 2, figsize=(15 if lam_keys else 10, 3.8))
+    a1, a2 = axes[0], axes[1]
     a1.plot(steps, loss, lw=0.6, alpha=0.3, color="C0")
     a1.plot(steps, smooth(loss), lw=1.5, color="C0")
     a1.set(xlabel="meta-step", ylabel="query loss (train tasks)", yscale="log")
@@ -51,7 +53,13 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
         )
     a2.set(xlabel="meta-step", ylabel="accuracy (%)")
     a2.legend(loc="lower right")
-    for a in (a1, a2):
+    if lam_keys:  # a learned λ, per layer: logged at each read-back
+        for i, k in enumerate(lam_keys):
+            pts = [(r["step"], r[k]) for r in train if r.get(k) is not None]
+            axes[2].plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2, color=f"C{i % 10}", label=k)
+        axes[2].set(xlabel="meta-step", ylabel="learned λ", yscale="log")
+        axes[2].legend(loc="best", fontsize=7, ncol=2)
+    for a in axes:
         a.grid(alpha=0.3)
     fig.suptitle(metrics_path.parent.name)
     fig.tight_layout()

@@ -50,7 +50,13 @@ DEFAULTS: dict[str, Any] = {
     "init": "torch",         # torch: PyTorch's default | released: xavier_uniform(gain 1.73), biases U(0, 0.05)
     "hf_steps": 5,           # Newton steps of the Hessian-Free inner solver
     "hf_cg_iters": 5,        # CG iterations per Newton step
-    "lam": 2.0,              # λ of the proximal term
+    "lam": 2.0,              # λ of the proximal term (the starting value when it is learned)
+    # none: λ fixed | scalar | per-layer: λ meta-learned by its implicit hypergradient, as
+    # log λ with its own Adam step size, within [lam_min, lam_max] (imaml_kernels/trainer/lam.py)
+    "learn_lam": "none",
+    "lam_lr": 1e-2,
+    "lam_min": 1e-2,
+    "lam_max": 1e2,
     "cg_iters": 5,           # CG iterations of the implicit meta-gradient
     # The authors' code solves ((1 + cg_damping) I + H/(λ + lam_damping)) x = g, not
     # (I + H/λ) x = g: without the damping H/λ turns indefinite within tens of meta-steps
@@ -119,7 +125,9 @@ INNER_SOLVERS = ("gd", "hf", "sgd-pullback")
 INITS = ("torch", "released")
 
 # Keys added after checkpoints were first written, with the value those checkpoints used.
-ADDED_KEYS: dict[str, Any] = {"init": "torch", "outer_schedule": "constant", "warmup_steps": 0}
+ADDED_KEYS: dict[str, Any] = {"init": "torch", "outer_schedule": "constant", "warmup_steps": 0, "learn_lam": "none",
+                              "lam_lr": 1e-2, "lam_min": 1e-2, "lam_max": 1e2}
+LEARN_LAM = ("none", "scalar", "per-layer")
 SCHEDULES = ("constant", "cosine")
 
 # Keys that change what a run computes; --resume refuses a checkpoint that differs in any
@@ -181,9 +189,13 @@ def check_config(cfg: Mapping[str, Any]) -> None:
     for k in ("query", "inner_steps", "hf_steps", "steps", "eval_tasks", "warmup_steps"):
         if int(cfg[k]) < 0:
             raise ConfigError(f"{k} must be >= 0, got {cfg[k]}")
-    for k in ("lam", "inner_lr", "outer_lr"):
+    if cfg.get("learn_lam", "none") not in LEARN_LAM:
+        raise ConfigError(f"learn_lam must be one of {', '.join(map(repr, LEARN_LAM))}, got {cfg['learn_lam']!r}")
+    for k in ("lam", "inner_lr", "outer_lr", "lam_lr"):
         if not 0 < float(cfg[k]) < float("inf"):
             raise ConfigError(f"{k} must be finite and > 0, got {cfg[k]}")
+    if not 0 < float(cfg.get("lam_min", 1e-2)) <= float(cfg["lam"]) <= float(cfg.get("lam_max", 1e2)) < float("inf"):
+        raise ConfigError(f"need 0 < lam_min <= lam <= lam_max, got {cfg.get('lam_min')}, {cfg['lam']}, {cfg.get('lam_max')}")
     for k in ("cg_damping", "lam_damping"):
         if not 0 <= float(cfg[k]) < float("inf"):
             raise ConfigError(f"{k} must be finite and >= 0, got {cfg[k]}")
