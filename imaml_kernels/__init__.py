@@ -15,6 +15,7 @@ from .plan import Plan
 from .objective import ProximalObjective, task_loss_fn
 from .inner import GD, SGD, Adam, HessianFree, NewtonCG, SGDThenPullBack
 from .layout import ParamLayout
+from .minres import MINRES, MINRESInfo, minres_solve
 from .query import query_logits
 from .step import STATS, meta_step
 
@@ -24,5 +25,5 @@ __all__ = [
     "BACKENDS", "CG", "CGInfo", "available_backends", "cg_solve", "select_backend",
     "batched_hvp", "ParamLayout", "implicit_adapt", "implicit_meta_grad", "AdaptedParams",
     "ProximalObjective", "task_loss_fn", "GD", "SGDThenPullBack", "SGD", "Adam", "NewtonCG", "HessianFree", "BatchedNet", "functional_logits", "select_engine",
-    "query_logits", "meta_step", "STATS", "plan_for", "Plan",
+    "query_logits", "meta_step", "STATS", "plan_for", "Plan", "MINRES", "MINRESInfo", "minres_solve",
 ]
