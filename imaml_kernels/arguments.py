@@ -30,6 +30,7 @@ class Options:
     max_memory: Optional[int] = None
     hvp_mode: str = "auto"
     compile: bool = False
+    randomness: str = "error"
     backend: Optional[str] = None
     engine: Any = None
 
@@ -40,6 +41,8 @@ class Options:
                 close = difflib.get_close_matches(k, _OPTION_NAMES, n=2)
                 raise TypeError(f"unknown option {k!r}" + (f"; did you mean {close}?" if close else f"; the options are {list(_OPTION_NAMES)}"))
         get = options.get
+        if get("randomness", "error") not in ("error", "different", "same"):
+            raise ValueError(f"randomness must be 'error', 'different' or 'same', got {get('randomness')!r}")
         solve = resolve_solve(get("solve"), get("cg_iters"), get("cg_tol"), get("backend"), get("first_order", False))
         return cls(**{**options, "solve": solve})
 
@@ -80,6 +83,8 @@ def check_support(support, name="support"):
         raise ValueError(f"{name} x has N={x.shape[1]} examples per task but y has N={y.shape[1]}")
     if x.shape[0] == 0:
         raise ValueError(f"{name} has no tasks (T=0)")
+    if x.shape[1] == 0:
+        raise ValueError(f"the {name} set is empty (N=0 examples per task): every task needs at least one {name} example")
     return x.shape[0]
 
 

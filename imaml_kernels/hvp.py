@@ -31,6 +31,7 @@ def batched_hvp(
     chunk: Optional[int] = None,
     layout: Optional[ParamLayout] = None,
     mode: str = "fwdrev",
+    randomness: str = "error",
 ):
     """``H_t v_t`` for T tasks at once, ``H_t`` the Hessian of ``loss_fn(params_t, *batch_t)``.
 
@@ -50,6 +51,8 @@ def batched_hvp(
         layout: with a flat ``params``, a :class:`ParamLayout` so that ``loss_fn`` receives
             dicts of per-task views; without it ``loss_fn`` receives the flat ``[P]`` vector.
         mode: ``"fwdrev"`` or ``"revrev"``.
+        randomness: how random ops (dropout) draw across the tasks: ``"error"``, ``"different"``
+            or ``"same"`` (``torch.func.vmap``'s).
 
     Returns:
         ``H v`` with the structure of ``v``.
@@ -84,7 +87,7 @@ def batched_hvp(
         def one(p, t, *b):
             return grad(lambda q: _dot(grad(inner)(q, *b), t))(p)
 
-    return vmap(one, chunk_size=chunk)(params, v, *batch)
+    return vmap(one, chunk_size=chunk, randomness=randomness)(params, v, *batch)
 
 
 def _dot(a, b):

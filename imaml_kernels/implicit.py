@@ -23,6 +23,7 @@ from torch.func import vmap
 
 from . import arguments as args
 from . import lam as lam_mod
+from . import parallel
 from . import plan as plans
 from .adapted import AdaptedParams, Diagnostics
 from .cg import CG, CGInfo
@@ -30,7 +31,8 @@ from .engine import functional_logits, select_engine
 from .inner import GD, SGDThenPullBack
 from .lam import Lam, PerCoordinate
 from .layout import ParamLayout
-from .objective import ProximalObjective, batch_stats_only, lam_like, task_loss_fn
+from .objective import (ProximalObjective, batch_stats_only, differentiable_attention, lam_like, randomness_checked,
+                        task_loss_fn)
 
 __all__ = ["implicit_adapt", "implicit_meta_grad", "plan_for"]
 
@@ -59,6 +61,7 @@ class _Saved:
     chunks: tuple
     lin: list
     lam: Lam
+    group: Any = None  # a DDP model's process group: the gradients are averaged across it
 
 
 def _damping(solve):
@@ -98,6 +101,10 @@ def _solve(lin, solve, g, lam):
     (CG is elementwise in the coordinates). λ per coordinate: the symmetric
     ``(I + s H s) z = s g`` with ``s = Λ'^(-1/2)``, ``y = s z``."""
     c, d = _damping(solve)
+    if g.dtype not in (torch.float32, torch.float64):
+        # A bfloat16/float16 model: its HVPs run in its dtype, the solve and its reductions in
+        # float32 (the linearisation casts a product's input down and its result up).
+        g = g.float()
     lam_d = lam_like(lam, g) + d
     lam_p = lam_d * (1.0 + c) if c else lam_d
     if isinstance(lam, PerCoordinate):
@@ -197,6 +204,8 @@ class _ImplicitGrad(torch.autograd.Function):
                 out += s.lam.grads(torch.cat(sens), None)
             else:
                 out += s.lam.grads(None, functools.reduce(torch.add, sens))
+        if s.group is not None:  # as DDP's reducer: the mean over the ranks
+            out = parallel.all_reduce_mean(out, s.group)
         return (None, *out)
 
 
@@ -219,7 +228,7 @@ def _objective(model, theta, support, lam, opts, psi):
         args.check_labels(model, theta, x, y, opts.loss)
     return ProximalObjective(task_loss_fn(model, opts.loss), theta, lam, (x, y),
                              engine=net, hvp_mode=opts.hvp_mode, key=(model, opts.loss), psi={k: p.detach() for k, p in psi.items()},
-                             compiled=opts.compile and net is None)
+                             compiled=opts.compile and net is None, randomness=opts.randomness)
 
 
 def _planned(model, objective, inner, opts):
@@ -337,6 +346,12 @@ def implicit_adapt(model: Union[torch.nn.Module, Callable], theta: Dict[str, tor
             seconds on the CPU); products are then recomputed, not taken on a kept graph. It pays
             where per-op overhead dominates (small models, many steps); the fused engine is not
             compiled (its stages are fused already).
+        randomness: how random ops (dropout in training mode) draw across the tasks under vmap:
+            ``"error"`` (default, torch's: a model that draws is refused in one line),
+            ``"different"`` (each task its own draws) or ``"same"``; the inner loop draws anew
+            each step, a backward solve's products all see one draw (its linearisation's), so
+            its operator stays symmetric. Use the same choice in the query forward
+            (:func:`~imaml_kernels.query_logits`).
         engine: the fused network engine (:func:`~imaml_kernels.engine.select_engine`):
             ``None`` uses it whenever the model is supported (OmniglotConv, MiniImagenetConv,
             MLP, ...), ``False`` forces the generic ``torch.func`` path, ``True`` requires it.
@@ -357,18 +372,23 @@ def implicit_adapt(model: Union[torch.nn.Module, Callable], theta: Dict[str, tor
     opts = args.Options.make(**options)
     args.check_theta(theta)
     args.check_support(support)
+    names = list(theta)
+    model, group = parallel.unwrap(model)  # DDP: the wrapped module, its meta-gradients averaged (imaml_kernels/parallel.py)
+    if group is not None:
+        theta = {parallel.strip(k): v for k, v in theta.items()}
     psi = args.check_model_params(model, theta)
     args.check_inner(inner)
     args.check_dtypes(model, theta, support[0])
     lam = _lam(lam, theta, support[0].shape[0], support[0].device)
-    objective, phi, inner_loss, plan, lin, meta, report = _adapt(model, theta, support, lam, inner, opts, psi)
+    objective, phi, inner_loss, plan, lin, meta, report = randomness_checked(
+        lambda: _adapt(model, theta, support, lam, inner, opts, psi))
     diag = Diagnostics(inner_loss, plan=plan, inner=report)
     if not meta:
-        return AdaptedParams(phi, _diag=diag)
+        return AdaptedParams(zip(names, phi.values()), _diag=diag)
     saved = _Saved(objective, [phi], opts, inner_loss, diag, model, psi, {k: v.dtype for k, v in theta.items()}, plan.chunks,
-                   lin, lam)
+                   lin, lam, group)
     outs = _ImplicitGrad.apply(saved, *theta.values(), *psi.values(), *lam.sources)
-    return AdaptedParams(zip(theta, outs), _diag=diag)
+    return AdaptedParams(zip(names, outs), _diag=diag)
 
 
 def implicit_meta_grad(model, theta, support, query, *, lam, inner, **options):
@@ -393,6 +413,10 @@ def implicit_meta_grad(model, theta, support, query, *, lam, inner, **options):
     T = args.check_support(support)
     if args.check_support(query, "query") != T:
         raise ValueError(f"query has T={query[0].shape[0]} tasks but support has T={T}")
+    model, group = parallel.unwrap(model)  # DDP: the wrapped module; the meta-gradient averaged once at the end
+    keys = list(theta)
+    if group is not None:
+        theta = {parallel.strip(k): v for k, v in theta.items()}
     leaves = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in theta.items()}
     psi = args.check_model_params(model, leaves)
     if isinstance(lam, (list, tuple)):
@@ -407,6 +431,9 @@ def implicit_meta_grad(model, theta, support, query, *, lam, inner, **options):
                              fixed, opts)
         meta = g if meta is None else {k: meta[k].add_(g[k]) for k in meta}
         infos.append(info)
+    if group is not None:
+        named = list(meta)
+        meta = dict(zip([*keys, *named[len(keys):]], parallel.all_reduce_mean(list(meta.values()), group)))
     if len(infos) == 1:
         return meta, {**infos[0], "plan": plan}
     info = {k: torch.cat([i[k] for i in infos]) for k in ("outer_loss", "inner_loss", "dropped") if k in infos[0]}
@@ -421,12 +448,12 @@ def _meta_grad(model, leaves, psi, support, query, lam, inner, options, opts):
     with torch.enable_grad():
         phi = implicit_adapt(model, leaves, support, lam=lam, inner=inner, **options)
         net = None if psi else select_engine(model, leaves, xq, opts.loss, opts.engine, opts.backend)
-        with batch_stats_only(model):
+        with batch_stats_only(model), differentiable_attention():
             if net is not None:
                 logits = functional_logits(net, dict(phi), xq)
                 outer = F.cross_entropy(logits.flatten(0, 1), yq.flatten(), reduction="none").view(yq.shape).mean(1)
             else:
-                outer = vmap(task_loss_fn(model, opts.loss))(dict(phi), xq, yq)
+                outer = randomness_checked(lambda: vmap(task_loss_fn(model, opts.loss), randomness=opts.randomness)(dict(phi), xq, yq))
         wrt = [*leaves.values(), *psi.values()]
         grads = torch.autograd.grad(outer.sum(), wrt, allow_unused=True)
     meta = {k: (g if g is not None else torch.zeros_like(t)) for k, t, g in zip([*leaves, *psi], wrt, grads)}

@@ -38,7 +38,7 @@ from .lam import PerCoordinate
 from .layout import ParamLayout
 
 __all__ = [
-    "task_loss_fn", "proximal_term", "lam_like", "batch_stats_only", "TaskObjective", "FuncObjective",
+    "task_loss_fn", "proximal_term", "lam_like", "batch_stats_only", "differentiable_attention", "randomness_checked", "TaskObjective", "FuncObjective",
     "FuncLinearization", "EngineObjective", "ProximalObjective",
 ]
 
@@ -185,14 +185,38 @@ def _compiled(model, loss, kind, make):
     return fn
 
 
-def _math_sdpa():
-    """Scaled-dot-product attention's math backend: the one with forward-mode and
-    second-order derivatives (the fused CPU/CUDA kernels have neither)."""
+@contextlib.contextmanager
+def differentiable_attention():
+    """Attention that ``vmap`` and every derivative go through: scaled-dot-product attention on
+    its math backend (the fused CPU/CUDA kernels have no forward-mode or second derivative and
+    no vmap batching rule), and ``nn.MultiheadAttention``'s / ``nn.TransformerEncoderLayer``'s
+    inference fast path off (an eval-mode layer would take it, and it has no derivative)."""
     if torch.compiler.is_compiling():
-        return contextlib.nullcontext()
+        yield
+        return
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([SDPBackend.MATH])
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
+
+
+_math_sdpa = differentiable_attention
+
+
+def randomness_checked(fn):
+    """``fn()``, with torch's vmap randomness error as one line that names the option."""
+    try:
+        return fn()
+    except RuntimeError as exc:
+        if "randomness" not in str(exc):
+            raise
+        raise ValueError("the model draws random numbers (dropout in training mode?) under vmap: pass randomness='different' "
+                         "(each task its own draws) or 'same' (one draw for every task), or put the model in eval mode") from None
 
 
 class FuncObjective(TaskObjective):
@@ -206,16 +230,21 @@ class FuncObjective(TaskObjective):
 
     ``psi``: the parameters meta-learned but not adapted (a dict, for the cross term)."""
 
-    def __init__(self, task_loss, layout, batch, *, hvp_mode="auto", key=None, psi=None, compiled=False):
+    def __init__(self, task_loss, layout, batch, *, hvp_mode="auto", key=None, psi=None, compiled=False, randomness="error"):
         if hvp_mode not in HVP_MODES + ("auto",):
             raise ValueError(f"hvp_mode must be one of {HVP_MODES + ('auto',)}, got {hvp_mode!r}")
         self.task_loss, self.layout, self.batch = task_loss, layout, tuple(batch)
         self.hvp_mode, self.psi, self.compiled = hvp_mode, dict(psi or {}), bool(compiled)
+        # How random ops (dropout) behave across the tasks under vmap: "error" (torch's default),
+        # "different" (each task its own draws) or "same".
+        self.randomness = randomness
         # "auto" remembers its choice per (model, loss): both outlive this call's task_loss closure.
         self._key, self._sub = key if isinstance(key, tuple) else (key if key is not None else task_loss, None)
-        self._loss = vmap(task_loss)
-        self._grad = _compiled(self._key, self._sub, "grad", lambda: vmap(grad(task_loss))) if compiled else vmap(grad(task_loss))
-        self._grad_value = vmap(grad_and_value(task_loss))
+        r = dict(randomness=randomness)
+        self._loss = vmap(task_loss, **r)
+        self._grad = (_compiled(self._key, self._sub, "grad", lambda: vmap(grad(task_loss), **r)) if compiled
+                      else vmap(grad(task_loss), **r))
+        self._grad_value = vmap(grad_and_value(task_loss), **r)
 
     def subset(self, lo, hi):
         """The objective of tasks ``lo:hi`` (shares everything but the batch)."""
@@ -285,7 +314,7 @@ class FuncObjective(TaskObjective):
         if self.compiled:
             fn = _compiled(self._key, self._sub, "hvp", lambda: lambda p, t, *b: batched_hvp(f, p, t, *b, mode="revrev"))
         else:
-            fn = functools.partial(batched_hvp, f, mode=mode)
+            fn = functools.partial(batched_hvp, f, mode=mode, randomness=self.randomness)
         with _math_sdpa():
             return self.layout.flatten(fn(un(phi), un(v), *self.batch))
 
@@ -307,8 +336,26 @@ class FuncObjective(TaskObjective):
 
         dims = (0, 0, None) + (0,) * len(self.batch)
         with _math_sdpa():
-            out = vmap(one, in_dims=dims)(un(phi), un(u), self.psi, *self.batch)
+            out = vmap(one, in_dims=dims, randomness=self.randomness)(un(phi), un(u), self.psi, *self.batch)
         return {k: t.sum(0) for k, t in out.items()}
+
+
+def _rng_state(device):
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+@contextlib.contextmanager
+def _replaying(state, device):
+    """Run with the generator at ``state`` (``None``: as it is), then restore it."""
+    if state is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state, device)
+        else:
+            torch.set_rng_state(state)
+        yield
 
 
 class FuncLinearization:
@@ -324,6 +371,9 @@ class FuncLinearization:
     def __init__(self, task, phi):
         self.task, self.phi = task, phi
         self._vg = self._graph = None
+        # Recomputed products replay the random draws (dropout masks) of this one state, so every
+        # product of a solve sees the same masks and the solve's operator stays symmetric.
+        self._rng = _rng_state(phi.device) if task.randomness != "error" else None
         self.mode = "revrev" if torch.compiler.is_compiling() or task.compiled else task._settled_mode()
         if self.mode in (None, "revrev") and not (torch.compiler.is_compiling() or task.compiled):
             self._graph = self._build()
@@ -336,7 +386,7 @@ class FuncLinearization:
             leaves = {k: t.detach().requires_grad_() for k, t in task.layout.unflatten(self.phi).items()}
             psi = {k: p.detach().requires_grad_() for k, p in task.psi.items()}
             f = task.task_loss
-            loss = vmap(lambda p, *b: f({**p, **psi}, *b))(leaves, *task.batch)
+            loss = vmap(lambda p, *b: f({**p, **psi}, *b), randomness=task.randomness)(leaves, *task.batch)
             grads = torch.autograd.grad(loss.sum(), list(leaves.values()), create_graph=True)
         self._vg = (loss.detach(), [g.detach() for g in grads])  # the flat gradient made on first use
         return list(leaves.values()), grads, psi
@@ -376,15 +426,17 @@ class FuncLinearization:
         """``H_t v_t`` (flat ``[T, P]``); ``out``: a buffer from an earlier call to write into."""
         if self._graph is not None:
             leaves = self._graph[0]
-            res = self._through_graph(leaves, list(self.task.layout.unflatten(v).values()))
+            vs = [u.to(leaf.dtype) for u, leaf in zip(self.task.layout.unflatten(v).values(), leaves)]
+            res = self._through_graph(leaves, vs)
             if res is not None:
-                parts = [r.reshape(r.shape[0], -1) for r in res]
+                parts = [r.reshape(r.shape[0], -1).to(v.dtype) for r in res]  # a low-precision model: back to v's dtype
                 return torch.cat(parts, 1, out=out) if out is not None and not torch.compiler.is_compiling() else torch.cat(parts, 1)
         if self.mode is None or self.mode == "fwdrev":
             if self.task.hvp_mode == "auto":
                 self.task._remember("fwdrev")
             self.mode = "fwdrev"
-        return self.task.hvp(self.phi, v, self.mode)
+        with _replaying(self._rng, self.phi.device):
+            return self.task.hvp(self.phi, v.to(self.phi.dtype), self.mode).to(v.dtype)
 
     def cross_vjp(self, u) -> Dict[str, torch.Tensor]:
         """``Σ_t (∂²L̂_t/∂ψ∂φ) u_t`` for the non-adapted parameters ψ."""
@@ -392,10 +444,11 @@ class FuncLinearization:
             return {}
         if self._graph is not None:
             psi = self._graph[2]
-            res = self._through_graph(list(psi.values()), list(self.task.layout.unflatten(u).values()))
+            res = self._through_graph(list(psi.values()), [t.to(self.phi.dtype) for t in self.task.layout.unflatten(u).values()])
             if res is not None:
                 return {k: torch.zeros_like(p) if r is None else r for (k, p), r in zip(psi.items(), res)}
-        return self.task.cross_vjp(self.phi, u, self.mode or "fwdrev")
+        with _replaying(self._rng, self.phi.device):
+            return self.task.cross_vjp(self.phi, u, self.mode or "fwdrev")
 
     def to_work(self, v):
         return v
@@ -431,7 +484,7 @@ class ProximalObjective:
     """
 
     def __init__(self, task_loss, theta, lam, batch, engine=None, *, hvp_mode="auto", task=None, key=None, psi=None,
-                 compiled=False):
+                 compiled=False, randomness="error"):
         self.theta = {k: v.detach() for k, v in theta.items()}
         self.lam = lam
         self.batch = tuple(batch)
@@ -442,7 +495,8 @@ class ProximalObjective:
                     raise ValueError("the engine's parameter layout differs from theta's (names, order or shapes)")
                 task = EngineObjective(engine, self.batch)
             else:
-                task = FuncObjective(task_loss, self.layout, self.batch, hvp_mode=hvp_mode, key=key, psi=psi, compiled=compiled)
+                task = FuncObjective(task_loss, self.layout, self.batch, hvp_mode=hvp_mode, key=key, psi=psi, compiled=compiled,
+                                     randomness=randomness)
         self.task = task
         self.engine = getattr(task, "net", None)
 

@@ -16,7 +16,7 @@ ROOT = Path(ik.__file__).parent
 # The library's units, lowest first: each may import only units before it. The path of a
 # meta-step reads upwards: kernels (triton, ops) -> dispatch -> CG / HVP / engine -> objective
 # -> inner solvers -> the implicit op -> query forward and meta-step; then data and the trainer.
-LAYERS = ("_ext", "_atomic", "reference", "triton", "ops", "dispatch", "layout", "lam", "cg", "minres", "hvp", "engine", "nets", "objective",
+LAYERS = ("_ext", "_atomic", "reference", "triton", "ops", "dispatch", "layout", "lam", "parallel", "cg", "minres", "hvp", "engine", "nets", "objective",
           "inner", "adapted", "arguments", "plan", "implicit", "query", "step", "graphs", "data", "selfcheck", "trainer")
 # The trainer's modules in layer order (the evaluation never imports the loop or the command line).
 TRAINER_LAYERS = ("presets", "builders", "checkpoint", "lam", "runs", "distributed", "plots", "_cli_util", "evaluate",

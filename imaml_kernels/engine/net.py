@@ -421,6 +421,9 @@ class _EngineLogits(torch.autograd.Function):
         net = ctx.net
         k, native, p, caches = ctx.state
         ctx.state = None
+        # The backward adds to the caches (the primal cotangents): fresh dicts, so that nothing
+        # the forward made is mutated (torch.compile traces this Function as a whole).
+        caches = [dict(c) for c in caches]
         grad = net._grad_buffer(native)
         net._backward(k, p, caches, glogits.to(native.dtype).contiguous(), grad, fuse=True)  # no tangent pass follows
         g = net.layout.unflatten(net.from_native(grad))
@@ -454,6 +457,8 @@ def batched_net(model: nn.Module, input_shape, backend: Optional[str] = None) ->
            tuple(type(m).__name__ + str(m.training) for m in model.children()))
     per_model = _NETS.get(id(model))
     if per_model is None:
+        if torch.compiler.is_compiling():  # traced: no cache state (dynamo guards on finalize's registry)
+            return BatchedNet(model, input_shape, backend=backend)
         per_model = _NETS[id(model)] = {}
         weakref.finalize(model, _NETS.pop, id(model), None)
     net = per_model.get(key)
