@@ -132,3 +132,23 @@ def test_cg_update_validation():
         op_of("cg_update", "cpu")(x, r, p, Ap, partials, s_in, s_out, iters, thresh[:1], chunk)
     with pytest.raises(ValueError, match="chunk must be 4096"):
         op_of("cg_update", "triton")(x, r, p, Ap, partials, s_in, s_out, iters, thresh, 2048)
+
+
+def test_extension_links_the_shared_cuda_runtime():
+    """One CUDA runtime per process: the extension needs ``libcudart.so.<major>``, the one torch
+    loads, and defines none of its functions itself (``cudart_static`` kept its own module
+    loading and error state beside torch's, and its kernels loaded lazily on first launch)."""
+    import shutil
+    import subprocess
+
+    from imaml_kernels import _ext
+
+    if not _ext.HAS_CUDA_EXT:
+        pytest.skip("the extension was built without CUDA kernels")
+    if not (shutil.which("readelf") and shutil.which("nm")):
+        pytest.skip("binutils (readelf, nm) not installed")
+    so = _ext._C.__file__
+    needed = subprocess.run(["readelf", "-d", so], capture_output=True, text=True, check=True).stdout
+    assert "[libcudart.so." in needed, needed
+    defined = subprocess.run(["nm", "-D", "--defined-only", so], capture_output=True, text=True, check=True).stdout.split()
+    assert not [s for s in defined if s.startswith(("cudaLaunchKernel", "cudaGetLastError", "cudaGetDeviceCount"))]
