@@ -94,6 +94,7 @@ def _add_others(sub, dev):
     p.add_argument("--configs", nargs="*", choices=list(compile_suite.CONFIGS))
     p.add_argument("--dtypes", nargs="*", choices=list(compile_suite.DTYPES))
     p.add_argument("--arch", type=int, nargs="*", choices=[80, 90], help="default: 90 80")
+    p.add_argument("--grid", action="store_true", help="add the grid beyond the paper's shapes (T, support size, width, dtype)")
     p.add_argument("--out", default=None, help="also write the table here (e.g. bench/results/compile.md)")
     p.set_defaults(func=compile_suite.main)
 

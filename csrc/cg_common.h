@@ -55,8 +55,10 @@ IMAML_HD CgStep cg_step(double rr, double pAp, double rAp, double ApAp, double t
   }
   const double alpha = rr / pAp;
   double rr_new = rr - 2.0 * alpha * rAp + alpha * alpha * ApAp;
-  // Cancellation can make the estimate slightly negative near convergence.
-  rr_new = rr_new > 0.0 ? rr_new : 0.0;
+  // Cancellation can make the estimate slightly negative near convergence: clamp it to 0, but
+  // keep NaN (inf - inf when alpha is huge), so that beta is NaN and the task breaks down, as
+  // in the reference (clamp_min) and the Triton kernel.
+  rr_new = rr_new < 0.0 ? 0.0 : rr_new;
   const double beta = rr_new / rr;
   if (!cg_finite(alpha) || !cg_finite(beta)) {
     s.status = kCgBreakdown;

@@ -10,10 +10,14 @@
 namespace imaml {
 namespace {
 
+// Blocks per task, as the partials [T, NB, 4] have them: at least one, so that P = 0 writes
+// (and reads back) a zero row, as the CUDA and Triton kernels do.
+int64_t num_blocks(int64_t n, int64_t chunk) { return std::max<int64_t>(1, (n + chunk - 1) / chunk); }
+
 template <typename T>
 void dots_impl(const T* r, const T* p, const T* Ap, double* partials, int64_t ntasks, int64_t n,
                int64_t chunk) {
-  const int64_t nb = (n + chunk - 1) / chunk;
+  const int64_t nb = num_blocks(n, chunk);
 #pragma omp parallel for schedule(static)
   for (int64_t job = 0; job < ntasks * nb; ++job) {
     const int64_t t = job / nb, b = job % nb;
@@ -43,7 +47,7 @@ template <typename T>
 void update_impl(T* x, T* r, T* p, const T* Ap, const double* partials, const int32_t* status_in,
                  int32_t* status_out, int32_t* iters, const double* thresh, int64_t ntasks,
                  int64_t n, int64_t chunk) {
-  const int64_t nb = (n + chunk - 1) / chunk;
+  const int64_t nb = num_blocks(n, chunk);
   std::vector<CgStep> steps(ntasks);
   for (int64_t t = 0; t < ntasks; ++t) {
     double s[kCgDots] = {0.0, 0.0, 0.0, 0.0};

@@ -95,7 +95,12 @@ __global__ void cg_update_kernel(T* __restrict__ x, T* __restrict__ r, T* __rest
 dim3 grid_for(int64_t ntasks, int64_t n, int64_t chunk) {
   if (chunk != kCudaCgChunk) throw std::invalid_argument("CUDA CG kernels need chunk == 4096");
   if (ntasks > 65535) throw std::invalid_argument("CUDA CG kernels support at most 65535 tasks");
-  return dim3(static_cast<unsigned>((n + chunk - 1) / chunk), static_cast<unsigned>(ntasks));
+  // At least one block per task, as the partials [T, max(1, ceil(n / chunk)), 4] have: at
+  // n = 0 a grid of 0 blocks is an invalid configuration, and that one block writes the
+  // task's zero partials (its range is empty) and reads them back.
+  const int64_t nb = n > 0 ? (n + chunk - 1) / chunk : 1;
+  if (nb > 0x7fffffff) throw std::invalid_argument("CUDA CG kernels: too many blocks per task");
+  return dim3(static_cast<unsigned>(nb), static_cast<unsigned>(ntasks));
 }
 
 }  // namespace

@@ -16,7 +16,11 @@ device exists; ``test_triton_kernels_are_compiled_not_interpreted`` fails if it 
   P=113,221); a CPU-only engine op given CUDA tensors raises;
 - ``cg_solve`` on the GPU against the float64 reference CG; CUDA-graph capture and replay of a
   CG solve and of a whole meta-step (two replays bit-identical, equal to the eager step within
-  float32 tolerance); the engine on CUDA against the float64 CPU reference.
+  float32 tolerance); the engine on CUDA against the float64 CPU reference;
+- what only a GPU shows (issue 26): CG at P = 0 (one block, not an empty grid), NaN kept by the
+  compiled clamps (BatchNorm's M2 in either launch plan, CG's rr_new), one CUDA runtime in the
+  process, P past the grid's axis-1 limit, and ``CUDAGraphStep``'s hazards (the engine's data
+  caches after capture, a batch off the device, a tensor ``lr`` reaching the replays).
 
 Everything stays on the device (matvecs included). Shapes are small and shared between tests
 so each Triton specialisation compiles once: the file runs in well under 2 minutes on an H100.
@@ -536,3 +540,154 @@ def test_engine_cuda_matches_cpu_float64(dtype):
         err = rel_err(out.cpu(), want[key])
         tol = TOL64 if dtype == F64 else max(RATIO32 * rel_err(torch32[key].cpu(), want[key]), 1e-5)
         assert err < tol, f"{key}: relative error {err:.3g} > {tol:.3g}"
+
+
+# --------------------------------------------------------------------------- issue 26: the GPU half's edges
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cg_at_p_zero(backend):
+    """P = 0: one block per task (the CUDA kernels launched 0 blocks once: "invalid configuration
+    argument"), zero partials, every task converged."""
+    from imaml_kernels.ops.cg import cg_partials
+
+    T = 3
+    x, r, p, Ap = (torch.empty(T, 0, device="cuda") for _ in range(4))
+    partials, chunk = cg_partials(r, backend)
+    partials.fill_(float("nan"))
+    kernel("cg_dots", backend)(r, p, Ap, partials, chunk)
+    s_in, s_out = torch.zeros(T, dtype=torch.int32, device="cuda"), torch.full((T,), -7, dtype=torch.int32, device="cuda")
+    iters = torch.zeros(T, dtype=torch.int32, device="cuda")
+    kernel("cg_update", backend)(x, r, p, Ap, partials, s_in, s_out, iters, torch.zeros(T, dtype=F64, device="cuda"), chunk)
+    torch.cuda.synchronize()
+    assert torch.equal(partials, torch.zeros_like(partials)) and s_out.tolist() == [reference.CG_CONVERGED] * T
+    sol, info = ik.cg_solve(lambda v: 2 * v, torch.empty(T, 0, device="cuda"), iters=3, backend=backend)
+    assert sol.shape == (T, 0) and bool(info.converged.all()) and not bool(info.breakdown.any())
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cg_rr_new_nan_breaks_down_compiled(backend):
+    """Finite partials whose rr_new is inf - inf (alpha = 1e300): a breakdown, compiled too
+    (``tl.maximum`` compiled to max.f64 would return 0 for the NaN and step by 1e300)."""
+    T, P = 2, 100
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x, r, p = (torch.randn(T, P, generator=g, device="cuda", dtype=F64) for _ in range(3))
+    Ap = 1.5 * p
+    partials = torch.empty(T, 1, 4, dtype=F64, device="cuda")
+    kernel("cg_dots", backend)(r, p, Ap, partials, CG_CHUNK)
+    partials[0, 0] = torch.tensor([1.0, 1e-300, 1e10, 1.0], dtype=F64, device="cuda")
+    s_in, s_out = torch.zeros(T, dtype=torch.int32, device="cuda"), torch.full((T,), -7, dtype=torch.int32, device="cuda")
+    iters = torch.zeros(T, dtype=torch.int32, device="cuda")
+    x0 = x.clone()
+    kernel("cg_update", backend)(x, r, p, Ap, partials, s_in, s_out, iters, torch.zeros(T, dtype=F64, device="cuda"), CG_CHUNK)
+    torch.cuda.synchronize()
+    assert s_out.tolist() == [reference.CG_BREAKDOWN, 0] and iters.tolist() == [0, 1]
+    assert torch.equal(x[0], x0[0])
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-launch", "row-splits"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+def test_bn_fwd_nan_propagates_compiled(monkeypatch, split, dtype):
+    """A NaN in one channel: its rstd, xhat and y are NaN in one launch and with row splits
+    alike, compiled (the M2 clamp keeps NaN: ``tl.where``, not ``max.f64``), and only there."""
+    from imaml_kernels.triton import batchnorm as tbn
+
+    if split:
+        for name, v in (("BN_TARGET_PROGRAMS", 10**6), ("BN_MIN_PROGRAMS", 10**6), ("BN_SPLIT_MIN_R", 0),
+                        ("BN_MIN_SPLIT_ROWS", 12), ("BN_SPLIT_BLOCK", 2)):
+            monkeypatch.setattr(tbn, name, v)
+        assert tbn.plan(2, 37, 5, 4)[4] == 3
+    g = _gen(30)
+    x, gamma, beta = _cast([_randn(g, 2, 37, 5), _randn(g, 2, 5, shift=1.0), _randn(g, 2, 5)], dtype, "cuda")
+    x[1, 20, 3] = float("nan")
+    y, xhat, rstd = triton_op("bn_fwd")(x, gamma, beta, EPS, True)
+    torch.cuda.synchronize()
+    nan = torch.zeros(2, 5, dtype=torch.bool, device="cuda")
+    nan[1, 3] = True
+    assert torch.equal(torch.isnan(rstd), nan)
+    assert torch.equal(torch.isnan(xhat), nan[:, None, :].expand_as(xhat))
+    assert torch.equal(torch.isnan(y), nan[:, None, :].expand_as(y))
+
+
+def test_one_cuda_runtime_in_the_process():
+    """The extension links the shared CUDA runtime torch loaded: after a CUDA CG launch the
+    process maps one libcudart (a static copy kept its own module loading and error state)."""
+    fam = cg_family(F32, "cuda", T=2, P=100)
+    _, args = fam["cg_dots"][0]
+    kernel("cg_dots", "cuda")(*args)
+    torch.cuda.synchronize()
+    with open("/proc/self/maps") as f:
+        paths = {ln.split()[-1] for ln in f if "libcudart" in ln}
+    assert len({os.path.basename(p) for p in paths}) == 1, paths
+
+
+def test_large_p_launches_on_axis_zero():
+    """P past the grid's axis-1 limit (65,535 blocks): prox at P = 140M float32 (2048 per block),
+    CG at P = 270M (4096 per block) launch and compute (one grid axis, task-major)."""
+    P = 140_000_000
+    phi, grad, theta = (torch.rand(1, P, device="cuda") for _ in range(3))
+    lam = torch.full((1,), 0.5, device="cuda")
+    want = phi - 0.25 * (grad + lam[:, None] * (phi - theta))
+    triton_op("prox_step")(phi, grad, theta, lam, 0.25)
+    assert rel_err(phi, want) < 1e-6
+    del phi, grad, theta, want
+    P = 270_000_000
+    r = torch.rand(1, P, device="cuda")
+    nb = math.ceil(P / CG_CHUNK)
+    partials = torch.full((1, nb, 4), float("nan"), dtype=F64, device="cuda")
+    for backend in ("triton", "cuda"):
+        partials.fill_(float("nan"))
+        kernel("cg_dots", backend)(r, r, r, partials, CG_CHUNK)
+        rr = (r.double() ** 2).sum()
+        assert abs(partials[0, :, 0].sum() - rr) / rr < 1e-12 and torch.isfinite(partials).all()
+
+
+def test_cuda_graph_step_hazards():
+    """CUDAGraphStep: an eager call on the same static input right after capture does not read
+    the capture's unwritten memory (the engine's per-data caches are dropped), a batch off the
+    device is refused, and a tensor ``lr`` of a capturable Adam reaches the replays."""
+    from imaml_kernels.graphs import CUDAGraphStep
+    from imaml_kernels.nets import OmniglotConv
+
+    torch.manual_seed(0)
+    model = OmniglotConv(5).cuda()
+    batch = _meta_batch()
+    eng = model.batched()
+    theta0 = model.flat_params().detach()
+
+    def inner(xs, ys, xq, yq):
+        return eng.inner_loop(theta0, xs, ys, lam=2.0, steps=4, lr=0.1)
+
+    phi = inner(*batch).clone()
+    want = eng.linearize(phi, batch[0], batch[1]).loss.clone()
+    graphed = CUDAGraphStep(inner, batch, warmup=1)
+    # Before any replay, on the graph's static support set: linearize would reuse the inner
+    # loop's prepared data for that same tensor, made during capture and not yet written.
+    got = eng.linearize(phi, graphed.static[0], graphed.static[1]).loss
+    assert rel_err(got, want) < 1e-6
+    with pytest.raises(ValueError, match="captured on cuda"):
+        graphed(*[t.cpu().pin_memory() for t in batch])
+
+    params = list(model.parameters())
+    opt = torch.optim.Adam(params, lr=torch.tensor(1e-3, device="cuda"), capturable=True)
+
+    def step(*b):
+        opt.zero_grad(set_to_none=False)
+        sum((p * p).sum() for p in params).backward()
+        opt.step()
+        return params[0].detach()
+
+    step(*batch)  # Adam's state exists
+    graphed = CUDAGraphStep(step, batch, warmup=1)
+    state = [*params, *(t for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor))]
+    snapshot = [t.detach().clone() for t in state]
+    deltas = []
+    for lr in (1e-3, 1e-2):  # what a schedule does with a tensor lr: fill it between replays
+        with torch.no_grad():
+            for t, v in zip(state, snapshot):
+                t.copy_(v)
+        opt.param_groups[0]["lr"].fill_(lr)
+        graphed(*batch)
+        torch.cuda.synchronize()
+        deltas.append(params[0].detach() - snapshot[0])
+    assert rel_err(deltas[1], 10 * deltas[0]) < 1e-3, "the lr set after capture did not reach the replay"

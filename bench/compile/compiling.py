@@ -18,6 +18,12 @@ from .specialisation import Spec
 
 ARCHS = (90, 80)
 
+
+def sm(arch: int) -> str:
+    """The target's name: Triton compiles capability 9.0 for ``sm_90a`` (wgmma, setmaxnreg)."""
+    return f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+
+
 # H100 SXM limits per SM (the occupancy estimate).
 SM_REGS, SM_THREADS, SM_SMEM, SM_BLOCKS = 65536, 2048, 228 * 1024, 32
 BLOCK_SMEM_RESERVED = 1024

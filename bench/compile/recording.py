@@ -19,6 +19,48 @@ CONFIGS = {
     "miniimagenet-5w1s": ("miniimagenet", 5, 1, 15, 4),
 }
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+PAPER_CHANNELS = {"omniglot": 64, "miniimagenet": 32}
+
+# The grid beyond the paper (``python -m bench compile --grid``, tests/test_compile.py): both
+# networks at every T, support size and width below, float32 and float64. Users adapt on one
+# task, on tiny support sets, on wider nets: T = 1 .. 64; (way, shot) giving 1 .. 100 support
+# examples (way 1 and 2 included: a one-row softmax, a two-image batch); channels 16 .. 128,
+# 48 and 100 for widths that are not powers of two (100: not a multiple of 16 either). Query
+# sets as in the paper: 1 per class (Omniglot), 15 (MiniImagenet).
+GRID_T = (1, 2, 8, 32, 64)
+GRID_SUPPORT = ((1, 1), (2, 1), (5, 1), (5, 2), (20, 1), (5, 5), (10, 5), (20, 5))
+GRID_CHANNELS = (16, 32, 48, 64, 100, 128)
+QUERY_PER_CLASS = {"omniglot": 1, "miniimagenet": 15}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One meta-step's shapes: network, tasks ``T``, ``way`` x ``shot`` support examples,
+    ``query`` per class, conv ``channels``, ``dtype`` (``"fp32"``/``"fp64"``)."""
+
+    net: str
+    T: int
+    way: int
+    shot: int
+    query: int
+    channels: int
+    dtype: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.net}-T{self.T}-{self.way}w{self.shot}s-c{self.channels}"
+
+
+def paper_shape(config: str, dtype: str) -> Shape:
+    net, way, shot, query, T = CONFIGS[config]
+    return Shape(net, T, way, shot, query, PAPER_CHANNELS[net], dtype)
+
+
+def grid_shapes(dtypes=tuple(DTYPES)) -> List[Shape]:
+    """Every shape of the grid (``2 x 5 x 8 x 6 x 2 = 960`` with both dtypes)."""
+    return [Shape(net, T, way, shot, QUERY_PER_CLASS[net], c, dt)
+            for dt in dtypes for net in ("omniglot", "miniimagenet") for T in GRID_T
+            for way, shot in GRID_SUPPORT for c in GRID_CHANNELS]
 
 
 @dataclasses.dataclass
@@ -89,7 +131,15 @@ def _shapes_only(device):
 
 
 def meta_step_launches(config: str, dtype: torch.dtype, device="meta") -> List[Launch]:
-    """The Triton launches of one meta-step of ``config``: the support-set inner loop (two
+    """The Triton launches of one meta-step of the paper's ``config`` (see :func:`launches`)."""
+    launches_ = launches(paper_shape(config, {torch.float32: "fp32", torch.float64: "fp64"}[dtype]), device)
+    for launch in launches_:
+        launch.config = config
+    return launches_
+
+
+def launches(shape: Shape, device="meta") -> List[Launch]:
+    """The Triton launches of one meta-step at ``shape``: the support-set inner loop (two
     proximal steps stand for all: every step launches the same kernels), the query loss's
     linearisation at φ, HVPs and the CG solve of the implicit gradient, on tensors without
     data (``device="meta"``: every ``imaml::`` op runs its fake, which calls the Triton
@@ -97,19 +147,19 @@ def meta_step_launches(config: str, dtype: torch.dtype, device="meta") -> List[L
     import imaml_kernels as ik
     from imaml_kernels import nets, ops
 
-    net_name, way, shot, query, T = CONFIGS[config]
+    dtype, T = DTYPES[shape.dtype], shape.T
     # The network only gives the engine its structure (parameters are passed flat): built
     # for real on the CPU; every tensor of the step is data-less.
-    net = nets.OmniglotConv(way) if net_name == "omniglot" else nets.MiniImagenetConv(way)
+    net = (nets.OmniglotConv if shape.net == "omniglot" else nets.MiniImagenetConv)(shape.way, channels=shape.channels)
     eng = net.batched(backend="triton")
     P = sum(p.numel() for p in net.parameters())
-    shape = net.input_shape
+    n_s, n_q = shape.way * shape.shot, shape.way * shape.query
     with _shapes_only(device):
         theta = torch.empty(P, device=device, dtype=dtype)
-        xs = torch.empty(T, way * shot, *shape, device=device, dtype=dtype)
-        ys = torch.zeros(T, way * shot, device=device, dtype=torch.int64)
-        xq = torch.empty(T, way * query, *shape, device=device, dtype=dtype)
-        yq = torch.zeros(T, way * query, device=device, dtype=torch.int64)
+        xs = torch.empty(T, n_s, *net.input_shape, device=device, dtype=dtype)
+        ys = torch.zeros(T, n_s, device=device, dtype=torch.int64)
+        xq = torch.empty(T, n_q, *net.input_shape, device=device, dtype=dtype)
+        yq = torch.zeros(T, n_q, device=device, dtype=torch.int64)
         lam = torch.full((T,), 2.0, device=device, dtype=dtype)
 
         def run(wrap):
@@ -118,8 +168,7 @@ def meta_step_launches(config: str, dtype: torch.dtype, device="meta") -> List[L
                 lin = eng.linearize(phi, xq, yq)
                 ik.cg_solve(lambda v: v + lin.hvp(v) / 2.0, lin.grad, iters=2, backend="triton")
 
-        launches = record(run)
-    for launch in launches:
-        launch.config = config
-        launch.dtype = {torch.float32: "fp32", torch.float64: "fp64"}[dtype]
-    return launches
+        recorded = record(run)
+    for launch in recorded:
+        launch.config, launch.dtype = shape.name, shape.dtype
+    return recorded

@@ -39,6 +39,32 @@ def check_shape(name, t, shape, like):
     expect(t.is_contiguous(), ValueError, f"{name} must be contiguous")
 
 
+def _bytes(t):
+    start = t.storage_offset() * t.element_size()
+    return start, start + t.numel() * t.element_size()
+
+
+def overlaps(a: Tensor, b: Tensor) -> bool:
+    """Whether contiguous ``a`` and ``b`` share bytes of one storage. Storage identity, not
+    ``data_ptr`` (meta and fake tensors, which the fakes see, have none): ``torch._C._is_alias_of``,
+    the test functionalisation uses."""
+    if a.numel() == 0 or b.numel() == 0 or not torch._C._is_alias_of(a, b):
+        return False
+    (a0, a1), (b0, b1) = _bytes(a), _bytes(b)
+    return a0 < b1 and b0 < a1
+
+
+def check_disjoint(written, read=None):
+    """No tensor of ``written`` (``{name: tensor}``, contiguous) overlaps another one or one of
+    ``read``: a kernel's blocks would race (one block's writes reaching another's reads), an
+    ``is`` check misses views (a matvec returning ``p.view(...)``)."""
+    items = list(written.items())
+    for i, (na, a) in enumerate(items):
+        for nb, b in items[i + 1:] + list((read or {}).items()):
+            expect(not overlaps(a, b), ValueError,
+                   f"{na} and {nb} overlap in memory; the kernel writes {na}: pass separate tensors")
+
+
 def dtype_code(t):
     """The extension's dtype code: 0 float32, 1 float64."""
     return 0 if t.dtype == torch.float32 else 1

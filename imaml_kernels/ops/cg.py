@@ -20,7 +20,7 @@ import math
 import torch
 
 from .. import reference as ref
-from ._checks import check_tensor, dtype_code, expect, native, native_cuda, stream
+from ._checks import check_disjoint, check_tensor, dtype_code, expect, native, native_cuda, stream
 from ._registry import OpSpec, register, triton_launcher
 
 # Block lengths of the per-block partial sums, per backend.
@@ -71,6 +71,7 @@ def check_cg_dots(r, p, Ap, partials, chunk):
     check_tensor("p", p, dim=2, like=r)
     check_tensor("Ap", Ap, dim=2, like=r)
     _check_partials(partials, r, chunk)
+    check_disjoint({"partials": partials}, {"r": r, "p": p, "Ap": Ap})
 
 
 def check_cg_update(x, r, p, Ap, partials, status_in, status_out, iters, thresh, chunk):
@@ -82,6 +83,10 @@ def check_cg_update(x, r, p, Ap, partials, status_in, status_out, iters, thresh,
     _check_task_vec("status_out", status_out, x, torch.int32)
     _check_task_vec("iters", iters, x, torch.int32)
     _check_task_vec("thresh", thresh, x, torch.float64)
+    # Every block reads status_in, Ap and partials while block 0 writes status_out and the
+    # others write their share of x, r, p: none may share memory with what another writes.
+    check_disjoint({"x": x, "r": r, "p": p, "status_out": status_out, "iters": iters},
+                   {"Ap": Ap, "partials": partials, "status_in": status_in, "thresh": thresh})
 
 
 # --------------------------------------------------------------------------- launchers

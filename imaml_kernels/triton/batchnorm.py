@@ -42,12 +42,18 @@ from .conv import gather_cols
 # Block sizes, read at launch time (tests shrink them to force several tiles, channel blocks
 # and row splits). A tile is BN_TILE_BYTES of data: 2048 float32 / 1024 float64 elements,
 # 8 / 4 per thread at 8 warps (one or two 16-byte vectors per input); tbwd, with five float64
-# sums per lane, takes half that. Every stage then stays under 100 registers without spilling
-# (bench/results/compile.md). Not swept on a GPU (none was available).
+# sums per lane, takes half that. The gathering backwards load K*K patch entries per element,
+# each at its own address where the channel count is not a multiple of 16 (no vector loads):
+# their tiles, per element size, are the largest that compile without spilling at every
+# channel block, channel alignment and phase on sm_90a and sm_80 (`python -m bench.compile.sweep`;
+# 4096 bytes spilled up to 40 bytes at 140 registers, float32 C = 100, stride 2). Every stage
+# then compiles without spilling and within the 128 registers of 8 warps at full occupancy of
+# a block's worth, over that sweep and the grid of bench/results/compile.md. Not timed on a
+# GPU (none was available).
 BN_TILE_BYTES = 8192
 BN_TBWD_TILE_BYTES = 4096
-BN_GATHER_TILE_BYTES = 4096  # the gathering backward (k*k index sets per tile): no spills at float64 on sm_80
-BN_TBWD_GATHER_TILE_BYTES = 2048  # the gathering tangent backward: five sums and the gather, no spills
+BN_GATHER_TILE_BYTES = {4: 1024, 8: 2048}  # element size -> bytes: 256 elements either way
+BN_TBWD_GATHER_TILE_BYTES = {4: 2048, 8: 1024}  # 512 float32, 128 float64 (2048 spilled 32 B at float64)
 BN_MAX_BLOCK_C = 64  # channels per program: 64 float32 = one 256-byte row segment
 BN_NUM_WARPS = 8
 # Row splits: a stage whose tasks have at least BN_SPLIT_MIN_R rows is split into enough
@@ -63,9 +69,10 @@ BN_SPLIT_MIN_R = 512
 BN_MIN_SPLIT_ROWS = 24
 BN_MAX_SPLITS = 128
 BN_SPLIT_BLOCK = 32  # partials reduced per step in PHASE=2
-# Row counts need no specialisation (C, the row stride, carries the alignment): one compile
-# per block configuration instead of one per divisibility of R, RPS and NS.
-_NO_SPEC = ("R", "PS", "RPS", "NS")
+# Row counts and the gathering stages' image geometry need no specialisation (C, the row
+# stride, carries the alignment): one compile per block configuration instead of one per
+# divisibility of R, RPS and NS, or per image size (a 1 x 1 last layer made Wo = 1 a constexpr).
+_NO_SPEC = ("R", "PS", "RPS", "NS", "H", "W", "Ho", "Wo", "ph", "pw")
 
 
 @triton.jit
@@ -110,14 +117,14 @@ def _tile(R, C, RPS, BLOCK_C: tl.constexpr):
     """The program's share of a ``[T, R, C]`` stage -> ``(t, s, cols, cmask, r_lo, r_hi, base)``:
     task ``t``, row split ``s`` owning rows ``[r_lo, r_hi)``, channels ``cols`` (``cmask``: the
     last channel block is partial) and the task's first element ``base = t R C``. ``t`` is
-    int64 (``T R C`` exceeds 2**31 at large T); ``R C < 2**31`` (the launcher checks), so
-    in-task offsets stay int32."""
+    int64 (``T R C`` exceeds 2**31 at large T); ``R C`` and ``R + BLOCK_R`` are below 2**31
+    (the launcher checks), so in-task offsets and row indices stay int32."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     s = tl.program_id(2)
     cmask = cols < C
     r_lo = s * RPS
-    r_hi = tl.minimum(R, r_lo + RPS)
+    r_hi = r_lo + tl.minimum(R - r_lo, RPS)  # not min(R, r_lo + RPS): that sum may pass 2**31
     return t, s, cols, cmask, r_lo, r_hi, t * R * C
 
 
@@ -164,8 +171,11 @@ def _fwd_sum(x_ptr, r_lo, r_hi, C, cols, cmask, BLOCK_R: tl.constexpr, BLOCK_C: 
     inv_n = _inv(r_hi - r_lo)
     s1 = tl.sum(sd, axis=0)
     mean = k + s1 * inv_n
-    m2 = tl.maximum(tl.sum(sdd, axis=0) - s1 * (s1 * inv_n), 0.0)
-    return mean, m2
+    m2 = tl.sum(sdd, axis=0) - s1 * (s1 * inv_n)
+    # Clamp the rounding's negative M2 to 0 but keep NaN: tl.maximum compiles to max.f64, which
+    # returns 0 for NaN (the interpreter's np.maximum keeps it), and would make rstd finite
+    # here but not in the split combine (_fwd_combine), so results would depend on the plan.
+    return mean, tl.where(m2 < 0.0, 0.0, m2)
 
 
 @triton.jit
@@ -609,16 +619,15 @@ def plan(T, R, C, elsize, tile_bytes=None):
         ns = max(1, min(triton.cdiv(BN_TARGET_PROGRAMS, T * cb), R // max(BN_MIN_SPLIT_ROWS, 1), BN_MAX_SPLITS))
     rps = triton.cdiv(R, ns)
     ns = triton.cdiv(R, rps)
-    block_r = max(1, min(tile_rows, triton.next_power_of_2(rps)))
-    return block_r, block_c, cb, rps, ns
+    # The whole tile whatever the rows: a short split leaves rows masked (no memory traffic;
+    # a program's one pass is as long either way), and every row count shares one compile.
+    return tile_rows, block_c, cb, rps, ns
 
 
 def _bn_setup(x, **tensors):
     """Checks a BatchNorm stage's tensors (kinds: ``full`` ``[T,R,C]``, ``stat`` contiguous
     ``[T,C]``, ``param`` ``[T,C]`` rows of one shared row stride); -> ``(T, R, C, ps)``."""
     T, R, C = x.shape
-    if R * C >= 2**31:
-        raise ValueError(f"R * C = {R * C} per task is beyond the kernels' int32 in-task offsets")
     full, stat = (T, R, C), (T, C)
     params = {k: v for k, (v, kind) in tensors.items() if kind == "param"}
     check(x, full, x=(x, full), **{k: (v, full if kind == "full" else stat) for k, (v, kind) in tensors.items() if kind != "param"})
@@ -653,6 +662,10 @@ def _launch(kernel, wrap, x, ps, nsums, tensors, scalars, constexprs, tile_bytes
     ``ps``: the parameter-like arrays' row stride."""
     T, R, C = x.shape
     block_r, block_c, cb, rps, ns = plan(T, R, C, x.element_size(), tile_bytes)
+    # In-task offsets and row indices are int32: R C elements, and the last tile's rows reach
+    # R + BLOCK_R - 2 (a wrapped row index would be negative and pass the rows < r_hi mask).
+    if R * C >= 2**31 or R + block_r >= 2**31:
+        raise ValueError(f"R = {R} rows x C = {C} channels per task is beyond the kernels' int32 in-task offsets")
     # BLOCK_S is fixed (masked): one compile serves every split count.
     meta = dict(constexprs, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_S=BN_SPLIT_BLOCK, num_warps=BN_NUM_WARPS)
     if ns == 1:
@@ -692,7 +705,10 @@ def col2im_bn_bwd(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbe
     """:func:`bn_bwd` with its output cotangent gathered from the patch cotangent ``gcols [T, N,
     Ho, Wo, k, k, C]`` of the convolution it feeds (stride ``s``, top/left padding ``ph``/``pw``,
     on ``H x W`` images): the col2im fused into the loads, one launch (or pair) fewer, no
-    ``[T, R, C]`` cotangent in memory. Same results, bit for bit, as col2im then bn_bwd."""
+    ``[T, R, C]`` cotangent in memory. The same arithmetic in the same order as col2im then
+    bn_bwd: bit for bit in the interpreter; compiled for a GPU, within rounding (the gather
+    itself is plain adds, but the compiler contracts multiply-adds into FMAs kernel by kernel,
+    and may do so differently in the fused kernel)."""
     extra = {} if relu_y is None else {"relu_y": (relu_y, "full")}
     T, R, C, ps = _bn_setup(
         xhat, rstd=(rstd, "stat"), gamma=(gamma, "param"), gx=(gx, "full"), ggamma=(ggamma, "param"),
@@ -705,7 +721,7 @@ def col2im_bn_bwd(gcols, H, W, s, ph, pw, xhat, rstd, gamma, relu_y, ggamma, gbe
         return
     _launch(_bn_bwd_kernel, wrap, xhat, ps, 2, (gcols, xhat, rstd, gamma, xhat if relu_y is None else relu_y, gx, ggamma, gbeta),
             (H, W, Ho, Wo, ph, pw), dict(RELU=relu_y is not None, GATHER=True, K=int(k), S=int(s)),
-            BN_GATHER_TILE_BYTES)
+            BN_GATHER_TILE_BYTES[xhat.element_size()])
 
 
 def bn_tfwd(rx, xhat, rstd, gamma, rgamma, rbeta, relu_y, ry, rxhat, a, wrap=ident):
@@ -740,8 +756,8 @@ def bn_tbwd(gy, rgy, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbet
 def col2im_bn_tbwd(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rgamma, relu_y, rggamma, rgbeta, rgx,
                    wrap=ident):
     """:func:`bn_tbwd` with the cotangent's tangent gathered from the patch form ``rgcols`` of
-    the convolution this BatchNorm feeds (see :func:`col2im_bn_bwd`): same results, bit for bit,
-    as col2im then bn_tbwd."""
+    the convolution this BatchNorm feeds (see :func:`col2im_bn_bwd`): the arithmetic of col2im
+    then bn_tbwd, bit for bit in the interpreter, within rounding on a GPU (FMA contraction)."""
     extra = {} if relu_y is None else {"relu_y": (relu_y, "full")}
     T, R, C, ps = _bn_setup(
         gy, xhat=(xhat, "full"), rxhat=(rxhat, "full"), rstd=(rstd, "stat"), a=(a, "stat"), gamma=(gamma, "param"),
@@ -754,4 +770,5 @@ def col2im_bn_tbwd(gy, rgcols, H, W, s, ph, pw, xhat, rxhat, rstd, a, gamma, rga
         return
     _launch(_bn_tbwd_kernel, wrap, gy, ps, 5,
             (gy, rgcols, xhat, rxhat, rstd, a, gamma, rgamma, gy if relu_y is None else relu_y, rgx, rggamma, rgbeta),
-            (H, W, Ho, Wo, ph, pw), dict(RELU=relu_y is not None, GATHER=True, K=int(k), S=int(s)), BN_TBWD_GATHER_TILE_BYTES)
+            (H, W, Ho, Wo, ph, pw), dict(RELU=relu_y is not None, GATHER=True, K=int(k), S=int(s)),
+            BN_TBWD_GATHER_TILE_BYTES[gy.element_size()])

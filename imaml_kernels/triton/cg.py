@@ -1,7 +1,9 @@
 """Triton kernels of the fused CG iteration: private kernels, then host launchers.
 
-Layout as everywhere: ``[T, P]`` row-major, contiguous. Grid ``(T, NB)`` with one program
-per ``BLOCK`` elements of one task; ``partials`` is ``[T, NB, 4]`` float64. The launchers
+Layout as everywhere: ``[T, P]`` row-major, contiguous. One program per ``BLOCK`` elements of
+one task, on one grid axis (``T * NB`` programs, task-major: axis 0 takes 2**31 - 1 where axes
+1 and 2 take 65,535, which ``NB`` alone would pass at P above 268M); ``partials`` is
+``[T, NB, 4]`` float64. The launchers
 validate nothing beyond the block length (``chunk``): :mod:`imaml_kernels.ops.cg` checks every
 argument.
 """
@@ -18,9 +20,10 @@ from ._common import ident
 CG_BLOCK = 4096
 CG_SUB = 1024
 CG_NUM_WARPS = 8
+CG_NB_BLOCK = 32  # partials per step of cg_update's reduction (P up to 131,072 in one step)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("nb",))  # one compile for every block count
 def _cg_dots_kernel(
     r_ptr,  # [T, P] residual
     p_ptr,  # [T, P] search direction
@@ -32,8 +35,9 @@ def _cg_dots_kernel(
     SUB: tl.constexpr,  # elements per step (BLOCK is a multiple)
 ):
     # int64 before offset arithmetic: T * P exceeds 2**31 at paper sizes x large T.
-    t = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid // nb
+    b = pid % nb
     base = t * n
     # float64 accumulation regardless of the data type (P is 1e5..1e6), per lane over the
     # steps, then one reduction: a fixed order, so the partials are deterministic.
@@ -58,7 +62,7 @@ def _cg_dots_kernel(
     tl.store(out + 3, tl.sum(apap, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("nb",))  # one compile for every block count
 def _cg_update_kernel(
     x_ptr,  # [T, P] iterate, updated in place
     r_ptr,  # [T, P] residual, updated in place
@@ -73,19 +77,31 @@ def _cg_update_kernel(
     nb,  # NB
     BLOCK: tl.constexpr,
     SUB: tl.constexpr,  # elements per step (BLOCK is a multiple)
-    NB_POW2: tl.constexpr,  # next power of two >= NB, for the partials reduction
+    NB_BLOCK: tl.constexpr,  # partials summed per step
 ):
-    t = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid // nb
+    b = pid % nb
     # Every program re-reduces its task's partials (NB is small): deterministic, and
-    # saves a launch compared with a separate scalar kernel.
-    j = tl.arange(0, NB_POW2)
-    jmask = j < nb
-    row = partials_ptr + (t * nb + j) * 4
-    rr = tl.sum(tl.load(row + 0, mask=jmask, other=0.0), axis=0)
-    pap = tl.sum(tl.load(row + 1, mask=jmask, other=0.0), axis=0)
-    rap = tl.sum(tl.load(row + 2, mask=jmask, other=0.0), axis=0)
-    apap = tl.sum(tl.load(row + 3, mask=jmask, other=0.0), axis=0)
+    # saves a launch compared with a separate scalar kernel. NB_BLOCK at a time, per lane, then
+    # one reduction: a fixed order, and one compile for every P (a block of all NB partials
+    # would be one specialisation per power of two, and spill at large P).
+    rr = tl.zeros([NB_BLOCK], dtype=tl.float64)
+    pap = tl.zeros([NB_BLOCK], dtype=tl.float64)
+    rap = tl.zeros([NB_BLOCK], dtype=tl.float64)
+    apap = tl.zeros([NB_BLOCK], dtype=tl.float64)
+    for j0 in range(0, nb, NB_BLOCK):
+        j = j0 + tl.arange(0, NB_BLOCK)
+        jmask = j < nb
+        row = partials_ptr + (t * nb + j) * 4
+        rr += tl.load(row + 0, mask=jmask, other=0.0)
+        pap += tl.load(row + 1, mask=jmask, other=0.0)
+        rap += tl.load(row + 2, mask=jmask, other=0.0)
+        apap += tl.load(row + 3, mask=jmask, other=0.0)
+    rr = tl.sum(rr, axis=0)
+    pap = tl.sum(pap, axis=0)
+    rap = tl.sum(rap, axis=0)
+    apap = tl.sum(apap, axis=0)
     status_in = tl.load(status_in_ptr + t)
     thresh = tl.load(thresh_ptr + t)
 
@@ -96,7 +112,10 @@ def _cg_update_kernel(
     safe_pap = tl.where(pap > 0.0, pap, 1.0)
     safe_rr = tl.where(rr > 0.0, rr, 1.0)
     alpha = rr / safe_pap
-    rr_new = tl.maximum(rr - 2.0 * alpha * rap + alpha * alpha * apap, 0.0)
+    rr_new = rr - 2.0 * alpha * rap + alpha * alpha * apap
+    # Cancellation's small negative to 0, NaN (inf - inf at huge alpha) kept, so beta is NaN and
+    # the task breaks down as in cg_step: not tl.maximum, whose max.f64 would return 0 for NaN.
+    rr_new = tl.where(rr_new < 0.0, 0.0, rr_new)
     beta = rr_new / safe_rr
     ok = finite & (pap > 0.0) & (rr > 0.0) & (alpha - alpha == 0.0) & (beta - beta == 0.0)
     update = (~broken_in) & (~converged) & ok
@@ -139,7 +158,7 @@ def cg_dots(r, p, Ap, partials, chunk, wrap=ident):
     nb = partials.shape[1]
     if T == 0:  # P = 0 still launches: the blocks write zero partials
         return
-    wrap(_cg_dots_kernel)[(T, nb)](r, p, Ap, partials, P, nb, BLOCK=CG_BLOCK, SUB=CG_SUB, num_warps=CG_NUM_WARPS)
+    wrap(_cg_dots_kernel)[(T * nb,)](r, p, Ap, partials, P, nb, BLOCK=CG_BLOCK, SUB=CG_SUB, num_warps=CG_NUM_WARPS)
 
 
 def cg_update(x, r, p, Ap, partials, status_in, status_out, iters, thresh, chunk, wrap=ident):
@@ -149,7 +168,7 @@ def cg_update(x, r, p, Ap, partials, status_in, status_out, iters, thresh, chunk
     nb = partials.shape[1]
     if T == 0:
         return
-    wrap(_cg_update_kernel)[(T, nb)](
+    wrap(_cg_update_kernel)[(T * nb,)](
         x, r, p, Ap, partials, status_in, status_out, iters, thresh, P, nb,
-        BLOCK=CG_BLOCK, SUB=CG_SUB, NB_POW2=triton.next_power_of_2(nb), num_warps=CG_NUM_WARPS,
+        BLOCK=CG_BLOCK, SUB=CG_SUB, NB_BLOCK=CG_NB_BLOCK, num_warps=CG_NUM_WARPS,
     )

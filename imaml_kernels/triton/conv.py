@@ -36,8 +36,10 @@ def gather_cols(gcols_ptr, t, rows, cols, m, R, C, H, W, Ho, Wo, ph, pw,
     """The input cotangent of a K x K, stride-S convolution at rows ``(n, h, w)`` of task ``t``
     (``R = N H W`` rows per task): the sum of its <= K*K entries of the patch cotangent ``gcols
     [T, N, Ho, Wo, K, K, C]`` in (i, j) order, in the data type. ``_col2im_kernel`` (``t = 0``,
-    rows over all tasks) and the BatchNorm backward's fused loads share it, so they agree bit
-    for bit. Gather, not scatter: deterministic, no atomics, no zero-fill."""
+    rows over all tasks) and the BatchNorm backward's fused loads share it, so they gather the
+    same values bit for bit, compiled too (loads and round-to-nearest adds in a fixed order:
+    nothing for FMA contraction or an approximate instruction to change). Gather, not scatter:
+    deterministic, no atomics, no zero-fill."""
     w = rows % W
     h = (rows // W) % H
     img = t * (R // (H * W)) + rows // (H * W)  # int64: t * N + n
@@ -78,7 +80,7 @@ def _im2col_kernel(
     BLOCK_C: tl.constexpr,
 ):
     # The padding is fused: taps outside the image load 0 (masked), so no padded copy of x.
-    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # int32: P < 2**31 (launcher)
+    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # int32: P + BLOCK_P < 2**31 (launcher)
     chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     pm = pix < P  # the last pixel block is partial
     cm = chans < C  # the last channel block is partial
@@ -119,7 +121,7 @@ def _im2col_rows_kernel(
     BLOCK_Q: tl.constexpr,  # >= K * K * C: a patch row is held whole
 ):
     # One patch row (i, j, c) per pixel: contiguous K*K*C elements of cols.
-    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # int32: P < 2**31 (launcher)
+    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # int32: P + BLOCK_P < 2**31 (launcher)
     q = tl.arange(0, BLOCK_Q)
     pm = pix < P
     qm = q < K * K * C  # padding lanes of the row
@@ -155,7 +157,7 @@ def _col2im_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # int32: P < 2**31 (launcher)
+    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # int32: P + BLOCK_P < 2**31 (launcher)
     chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     pm = pix < P  # the last pixel block is partial
     cm = chans < C  # the last channel block is partial
@@ -168,16 +170,20 @@ def _col2im_kernel(
 # --------------------------------------------------------------------------- host launchers
 
 
-def _blocks(P, C, elsize, tile_bytes):
+def _blocks(C, elsize, tile_bytes):
+    """``(BLOCK_P, BLOCK_C)``: the whole tile whatever the pixel count (a few pixels leave rows
+    masked), so every pixel count shares one compile."""
     block_c = min(triton.next_power_of_2(max(C, 1)), CONV_MAX_BLOCK_C)
-    block_p = max(1, min(tile_bytes // elsize // block_c, triton.next_power_of_2(max(P, 1))))
-    return block_p, block_c
+    return max(1, tile_bytes // elsize // block_c), block_c
 
 
-def _check_int32(**counts):
+def _check_int32(block, **counts):
+    """Each count, and the pixel index ``pid * block + arange(block)`` of the last block (up to
+    ``count + block - 2``), fits in int32: a wrapped index would be negative and pass the
+    ``pix < P`` mask."""
     for name, n in counts.items():
-        if n >= 2**31:
-            raise ValueError(f"{name} = {n} is beyond the kernels' int32 pixel indices")
+        if n + block >= 2**31:
+            raise ValueError(f"{name} = {n} (+ a block of {block}) is beyond the kernels' int32 pixel indices")
 
 
 def im2col(x, Ho, Wo, k, s, ph, pw, cols, wrap=ident):
@@ -188,17 +194,18 @@ def im2col(x, Ho, Wo, k, s, ph, pw, cols, wrap=ident):
     P = T * N * Ho * Wo
     if P * C == 0:
         return
-    _check_int32(pixels=T * N * max(H * W, Ho * Wo))
     k, s = int(k), int(s)
     if k * k * C <= CONV_ROWS_MAX:
         block_q = triton.next_power_of_2(k * k * C)
-        block_p = max(1, min(CONV_TILE_BYTES // x.element_size() // block_q, triton.next_power_of_2(P)))
+        block_p = max(1, CONV_TILE_BYTES // x.element_size() // block_q)
+        _check_int32(block_p, pixels=T * N * max(H * W, Ho * Wo))
         wrap(_im2col_rows_kernel)[(triton.cdiv(P, block_p),)](
             x, cols, P, H, W, Ho, Wo, ph, pw,
             C=C, K=k, S=s, BLOCK_P=block_p, BLOCK_Q=block_q, num_warps=CONV_NUM_WARPS,
         )
         return
-    block_p, block_c = _blocks(P, C, x.element_size(), CONV_TILE_BYTES)
+    block_p, block_c = _blocks(C, x.element_size(), CONV_TILE_BYTES)
+    _check_int32(block_p, pixels=T * N * max(H * W, Ho * Wo))
     wrap(_im2col_kernel)[(triton.cdiv(P, block_p), triton.cdiv(C, block_c))](
         x, cols, P, H, W, Ho, Wo, C, ph, pw,
         K=k, S=s, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=CONV_NUM_WARPS,
@@ -213,8 +220,8 @@ def col2im(gcols, H, W, s, ph, pw, gx, wrap=ident):
     P = T * N * H * W
     if P * C == 0:
         return
-    _check_int32(pixels=P, patch_rows=T * N * Ho * Wo * k * k)
-    block_p, block_c = _blocks(P, C, gx.element_size(), COL2IM_TILE_BYTES)
+    block_p, block_c = _blocks(C, gx.element_size(), COL2IM_TILE_BYTES)
+    _check_int32(block_p, pixels=P, patch_rows=T * N * Ho * Wo * k * k)
     wrap(_col2im_kernel)[(triton.cdiv(P, block_p), triton.cdiv(C, block_c))](
         gcols, gx, P, H, W, Ho, Wo, C, ph, pw,
         K=int(k), S=int(s), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=CONV_NUM_WARPS,

@@ -111,10 +111,13 @@ def _maxpool_scatter_kernel(
 
 
 def _pool_grid(M, C, elsize, pixels):
-    if pixels >= 2**31:
-        raise ValueError(f"{pixels} pixels are beyond the kernels' int32 pixel indices")
+    """``(grid, BLOCK_M, BLOCK_C)`` over ``M`` pixels; ``pixels`` (the larger of the input and
+    output counts) plus a block must fit in int32: the last block's ``pid * BLOCK_M +
+    arange(BLOCK_M)`` would otherwise wrap negative and pass the ``rows < M`` mask."""
     block_c = min(triton.next_power_of_2(max(C, 1)), POOL_MAX_BLOCK_C)
-    block_m = max(1, min(POOL_TILE_BYTES // elsize // block_c, triton.next_power_of_2(max(M, 1))))
+    block_m = max(1, POOL_TILE_BYTES // elsize // block_c)  # the whole tile whatever M: one compile for all
+    if pixels + block_m >= 2**31:
+        raise ValueError(f"{pixels} pixels (+ a block of {block_m}) are beyond the kernels' int32 pixel indices")
     return (triton.cdiv(M, block_m), triton.cdiv(C, block_c)), block_m, block_c
 
 

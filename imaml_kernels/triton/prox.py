@@ -11,20 +11,24 @@ PROX_BLOCK_BYTES = 8192
 PROX_NUM_WARPS = 8
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("nb",))  # one compile for every block count
 def _prox_step_kernel(
     phi_ptr,  # [T, P] task parameters, updated in place
     grad_ptr,  # [T, P] loss gradient at phi
     theta_ptr,  # [T, P] or [P] (theta_stride 0) proximal centre
     lam_ptr,  # [T] proximal weight
     P,  # parameters per task
+    nb,  # blocks per task
     theta_stride,  # P, or 0 when theta is shared by all tasks
     lr_hi,  # lr = lr_hi + lr_lo, both fp32-exact (module docstring)
     lr_lo,  # see lr_hi
     BLOCK: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)  # int64: T * P exceeds 2**31 at large T
-    b = tl.program_id(1).to(tl.int64)
+    # One grid axis, task-major (axis 0 takes 2**31 - 1 programs, axis 1 only 65,535: P above
+    # 134M float32 would not launch there); int64: T * P exceeds 2**31 at large T.
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid // nb
+    b = pid % nb
     offs = b * BLOCK + tl.arange(0, BLOCK)
     mask = offs < P  # the last block of a task is partial
     dt = phi_ptr.dtype.element_ty
@@ -46,7 +50,8 @@ def prox_step(phi, grad, theta, lam, lr: float, wrap=ident):
         return
     block = min(PROX_BLOCK_BYTES // phi.element_size(), triton.next_power_of_2(P))
     lr_hi, lr_lo = split_f64(lr)
-    wrap(_prox_step_kernel)[(T, triton.cdiv(P, block))](
-        phi, grad, theta, lam, P, P if theta.dim() == 2 else 0, lr_hi, lr_lo,
+    nb = triton.cdiv(P, block)
+    wrap(_prox_step_kernel)[(T * nb,)](
+        phi, grad, theta, lam, P, nb, P if theta.dim() == 2 else 0, lr_hi, lr_lo,
         BLOCK=block, num_warps=PROX_NUM_WARPS,
     )

@@ -8,8 +8,8 @@ import triton.language as tl
 from ._common import check, ident
 
 # Bytes per tile (rows x padded classes): 2048 float32 / 1024 float64 elements; read at
-# launch time so tests can shrink it. Warps: one per 128 elements of the tile, at most
-# SOFTMAX_NUM_WARPS (5-way logits make 64-element tiles: one warp, not eight mostly idle).
+# launch time so tests can shrink it. Warps: one per 512 bytes of the tile, at most
+# SOFTMAX_NUM_WARPS (5-way logits make small tiles: one warp, not eight mostly idle).
 SOFTMAX_TILE_BYTES = 8192
 SOFTMAX_NUM_WARPS = 8
 # Softmax rows are held whole in one tile: classes beyond this are not supported.
@@ -38,6 +38,11 @@ def _softmax_ce_kernel(
     dt = logits_ptr.dtype.element_ty
     total = tl.zeros([BLOCK_N], dtype=dt)
     gsum = tl.zeros([BLOCK_K], dtype=tl.float64)  # float64, as the C++ kernel
+    # Reciprocals, then products: a float64 division is a subroutine call on the GPU, and one
+    # per element kept enough values live across those calls to spill (80 registers, 8 to 20
+    # bytes at float64 over the grid of `python -m bench compile --grid`); now one per row
+    # and one per task.
+    inv_n = 1.0 / N.to(dt)
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         rmask = rows < N  # the last row tile is partial
@@ -55,9 +60,9 @@ def _softmax_ce_kernel(
         hot = cols[None, :] == lab[:, None]
         zy = tl.sum(tl.where(hot & m, z, 0.0), axis=1)
         total += tl.where(rmask, lse - zy, 0.0)
-        p = e / ssum[:, None]
+        p = e * (1.0 / ssum)[:, None]
         tl.store(prob_ptr + off, p, mask=m)
-        g = (p - tl.where(hot, 1.0, 0.0)) / N
+        g = (p - tl.where(hot, 1.0, 0.0)) * inv_n
         tl.store(grad_ptr + off, g, mask=m)
         if GBIAS:
             gsum += tl.sum(tl.where(m, g.to(dt), 0.0).to(tl.float64), axis=0)
@@ -93,8 +98,13 @@ def _softmax_blocks(n, K, elsize):
     if K > SOFTMAX_MAX_K:
         raise ValueError(f"{K} classes: at most {SOFTMAX_MAX_K} supported (a row is held in one tile)")
     block_k = triton.next_power_of_2(K)
-    block_n = max(1, min(SOFTMAX_TILE_BYTES // elsize // block_k, triton.next_power_of_2(n)))
-    return block_n, block_k, max(1, min(SOFTMAX_NUM_WARPS, block_n * block_k // 128))
+    # At least one warp's 128 elements per tile (rows masked beyond n): every smaller row count
+    # shares the one-warp compile instead of one compile per power of two.
+    rows = max(triton.next_power_of_2(n), 128 // block_k)
+    block_n = max(1, min(SOFTMAX_TILE_BYTES // elsize // block_k, rows))
+    # 16 bytes of the tile per thread: 4 float32 or 2 float64 elements (4 float64 elements and
+    # their exp/log held one value too many at 2 warps: a 4-byte spill, bench compile --grid).
+    return block_n, block_k, max(1, min(SOFTMAX_NUM_WARPS, block_n * block_k * elsize // 512))
 
 
 def softmax_ce(logits, y, loss, prob, grad, wrap=ident):

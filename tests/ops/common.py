@@ -247,3 +247,28 @@ def opcheck(name, backend, args):
     """``torch.library.opcheck`` of :func:`op_of` on ``args``."""
     interpreted = backend == "triton" and _ext.triton_interpreted()
     torch.library.opcheck(op_of(name, backend), tuple(args), **({"test_utils": INTERPRETED_UTILS} if interpreted else {}))
+
+
+# --------------------------------------------------------------------------- launches without a GPU
+
+GRID_MAX = (2**31 - 1, 65535, 65535)  # CUDA's grid limits, axes 0, 1, 2
+
+
+class Recorder:
+    """A launcher's ``wrap`` that records each launch's grid and launches nothing: the launchers'
+    grid and index guards checked at their limits on ``meta`` tensors (no memory)."""
+
+    def __init__(self):
+        self.grids = []
+
+    def __call__(self, kernel):
+        return self
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.grids.append(tuple(grid))
+
+
+def assert_grids_fit(grids):
+    assert grids, "nothing launched"
+    for g in grids:
+        assert len(g) <= 3 and all(0 < n <= m for n, m in zip(g, GRID_MAX)), f"grid {g} exceeds CUDA's {GRID_MAX}"

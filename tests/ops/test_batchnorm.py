@@ -292,6 +292,56 @@ def test_bn_plan_paper_shapes():
         assert batchnorm.plan(T, R, C, 4)[4] == 1, (T, R, C)
 
 
+# --------------------------------------------------------------------------- NaN, index guards
+
+
+PLANS = [pytest.param(b, False, id=b, marks=runs(b)) for b in BACKEND_NAMES]
+PLANS += [pytest.param("triton", True, id="triton-row-splits", marks=runs("triton"))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp64", "fp32"])
+@pytest.mark.parametrize("backend,split", PLANS)
+def test_bn_fwd_propagates_nan(monkeypatch, backend, split, dtype):
+    """A NaN in one channel of one task: its rstd, xhat and y (ReLU keeps NaN) are NaN, in one
+    launch and with row splits alike, and nothing else is. On a GPU a NaN-dropping clamp of M2
+    (``tl.maximum``: ``max.f64``) made rstd finite in one launch but not in the split combine."""
+    if split:
+        assert _row_splits(monkeypatch, 12).plan(2, 37, 5, 8)[4] == 3
+    s = bn_state(f"nan-{split}", 2, 37, 5, True, dtype, device(backend))
+    x = s.x.clone()
+    x[1, 20, 3] = float("nan")
+    y, xhat, rstd = dispatch.op("bn_fwd", backend)(x, s.gamma, s.beta, EPS, True)
+    nan = torch.zeros_like(rstd, dtype=torch.bool)
+    nan[1, 3] = True
+    assert torch.equal(torch.isnan(rstd), nan), rstd
+    for out in (xhat, y):
+        assert torch.equal(torch.isnan(out), nan[:, None, :].expand_as(out)), out
+    want = ref.bn_fwd(x.double(), s.gamma.double(), s.beta.double(), EPS, True)
+    for got, w in zip((y, xhat, rstd), want):
+        assert rel(got[~torch.isnan(got)].double(), w[~torch.isnan(w)]) < (1e-12 if dtype == F64 else 1e-5)
+
+
+@runs("triton")
+def test_bn_launcher_guards_int32_rows_at_the_limit():
+    """R + BLOCK_R < 2**31 (the last tile's row indices) and R C < 2**31: at R = 2**31 - 2048
+    with one channel (BLOCK_R 2048 float32) refused, one row fewer launched (meta tensors)."""
+    from imaml_kernels.triton import batchnorm
+
+    from .common import Recorder, assert_grids_fit
+
+    def fwd(R):
+        x = torch.empty(1, R, 1, device="meta")
+        p, rstd = torch.empty(1, 1, device="meta"), torch.empty(1, 1, device="meta")
+        rec = Recorder()
+        batchnorm.bn_fwd(x, p, p.clone(), EPS, True, torch.empty_like(x), torch.empty_like(x), rstd, wrap=rec)
+        return rec.grids
+
+    assert batchnorm.plan(1, 2**31 - 2049, 1, 4)[0] == 2048
+    assert_grids_fit(fwd(2**31 - 2049))
+    with pytest.raises(ValueError, match="int32"):
+        fwd(2**31 - 2048)
+
+
 # --------------------------------------------------------------------------- opcheck and the binding
 
 

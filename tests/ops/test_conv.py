@@ -132,6 +132,33 @@ def test_im2col_triton_rejects_int32_overflow():
         conv.im2col(x, 1, 1, 1, 1, 0, 0, torch.empty(2**16, 2**15, 1, 1, 1, 1, 1, device="meta"))
 
 
+@runs("triton")
+def test_triton_pixel_guards_at_the_limit():
+    """The last pixel block's ``pid * BLOCK + arange(BLOCK)`` must stay in int32 (a wrapped,
+    negative index passes ``pix < P``): count + BLOCK < 2**31. 64 float32 channels: im2col's
+    blocks of 32 pixels, col2im's of 16 (meta tensors, nothing launched)."""
+    from imaml_kernels.triton import conv
+
+    from .common import Recorder, assert_grids_fit
+
+    def im2col(N):
+        rec = Recorder()
+        conv.im2col(torch.empty(1, N, 1, 1, 64, device="meta"), 1, 1, 3, 1, 1, 1,
+                    torch.empty(1, N, 1, 1, 3, 3, 64, device="meta"), wrap=rec)
+        return rec.grids
+
+    def col2im(N):
+        rec = Recorder()
+        conv.col2im(torch.empty(1, N, 1, 1, 1, 1, 64, device="meta"), 1, 1, 1, 0, 0,
+                    torch.empty(1, N, 1, 1, 64, device="meta"), wrap=rec)
+        return rec.grids
+
+    for fn, block in ((im2col, 32), (col2im, 16)):
+        assert_grids_fit(fn(2**31 - block - 1))
+        with pytest.raises(ValueError, match="int32"):
+            fn(2**31 - block)
+
+
 # --------------------------------------------------------------------------- opcheck
 
 

@@ -62,6 +62,25 @@ def test_maxpool_ops_match_reference(backend, H, W, C):
     assert torch.allclose((op("maxpool_gather", backend)(rx, idx) * gy).sum(), (rx * gx).sum(), rtol=1e-12)
 
 
+@runs("triton")
+def test_triton_pixel_guards_at_the_limit():
+    """pixels + BLOCK_M < 2**31 (the last block's int32 pixel index would wrap negative and pass
+    the mask): 64 float32 channels, blocks of 32 pixels, 2 x 2 images (meta tensors)."""
+    from imaml_kernels.triton import maxpool
+
+    from .common import Recorder, assert_grids_fit
+
+    def fwd(N):
+        rec = Recorder()
+        y, idx = torch.empty(1, N, 1, 1, 64, device="meta"), torch.empty(1, N, 1, 1, 64, dtype=torch.uint8, device="meta")
+        maxpool.maxpool_fwd(torch.empty(1, N, 2, 2, 64, device="meta"), y, idx, wrap=rec)
+        return rec.grids
+
+    assert_grids_fit(fwd((2**31 - 33) // 4))
+    with pytest.raises(ValueError, match="int32"):
+        fwd(2**29 - 8)
+
+
 @pytest.mark.parametrize("backend", backends(KERNELS))
 @pytest.mark.parametrize("name", OPS)
 def test_opcheck(name, backend):

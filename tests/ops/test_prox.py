@@ -7,7 +7,8 @@ import struct
 import pytest
 import torch
 
-from .common import BACKEND_NAMES, FAMILIES, KERNELS, NATIVE, backends, case, cast, check_op, device, gen, grid, opcheck, randn, runs
+from .common import (BACKEND_NAMES, FAMILIES, KERNELS, NATIVE, Recorder, assert_grids_fit, backends, case, cast, check_op, device,
+                     gen, grid, opcheck, randn, runs)
 
 assert FAMILIES["prox"] == ("prox_step",)
 
@@ -52,3 +53,19 @@ def test_triton_scalar_split(v):
 @pytest.mark.parametrize("backend", backends(KERNELS))
 def test_opcheck(backend, shared):
     opcheck("prox_step", backend, prox_args(2, 7, shared, 0.1, torch.float64, device(backend)))
+
+
+@runs("triton")
+def test_triton_grid_fits_cuda_limits_at_large_P():
+    """P = 300M float32 (146,485 blocks of 2048 per task): one grid axis, task-major; on axis 1
+    (at most 65,535 blocks) it would not launch above P = 134M."""
+    import triton
+
+    from imaml_kernels.triton import prox
+
+    T, P = 2, 300_000_000
+    rec = Recorder()
+    phi, grad = (torch.empty(T, P, device="meta") for _ in range(2))
+    prox.prox_step(phi, grad, torch.empty(P, device="meta"), torch.empty(T, device="meta"), 0.1, wrap=rec)
+    assert rec.grids == [(T * triton.cdiv(P, prox.PROX_BLOCK_BYTES // 4),)]
+    assert_grids_fit(rec.grids)
