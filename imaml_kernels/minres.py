@@ -18,27 +18,19 @@ Example::
     >>> x, info = ik.minres_solve(matvec, b, iters=30)           # info.residual: |r|/|b| estimates
 """
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
+
+from .cg import CGInfo
 
 __all__ = ["MINRES", "MINRESInfo", "minres_solve"]
 
 
-class MINRESInfo(NamedTuple):
-    """Per task, ``[T]`` tensors: ``iterations`` (int32) run before the task stopped;
-    ``residual`` (float64) the relative residual estimate ``|b − A x| / |b|`` MINRES keeps (exact
-    in exact arithmetic); ``converged`` (bool) ``residual <= tol``; ``breakdown`` (always False:
-    MINRES has no curvature breakdown; kept so the info reads like :class:`~imaml_kernels.CGInfo`)."""
-
-    iterations: torch.Tensor
-    residual: torch.Tensor
-    converged: torch.Tensor
-    breakdown: torch.Tensor
-
-    @property
-    def diverged(self) -> torch.Tensor:
-        return ~(self.residual <= 1.0)
+# Its info is a CGInfo ([T] tensors: iterations, residual, converged, breakdown): residual is
+# the relative residual estimate |b − A x| / |b| MINRES keeps (exact in exact arithmetic), and
+# breakdown is always False (MINRES meets no curvature breakdown).
+MINRESInfo = CGInfo
 
 
 def _dot(a, b):
@@ -99,7 +91,7 @@ def minres_solve(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor
         count += active.to(torch.int32)
     residual = torch.where(beta1 > 0, phibar / torch.where(beta1 > 0, beta1, 1.0), phibar)
     converged = residual <= tol
-    return x, MINRESInfo(count, residual, converged, torch.zeros(T, dtype=torch.bool, device=b.device))
+    return x, CGInfo(count, residual, converged, torch.zeros(T, dtype=torch.bool, device=b.device))
 
 
 class MINRES:
