@@ -5,7 +5,7 @@ import argparse
 import torch
 
 from . import all as all_suite
-from . import cg, distributed, hvp, launches, memory, meta_step, models
+from . import cg, distributed, hvp, launches, memory, meta_step, models, spikes, trajectory
 from . import profile as profile_suite
 from . import compile as compile_suite
 from .common import machine_header, set_threads
@@ -51,6 +51,41 @@ def _add_comparisons(sub, dev):
     p.add_argument("--device", default=dev)
     p.add_argument("--out", default=None, help="also write models.md, models.csv and models.png here")
     p.set_defaults(func=models.main)
+
+
+def _add_training(sub):
+    """Whole training runs: the released code's trajectory beside the trainer's, and the spike probe."""
+    p = sub.add_parser("trajectory", help="a training run of the authors' released code beside this package's trainer step: "
+                       "same tasks, same θ₀, per-step query loss/accuracy, meta-test checkpoints, one fresh process per row")
+    p.add_argument("--official", metavar="DIR", default=None,
+                   help="an unpacked aravindr93/imaml_dev checkout (imported at run time; nothing of it is in this repo)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--eval-every", type=int, default=250, help="meta-test evaluation every K meta-steps (step 0 and the last too)")
+    p.add_argument("--eval-tasks", type=int, default=600, help="meta-test tasks per evaluation (0: none)")
+    p.add_argument("--preset", default="omniglot-5w1s-released", help="the preset both codes run")
+    p.add_argument("--also", metavar="PRESET", default=None, help="add this package's run of another preset (e.g. omniglot-5w1s)")
+    p.add_argument("--twin", action="store_true", help="add this package's run from θ₀ moved by one float32 rounding (the noise floor)")
+    p.add_argument("--seed", type=int, default=0, help="seed of θ₀ and of the task stream")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="configuration overrides for every row, e.g. meta_batch=8")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each worker (default 1)")
+    p.add_argument("--window", type=int, default=None, help="meta-steps per row of the curve table (default: steps/10, at most 50)")
+    p.add_argument("--out", default="bench/results/trajectory")
+    p.set_defaults(func=trajectory.main)
+    p = sub.add_parser("spikes", help="train with the trainer's step and measure per step what could make a run spike: "
+                       "inner-loop rises, Hessian sharpness at φ, BatchNorm batch statistics, meta-gradient and Adam update norms")
+    p.add_argument("--preset", default="omniglot-5w1s-demo")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="configuration overrides, e.g. outer_schedule=constant warmup_steps=0")
+    p.add_argument("--steps", type=int, default=700)
+    p.add_argument("--probe-every", type=int, default=10, help="probe every N meta-steps (0: never)")
+    p.add_argument("--probe-tasks", type=int, default=4, help="tasks of the meta-batch the probe looks at")
+    p.add_argument("--power-iters", type=int, default=10, help="power iterations for the Hessian's largest eigenvalue")
+    p.add_argument("--window", type=int, default=50, help="meta-steps per row of the table")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--name", default=None, help="names the files (default: the preset)")
+    p.add_argument("--compare", nargs="+", metavar="NAME", help="no training: the runs steps_<NAME>.jsonl under --out side by side")
+    p.add_argument("--out", default="bench/results/spikes")
+    p.set_defaults(func=spikes.main)
 
 
 def _add_others(sub, dev):
@@ -104,6 +139,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="suite", required=True)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     _add_comparisons(sub, dev)
+    _add_training(sub)
     _add_others(sub, dev)
     return parser
 

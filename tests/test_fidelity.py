@@ -140,6 +140,26 @@ def test_checkpoints_from_before_init_resume_as_torch_init():
     assert config_diff(old, resolve_config("omniglot-5w1s", {"init": "released"})) == {"init": ("torch", "released")}
 
 
+def test_the_released_presets_use_the_learners_adam_eps():
+    """The released ``Learner`` builds ``torch.optim.Adam(..., eps=1e-3)``: the released presets
+    do too; the others keep PyTorch's 1e-8, and so do checkpoints written before the key."""
+    from imaml_kernels.trainer.builders import build_optimizer
+    from imaml_kernels.trainer.checkpoint import checkpoint_config
+    from imaml_kernels.trainer.cli import _parser
+    from imaml_kernels.trainer.presets import ConfigError, config_diff, resolve_config
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    for preset, eps in (("omniglot-5w1s-released", 1e-3), ("omniglot-5w5s-released", 1e-3), ("omniglot-5w1s", 1e-8)):
+        cfg = resolve_config(preset, {})
+        assert cfg["adam_eps"] == eps and build_optimizer(cfg, params).defaults["eps"] == eps
+    assert _parser().parse_args(["--adam-eps", "1e-3"]).adam_eps == 1e-3
+    old = {k: v for k, v in resolve_config("omniglot-5w1s", {}).items() if k != "adam_eps"}
+    assert checkpoint_config({"config": old}, "ckpt.pt")["adam_eps"] == 1e-8
+    assert config_diff(old, resolve_config("omniglot-5w1s", {})) == {}
+    with pytest.raises(ConfigError, match="adam_eps"):
+        resolve_config("omniglot-5w1s", {"adam_eps": 0.0})
+
+
 from test_failures_eval import HAVE_OMNIGLOT, synthetic_checkpoint  # noqa: E402
 
 

@@ -223,8 +223,9 @@ def test_presets_and_overrides():
     assert (cfg["way"], cfg["shot"], cfg["query"], cfg["meta_batch"], cfg["inner_steps"]) == (20, 5, 5, 4, 25)
     paper = resolve_config("omniglot-5w1s")
     assert (paper["lam"], paper["inner_lr"], paper["inner_steps"], paper["cg_iters"], paper["outer_lr"]) == (
-        2.0, 0.1, 16, 5, 1e-3,
+        2.0, 0.05, 16, 5, 1e-3,  # inner lr 0.05: proximal GD's stability limit (presets.py, issue 27)
     )
+    assert resolve_config("omniglot-5w5s")["inner_lr"] == 0.05 and resolve_config("omniglot-20w1s")["inner_lr"] == 0.1
     assert paper["meta_batch"] == 32 and resolve_config("omniglot-20w1s")["meta_batch"] == 16
     assert config_diff(paper, dict(paper, steps=9, eval_tasks=0)) == {}
     assert set(config_diff(paper, dict(paper, lam=1.0))) == {"lam"}

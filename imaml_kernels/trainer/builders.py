@@ -12,6 +12,7 @@ Example::
     >>> train_sampler, test_sampler = build_samplers(cfg, "cpu")
     >>> solver = build_solver(cfg)
     >>> solve = build_backward_solve(cfg)
+    >>> optimizer = build_optimizer(cfg, model.parameters())
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..cg import CG
 from ..inner import GD, NewtonCG, SGDThenPullBack
 from ..nets import MiniImagenetConv, OmniglotConv, released_init
 
-__all__ = ["DataError", "build_backward_solve", "build_model", "build_samplers", "build_solver"]
+__all__ = ["DataError", "build_backward_solve", "build_model", "build_optimizer", "build_samplers", "build_solver"]
 
 
 class DataError(RuntimeError):
@@ -79,3 +80,10 @@ def build_backward_solve(cfg: Mapping[str, Any], backend=None) -> CG:
     ``cg_iters`` CG iterations, c = ``cg_damping`` and d = ``lam_damping`` (the authors'
     released code: c = 1, d = 10; c = d = 0: the paper's ``(I + H/λ) x = g``)."""
     return CG(cfg["cg_iters"], damping=cfg["cg_damping"], lam_damping=cfg["lam_damping"], backend=backend)
+
+
+def build_optimizer(cfg: Mapping[str, Any], params) -> torch.optim.Adam:
+    """The outer optimizer of a run: Adam with step size ``outer_lr`` (the schedule sets it per
+    step: :func:`~imaml_kernels.trainer.presets.outer_lr_at`) and ε ``adam_eps`` (1e-8, PyTorch's,
+    unless the configuration says otherwise; the authors' released Learner: 1e-3)."""
+    return torch.optim.Adam(params, lr=cfg["outer_lr"], eps=float(cfg.get("adam_eps", 1e-8)))

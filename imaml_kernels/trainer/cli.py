@@ -41,7 +41,8 @@ __all__ = ["check_device", "main", "one_line"]
 # CLI flag -> configuration key (the flags that override a preset).
 _OVERRIDES = {
     "way": int, "shot": int, "query": int, "meta_batch": int, "inner_steps": int, "inner_lr": float,
-    "lam": float, "cg_iters": int, "cg_damping": float, "lam_damping": float, "outer_lr": float, "hf_steps": int, "hf_cg_iters": int,
+    "lam": float, "cg_iters": int, "cg_damping": float, "lam_damping": float, "outer_lr": float, "adam_eps": float,
+    "hf_steps": int, "hf_cg_iters": int,
     "channels": int, "steps": int, "seed": int, "eval_tasks": int, "warmup_steps": int,
     "lam_lr": float, "lam_min": float, "lam_max": float,
 }
@@ -54,6 +55,7 @@ _HELP = {
     "cg_iters": "CG iterations of the meta-gradient",
     "cg_damping": "c in ((1+c) I + H/(λ+d)) x = g (authors' code: 1; 0 with --lam-damping 0: (I + H/λ))",
     "lam_damping": "d in ((1+c) I + H/(λ+d)) x = g (authors' code: 10)", "outer_lr": "Adam step size",
+    "adam_eps": "Adam's ε (default 1e-8; the authors' released code: 1e-3)",
     "hf_steps": "Newton steps of the Hessian-Free inner solver", "hf_cg_iters": "CG iterations per Newton step",
     "channels": "conv filters (default: 64 Omniglot, 32 MiniImagenet)", "steps": "meta-steps in total",
     "seed": "seed of θ₀ and of the task stream", "eval_tasks": "meta-test tasks evaluated at the end (0: none)",

@@ -51,7 +51,7 @@ class LearnedLam:
 
     def param_group(self) -> dict:
         """The optimizer's parameter group of ρ (marked :data:`GROUP`)."""
-        return {"params": list(self.rho.values()), "lr": self.lr, "name": GROUP}
+        return {"params": list(self.rho.values()), "lr": self.lr, "eps": 1e-8, "name": GROUP}
 
     def value(self):
         """λ for this meta-step: the fixed number, ``exp(ρ)`` (scalar), or ``{layer: exp(ρ)}``

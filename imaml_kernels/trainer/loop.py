@@ -42,7 +42,7 @@ from ..step import STATS, meta_step
 from .lam import GROUP as LAM_GROUP
 from .lam import LearnedLam
 from . import distributed
-from .builders import build_backward_solve, build_model, build_samplers, build_solver
+from .builders import build_backward_solve, build_model, build_optimizer, build_samplers, build_solver
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, check_model_state, checkpoint_history, save_checkpoint
 from .evaluate import describe, evaluate, write_json
 from .plots import plot_curves
@@ -144,7 +144,7 @@ class _Run:
         # θ₀ from the configuration's seed alone, so a run is reproducible from its config.
         torch.manual_seed(cfg["seed"])
         self.model = build_model(cfg).to(device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg["outer_lr"])
+        self.optimizer = build_optimizer(cfg, self.model.parameters())
         self.lam = LearnedLam(cfg, self.model, device)  # --learn-lam: log λ, its own Adam group
         if self.lam.learned:
             self.optimizer.add_param_group(self.lam.param_group())

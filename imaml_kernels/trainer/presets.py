@@ -2,15 +2,25 @@
 
 A configuration is a flat dict of plain values (it goes into every checkpoint, and
 ``--resume`` compares it key by key). The paper presets (``omniglot-5w1s`` ...) follow the
-text of Rajeswaran et al. (2019): a proximal GD inner loop with λ = 2, lr 0.1, 16 steps
-(5-way) / 25 steps (20-way), 5 CG iterations, Adam with lr 1e-3, meta-batch 32 (5-way) /
-16 (20-way), K support and K query drawings per class, and the damped CG system of the
-authors' code (``cg_damping`` = 1, ``lam_damping`` = 10; see :data:`DEFAULTS`).
+text of Rajeswaran et al. (2019): a proximal GD inner loop with λ = 2, 16 steps (5-way) /
+25 steps (20-way), 5 CG iterations, Adam with lr 1e-3, meta-batch 32 (5-way) / 16 (20-way),
+K support and K query drawings per class, and the damped CG system of the authors' code
+(``cg_damping`` = 1, ``lam_damping`` = 10; see :data:`DEFAULTS`).
+
+The text gives no inner step size. The released command line's 0.1 belongs to its plain-SGD
+inner loop, which leaves θ's sharp neighbourhood for a flat minimum; proximal GD stays near θ,
+and at 0.1 it cannot settle there: the support loss's Hessian at the adapted φ has largest
+eigenvalues of 20-80 on this network, past its stability limit ``lr·(λ + λ_max) < 2``
+(λ_max < 18), so the inner loop ends oscillating, the support loss after adaptation climbs as
+meta-training sharpens θ and the query loss spikes with it (issue 27; ``python -m bench
+spikes``, ``bench/results/spikes/``). The 5-way presets therefore take 0.05 (λ_max < 38): in
+the probe φ stayed inside the limit and the support loss after adaptation kept falling. The
+20-way presets keep 0.1 (not measured in training; at θ₀ they are past the limit too).
 
 The ``-released`` presets (Omniglot 5w1s, 5w5s) follow the authors' released command line
 instead: its inner procedure (16 plain SGD steps on the task loss, then one pull-back step
-toward θ: ``inner="sgd-pullback"``, :class:`~imaml_kernels.SGDThenPullBack`) and its
-initialisation (``init="released"``); fresh tasks drawn on the device replace its pool of
+toward θ: ``inner="sgd-pullback"``, :class:`~imaml_kernels.SGDThenPullBack`), its
+initialisation (``init="released"``) and its Adam (``adam_eps`` = 1e-3); fresh tasks drawn on the device replace its pool of
 200,000 pre-drawn tasks. The released code gives no 20-way command line.
 
 ``omniglot-5w1s-demo`` is the CPU demo (``bash scripts/demo.sh``): the paper's network, GD
@@ -25,8 +35,8 @@ settings come from the sweep in ``bench/results/cpu_demo_sweep.md``; the measure
 Example::
 
     >>> cfg = resolve_config("omniglot-5w1s", {"meta_batch": 8})
-    >>> cfg["inner_steps"], cfg["meta_batch"], cfg["query"]
-    (16, 8, 1)
+    >>> cfg["inner_steps"], cfg["inner_lr"], cfg["meta_batch"], cfg["query"]
+    (16, 0.05, 8, 1)
 """
 
 from __future__ import annotations
@@ -65,6 +75,10 @@ DEFAULTS: dict[str, Any] = {
     "cg_damping": 1.0,
     "lam_damping": 10.0,
     "outer_lr": 1e-3,        # Adam
+    # Adam's ε. The authors' released Learner builds torch.optim.Adam(..., eps=1e-3): with
+    # meta-gradient entries of order 1e-4..1e-3 that ε shrinks the steps of the small ones
+    # (Adam turns towards SGD with lr/ε), where 1e-8 moves every entry by about outer_lr.
+    "adam_eps": 1e-8,
     "outer_schedule": "constant",  # constant | cosine (from outer_lr to 0 over the run's steps)
     "warmup_steps": 0,       # linear warm-up of the outer lr over the first N meta-steps
     "channels": None,        # conv filters; None: the network's default (64 Omniglot, 32 MiniImagenet)
@@ -74,8 +88,9 @@ DEFAULTS: dict[str, Any] = {
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "omniglot-5w1s": {"way": 5, "shot": 1, "meta_batch": 32, "inner_steps": 16},
-    "omniglot-5w5s": {"way": 5, "shot": 5, "meta_batch": 32, "inner_steps": 16},
+    # inner_lr 0.05: proximal GD's stability limit (the module docstring; issue 27).
+    "omniglot-5w1s": {"way": 5, "shot": 1, "meta_batch": 32, "inner_steps": 16, "inner_lr": 0.05},
+    "omniglot-5w5s": {"way": 5, "shot": 5, "meta_batch": 32, "inner_steps": 16, "inner_lr": 0.05},
     "omniglot-20w1s": {"way": 20, "shot": 1, "meta_batch": 16, "inner_steps": 25},
     "omniglot-20w5s": {"way": 20, "shot": 5, "meta_batch": 16, "inner_steps": 25},
     # The paper reports MiniImagenet with the Hessian-Free inner solver and a weaker
@@ -92,12 +107,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # keep the paper-text settings.
     "omniglot-5w1s-released": {
         "way": 5, "shot": 1, "meta_batch": 32, "inner": "sgd-pullback", "inner_steps": 16, "inner_lr": 0.1,
-        "lam": 2.0, "cg_iters": 5, "cg_damping": 1.0, "lam_damping": 10.0, "outer_lr": 1e-3, "init": "released",
+        "lam": 2.0, "cg_iters": 5, "cg_damping": 1.0, "lam_damping": 10.0, "outer_lr": 1e-3, "adam_eps": 1e-3, "init": "released",
         "steps": 20000,
     },
     "omniglot-5w5s-released": {
         "way": 5, "shot": 5, "meta_batch": 32, "inner": "sgd-pullback", "inner_steps": 16, "inner_lr": 0.1,
-        "lam": 2.0, "cg_iters": 5, "cg_damping": 1.0, "lam_damping": 10.0, "outer_lr": 1e-3, "init": "released",
+        "lam": 2.0, "cg_iters": 5, "cg_damping": 1.0, "lam_damping": 10.0, "outer_lr": 1e-3, "adam_eps": 1e-3, "init": "released",
         "steps": 20000,
     },
     # CPU demo: measured on 2 cores (bench/results/cpu_demo.md).
@@ -109,13 +124,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # How each preset differs from the paper's text (imaml-train --help, README).
 PRESET_NOTES: dict[str, str] = {
-    "omniglot-5w1s": "the paper's text: proximal GD inner loop (λ 2, lr 0.1, 16 steps), T 32; the released code's damped CG",
+    "omniglot-5w1s": "the paper's text: proximal GD inner loop (λ 2, 16 steps), T 32; the released code's damped CG; "
+                     "inner lr 0.05, which the text leaves out (at the released 0.1 proximal GD runs past its stability "
+                     "limit lr·(λ + λmax) < 2 and the run spikes: bench/results/spikes)",
     "omniglot-5w5s": "as omniglot-5w1s with K = 5",
-    "omniglot-20w1s": "the paper's text, 25 GD steps, T 16 (the released code gives no 20-way command line)",
+    "omniglot-20w1s": "the paper's text, 25 GD steps, T 16 (the released code gives no 20-way command line); inner lr 0.1, "
+                      "past proximal GD's stability limit at θ₀ as in 5-way (not lowered: not measured in training)",
     "omniglot-20w5s": "as omniglot-20w1s with K = 5",
     "miniimagenet-5w1s": "Hessian-Free inner solver (10 Newton steps), λ 0.5, 15 query, T 4",
     "omniglot-5w1s-released": "the authors' released command line: 16 plain SGD steps then one pull-back step "
-                              "(sgd-pullback), their xavier init, 20000 steps; fresh tasks on the device, not 200,000 pre-drawn",
+                              "(sgd-pullback), their xavier init, their Adam (ε 1e-3), 20000 steps; fresh tasks on the "
+                              "device, not 200,000 pre-drawn. It learned faster per meta-step than omniglot-5w1s with "
+                              "inner lr 0.1 (issue 27)",
     "omniglot-5w5s-released": "as omniglot-5w1s-released with K = 5",
     "omniglot-5w1s-demo": "the CPU demo: 5 GD steps, 3 CG iterations, T 16, Adam 3e-3 with a 50-step warm-up and a cosine, "
                           "5 query, 1200 steps",
@@ -126,7 +146,7 @@ INITS = ("torch", "released")
 
 # Keys added after checkpoints were first written, with the value those checkpoints used.
 ADDED_KEYS: dict[str, Any] = {"init": "torch", "outer_schedule": "constant", "warmup_steps": 0, "learn_lam": "none",
-                              "lam_lr": 1e-2, "lam_min": 1e-2, "lam_max": 1e2}
+                              "lam_lr": 1e-2, "lam_min": 1e-2, "lam_max": 1e2, "adam_eps": 1e-8}
 LEARN_LAM = ("none", "scalar", "per-layer")
 SCHEDULES = ("constant", "cosine")
 
@@ -191,7 +211,7 @@ def check_config(cfg: Mapping[str, Any]) -> None:
             raise ConfigError(f"{k} must be >= 0, got {cfg[k]}")
     if cfg.get("learn_lam", "none") not in LEARN_LAM:
         raise ConfigError(f"learn_lam must be one of {', '.join(map(repr, LEARN_LAM))}, got {cfg['learn_lam']!r}")
-    for k in ("lam", "inner_lr", "outer_lr", "lam_lr"):
+    for k in ("lam", "inner_lr", "outer_lr", "lam_lr", "adam_eps"):
         if not 0 < float(cfg[k]) < float("inf"):
             raise ConfigError(f"{k} must be finite and > 0, got {cfg[k]}")
     if not 0 < float(cfg.get("lam_min", 1e-2)) <= float(cfg["lam"]) <= float(cfg.get("lam_max", 1e2)) < float("inf"):
