@@ -51,7 +51,7 @@ def outer(phi, Xq, yq):
 @pytest.mark.parametrize("inner", ["newton", "gd"])
 def test_ridge_matches_closed_form(lam, inner):
     X, y, Xq, yq, theta = ridge_data()
-    T, d = X.shape[0], X.shape[2]
+    d = X.shape[2]
     lam_v = torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=DT) if lam == "per-task" else lam
     solver = ik.NewtonCG(steps=2, cg_iters=d + 1) if inner == "newton" else ik.GD(steps=3000, lr=0.1)
     phi = ik.implicit_adapt(linear, theta, (X, y), lam=lam_v, inner=solver, cg_iters=d + 1, loss=mse)

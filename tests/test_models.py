@@ -2,7 +2,6 @@
 processes), dropout in training mode, BatchNorm with running buffers, an eval-mode transformer
 layer, bfloat16/float16 models, the one-line refusals, and torch.compile of the query forward."""
 
-import os
 import socket
 
 import pytest

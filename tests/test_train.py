@@ -331,3 +331,43 @@ def test_learned_lam_moves_is_logged_checkpointed_and_resumes_bit_for_bit(tmp_pa
     assert strip(rows) == strip(_train_rows(split))
     # A checkpoint of a fixed-λ run does not resume as a learned-λ one.
     assert main(["--out", str(split), "--resume", "--steps", "5", "--threads", "1", "--no-progress", "--learn-lam", "none"]) == 2
+
+
+@needs_omniglot
+@pytest.mark.parametrize("mode", ["scalar", "per-layer"])
+def test_a_run_that_learned_lam_is_evaluated_at_the_lam_it_learned(tmp_path, monkeypatch, mode):
+    """The final evaluation of a ``--learn-lam`` run, and ``imaml-eval`` of its checkpoint,
+    adapt with the learned λ (the checkpoint's exp(ρ), per layer), not the starting ``--lam``."""
+    import imaml_kernels.trainer.evaluate as evaluate_mod
+
+    seen = []
+    real = evaluate_mod.implicit_adapt
+
+    def spy(*args, lam, **kw):
+        seen.append(lam)
+        return real(*args, lam=lam, **kw)
+
+    monkeypatch.setattr(evaluate_mod, "implicit_adapt", spy)
+    out = tmp_path / "run"
+    assert _run(out, "--steps", "3", "--learn-lam", mode, "--lam-lr", "0.2", "--eval-tasks", "4") == 0
+    learned = {g: torch.tensor(v).exp() for g, v in load_checkpoint(out / "ckpt.pt")["lam"].items()}
+    assert any(abs(v.item() - 2.0) > 1e-3 for v in learned.values())  # λ moved away from --lam
+
+    def check(lam):
+        if mode == "scalar":
+            assert torch.is_tensor(lam) and not lam.requires_grad
+            torch.testing.assert_close(lam.float(), learned[""].float(), rtol=1e-6, atol=0)
+        else:
+            assert set(lam) == set(learned)
+            for g, v in lam.items():
+                assert not v.requires_grad
+                torch.testing.assert_close(v.float(), learned[g].float(), rtol=1e-6, atol=0)
+
+    assert seen, "the run evaluated nothing"
+    for lam in seen:
+        check(lam)
+    seen.clear()
+    assert eval_main([str(out), "--tasks", "4", "--threads", "1", "--json", str(tmp_path / "e.json")]) == 0
+    assert seen
+    for lam in seen:
+        check(lam)

@@ -32,6 +32,7 @@ from ..query import query_logits
 from . import builders
 from ._cli_util import check_device, one_line
 from .checkpoint import CheckpointError, check_model_state, checkpoint_config, fallback_warning, find_checkpoint
+from .lam import LearnedLam
 from .presets import INNER_SOLVERS, ConfigError, apply_overrides
 
 __all__ = ["check_destination", "describe", "evaluate", "main", "mean_ci95", "write_json"]
@@ -58,6 +59,7 @@ def evaluate(
     seed: int = 0,
     batch: int = 50,
     solver=None,
+    lam=None,
 ) -> dict[str, Any]:
     """Adapt the model's parameters (θ) to ``tasks`` fixed meta-test tasks and score them.
 
@@ -69,6 +71,9 @@ def evaluate(
         tasks, seed, batch: how many tasks, which, and how many adapted at once (the
             tasks do not depend on ``batch``).
         solver: inner solver; default :func:`~imaml_kernels.trainer.builders.build_solver` of ``cfg``.
+        lam: λ of the inner problem; default ``cfg["lam"]``. A run that learned λ
+            (``--learn-lam``) passes what it learned (:meth:`LearnedLam.current`): a tensor, or
+            ``{layer: λ}`` per layer.
 
     Returns:
         ``{"accuracy": mean, "ci95": half-width, "tasks": n, "per_task": [n] list, "seconds"}``
@@ -80,12 +85,13 @@ def evaluate(
         >>> print(f"{100 * r['accuracy']:.2f}% ± {100 * r['ci95']:.2f}%")
     """
     solver = solver or builders.build_solver(cfg)
+    lam = float(cfg["lam"]) if lam is None else lam
     theta = {k: v.detach() for k, v in model.named_parameters()}
     t0 = time.perf_counter()
     accs = []
     for x_s, y_s, x_q, y_q in sampler.eval_tasks(tasks, batch, seed=seed):
         # θ detached, under no_grad: the op runs the inner solve only (no backward machinery).
-        phi = implicit_adapt(model, theta, (x_s, y_s), lam=float(cfg["lam"]), inner=solver)
+        phi = implicit_adapt(model, theta, (x_s, y_s), lam=lam, inner=solver)
         accs.append((query_logits(model, phi, x_q).argmax(-1) == y_q).float().mean(1))
     per_task = torch.cat(accs).cpu()
     acc, ci = mean_ci95(per_task)
@@ -188,8 +194,12 @@ def main(argv=None) -> int:
         model = model.to(device)
         if found.skipped:
             print(f"imaml-eval: warning: {fallback_warning(found, 'evaluating')}", file=sys.stderr)
+        # A run that learned λ is evaluated at the λ it learned (the checkpoint's log λ).
+        learned = LearnedLam(cfg, model, device)
+        learned.load(state.get("lam"), ckpt_path)
         _, test = builders.build_samplers(cfg, device, args.data_root)
-        result = evaluate(model, test, cfg, tasks=args.tasks, seed=args.seed, batch=args.batch, solver=solver)
+        result = evaluate(model, test, cfg, tasks=args.tasks, seed=args.seed, batch=args.batch, solver=solver,
+                          lam=learned.current() if learned.learned else None)
     except (ConfigError, CheckpointError, builders.DataError) as exc:
         print(f"imaml-eval: error: {one_line(exc)}", file=sys.stderr)
         return 2

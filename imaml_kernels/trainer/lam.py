@@ -76,6 +76,14 @@ class LearnedLam:
             return {"lam": values[0]}
         return {f"lam/{g}": v for g, v in zip(self.rho, values)}
 
+    @torch.no_grad()
+    def current(self):
+        """λ as evaluation uses it: :meth:`value` detached (no hypergradient)."""
+        v = self.value()
+        if isinstance(v, dict):
+            return {g: r.detach() for g, r in v.items()}
+        return v.detach() if torch.is_tensor(v) else v
+
     def state(self) -> dict[str, float]:
         """ρ for a checkpoint (its Adam state is in the optimizer's)."""
         return {g: float(r.detach()) for g, r in self.rho.items()}

@@ -373,7 +373,8 @@ def _final_eval(run: _Run, eval_batch: int) -> dict[str, Any] | None:
     cfg, step = run.cfg, run.step
     if cfg["eval_tasks"] <= 0 or step == 0:
         return None
-    r = evaluate(run.model, run.test_sampler, cfg, tasks=int(cfg["eval_tasks"]), seed=0, batch=eval_batch)
+    r = evaluate(run.model, run.test_sampler, cfg, tasks=int(cfg["eval_tasks"]), seed=0, batch=eval_batch,
+                 lam=run.lam.current() if run.lam.learned else None)
     print(describe(r, cfg, 0, cfg["inner"]))
     summary = {k: v for k, v in r.items() if k != "per_task"}
     with MetricsLog(run.metrics_path) as log:

@@ -225,9 +225,9 @@ def test_aliasing_is_refused_on_meta_tensors():
     """The check is the fakes' too (storage identity, not data pointers)."""
     from imaml_kernels.ops.cg import check_cg_update
 
-    for case in ALIASES:
+    for alias in ALIASES:
         with pytest.raises(ValueError, match="overlap in memory"):
-            check_cg_update(*_aliased(case, dev="meta"))
+            check_cg_update(*_aliased(alias, dev="meta"))
     check_cg_update(*_cg_args(T=2, P=64, dtype=F64, dev="meta"))
 
 
