@@ -5,7 +5,7 @@ import argparse
 import torch
 
 from . import all as all_suite
-from . import cg, distributed, hvp, launches, memory, meta_step, models, spikes, trajectory
+from . import cg, distributed, hvp, lam_study, launches, memory, meta_step, models, precision, spikes, trajectory
 from . import profile as profile_suite
 from . import compile as compile_suite
 from .common import machine_header, set_threads
@@ -33,6 +33,8 @@ def _add_comparisons(sub, dev):
     p.add_argument("--official", metavar="DIR", default=None,
                    help="an unpacked aravindr93/imaml_dev checkout: adds the authors' released learner as a row (nothing of it is in this repo)")
     p.add_argument("--rounds", type=int, default=1, help="fresh processes per method (one per round, the order alternating); ratios get their min-max over rounds")
+    p.add_argument("--bf16", action="store_true", help="add the engine with bf16 GEMMs (gemm_precision='bf16') as a row; "
+                   "skipped with a message where the device has no bf16 units")
     p.add_argument("--device", default=dev)
     p.set_defaults(func=meta_step.main)
     p = sub.add_parser("hvp", help="batched HVP: fused engine vs torch.func vmap path vs per-task double backward")
@@ -86,6 +88,20 @@ def _add_training(sub):
     p.add_argument("--compare", nargs="+", metavar="NAME", help="no training: the runs steps_<NAME>.jsonl under --out side by side")
     p.add_argument("--out", default="bench/results/spikes")
     p.set_defaults(func=spikes.main)
+    p = sub.add_parser("lam-study", help="fixed vs meta-learned λ (scalar, per layer) at the CPU demo's budget: "
+                       "three demo runs, each in its own process, evaluated at the λ each learned")
+    p.add_argument("--runs", default="runs/lam-study", help="run folders go here (<runs>/fixed, scalar, per-layer)")
+    p.add_argument("--out", default="bench/results/lam")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tabulate-only", action="store_true", help="read the run folders, train nothing")
+    p.add_argument("extra", nargs="*", help="more trainer flags after --, for every run (e.g. -- --steps 50)")
+    p.set_defaults(func=lam_study.main)
+    p = sub.add_parser("precision", help="the meta-gradient under bf16 GEMMs against float32 and float64, on real Omniglot tasks")
+    p.add_argument("--preset", default="omniglot-5w1s")
+    p.add_argument("--tasks", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None, help="a run folder or checkpoint: its θ instead of the preset's θ₀")
+    p.set_defaults(func=precision.main)
 
 
 def _add_others(sub, dev):

@@ -43,6 +43,7 @@ def batched_meta_step(model, theta, tasks, *, lam, inner_steps, inner_lr, cg_ite
 
 LABELS = {
     "engine": "imaml_kernels, fused engine",
+    "engine-bf16": "imaml_kernels, fused engine, bf16 GEMMs (gemm_precision='bf16')",
     "graph": "imaml_kernels, fused engine, one CUDA graph",
     "batched": "imaml_kernels, generic torch.func path",
     "official": "authors' released learner (aravindr93/imaml_dev, per task)",
@@ -77,16 +78,30 @@ def prepare(row, T, way, shot, query, inner_steps, cg_iters, device="cpu", offic
         from .torchopt_imaml import torchopt_meta_grad
 
         return lambda: torchopt_meta_grad(model, tasks, **kw)
+    if row == "engine-bf16":
+        ik.set_gemm_precision("bf16")  # this worker process only
+        return lambda: batched_meta_step(model, theta, tasks, engine=True, **kw)
     if row not in ("engine", "batched"):
         raise ValueError(f"unknown meta-step row {row!r}; the rows are {list(LABELS)}")
     return lambda: batched_meta_step(model, theta, tasks, engine=row == "engine", **kw)
 
 
+def bf16_available(device="cpu") -> str | None:
+    """None where this device has bfloat16 GEMM units, else why the bf16 row is skipped."""
+    if torch.device(device).type == "cuda":
+        return None if torch.cuda.is_bf16_supported() else "this GPU has no bfloat16 support"
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return "this CPU has no bfloat16 units (avx512_bf16 / AMX): a bf16 GEMM would be emulated"
+    return None
+
+
 def make_rows(T=32, way=5, shot=1, query=1, inner_steps=16, cg_iters=5, device="cpu", repeat=3, serial=True, generic=True,
-         torchopt=True, official=None):
+         torchopt=True, official=None, bf16=False):
     """The :class:`~bench.fresh.Row` of each method (the engine first: the ratios' reference)."""
     few = max(1, repeat // 2)
     keys = [("engine", 1, repeat)]
+    if bf16:
+        keys.append(("engine-bf16", 1, repeat))
     if torch.device(device).type == "cuda":
         keys.append(("graph", 2, max(10, repeat)))
     if generic:
@@ -102,7 +117,7 @@ def make_rows(T=32, way=5, shot=1, query=1, inner_steps=16, cg_iters=5, device="
 
 
 def run(T=32, way=5, shot=1, query=1, inner_steps=16, cg_iters=5, device="cpu", repeat=3, serial=True, generic=True,
-        torchopt=True, official=None, rounds=1, log=None):
+        torchopt=True, official=None, rounds=1, log=None, bf16=False):
     """Rows ``(method, s/step, tasks/s, engine speedup over it, peak MiB)`` and ``{key: seconds}``.
 
     Every method runs in fresh worker processes, one per round (:mod:`bench.fresh`).
@@ -112,8 +127,12 @@ def run(T=32, way=5, shot=1, query=1, inner_steps=16, cg_iters=5, device="cpu", 
     to the engine), ``"rounds"``, ``"peak": {key: (median, lo, hi)}`` (MiB) and ``"failed":
     {key: reason}`` for the rows not measured.
     """
+    if bf16 and bf16_available(device) is not None:
+        if log:
+            log(f"bf16 GEMM row skipped: {bf16_available(device)}")
+        bf16 = False
     measured = fresh.run_rows(make_rows(T, way, shot, query, inner_steps, cg_iters, device, repeat, serial, generic, torchopt,
-                                   official), rounds=rounds, log=log)
+                                   official, bf16), rounds=rounds, log=log)
     eng, mem = measured["engine"], fresh.memory_field(device)
     results = {k: m.seconds for k, m in measured.items() if m.ok}
     spread = {k: fresh.ratio(m, eng)[1:] for k, m in measured.items() if m.ok and eng.ok}
@@ -135,7 +154,7 @@ def main(args):
     table, res = run(T=args.tasks, way=args.way, shot=args.shot, query=args.query, inner_steps=args.inner_steps,
                      cg_iters=args.cg_iters, device=args.device, repeat=args.repeat, serial=not args.no_serial,
                      generic=not args.no_generic, official=official, rounds=rounds,
-                     log=lambda m: print(m, file=sys.stderr, flush=True))
+                     log=lambda m: print(m, file=sys.stderr, flush=True), bf16=getattr(args, "bf16", False))
     print(f"\n## iMAML meta-step: OmniglotConv({args.way}), T={args.tasks}, {args.way}-way {args.shot}-shot, "
           f"{args.inner_steps} inner GD steps, {args.cg_iters} CG iterations, {args.device}\n")
     print(fresh.method(rounds, "seconds per meta-step") + " " + fresh.memory_note(args.device) + "\n")
@@ -165,6 +184,10 @@ def summary(res):
     lines = [f"fused engine: {res['engine']:.3f} s / meta-step"]
     if "graph" in res:
         lines.append(f"one CUDA graph: {res['graph'] * 1e3:.2f} ms / meta-step ({res['engine'] / res['graph']:.2f}x the eager engine)")
+    if "engine-bf16" in res:
+        lines.append(f"bf16 GEMMs: {res['engine-bf16']:.3f} s / meta-step, {res['engine'] / res['engine-bf16']:.2f}x the float32 engine"
+                     + (f" (min {1 / spread['engine-bf16'][1]:.2f}x, max {1 / spread['engine-bf16'][0]:.2f}x over {rounds} rounds)"
+                        if rounds > 1 and "engine-bf16" in spread else ""))
     for k in ("official", "batched", "serial", "torchopt"):
         if k in res:
             lines.append(f"engine speedup over {LABELS[k]}: {ratio(k)}")

@@ -7,7 +7,7 @@ Shapes: task-batched tensors lead with ``T``; flat parameters are ``[T, P]``.
 from . import _ext, dispatch, ops, reference  # noqa: F401
 from .cg import CG, CGInfo, cg_solve
 from .dispatch import BACKENDS, available_backends, select_backend
-from .engine import BatchedNet, functional_logits, select_engine
+from .engine import BatchedNet, functional_logits, gemm_precision, get_gemm_precision, select_engine, set_gemm_precision
 from .hvp import batched_hvp
 from .adapted import AdaptedParams
 from .implicit import implicit_adapt, implicit_meta_grad, plan_for
@@ -26,4 +26,5 @@ __all__ = [
     "batched_hvp", "ParamLayout", "implicit_adapt", "implicit_meta_grad", "AdaptedParams",
     "ProximalObjective", "task_loss_fn", "GD", "SGDThenPullBack", "SGD", "Adam", "NewtonCG", "HessianFree", "BatchedNet", "functional_logits", "select_engine",
     "query_logits", "meta_step", "STATS", "plan_for", "Plan", "MINRES", "MINRESInfo", "minres_solve",
+    "gemm_precision", "get_gemm_precision", "set_gemm_precision",
 ]

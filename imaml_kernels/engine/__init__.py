@@ -17,6 +17,8 @@ through the ``imaml::`` ops of :mod:`imaml_kernels.ops`, on the backend that
 
 from .layers import UnsupportedModel
 from .net import BatchedNet, Linearization, batched_net, functional_logits
+from .precision import GEMM_PRECISIONS, gemm_precision, get_gemm_precision, set_gemm_precision
 from .select import select_engine
 
-__all__ = ["BatchedNet", "Linearization", "UnsupportedModel", "batched_net", "functional_logits", "select_engine"]
+__all__ = ["GEMM_PRECISIONS", "BatchedNet", "Linearization", "UnsupportedModel", "batched_net", "functional_logits",
+           "gemm_precision", "get_gemm_precision", "select_engine", "set_gemm_precision"]

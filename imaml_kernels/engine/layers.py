@@ -32,6 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import precision as P
+from .precision import lowp
+
 
 class UnsupportedModel(TypeError):
     """The model has a layer the engine does not implement (the generic path handles it)."""
@@ -45,10 +48,11 @@ def _bmm_into(a, b, out, a2=None, b2=None):
     loop of small GEMMs (measured 1.1-6x slower, Omniglot 5w1s), so the products go to a
     contiguous buffer and one copy moves them into the view. Under ``torch.compile`` (no
     non-contiguous ``out=``) likewise a product and a copy."""
-    if torch.compiler.is_compiling() or (out.device.type == "cpu" and not out.is_contiguous()):
-        prod = torch.bmm(a, b)
+    low = a.dtype == torch.bfloat16 or P.get_gemm_precision() == "bf16" and a.dtype == torch.float32
+    if low or torch.compiler.is_compiling() or (out.device.type == "cpu" and not out.is_contiguous()):
+        prod = P.bmm(a, b)
         if a2 is not None:
-            prod.baddbmm_(a2, b2)
+            P.baddbmm_(prod, a2, b2)
         out.copy_(prod)
     else:
         torch.bmm(a, b, out=out)
@@ -160,8 +164,9 @@ class Conv(Layer):
         Ho, Wo = c["hw"]
         cols = c["cols"]
         wt = self._wt(p[0])
-        z = torch.baddbmm(p[1].unsqueeze(1), cols, wt) if self.live_bias else torch.bmm(cols, wt)
         c["wt"] = wt
+        cols, wt = lowp(cols, c, "cols_lp"), lowp(wt, c, "wt_lp")
+        z = P.baddbmm(p[1].unsqueeze(1), cols, wt) if self.live_bias else P.bmm(cols, wt)
         return z.view(T, N, Ho, Wo, self.cout)
 
     def _gx(self, k, gcols, c, lazy=False):
@@ -176,11 +181,12 @@ class Conv(Layer):
         T = gy.shape[0]
         gz = gy.reshape(T, -1, self.cout)
         c["gz"] = gz
-        _bmm_into(c["cols"].transpose(1, 2), gz, self._wt(gp[0]))
+        gz_lp = lowp(gz, c, "gz_lp")
+        _bmm_into(lowp(c["cols"], c, "cols_lp").transpose(1, 2), gz_lp, self._wt(gp[0]))
         if self.live_bias:
             _sum_into(gz, gp[1])
         if need_gx:
-            return self._gx(k, torch.bmm(gz, c["wt"].transpose(1, 2)), c, lazy=need_gx == "cols")
+            return self._gx(k, P.bmm(gz_lp, lowp(c["wt"], c, "wt_lp").transpose(1, 2)), c, lazy=need_gx == "cols")
         return None
 
     def tfwd(self, k, p, rp, rx, c, s):
@@ -188,11 +194,12 @@ class Conv(Layer):
         Ho, Wo = c["hw"]
         rwt = self._wt(rp[0])
         s["rwt"] = rwt
-        rz = torch.baddbmm(rp[1].unsqueeze(1), c["cols"], rwt) if self.live_bias else torch.bmm(c["cols"], rwt)
+        cols, rwt = lowp(c["cols"], c, "cols_lp"), lowp(rwt, s, "rwt_lp")
+        rz = P.baddbmm(rp[1].unsqueeze(1), cols, rwt) if self.live_bias else P.bmm(cols, rwt)
         if rx is not None:
             rcols = self._cols(k, rx, Ho, Wo)
-            rz.baddbmm_(rcols, c["wt"])
             s["rcols"] = rcols
+            P.baddbmm_(rz, lowp(rcols, s, "rcols_lp"), lowp(c["wt"], c, "wt_lp"))
         else:
             s["rcols"] = None
         return rz.view(T, -1, Ho, Wo, self.cout)
@@ -200,19 +207,20 @@ class Conv(Layer):
     def tbwd(self, k, p, rp, rgy, c, s, rgp, need_gx):
         T = rgy.shape[0]
         rgz = rgy.reshape(T, -1, self.cout)
-        gz, cols, rcols = c["gz"], c["cols"], s["rcols"]
+        gz, cols, rcols = lowp(c["gz"], c, "gz_lp"), lowp(c["cols"], c, "cols_lp"), s["rcols"]
+        rgz_lp = lowp(rgz)
         rgw = self._wt(rgp[0])
         if rcols is not None:
-            _bmm_into(cols.transpose(1, 2), rgz, rgw, rcols.transpose(1, 2), gz)
+            _bmm_into(cols.transpose(1, 2), rgz_lp, rgw, lowp(rcols, s, "rcols_lp").transpose(1, 2), gz)
         else:
-            _bmm_into(cols.transpose(1, 2), rgz, rgw)
+            _bmm_into(cols.transpose(1, 2), rgz_lp, rgw)
         if self.live_bias:
             _sum_into(rgz, rgp[1])
         if need_gx:
             # Two GEMMs into one output. Stacking them ([rgz | gz] @ [Wᵀ; Ẇᵀ], one GEMM with
             # K = 2·Cout) measured no faster on the 2-core CPU (12.8 vs 12.9 ms, Omniglot 5w1s).
-            rgcols = torch.bmm(rgz, c["wt"].transpose(1, 2))
-            rgcols.baddbmm_(gz, s["rwt"].transpose(1, 2))
+            rgcols = P.bmm(rgz_lp, lowp(c["wt"], c, "wt_lp").transpose(1, 2))
+            P.baddbmm_(rgcols, gz, lowp(s["rwt"], s, "rwt_lp").transpose(1, 2))
             return self._gx(k, rgcols, c, lazy=need_gx == "cols")
         return None
 
@@ -398,35 +406,39 @@ class Linear(Layer):
     def fwd(self, k, p, x, c):
         w = self._w(p[0])
         c.update(x=x, w=w)
-        return torch.baddbmm(p[1].unsqueeze(1), x, w.transpose(1, 2)) if self.bias else torch.bmm(x, w.transpose(1, 2))
+        x, w = lowp(x, c, "x_lp"), lowp(w, c, "w_lp")
+        return P.baddbmm(p[1].unsqueeze(1), x, w.transpose(1, 2)) if self.bias else P.bmm(x, w.transpose(1, 2))
 
     def bwd(self, k, p, gy, c, gp, need_gx):
         c["gy"] = gy
-        _bmm_into(gy.transpose(1, 2), c["x"], self._w(gp[0]))
+        gy_lp = lowp(gy, c, "gy_lp")
+        _bmm_into(gy_lp.transpose(1, 2), lowp(c["x"], c, "x_lp"), self._w(gp[0]))
         if self.bias and not c.get("gb_done"):  # the net's softmax may have written it
             _sum_into(gy, gp[1])
-        return torch.bmm(gy, c["w"]) if need_gx else None
+        return P.bmm(gy_lp, lowp(c["w"], c, "w_lp")) if need_gx else None
 
     def tfwd(self, k, p, rp, rx, c, s):
         rw = self._w(rp[0])
         s.update(rw=rw, rx=rx)
-        ry = torch.baddbmm(rp[1].unsqueeze(1), c["x"], rw.transpose(1, 2)) if self.bias else torch.bmm(c["x"], rw.transpose(1, 2))
+        x, rw = lowp(c["x"], c, "x_lp"), lowp(rw, s, "rw_lp")
+        ry = P.baddbmm(rp[1].unsqueeze(1), x, rw.transpose(1, 2)) if self.bias else P.bmm(x, rw.transpose(1, 2))
         if rx is not None:
-            ry.baddbmm_(rx, c["w"].transpose(1, 2))
+            P.baddbmm_(ry, lowp(rx, s, "rx_lp"), lowp(c["w"], c, "w_lp").transpose(1, 2))
         return ry
 
     def tbwd(self, k, p, rp, rgy, c, s, rgp, need_gx):
-        gy = c["gy"]
+        gy, x = lowp(c["gy"], c, "gy_lp"), lowp(c["x"], c, "x_lp")
+        rgy_lp = lowp(rgy)
         rgw = self._w(rgp[0])
         if s["rx"] is not None:
-            _bmm_into(rgy.transpose(1, 2), c["x"], rgw, gy.transpose(1, 2), s["rx"])
+            _bmm_into(rgy_lp.transpose(1, 2), x, rgw, gy.transpose(1, 2), lowp(s["rx"], s, "rx_lp"))
         else:
-            _bmm_into(rgy.transpose(1, 2), c["x"], rgw)
+            _bmm_into(rgy_lp.transpose(1, 2), x, rgw)
         if self.bias:
             _sum_into(rgy, rgp[1])
         if not need_gx:
             return None
-        return torch.baddbmm(torch.bmm(rgy, c["w"]), gy, s["rw"])
+        return P.baddbmm_(P.bmm(rgy_lp, lowp(c["w"], c, "w_lp")), gy, lowp(s["rw"], s, "rw_lp"))
 
 
 def parse(model: nn.Module, in_shape):

@@ -31,7 +31,7 @@ from ._cli_util import check_device, one_line
 from .builders import DataError
 from .checkpoint import CheckpointError, Found, checkpoint_config, fallback_warning, find_checkpoint, set_aside
 from .loop import train
-from .presets import (INITS, INNER_SOLVERS, LEARN_LAM, PRESET_NOTES, SCHEDULES, ConfigError, apply_overrides, config_diff,
+from .presets import (GEMM_PRECISIONS, INITS, INNER_SOLVERS, LEARN_LAM, PRESET_NOTES, SCHEDULES, ConfigError, apply_overrides, config_diff,
                       preset_names, resolve_config)
 from .runs import RunError, RunFolder, check_out_dir
 
@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="none: λ fixed (default); scalar or per-layer: λ meta-learned by its exact implicit "
                    "hypergradient, log-parameterised, from --lam, with its own Adam step size --lam-lr, within "
                    "[--lam-min, --lam-max], logged per layer in metrics.jsonl and curves.png")
+    p.add_argument("--gemm-precision", choices=GEMM_PRECISIONS,
+                   help="fp32 (default) or bf16: the fused engine's GEMMs on bfloat16 operands with float32 accumulation "
+                   "(parameters, gradients, CG and reductions stay float32)")
     p.add_argument("--init", choices=INITS,
                    help="θ₀: torch, PyTorch's default; released, the authors' code: xavier_uniform(gain 1.73) "
                    "weights and U(0, 0.05) biases for every conv and linear layer")
@@ -143,7 +146,8 @@ def _resolve(args: argparse.Namespace, device: str) -> tuple[dict[str, Any], Pat
     checkpoint read (a folder's latest good one; refused when its configuration differs from
     the requested one), else None."""
     overrides = {k: getattr(args, k) for k in _OVERRIDES}
-    overrides.update(inner=args.inner, init=args.init, outer_schedule=args.outer_schedule, learn_lam=args.learn_lam)
+    overrides.update(inner=args.inner, init=args.init, outer_schedule=args.outer_schedule, learn_lam=args.learn_lam,
+                     gemm_precision=args.gemm_precision)
     if args.resume is None:
         cfg = resolve_config(args.preset or "omniglot-5w1s", overrides)
         return cfg, Path(args.out or Path("runs") / cfg["preset"]), None

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import torch
 
 from .._atomic import folder_problem, write_text
+from ..engine import gemm_precision
 from ..implicit import implicit_adapt
 from ..inner import SGDThenPullBack
 from ..query import query_logits
@@ -198,8 +199,9 @@ def main(argv=None) -> int:
         learned = LearnedLam(cfg, model, device)
         learned.load(state.get("lam"), ckpt_path)
         _, test = builders.build_samplers(cfg, device, args.data_root)
-        result = evaluate(model, test, cfg, tasks=args.tasks, seed=args.seed, batch=args.batch, solver=solver,
-                          lam=learned.current() if learned.learned else None)
+        with gemm_precision(cfg.get("gemm_precision", "fp32")):  # as the run trained
+            result = evaluate(model, test, cfg, tasks=args.tasks, seed=args.seed, batch=args.batch, solver=solver,
+                              lam=learned.current() if learned.learned else None)
     except (ConfigError, CheckpointError, builders.DataError) as exc:
         print(f"imaml-eval: error: {one_line(exc)}", file=sys.stderr)
         return 2

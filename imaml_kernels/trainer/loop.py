@@ -38,6 +38,7 @@ from typing import Any, Mapping
 import torch
 from tqdm import tqdm
 
+from ..engine import gemm_precision
 from ..step import STATS, meta_step
 from .lam import GROUP as LAM_GROUP
 from .lam import LearnedLam
@@ -106,7 +107,8 @@ def train(
         raise ConfigError(f"meta-batch {T} is not divisible by the world size {dist.world_size}")
     first = run.step
     stop = preemption or distributed.Preemption(signals=())
-    with stop.catching(), _Logger(run, dist, max_bad_steps, saved_log, progress) as logger:
+    precision = gemm_precision(cfg.get("gemm_precision", "fp32"))  # the engine's GEMMs, this run only
+    with precision, stop.catching(), _Logger(run, dist, max_bad_steps, saved_log, progress) as logger:
         # A signal after the last meta-step: rank 0 skips the evaluation (bounded exit).
         stopped = _loop(run, dist, logger, log_every, ckpt_every, stop) or (dist.is_main and stop.requested())
     dist.barrier()  # the last checkpoint is written before any rank returns
@@ -124,7 +126,8 @@ def train(
         return result
     if steps_run:
         print(f"trained {steps_run} meta-steps in {seconds:.1f} s ({seconds / steps_run:.2f} s/step, {T} tasks/step)")
-    result["eval"] = _final_eval(run, eval_batch)
+    with gemm_precision(cfg.get("gemm_precision", "fp32")):
+        result["eval"] = _final_eval(run, eval_batch)
     _plot(run)
     return result
 

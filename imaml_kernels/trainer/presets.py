@@ -44,6 +44,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from ..engine.precision import GEMM_PRECISIONS
+
 # Every key a configuration has, with the default the presets start from.
 DEFAULTS: dict[str, Any] = {
     "dataset": "omniglot",   # omniglot | miniimagenet
@@ -67,6 +69,9 @@ DEFAULTS: dict[str, Any] = {
     "lam_lr": 1e-2,
     "lam_min": 1e-2,
     "lam_max": 1e2,
+    # fp32 | bf16: the fused engine's GEMMs on bfloat16 operands with float32 accumulation
+    # (imaml_kernels/engine/precision.py); parameters, gradients, CG stay float32
+    "gemm_precision": "fp32",
     "cg_iters": 5,           # CG iterations of the implicit meta-gradient
     # The authors' code solves ((1 + cg_damping) I + H/(λ + lam_damping)) x = g, not
     # (I + H/λ) x = g: without the damping H/λ turns indefinite within tens of meta-steps
@@ -146,7 +151,8 @@ INITS = ("torch", "released")
 
 # Keys added after checkpoints were first written, with the value those checkpoints used.
 ADDED_KEYS: dict[str, Any] = {"init": "torch", "outer_schedule": "constant", "warmup_steps": 0, "learn_lam": "none",
-                              "lam_lr": 1e-2, "lam_min": 1e-2, "lam_max": 1e2, "adam_eps": 1e-8}
+                              "lam_lr": 1e-2, "lam_min": 1e-2, "lam_max": 1e2, "adam_eps": 1e-8,
+                              "gemm_precision": "fp32"}
 LEARN_LAM = ("none", "scalar", "per-layer")
 SCHEDULES = ("constant", "cosine")
 
@@ -209,6 +215,8 @@ def check_config(cfg: Mapping[str, Any]) -> None:
     for k in ("query", "inner_steps", "hf_steps", "steps", "eval_tasks", "warmup_steps"):
         if int(cfg[k]) < 0:
             raise ConfigError(f"{k} must be >= 0, got {cfg[k]}")
+    if cfg.get("gemm_precision", "fp32") not in GEMM_PRECISIONS:
+        raise ConfigError(f"gemm_precision must be one of {', '.join(map(repr, GEMM_PRECISIONS))}, got {cfg['gemm_precision']!r}")
     if cfg.get("learn_lam", "none") not in LEARN_LAM:
         raise ConfigError(f"learn_lam must be one of {', '.join(map(repr, LEARN_LAM))}, got {cfg['learn_lam']!r}")
     for k in ("lam", "inner_lr", "outer_lr", "lam_lr", "adam_eps"):
