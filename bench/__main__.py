@@ -35,6 +35,8 @@ def _add_comparisons(sub, dev):
     p.add_argument("--rounds", type=int, default=1, help="fresh processes per method (one per round, the order alternating); ratios get their min-max over rounds")
     p.add_argument("--bf16", action="store_true", help="add the engine with bf16 GEMMs (gemm_precision='bf16') as a row; "
                    "skipped with a message where the device has no bf16 units")
+    p.add_argument("--compiled", action="store_true", help="add the engine's meta-step under torch.compile(fullgraph=True) "
+                   "as a row (its first call, the compilation, is the worker's warm-up)")
     p.add_argument("--device", default=dev)
     p.set_defaults(func=meta_step.main)
     p = sub.add_parser("hvp", help="batched HVP: fused engine vs torch.func vmap path vs per-task double backward")

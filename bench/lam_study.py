@@ -60,7 +60,11 @@ def _lam_text(final: dict) -> str:
         return "2.0 (fixed)"
     if list(final) == ["lam"]:
         return f"{final['lam']:.3f}"
-    return ", ".join(f"{k.split('/', 1)[1] or '·'}: {v:.3f}" for k, v in final.items())
+    def order(k):
+        name = k.split("/", 1)[1]
+        return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+    return ", ".join(f"{k.split('/', 1)[1] or '·'}: {final[k]:.3f}" for k in sorted(final, key=order))
 
 
 def tabulate(runs: Path, out: Path, header: str, argv: str, wall: dict) -> str:
@@ -76,7 +80,7 @@ def tabulate(runs: Path, out: Path, header: str, argv: str, wall: dict) -> str:
     text = (f"# Fixed against meta-learned λ at the CPU demo's budget\n\n{header}\n\n`{argv}`\n\n"
             f"Preset `{PRESET}`, same seed and task stream in every run; each run in its own process, one after "
             f"the other; evaluation: the trainer's, on the same meta-test tasks (seed 0), at the λ the run ended "
-            f"with. Per-layer λ are named by module (`0`: first conv, ... `12`: the head).\n\n{table}\n")
+            f"with. Per-layer λ are named by the module that owns the parameters (the paper's network, an `nn.Sequential`: 0, 3, 7, 10 the convolutions, 1, 4, 8, 11 their BatchNorms, 14 the head).\n\n{table}\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / "lam_study.md").write_text(text)
     _plot(res, out / "lam_study.png")

@@ -44,6 +44,7 @@ def batched_meta_step(model, theta, tasks, *, lam, inner_steps, inner_lr, cg_ite
 LABELS = {
     "engine": "imaml_kernels, fused engine",
     "engine-bf16": "imaml_kernels, fused engine, bf16 GEMMs (gemm_precision='bf16')",
+    "engine-compiled": "imaml_kernels, fused engine under torch.compile(fullgraph=True)",
     "graph": "imaml_kernels, fused engine, one CUDA graph",
     "batched": "imaml_kernels, generic torch.func path",
     "official": "authors' released learner (aravindr93/imaml_dev, per task)",
@@ -78,12 +79,29 @@ def prepare(row, T, way, shot, query, inner_steps, cg_iters, device="cpu", offic
         from .torchopt_imaml import torchopt_meta_grad
 
         return lambda: torchopt_meta_grad(model, tasks, **kw)
+    if row == "engine-compiled":  # adapt + query loss + backward, traced whole (the first call compiles)
+        return compiled_meta_step(model, theta, tasks, **kw)
     if row == "engine-bf16":
         ik.set_gemm_precision("bf16")  # this worker process only
         return lambda: batched_meta_step(model, theta, tasks, engine=True, **kw)
     if row not in ("engine", "batched"):
         raise ValueError(f"unknown meta-step row {row!r}; the rows are {list(LABELS)}")
     return lambda: batched_meta_step(model, theta, tasks, engine=row == "engine", **kw)
+
+
+def compiled_meta_step(model, theta, tasks, *, lam, inner_steps, inner_lr, cg_iters):
+    """One meta-step's work as a user compiles it: ``torch.compile(fullgraph=True)`` of the
+    adaptation and the query loss (engine), then the backward (the implicit meta-gradient)."""
+    import torch.nn.functional as F
+
+    def loss_of(xs, ys, xq, yq):
+        phi = ik.implicit_adapt(model, theta, (xs, ys), lam=lam, inner=ik.GD(inner_steps, inner_lr), cg_iters=cg_iters,
+                                engine=True)
+        return F.cross_entropy(ik.query_logits(model, phi, xq, engine=True).flatten(0, 1), yq.flatten(), reduction="sum")
+
+    compiled = torch.compile(loss_of, fullgraph=True)
+    params = list(theta.values())
+    return lambda: torch.autograd.grad(compiled(*tasks), params)
 
 
 def bf16_available(device="cpu") -> str | None:
@@ -96,12 +114,14 @@ def bf16_available(device="cpu") -> str | None:
 
 
 def make_rows(T=32, way=5, shot=1, query=1, inner_steps=16, cg_iters=5, device="cpu", repeat=3, serial=True, generic=True,
-         torchopt=True, official=None, bf16=False):
+         torchopt=True, official=None, bf16=False, compiled=False):
     """The :class:`~bench.fresh.Row` of each method (the engine first: the ratios' reference)."""
     few = max(1, repeat // 2)
     keys = [("engine", 1, repeat)]
     if bf16:
         keys.append(("engine-bf16", 1, repeat))
+    if compiled:  # its warm-up call is the compilation (not timed)
+        keys.append(("engine-compiled", 1, repeat))
     if torch.device(device).type == "cuda":
         keys.append(("graph", 2, max(10, repeat)))
     if generic:
@@ -117,7 +137,7 @@ def make_rows(T=32, way=5, shot=1, query=1, inner_steps=16, cg_iters=5, device="
 
 
 def run(T=32, way=5, shot=1, query=1, inner_steps=16, cg_iters=5, device="cpu", repeat=3, serial=True, generic=True,
-        torchopt=True, official=None, rounds=1, log=None, bf16=False):
+        torchopt=True, official=None, rounds=1, log=None, bf16=False, compiled=False):
     """Rows ``(method, s/step, tasks/s, engine speedup over it, peak MiB)`` and ``{key: seconds}``.
 
     Every method runs in fresh worker processes, one per round (:mod:`bench.fresh`).
@@ -132,7 +152,7 @@ def run(T=32, way=5, shot=1, query=1, inner_steps=16, cg_iters=5, device="cpu", 
             log(f"bf16 GEMM row skipped: {bf16_available(device)}")
         bf16 = False
     measured = fresh.run_rows(make_rows(T, way, shot, query, inner_steps, cg_iters, device, repeat, serial, generic, torchopt,
-                                   official, bf16), rounds=rounds, log=log)
+                                   official, bf16, compiled), rounds=rounds, log=log)
     eng, mem = measured["engine"], fresh.memory_field(device)
     results = {k: m.seconds for k, m in measured.items() if m.ok}
     spread = {k: fresh.ratio(m, eng)[1:] for k, m in measured.items() if m.ok and eng.ok}
@@ -154,7 +174,8 @@ def main(args):
     table, res = run(T=args.tasks, way=args.way, shot=args.shot, query=args.query, inner_steps=args.inner_steps,
                      cg_iters=args.cg_iters, device=args.device, repeat=args.repeat, serial=not args.no_serial,
                      generic=not args.no_generic, official=official, rounds=rounds,
-                     log=lambda m: print(m, file=sys.stderr, flush=True), bf16=getattr(args, "bf16", False))
+                     log=lambda m: print(m, file=sys.stderr, flush=True), bf16=getattr(args, "bf16", False),
+                     compiled=getattr(args, "compiled", False))
     print(f"\n## iMAML meta-step: OmniglotConv({args.way}), T={args.tasks}, {args.way}-way {args.shot}-shot, "
           f"{args.inner_steps} inner GD steps, {args.cg_iters} CG iterations, {args.device}\n")
     print(fresh.method(rounds, "seconds per meta-step") + " " + fresh.memory_note(args.device) + "\n")
@@ -188,6 +209,9 @@ def summary(res):
         lines.append(f"bf16 GEMMs: {res['engine-bf16']:.3f} s / meta-step, {res['engine'] / res['engine-bf16']:.2f}x the float32 engine"
                      + (f" (min {1 / spread['engine-bf16'][1]:.2f}x, max {1 / spread['engine-bf16'][0]:.2f}x over {rounds} rounds)"
                         if rounds > 1 and "engine-bf16" in spread else ""))
+    if "engine-compiled" in res:
+        lines.append(f"torch.compile(fullgraph=True): {res['engine-compiled']:.3f} s / meta-step after its compilation, "
+                     f"{res['engine'] / res['engine-compiled']:.2f}x the eager engine")
     for k in ("official", "batched", "serial", "torchopt"):
         if k in res:
             lines.append(f"engine speedup over {LABELS[k]}: {ratio(k)}")

@@ -44,10 +44,13 @@ void bn_tbwd_cpu(DType dtype, const void* gy, const void* rgy, const void* xhat,
                  const void* relu_y, void* rgx, void* rggamma, void* rgbeta, int64_t T, int64_t R,
                  int64_t C, int64_t ps);
 
-// In place: phi[t, i] -= lr * (grad[t, i] + lam[t] * (phi[t, i] - theta[t * theta_task_stride + i]));
-// phi, grad [T, P]; theta [P] (stride 0) or [T, P] (stride P); lam [T].
+// In place: phi[t, i] -= lr * (grad[t, i] + lam_ti * (phi[t, i] - theta[t * theta_task_stride + i]));
+// phi, grad [T, P]; theta [P] (stride 0) or [T, P] (stride P). lam_ti: lam[t * lam_task_stride]
+// (λ per task: lam [T], stride 1), or with lam_per_coord lam[t * lam_task_stride + i] (λ per
+// coordinate: a shared row [P], stride 0, or [T, P], stride P).
 void prox_step_cpu(DType dtype, void* phi, const void* grad, const void* theta,
-                   int64_t theta_task_stride, const void* lam, double lr, int64_t T, int64_t P);
+                   int64_t theta_task_stride, const void* lam, int64_t lam_task_stride,
+                   bool lam_per_coord, double lr, int64_t T, int64_t P);
 
 // Adjoint of im2col (gx fully written, not accumulated): gcols [T, N, Ho, Wo, k, k, C] ->
 // 2x2 max-pool, stride 2, floor mode, channels-last. fwd: x [T,N,H,W,C] -> y [T,N,H/2,W/2,C]

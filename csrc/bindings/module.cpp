@@ -110,15 +110,18 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "prox_step_cpu",
       [](int dtype, uintptr_t phi, uintptr_t grad, uintptr_t theta, int64_t theta_task_stride,
-         uintptr_t lam, double lr, int64_t T, int64_t P) {
+         uintptr_t lam, int64_t lam_task_stride, bool lam_per_coord, double lr, int64_t T,
+         int64_t P) {
         py::gil_scoped_release nogil;
         imaml::prox_step_cpu(to_dtype(dtype), ptr<void>(phi), ptr<const void>(grad),
-                             ptr<const void>(theta), theta_task_stride, ptr<const void>(lam), lr, T,
-                             P);
+                             ptr<const void>(theta), theta_task_stride, ptr<const void>(lam),
+                             lam_task_stride, lam_per_coord, lr, T, P);
       },
       py::arg("dtype"), py::arg("phi"), py::arg("grad"), py::arg("theta"),
-      py::arg("theta_task_stride"), py::arg("lam"), py::arg("lr"), py::arg("T"), py::arg("P"),
-      "In place phi -= lr (grad + lam (phi - theta)); theta stride 0 (shared) or P.");
+      py::arg("theta_task_stride"), py::arg("lam"), py::arg("lam_task_stride"),
+      py::arg("lam_per_coord"), py::arg("lr"), py::arg("T"), py::arg("P"),
+      "In place phi -= lr (grad + lam (phi - theta)); theta stride 0 (shared) or P; lam per "
+      "task (stride 1) or, with lam_per_coord, per coordinate (row stride 0 or P).");
   m.def(
       "maxpool_fwd_cpu",
       [](int dtype, uintptr_t x, uintptr_t y, uintptr_t idx, int64_t T, int64_t N, int64_t H,

@@ -387,14 +387,15 @@ class BatchedNet:
         k = self.kernels(phi)
         data = self._prepare(k, x, phi.dtype)  # the support set's first-layer patches, once
         self._last_data = None if torch.compiler.is_compiling() else (x, x._version, phi.dtype, data)
-        step_lam = lam_t if proximal else torch.zeros_like(lam_t)
+        if not proximal:
+            step_lam = torch.zeros_like(lam_t)
+        else:  # λ per task [T], or per coordinate: one [1, P] row (the fused step takes both)
+            step_lam = lam_row.contiguous() if coords else lam_t
         theta_b = theta if theta.dim() == 2 else theta.unsqueeze(0)
         w = lam_row * lr if coords else (lam_t * lr).unsqueeze(1)
         for _ in range(steps):
             p, caches, _, glogits = self._forward(k, phi, x, y, data, grad)
             self._backward(k, p, caches, glogits, grad, fuse=True)
-            if coords and proximal:  # per coordinate: lerp(φ, θ, lr λ), then the step with λ = 0
-                phi.lerp_(theta_b, w)
             # φ -= lr (g + λ (φ − θ))  ==  φ (1 − lr λ) + lr λ θ − lr g   (λ = 0: plain SGD)
             k.prox_step(phi, grad, theta, step_lam, lr)
         if pull_back:  # φ -= lr λ (φ − θ)  ==  lerp(φ, θ, lr λ): one launch

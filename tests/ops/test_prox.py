@@ -13,10 +13,13 @@ from .common import (BACKEND_NAMES, FAMILIES, KERNELS, NATIVE, Recorder, assert_
 assert FAMILIES["prox"] == ("prox_step",)
 
 
-def prox_args(T, P, shared, lr, dtype, dev):
-    g = gen(f"prox-{T}-{P}-{shared}")
+LAM_SHAPES = {"task": lambda T, P: (T,), "row": lambda T, P: (1, P), "coord": lambda T, P: (T, P)}
+
+
+def prox_args(T, P, shared, lr, dtype, dev, lam_kind="task"):
+    g = gen(f"prox-{T}-{P}-{shared}-{lam_kind}")
     phi, grad, theta = randn(g, T, P), randn(g, T, P), randn(g, *((P,) if shared else (T, P)))
-    lam = torch.rand(T, generator=g, dtype=torch.float64) + 0.1
+    lam = torch.rand(*LAM_SHAPES[lam_kind](T, P), generator=g, dtype=torch.float64) + 0.1
     return (*cast(dtype, dev, phi, grad, theta, lam), lr)
 
 
@@ -36,6 +39,39 @@ def test_prox_step_matches_float64_twin(T, P, shared, lr, dtype, backend):
     check_op("prox_step", backend, prox_args(T, P, shared, lr, dtype, device(backend)), dtype)
 
 
+# λ per coordinate: one row shared by the tasks ([1, P], the engine's per-group λ) or [T, P].
+COORD_CASES = [
+    case(f"T{T}-P{P}-lam-{kind}", T, P, kind, lr, on=on)
+    for T, P, lr, on in SIZES for kind in ("row", "coord")
+]
+
+
+@pytest.mark.parametrize("T,P,lam_kind,lr,dtype,backend", grid(COORD_CASES))
+def test_prox_step_with_lam_per_coordinate_matches_float64_twin(T, P, lam_kind, lr, dtype, backend):
+    check_op("prox_step", backend, prox_args(T, P, True, lr, dtype, device(backend), lam_kind), dtype)
+
+
+def test_lam_per_coordinate_equals_the_per_task_step_where_the_rows_are_constant():
+    """A [T, P] λ whose row t is constant λ_t gives the per-task step exactly (float64)."""
+    phi, grad, theta, lam, lr = prox_args(3, 50, False, 0.37, torch.float64, "cpu")
+    a, b = phi.clone(), phi.clone()
+    ref_lam = lam.unsqueeze(1).expand(3, 50).contiguous()
+    from imaml_kernels import dispatch
+
+    k = dispatch.kernels(phi.device, phi.dtype)
+    k.prox_step(a, grad, theta, lam, lr)
+    k.prox_step(b, grad, theta, ref_lam, lr)
+    assert torch.equal(a, b)
+
+
+def test_lam_of_another_shape_is_refused_in_one_line():
+    phi, grad, theta, lam, lr = prox_args(2, 7, True, 0.1, torch.float64, "cpu")
+    from imaml_kernels import dispatch
+
+    with pytest.raises(ValueError, match=r"lam must be \[2\] \(per task\) or \[1, 7\]"):
+        dispatch.kernels(phi.device, phi.dtype).prox_step(phi, grad, theta, torch.ones(2, 7, 1, dtype=phi.dtype), lr)
+
+
 @runs("triton")
 @pytest.mark.parametrize("v", (1e-5, 0.1, 1e-3, 3.0, 0.0, -0.7, 1.0 / 3.0, 123456.789))
 def test_triton_scalar_split(v):
@@ -49,10 +85,11 @@ def test_triton_scalar_split(v):
     assert abs((hi + lo) - v) <= 2.0**-46 * abs(v)
 
 
+@pytest.mark.parametrize("lam_kind", ["task", "row", "coord"])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-theta", "per-task-theta"])
 @pytest.mark.parametrize("backend", backends(KERNELS))
-def test_opcheck(backend, shared):
-    opcheck("prox_step", backend, prox_args(2, 7, shared, 0.1, torch.float64, device(backend)))
+def test_opcheck(backend, shared, lam_kind):
+    opcheck("prox_step", backend, prox_args(2, 7, shared, 0.1, torch.float64, device(backend), lam_kind))
 
 
 @runs("triton")
