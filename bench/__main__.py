@@ -73,6 +73,14 @@ def _add_training(sub):
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="configuration overrides for every row, e.g. meta_batch=8")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each worker (default 1)")
+    p.add_argument("--lanes", type=int, default=1,
+                   help="run the rows in this many concurrent lanes, each pinned to --threads CPUs of its own: the "
+                        "official row alone in one, the others in turn in the rest (default 1: one after the other)")
+    p.add_argument("--state", metavar="DIR", default=None,
+                   help="save each row's state there (every 50 steps and where it stops) and go on from it when present: "
+                        "a long run in parts")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="stop every row after this meta-step (with --state: the next run goes on from there)")
     p.add_argument("--window", type=int, default=None, help="meta-steps per row of the curve table (default: steps/10, at most 50)")
     p.add_argument("--out", default="bench/results/trajectory")
     p.set_defaults(func=trajectory.main)

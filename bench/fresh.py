@@ -179,14 +179,20 @@ def run_rows(rows, *, rounds=1, threads=None, timeout=None, log=None) -> Dict[st
     return out
 
 
-def spawn(row, *, threads, timeout=None):
-    """One worker for ``row``: its JSON result, or ``{"error": reason}`` if it gave none."""
+def spawn(row, *, threads, timeout=None, cpus=None):
+    """One worker for ``row``: its JSON result, or ``{"error": reason}`` if it gave none.
+    ``cpus``: the CPU numbers the worker is pinned to (``os.sched_setaffinity``; default: not
+    pinned)."""
+    import os
+
     env = child_env(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    pin = (lambda: os.sched_setaffinity(0, set(cpus))) if cpus else None
     with tempfile.TemporaryDirectory(prefix="bench-fresh-") as tmp:
         path = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "bench.fresh_worker", "--threads", str(threads), "--out", str(path), json.dumps(row.spec())]
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                                  preexec_fn=pin)
         except subprocess.TimeoutExpired:
             return {"error": f"timed out after {timeout} s"}
         if path.exists():
@@ -197,7 +203,8 @@ def spawn(row, *, threads, timeout=None):
 
 def probe(name, log=None, fail=None, exit_code=None):
     """A row target that checks the driver itself (tests): appends ``name`` to the file ``log``,
-    then raises ``RuntimeError(fail)`` or exits with ``exit_code`` when given; else times a no-op."""
+    then raises ``RuntimeError(fail)`` or exits with ``exit_code`` when given; else times a no-op
+    (its info: ``name`` and the CPUs the worker may run on)."""
     import os
 
     if log:
@@ -207,4 +214,4 @@ def probe(name, log=None, fail=None, exit_code=None):
         raise RuntimeError(fail)
     if exit_code is not None:
         os._exit(exit_code)
-    return Prepared(lambda: None, info={"name": name})
+    return Prepared(lambda: None, info={"name": name, "cpus": sorted(os.sched_getaffinity(0))})

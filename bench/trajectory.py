@@ -203,6 +203,13 @@ class OursLoop:
                           solve=self.solve)
         return dict(zip(STATS, stats.tolist()))
 
+    def state(self):
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state(self, state):
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
     def params(self):
         return flat(self.model.parameters())
 
@@ -298,6 +305,17 @@ class OfficialLoop:
         self.last_grad = meta_grad
         return {"loss": sum(losses) / T, "acc": sum(accs) / T}
 
+    def state(self):
+        """What the next step reads: the meta-model and its Adam (the fast learner is reset from
+        the meta-parameters every task; its SGD has no state)."""
+        return {"model": self.meta.model.state_dict(), "outer_opt": self.meta.outer_opt.state_dict(),
+                "last_grad": self.last_grad}
+
+    def load_state(self, state):
+        self.meta.model.load_state_dict(state["model"])
+        self.meta.outer_opt.load_state_dict(state["outer_opt"])
+        self.last_grad = state["last_grad"]
+
     def params(self):
         return self.meta.get_params()
 
@@ -344,12 +362,20 @@ def make_loop(code, cfg, model, official=None):
 
 
 def trajectory(code, preset, steps, eval_every=0, eval_tasks=0, *, seed=0, official=None, overrides=None,
-               dtype="float32", twin=False, snapshot=None, log=None, data_root=None, eval_seed=0):
+               dtype="float32", twin=False, snapshot=None, log=None, data_root=None, eval_seed=0, state=None,
+               stop_at=None, state_every=50):
     """One row: ``steps`` meta-steps of ``code`` ("official" or "ours") with ``preset`` on the
     trainer's stream; the meta-test evaluation every ``eval_every`` steps (step 0 and the last
-    included) on ``eval_tasks`` tasks. Returns ``{"config", "records": [per step], "evals": [...]}``;
-    with ``snapshot`` (a path) θ and the meta-gradient at :data:`SNAPSHOT_STEPS` go there
-    (``torch.save``); with ``log`` (a path) each step's record is appended to it as JSON."""
+    included) on ``eval_tasks`` tasks. Returns ``{"config", "records": [per step], "evals": [...],
+    "paused_at"}``; with ``snapshot`` (a path) θ and the meta-gradient at :data:`SNAPSHOT_STEPS`
+    go there (``torch.save``); with ``log`` (a path) each step's record is appended to it as JSON.
+
+    A long run in parts: with ``state`` (a path) the row saves what its next step needs (the
+    loop's parameters and optimizer, the sampler's generator, the records and evaluations so far)
+    every ``state_every`` steps and where it stops, and a row whose ``state`` file exists goes on
+    from it (same configuration, or ``ValueError``); ``stop_at``: stop after that step (evaluating
+    there when it is a multiple of ``eval_every``), ``paused_at`` says where. The resumed steps are
+    the uninterrupted run's: the same tasks, the same arithmetic."""
     from imaml_kernels.trainer.presets import resolve_config
 
     cfg = resolve_config(preset, {"seed": seed, "steps": steps, **(overrides or {})})
@@ -359,15 +385,36 @@ def trajectory(code, preset, steps, eval_every=0, eval_tasks=0, *, seed=0, offic
         nudge(model)
     loop = make_loop(code, cfg, model, official)  # a missing checkout fails here, before the data loads
     stream = TaskStream(cfg, "cpu", data_root, dt)
-    records, evals, snaps = [], [], {0: (loop.params(), None)}
+    records, evals, snaps, start = [], [], {0: (loop.params(), None)}, 0
+    identity = {"code": code, "config": cfg, "dtype": dtype, "twin": bool(twin)}
+    if state and Path(state).exists():
+        saved = torch.load(state, weights_only=False)
+        if saved["identity"] != identity:
+            raise ValueError(f"{state} holds another run ({saved['identity']}), not {identity}")
+        loop.load_state(saved["loop"])
+        stream.train.load_state_dict(saved["sampler"])
+        records, evals, start = saved["records"], saved["evals"], saved["step"]
+        snaps = {}
+    stop = min(steps, stop_at) if stop_at else steps
+
+    def save():
+        if state:
+            tmp = Path(str(state) + ".tmp")
+            torch.save({"identity": identity, "step": len(records), "records": records, "evals": evals,
+                        "loop": loop.state(), "sampler": stream.train.state_dict()}, tmp)
+            tmp.replace(state)
 
     def checkpoint(step):
+        if any(e["step"] == step for e in evals):
+            return
         t0 = time.perf_counter()
         accs = loop.evaluate(stream, eval_tasks, eval_seed)
         evals.append({"step": step, **mean_ci95(accs), "seconds": time.perf_counter() - t0})
 
     with open(log, "w") if log else contextlib.nullcontext() as sink:
-        for step in range(steps):
+        for rec in records if sink else ():
+            sink.write(json.dumps(rec) + "\n")
+        for step in range(start, stop):
             if eval_tasks and eval_every and step % eval_every == 0:
                 checkpoint(step)
             tasks, fingerprint = next(stream)
@@ -375,16 +422,20 @@ def trajectory(code, preset, steps, eval_every=0, eval_tasks=0, *, seed=0, offic
             stats = loop.step(tasks, step)
             rec = {"step": step + 1, "seconds": time.perf_counter() - t0, "tasks": fingerprint, **stats}
             records.append(rec)
-            if step + 1 in SNAPSHOT_STEPS or step + 1 == steps:
+            if step + 1 in SNAPSHOT_STEPS or step + 1 == stop:
                 snaps[step + 1] = (loop.params(), loop.grad())
             if sink:
                 sink.write(json.dumps(rec) + "\n")
                 sink.flush()
-        if eval_tasks and (not evals or evals[-1]["step"] != steps):
-            checkpoint(steps)
+            if state_every and (step + 1) % state_every == 0:
+                save()
+        if eval_tasks and (stop == steps or (eval_every and stop % eval_every == 0)):
+            checkpoint(stop)
+    save()
     if snapshot:
         torch.save(snaps, snapshot)
-    return {"code": code, "config": cfg, "records": records, "evals": evals}
+    return {"code": code, "config": cfg, "records": records, "evals": evals,
+            "paused_at": stop if stop < steps else None}
 
 
 def mean_ci95(accs):
@@ -401,7 +452,7 @@ def mean_ci95(accs):
 
 
 def make_rows(*, preset, also=None, official=None, twin=False, steps, eval_every, eval_tasks, seed=0, dtype="float32",
-              overrides=None, log_dir=None, snap_dir=None, data_root=None):
+              overrides=None, log_dir=None, snap_dir=None, data_root=None, state_dir=None, stop_at=None):
     """The :class:`~bench.fresh.Row` s of a run: official (with ``official``), ours, twin, also;
     ``overrides`` (configuration keys) apply to every row."""
     common = dict(steps=steps, eval_every=eval_every, eval_tasks=eval_tasks, seed=seed, dtype=dtype, data_root=data_root,
@@ -416,33 +467,75 @@ def make_rows(*, preset, also=None, official=None, twin=False, steps, eval_every
             kw["log"] = str(Path(log_dir) / f"steps_{key}.jsonl")
         if snap_dir:
             kw["snapshot"] = str(Path(snap_dir) / f"{key}.pt")
+        if state_dir:
+            kw["state"] = str(Path(state_dir) / f"{key}.pt")
+        if stop_at:
+            kw["stop_at"] = int(stop_at)
         rows.append(fresh.Row(key, f"{LABELS[key]}, {p}", "bench.trajectory:trajectory", kw))
     return rows
 
 
+def lanes_of(rows, lanes):
+    """Rows per lane: with one lane all rows in order; with more, the official row (the slowest,
+    about three of ours) alone in the first lane and the others dealt to the remaining lanes in
+    order, each lane's rows one after the other."""
+    if lanes <= 1 or len(rows) <= 1:
+        return [list(rows)]
+    first = [r for r in rows if r.key == "official"]
+    rest = [r for r in rows if r.key != "official"]
+    if not first:
+        first, rest = rest[:1], rest[1:]
+    n = max(1, min(lanes - 1, len(rest)))
+    return [first] + [rest[i::n] for i in range(n)]
+
+
 def run(*, preset="omniglot-5w1s-released", also=None, official=None, twin=False, steps=1000, eval_every=250,
-        eval_tasks=600, seed=0, dtype="float32", overrides=None, threads=1, out=None, data_root=None, log=None):
-    """Every row in its own worker process, one after the other; returns ``(results, snapshots,
-    rows)``: ``{key: the row's result or {"error": reason}}`` and ``{key: {step: (θ, g)}}``."""
+        eval_tasks=600, seed=0, dtype="float32", overrides=None, threads=1, lanes=1, out=None, data_root=None, log=None,
+        state_dir=None, stop_at=None):
+    """Every row in its own worker process; returns ``(results, snapshots, rows)``: ``{key: the
+    row's result or {"error": reason}}`` and ``{key: {step: (θ, g)}}``. With ``lanes`` > 1 the
+    rows run in that many concurrent lanes (:func:`lanes_of`), each lane's workers pinned to
+    ``threads`` CPUs of their own: the curves are unchanged (each row is deterministic), the
+    seconds per step are taken beside the other lanes."""
+    import os
+    import threading
+
     results, snaps = {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-trajectory-") as tmp:
         rows = make_rows(preset=preset, also=also, official=official, twin=twin, steps=steps, eval_every=eval_every,
                          eval_tasks=eval_tasks, seed=seed, dtype=dtype, overrides=overrides, log_dir=out, snap_dir=tmp,
-                         data_root=data_root)
-        for row in rows:
-            if log:
-                log(f"{row.label}: {steps} meta-steps in a fresh process ...")
-            t0 = time.perf_counter()
-            res = fresh.spawn(row, threads=threads)
-            results[row.key] = dict(res.get("custom") or {"error": res.get("error", "no result")},
-                                    wall=time.perf_counter() - t0)
-            path = Path(tmp) / f"{row.key}.pt"
-            if path.exists():
-                snaps[row.key] = torch.load(path)
-            if log:
-                log(f"  {'not measured: ' + results[row.key]['error'] if 'error' in results[row.key] else 'done'}"
-                    f" ({results[row.key]['wall']:.0f} s)")
-    return results, snaps, rows
+                         data_root=data_root, state_dir=state_dir, stop_at=stop_at)
+        if state_dir:
+            Path(state_dir).mkdir(parents=True, exist_ok=True)
+        plan = lanes_of(rows, lanes)
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(plan) > 1 and len(cpus) < len(plan) * threads:
+            raise ValueError(f"{len(plan)} lanes of {threads} thread(s) need {len(plan) * threads} CPUs, "
+                             f"this process may use {len(cpus)}")
+
+        def lane(i, lane_rows):
+            pin = cpus[i * threads:(i + 1) * threads] if len(plan) > 1 else None
+            for row in lane_rows:
+                if log:
+                    log(f"{row.label}: {steps} meta-steps in a fresh process"
+                        + (f" (lane {i + 1}, CPUs {pin})" if pin else "") + " ...")
+                t0 = time.perf_counter()
+                res = fresh.spawn(row, threads=threads, cpus=pin)
+                results[row.key] = dict(res.get("custom") or {"error": res.get("error", "no result")},
+                                        wall=time.perf_counter() - t0, lane=i + 1)
+                path = Path(tmp) / f"{row.key}.pt"
+                if path.exists():
+                    snaps[row.key] = torch.load(path)
+                if log:
+                    log(f"  {row.key}: {'not measured: ' + results[row.key]['error'] if 'error' in results[row.key] else 'done'}"
+                        f" ({results[row.key]['wall']:.0f} s)")
+
+        workers = [threading.Thread(target=lane, args=(i, lr)) for i, lr in enumerate(plan)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    return {r.key: results[r.key] for r in rows}, snaps, rows
 
 
 # ------------------------------------------------------------------ the comparison
@@ -592,21 +685,44 @@ def _schedule(c):
     return text + (", cosine" if c.get("outer_schedule") == "cosine" else "")
 
 
-def report(results, snaps, rows, command, width, threads=1):
-    """The markdown report."""
+def agreements(results, snaps, earlier=None):
+    """``{"ours-official": rows, "twin-ours": rows}`` (:func:`agreement`), with the rows of an
+    earlier part of the run (``earlier``, the same form, e.g. read back from JSON) at the steps
+    this part has no snapshot of: a resumed row has only its own part's."""
+    out = {}
+    for a, b in (("ours", "official"), ("twin", "ours")):
+        rows = {int(r[0]): tuple(r) for r in (earlier or {}).get(f"{a}-{b}", [])}
+        rows.update({r[0]: r for r in agreement(results, snaps, a, b)})
+        if rows:
+            out[f"{a}-{b}"] = [rows[k] for k in sorted(rows)]
+    return out
+
+
+def report(results, snaps, rows, command, width, threads=1, lanes=1, earlier=None):
+    """The markdown report (``earlier``: :func:`agreements` of the run's earlier parts)."""
     lines = ["# Training trajectories: the authors' released code and this package on the same tasks", "",
              machine_header(), "", f"`{command}`", "",
-             (f"Each row ran in a fresh worker process of its own with {threads} torch thread{'s' * (threads > 1)}, one "
-              "after the other (bench/fresh.py), from the same θ₀ (the trainer's, copied into the released network layer "
+             (f"Each row ran in a fresh worker process of its own with {threads} torch thread{'s' * (threads > 1)}, "
+              + ("one after the other (bench/fresh.py)" if lanes <= 1 else
+                 f"in {lanes} concurrent lanes, each pinned to CPUs of its own (the official row alone in one lane, "
+                 "the others one after the other in the other; bench/fresh.py), so the seconds per step were taken "
+                 "beside another busy core (shared caches and memory bandwidth: compare them with care)")
+              + ", from the same θ₀ (the trainer's, copied into the released network layer "
               "by layer) on the trainer's task stream. Seconds per meta-step: the step alone (time.perf_counter; not the "
               "sampling, not the evaluations). Meta-test: the released evaluation "
               f"({RELEASED_EVAL['steps']} plain SGD steps, lr {RELEASED_EVAL['lr']}, no proximal term) on the same tasks "
               "(seed 0) for every row, mean ± 1.96·std/√n."), ""]
     lines += [markdown_table(*row_table(results, rows)), "", *stream_check(results), *eps_note(results), ""]
+    paused = sorted({r["paused_at"] for r in measured(results).values() if r.get("paused_at")})
+    if paused:
+        steps = max(r["config"]["steps"] for r in measured(results).values())
+        lines += [f"**Paused at meta-step {', '.join(map(str, paused))} of {steps}** (`--stop-at`): the same command "
+                  "with a larger `--stop-at` (or none) goes on from the rows' saved states (`--state`).", ""]
+    agree = agreements(results, snaps, earlier)
     for other in ("ours", "twin"):
-        a = agreement(results, snaps, other, "official" if other == "ours" else "ours")
+        ref = "official" if other == "ours" else "ours"
+        a = agree.get(f"{other}-{ref}")
         if a:
-            ref = "official" if other == "ours" else "ours"
             lines += [f"## `{other}` against `{ref}`: query loss, θ and the meta-gradient at the first steps", "",
                       markdown_table(("meta-step", f"{other} loss", f"{ref} loss", "abs. diff.", "θ: max abs. diff.",
                                       "‖Δθ‖ / ‖θ‖", "‖Δg‖ / ‖g‖"), a), ""]
@@ -681,10 +797,16 @@ def main(args):
         print("the authors' released code: not run (give --official DIR, an unpacked aravindr93/imaml_dev checkout)")
     results, snaps, rows = run(preset=args.preset, also=args.also, official=args.official, twin=args.twin,
                                steps=args.steps, eval_every=args.eval_every, eval_tasks=args.eval_tasks, seed=args.seed,
-                               dtype=args.dtype, overrides=parse_overrides(args.set), threads=args.threads, out=str(out),
-                               log=lambda m: print(m, file=sys.stderr, flush=True))
+                               dtype=args.dtype, overrides=parse_overrides(args.set), threads=args.threads, lanes=args.lanes,
+                               out=str(out), log=lambda m: print(m, file=sys.stderr, flush=True), state_dir=args.state,
+                               stop_at=args.stop_at)
     width = args.window or max(1, min(50, args.steps // 10 or 1))
-    text = report(results, snaps, rows, command, width, args.threads)
+    kept = out / "agreement.json"  # the first steps' agreement, for the report of a resumed run
+    earlier = json.loads(kept.read_text()) if args.state and kept.exists() else None
+    agree = agreements(results, snaps, earlier)
+    if args.state and agree:
+        kept.write_text(json.dumps(agree, indent=1) + "\n")
+    text = report(results, snaps, rows, command, width, args.threads, len(lanes_of(rows, args.lanes)), earlier)
     (out / "trajectory.md").write_text(text + "\n")
     write_csv_file(out / "trajectory.csv", results)
     plot(out / "trajectory.png", results, rows, width=min(25, width))

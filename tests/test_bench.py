@@ -31,7 +31,7 @@ def test_fresh_driver_runs_each_row_and_round_in_its_own_process(tmp_path):
     assert len(set(pids)) == 9 and os.getpid() not in pids
     assert list(measured) == list("abc")
     for k, m in measured.items():
-        assert m.ok and len(m.rounds) == 3 and m.info == {"name": k}
+        assert m.ok and len(m.rounds) == 3 and m.info["name"] == k
         assert [r["pid"] for r in m.rounds] == [int(p) for n, p in entries if n == k]
         med, lo, hi = m.stat("seconds")
         assert 0 < lo <= med <= hi and m.stat("peak_mib")[0] >= 0
@@ -39,6 +39,17 @@ def test_fresh_driver_runs_each_row_and_round_in_its_own_process(tmp_path):
     per_round = [x["seconds"] / y["seconds"] for x, y in zip(measured["a"].rounds, measured["b"].rounds)]
     assert r[1] == min(per_round) and r[2] == max(per_round)
     assert fresh.order(rows, 1) == rows[::-1]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to pin a worker to one of them")
+def test_a_fresh_worker_can_be_pinned_to_cpus():
+    from bench import fresh
+
+    cpu = sorted(os.sched_getaffinity(0))[-1]
+    res = fresh.spawn(fresh.Row("p", "pinned", "bench.fresh:probe", {"name": "p"}), threads=1, cpus=[cpu])
+    assert res["info"]["cpus"] == [cpu]
+    free = fresh.spawn(fresh.Row("f", "free", "bench.fresh:probe", {"name": "f"}), threads=1)
+    assert free["info"]["cpus"] == sorted(os.sched_getaffinity(0))
 
 
 def test_fresh_driver_reports_failing_rows():

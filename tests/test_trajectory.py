@@ -191,12 +191,15 @@ def _stand_in(root: Path) -> Path:
 
 
 @needs_omniglot
-def test_the_driver_runs_each_row_in_its_own_process_and_writes_the_report(tmp_path, capsys):
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_the_driver_runs_each_row_in_its_own_process_and_writes_the_report(tmp_path, capsys, lanes):
     from bench.__main__ import main
 
+    if len(os.sched_getaffinity(0)) < lanes:
+        pytest.skip(f"{lanes} lanes need {lanes} CPUs")
     root, out = _stand_in(tmp_path / "checkout"), tmp_path / "out"
     main(["trajectory", "--official", str(root), "--steps", "2", "--eval-every", "2", "--eval-tasks", "3", "--twin",
-          "--set", *(f"{k}={v}" for k, v in TINY.items()), "--out", str(out)])
+          "--lanes", str(lanes), "--set", *(f"{k}={v}" for k, v in TINY.items()), "--out", str(out)])
     calls = [tuple(json.loads(line)) for line in (root / "calls.jsonl").read_text().splitlines()]
     # training: 2 SGD steps then the pull-back, the damped evaluator (λ 2, c 1), 2 CG iterations, one outer step
     # a meta-step; evaluation (steps 0 and 2, 3 tasks each): 16 plain SGD steps at lr 0.1
@@ -213,6 +216,49 @@ def test_the_driver_runs_each_row_in_its_own_process_and_writes_the_report(tmp_p
     assert {"official_acc", "ours_loss", "twin_acc", "ours_inner_loss", "official_eval_acc"} <= set(header)
     assert (out / "trajectory.png").stat().st_size > 0
     assert len((out / "steps_official.jsonl").read_text().splitlines()) == 2
+    assert ("concurrent lanes" in text) == (lanes > 1)
+
+
+def test_the_official_row_gets_a_lane_of_its_own():
+    rows = tj.make_rows(preset="omniglot-5w1s-released", also="omniglot-5w1s", official="x", twin=True,
+                        steps=1, eval_every=0, eval_tasks=0)
+    keys = lambda plan: [[r.key for r in lane] for lane in plan]  # noqa: E731
+    assert keys(tj.lanes_of(rows, 1)) == [["official", "ours", "twin", "also"]]
+    assert keys(tj.lanes_of(rows, 2)) == [["official"], ["ours", "twin", "also"]]
+    assert keys(tj.lanes_of(rows, 3)) == [["official"], ["ours", "also"], ["twin"]]
+    assert keys(tj.lanes_of(rows[1:], 2)) == [["ours"], ["twin", "also"]]
+    with pytest.raises(ValueError, match=r"2 lanes of \d+ thread\(s\) need"):
+        tj.run(official="x", steps=1, eval_tasks=0, lanes=2, threads=len(os.sched_getaffinity(0)))
+
+
+@needs_omniglot
+@pytest.mark.parametrize("code", ["ours", "official"])
+def test_a_run_in_parts_is_the_uninterrupted_run(tmp_path, one_thread, code):
+    """Stopped after step 2 and resumed from its saved state, a row takes the same steps on the
+    same tasks as one run of 4 (bit for bit), evaluates at step 2 once and says where it paused."""
+    root = str(_stand_in(tmp_path / "checkout")) if code == "official" else None
+    over = {**TINY, "channels": 8} if code == "ours" else TINY
+    kw = dict(eval_every=2, eval_tasks=2, official=root, overrides=over)
+    whole = tj.trajectory(code, "omniglot-5w1s-released", 4, snapshot=str(tmp_path / "whole.pt"), **kw)
+    state, log = tmp_path / "state.pt", tmp_path / "steps.jsonl"
+    first = tj.trajectory(code, "omniglot-5w1s-released", 4, state=str(state), stop_at=2, log=str(log), **kw)
+    assert first["paused_at"] == 2 and len(first["records"]) == 2 and [e["step"] for e in first["evals"]] == [0, 2]
+    rest = tj.trajectory(code, "omniglot-5w1s-released", 4, state=str(state), log=str(log),
+                         snapshot=str(tmp_path / "rest.pt"), **kw)
+    assert rest["paused_at"] is None and whole["paused_at"] is None
+    drop = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
+    assert drop(rest["records"]) == drop(whole["records"])
+    assert [(e["step"], e["acc"]) for e in rest["evals"]] == [(e["step"], e["acc"]) for e in whole["evals"]]
+    assert torch.equal(torch.load(tmp_path / "rest.pt")[4][0], torch.load(tmp_path / "whole.pt")[4][0])
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="holds another run"):
+        tj.trajectory(code, "omniglot-5w1s-released", 5, state=str(state), **kw)
+
+
+def test_a_resumed_report_keeps_the_first_steps_agreement():
+    earlier = {"ours-official": [[1, "1.0", "1.0", "0", "0", "0", "0"], [2, "x", "x", "x", "x", "x", "x"]]}
+    merged = tj.agreements({}, {}, earlier)
+    assert [r[0] for r in merged["ours-official"]] == [1, 2] and "twin-ours" not in merged
 
 
 def test_the_rows_and_a_row_not_measured(tmp_path):
