@@ -86,6 +86,9 @@ class Measured:
         return self.error is None and bool(self.rounds)
 
     def values(self, field):
+        """Each round's ``field``; ``"info.KEY"`` reads the round's ``info`` (``None`` where absent)."""
+        if field.startswith("info."):
+            return [(res.get("info") or {}).get(field[5:]) for res in self.rounds]
         return [res[field] for res in self.rounds]
 
     def stat(self, field):

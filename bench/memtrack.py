@@ -1,12 +1,32 @@
-"""Counts live tensor-storage bytes on the CPU through a ``TorchDispatchMode``: the peak of
-what PyTorch allocated, independent of the C allocator's caching (which makes RSS noisy).
+"""The peak of what PyTorch allocated, independent of the C allocator's caching, of module
+imports and of anything else in the process's resident size:
 
-Works under ``torch.func`` transforms (the mode sees the unwrapped tensors).
+- :func:`allocator_peak_bytes`: from the CPU allocator's own allocation and free records
+  (``torch.profiler`` with ``profile_memory``): every ATen allocation, inside custom ops too;
+- :class:`PeakTensorBytes`: live tensor storages seen through a ``TorchDispatchMode`` (works
+  under ``torch.func`` transforms: the mode sees the unwrapped tensors), op outputs only.
 """
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+
+def allocator_peak_bytes(fn):
+    """The peak of the bytes held by PyTorch's CPU allocator while ``fn()`` runs, counted from the
+    allocator's own allocation and free records (``torch.profiler`` with ``profile_memory``):
+    what ``fn`` allocates on top of what was alive before, independent of timing and of the
+    process's resident size (module imports, the C allocator's cache)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 class PeakTensorBytes(TorchDispatchMode):

@@ -127,17 +127,10 @@ def proximal_descent(model, theta, lam, x, y, phi0, steps, lr, proximal=True, pu
 
 
 def peak_bytes(fn):
-    """The peak of the bytes held by PyTorch's CPU allocator while ``fn()`` runs, counted from
-    the allocator's own allocation and free records (``torch.profiler`` with ``profile_memory``):
+    """The peak of the bytes held by PyTorch's CPU allocator while ``fn()`` runs
+    (:func:`bench.memtrack.allocator_peak_bytes`: the allocator's own allocation and free records):
     what ``fn`` allocates on top of what was alive before, independent of timing and of the
     process's resident size."""
-    from torch.profiler import ProfilerActivity, profile
+    from bench.memtrack import allocator_peak_bytes
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
+    return allocator_peak_bytes(fn)

@@ -302,6 +302,8 @@ def test_models_bench_runs_end_to_end(tmp_path):
     for name, measured in results.items():
         assert list(measured) == keys
         assert all(m.ok and m.seconds > 0 and m.stat("peak_mib")[0] >= 0 for m in measured.values()), name
+        # the allocator's account of one call: every row allocates something, the loop included
+        assert all(m.stat(models.ALLOC)[0] > 0 for m in measured.values()), name
         assert measured["lean"].row.label.endswith("(chunk=1)")
         assert measured["default"].info["path"].split(",")[0] in ("engine", "generic")
         assert measured["lean"].info["path"].split(",")[1] == " chunk 1"
@@ -310,7 +312,9 @@ def test_models_bench_runs_end_to_end(tmp_path):
     text = models.report(results, 1, "cpu", tiny=True)
     assert text.count("\n| ") == 1 + sum(len(m) for m in results.values())  # header + one line per row
     targets = [line for line in text.splitlines() if line.startswith("target ")]
-    assert len(targets) == 3 * 3 + 2 and all(("met" in t) for t in targets)
+    # 3 speed targets; per model 2 plans x (resident peak, tensor peak)
+    assert len(targets) == 3 + 4 * 2 * 2 and all(("met" in t) for t in targets)
+    assert sum("tensor peak over the loop's" in t for t in targets) == 8
     models.write(tmp_path, results, 1, "cpu")
     csv_lines = (tmp_path / "models.csv").read_text().splitlines()
     assert csv_lines[0].startswith("model,row,label,path,s_median") and len(csv_lines) == 1 + sum(len(m) for m in results.values())
