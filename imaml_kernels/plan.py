@@ -11,7 +11,11 @@ remembers an algorithm.
   whose time per task is within 10% of the best, among the chunks whose memory fits the budget
   (``max_memory=``, default: a quarter of the available memory on the CPU, half of the free
   memory on a GPU). Batching tasks pays where per-op overhead dominates (small models) and
-  costs memory where it does not (large layers): the probe sees which.
+  costs memory where it does not (large layers): the probe sees which. The probe itself stays
+  lean: it does not run a chunk whose memory, scaled from the last one, would exceed the budget,
+  and it stops doubling once a doubling gained under 10% per task (that larger chunk could not
+  be chosen unless a still larger one gained again), so a model where batching does not pay is
+  never run with all T tasks at once.
 
 Example::
 
@@ -202,8 +206,18 @@ def _probe(objective, inner, solve_iters, budget, device):
     grads, lins, prods = _inner_products(inner)
     sizes = sorted({min(T, 2**i) for i in range(T.bit_length() + 1)})
     _probe_chunk(objective, 1, device)  # warm-up: first-call allocations and lazy initialisation
-    rows = []
+    rows, stop = [], ""
     for c in sizes:
+        if rows:
+            last_c, _, last_cost, last_need = rows[-1]
+            if last_need * c / last_c > budget:  # what a chunk holds grows with it: not run at all
+                stop = f"; chunk {c} not probed: about {last_need * c / last_c / 2**20:.0f} MiB, over the budget"
+                break
+            if len(rows) >= 2 and rows[-2][2] < TOLERANCE * last_cost:
+                # The last doubling gained less than the tolerance: batching has stopped paying,
+                # and a larger chunk would only hold more memory (the probe's own peak included).
+                stop = f"; stopped after chunk {last_c}: doubling it gained under {round(100 * (TOLERANCE - 1))}%"
+                break
         modes, held = _probe_chunk(objective, c, device)
         if not modes:
             raise RuntimeError("no HVP mode runs on this model (no double backward and no forward-mode derivative)")
@@ -217,7 +231,7 @@ def _probe(objective, inner, solve_iters, budget, device):
     best = min(r[2] for r in fits)
     c, mode, _, _ = next(r for r in fits if r[2] <= TOLERANCE * best)
     why = f"probed: the smallest chunk within {round(100 * (TOLERANCE - 1))}% of the best time per task that fits the budget"
-    return c, mode, tuple((r[0], r[2], r[3]) for r in rows), why
+    return c, mode, tuple((r[0], r[2], r[3]) for r in rows), why + stop
 
 
 # The fused engine probes only when one [T, P] vector is this large: below it every task at

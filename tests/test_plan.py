@@ -132,7 +132,8 @@ def test_the_plan_is_decided_once_and_remembered(monkeypatch):
     first = ik.implicit_adapt(model, theta, (xs, ys), lam=2.0, inner=ik.GD(2, 0.1)).plan
     again = ik.implicit_adapt(model, theta, (xs, ys), lam=2.0, inner=ik.GD(2, 0.1)).plan
     assert again is first and len(probes) == 1
-    assert first.probe and [row[0] for row in first.probe] == [1, 2, 3]  # chunk sizes 1, 2, T
+    # chunk sizes 1, 2, T (T unless the doubling to 2 gained under 10% per task)
+    assert first.probe and [row[0] for row in first.probe] in ([1, 2], [1, 2, 3])
     assert "probed" in str(first) and "ms/task" in str(first)
     ik.implicit_adapt(model, theta, (xs[:2], ys[:2]), lam=2.0, inner=ik.GD(2, 0.1))  # other shapes: decided anew
     assert len(probes) == 2
@@ -154,6 +155,52 @@ def test_a_memory_budget_below_two_tasks_gives_one_task_at_a_time():
     one = dict((c, b) for c, _, b in roomy.probe)[1]
     tight = ik.plan_for(model, theta, (xs, ys), lam=2.0, inner=ik.GD(2, 0.1), max_memory=one)
     assert tight.chunk == 1 and tight.budget == one and roomy.budget > one
+
+
+def _probe_with(monkeypatch, per_task, held_per_task=0, T=16, budget=2**40):
+    """``plans._probe`` over a stand-in measurement: chunk c takes ``per_task(c)`` seconds per
+    task and holds ``held_per_task * c`` bytes (P = 1 float32). Returns the chunks run (after
+    the warm-up), the chunk chosen and the reason."""
+    from types import SimpleNamespace
+
+    runs = []
+
+    def measure(objective, c, device):
+        runs.append(c)
+        return {"revrev": (per_task(c) * c, 0.0, 0.0)}, held_per_task * c
+
+    monkeypatch.setattr(plans, "_probe_chunk", measure)
+    objective = SimpleNamespace(batch=(torch.zeros(T, 1),), layout=SimpleNamespace(numel=1), theta_flat=torch.zeros(1))
+    chunk, mode, rows, why = plans._probe(objective, ik.GD(1, 0.1), 0, budget, torch.device("cpu"))
+    assert [r[0] for r in rows] == runs[1:] and mode == "revrev"
+    return runs[1:], chunk, why
+
+
+def test_the_probe_stops_doubling_once_batching_stops_paying(monkeypatch):
+    """A model where batching does not pay is never probed with all T tasks at once (the
+    probe's own memory peak); one where it pays all the way is probed up to T."""
+    runs, chunk, why = _probe_with(monkeypatch, lambda c: 1.0)
+    assert (runs, chunk) == ([1, 2], 1) and "stopped after chunk 2" in why
+    runs, chunk, _ = _probe_with(monkeypatch, lambda c: 1.0 / c)
+    assert (runs, chunk) == ([1, 2, 4, 8, 16], 16)
+    runs, chunk, why = _probe_with(monkeypatch, lambda c: 1.0 / min(c, 4))
+    assert (runs, chunk) == ([1, 2, 4, 8], 4) and "stopped after chunk 8" in why
+    # A doubling that gains just under 10% stops the probe; one that gains more does not.
+    runs, _, _ = _probe_with(monkeypatch, lambda c: 1.0 / 1.09 ** (c.bit_length() - 1))
+    assert runs == [1, 2]
+    runs, _, _ = _probe_with(monkeypatch, lambda c: 1.0 / 1.12 ** (c.bit_length() - 1))
+    assert runs == [1, 2, 4, 8, 16]
+
+
+def test_the_probe_does_not_run_a_chunk_over_the_budget(monkeypatch):
+    """Scaled from the last chunk run, a chunk that would hold more than the budget is not run
+    at all (before, it ran once and was then refused)."""
+    vectors = plans.VECTORS * 4  # bytes of the [c, P] vectors per task at P = 1, float32
+    budget = (100 + vectors) * 4
+    runs, chunk, why = _probe_with(monkeypatch, lambda c: 1.0 / c, held_per_task=100, budget=budget)
+    assert (runs, chunk) == ([1, 2, 4], 4) and "chunk 8 not probed" in why
+    runs, chunk, _ = _probe_with(monkeypatch, lambda c: 1.0 / c, held_per_task=100, budget=budget - 1)
+    assert (runs, chunk) == ([1, 2], 2)
 
 
 def test_one_task_at_a_time_bounds_the_peak_memory():
