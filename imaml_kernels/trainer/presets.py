@@ -140,8 +140,8 @@ PRESET_NOTES: dict[str, str] = {
     "omniglot-5w1s-released": "the authors' released command line: 16 plain SGD steps then one pull-back step "
                               "(sgd-pullback), their xavier init, their Adam (ε 1e-3), 20000 steps; fresh tasks on the "
                               "device, not 200,000 pre-drawn. It learned faster per meta-step than omniglot-5w1s with "
-                              "inner lr 0.1 (issue 27); omniglot-5w1s at lr 0.05 learns faster over the first 200 "
-                              "meta-steps and is level with it from about 250 (bench/results/trajectory)",
+                              "inner lr 0.1 (issue 27); omniglot-5w1s at lr 0.05 learns faster over the first 250 "
+                              "meta-steps and is level with it from about 500 (bench/results/trajectory)",
     "omniglot-5w5s-released": "as omniglot-5w1s-released with K = 5",
     "omniglot-5w1s-demo": "the CPU demo: 5 GD steps, 3 CG iterations, T 16, Adam 3e-3 with a 50-step warm-up and a cosine, "
                           "5 query, 1200 steps",
