@@ -214,7 +214,7 @@ def _probe(objective, inner, solve_iters, budget, device):
     rows, stop = [], ""
     for c in sizes:
         if rows:
-            last_c, _, last_cost, last_need = rows[-1]
+            last_c, _, _, last_need = rows[-1]
             if last_need * c / last_c > budget:  # what a chunk holds grows with it: not run at all
                 stop = f"; chunk {c} not probed: about {last_need * c / last_c / 2**20:.0f} MiB, over the budget"
                 break
@@ -222,8 +222,8 @@ def _probe(objective, inner, solve_iters, budget, device):
                 # Two doublings in a row gained less than the tolerance: batching has stopped
                 # paying, and a larger chunk would only hold more memory (the probe's own peak
                 # included). One is not enough: a chunk's single timed call also pays its shape's
-                # first-call costs, which made the paper CNN's generic path stop at chunk 2 and
-                # run 3x slower at chunk 1 (AMD EPYC Zen 3, 2026-12-07).
+                # first-call costs (the paper CNN's generic path: chunk 2 timed slower per task
+                # than chunk 1, chunk 32 three times faster).
                 stop = f"; stopped after chunk {last_c}: two doublings gained under {round(100 * (TOLERANCE - 1))}%"
                 break
         modes, held = _probe_chunk(objective, c, device)
