@@ -165,3 +165,65 @@ def test_bad_arguments_raise():
         ik.ProximalObjective(ik.task_loss_fn(model), theta, 2.0, (x, y), hvp_mode="fast")
     with pytest.raises(TypeError, match="model must be an nn.Module or a callable"):
         ik.task_loss_fn(3)
+
+
+class _Unused(torch.nn.Module):
+    """A linear layer and a parameter no loss reaches."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+        self.spare = torch.nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_func_gradients_are_each_tasks_own_and_zero_where_unused():
+    # FuncObjective's gradients are one backward of the tasks' summed loss through the vmapped
+    # forward: each task's gradient must be its own (as a per-task autograd call gives it) and an
+    # unused parameter's zero, under no_grad (the inner loop's context) too.
+    from imaml_kernels.layout import ParamLayout
+    from imaml_kernels.objective import task_loss_fn
+
+    torch.manual_seed(0)
+    model = _Unused().to(DT)
+    T = 3
+    phi = {k: v.detach() + 0.1 * torch.randn(T, *v.shape, dtype=DT) for k, v in model.named_parameters()}
+    x, y = torch.randn(T, 5, 4, dtype=DT), torch.randint(0, 3, (T, 5))
+    f = task_loss_fn(model)
+    obj = FuncObjective(f, ParamLayout.from_params(phi), (x, y))
+    with torch.no_grad():
+        loss, g = obj.loss_and_grad(phi)
+    for t in range(T):
+        leaves = {k: v[t].clone().requires_grad_() for k, v in phi.items()}
+        lt = f(leaves, x[t], y[t])
+        want = torch.autograd.grad(lt, [leaves["lin.weight"], leaves["lin.bias"]])
+        assert torch.allclose(loss[t], lt.detach(), rtol=1e-13, atol=0)
+        assert torch.allclose(g["lin.weight"][t], want[0], rtol=1e-12, atol=1e-14)
+        assert torch.allclose(g["lin.bias"][t], want[1], rtol=1e-12, atol=1e-14)
+    assert torch.equal(g["spare"], torch.zeros(T, 2, dtype=DT))
+
+
+def test_the_generic_inner_loop_does_not_import_dynamo():
+    # torch.func.grad imports torch._dynamo (about 65 MiB of modules); the generic path's
+    # gradients and inner loop do not need it.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from helpers import mlp_problem\n"
+        "from imaml_kernels.objective import FuncObjective, task_loss_fn\n"
+        "from imaml_kernels.layout import ParamLayout\n"
+        "model, theta, x, y = mlp_problem()\n"
+        "phi = {k: v.unsqueeze(0).repeat(x.shape[0], *[1] * v.dim()) for k, v in theta.items()}\n"
+        "lay = ParamLayout.from_params(phi)\n"
+        "obj = FuncObjective(task_loss_fn(model), lay, (x, y))\n"
+        "obj.loss_and_grad(phi)\n"
+        "obj.descend(lay.flatten(phi)[0], 2.0, lay.flatten(phi), 3, 0.1)\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
+    )
+    here = __import__("os").path.dirname(__file__)
+    r = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
