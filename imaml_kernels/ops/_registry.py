@@ -4,7 +4,8 @@ An :class:`OpSpec` names the op, its schema, its fake (validation and output all
 same code the real implementations run first), its pure-PyTorch twin and the launchers of each
 backend. :func:`register` turns it into
 
-- ``imaml::<name>``: a ``custom_op`` whose kernels are registered per device type: the C++
+- ``imaml::<name>``: an op of a ``torch.library.Library`` (schema, fake, and kernels per dispatch
+  key; not ``custom_op``, see :func:`register`) whose kernels are registered per device type: the C++
   (OpenMP) kernel for CPU tensors only and, where one exists, the CUDA C++ kernel for CUDA
   tensors (launched under the tensor's device and on its current stream). A CUDA tensor given
   to a CPU-only op raises instead of passing a device pointer to OpenMP;
@@ -27,7 +28,6 @@ import re
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
-from torch.library import custom_op
 
 from .._ext import triton_importable
 
@@ -69,6 +69,7 @@ class OpSpec:
 
 
 SPECS: Dict[str, OpSpec] = {}
+_LIB = torch.library.Library("imaml", "FRAGMENT")  # the C++ and CUDA ops (the Triton ones are triton_ops)
 _RECORDERS = []
 
 
@@ -194,11 +195,14 @@ def register(spec: OpSpec) -> OpSpec:
         raise ValueError(f"imaml::{spec.name} is registered twice")
     SPECS[spec.name] = spec
     if spec.cpu is not None:
-        op = custom_op(f"imaml::{spec.name}", _implementation(spec, spec.cpu), mutates_args=spec.mutates,
-                       device_types="cpu", schema=spec.schema)
+        # Defined on a torch.library.Library, not by custom_op: custom_op wraps each kernel in
+        # torch._disable_dynamo, whose first call imports torch._dynamo (about 70 MiB of
+        # modules) into every process that runs an op, compiled or not.
+        _LIB.define(spec.name + spec.schema)
+        _LIB.impl(spec.name, _implementation(spec, spec.cpu), "CPU")
         if spec.cuda is not None:
-            op.register_kernel("cuda")(_implementation(spec, spec.cuda))
-        op.register_fake(_fake(spec))
+            _LIB.impl(spec.name, _implementation(spec, spec.cuda), "CUDA")
+        torch.library.register_fake(f"imaml::{spec.name}", _fake(spec), lib=_LIB)
     if spec.triton is not None and triton_importable():
         from torch.library import triton_op
 

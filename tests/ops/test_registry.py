@@ -79,3 +79,25 @@ def test_import_without_triton_is_silent(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "3.0" and out.stderr == "", out.stderr
+
+
+@runs("cpu")
+def test_running_the_ops_does_not_import_dynamo():
+    """The C++ ops, and a fused-engine meta-gradient built on them, leave ``torch._dynamo``
+    unimported (``custom_op`` kernels import it at their first call: about 70 MiB of modules in
+    every process that runs one)."""
+    code = (
+        "import sys, torch, imaml_kernels as ik\n"
+        "from imaml_kernels.dispatch import op\n"
+        "from imaml_kernels.nets import OmniglotConv\n"
+        "op('bn_fwd', 'cpu')(torch.randn(3, 40, 5), torch.ones(3, 5), torch.zeros(3, 5), 1e-5, True)\n"
+        "model = OmniglotConv(3, channels=4)\n"
+        "theta = dict(model.named_parameters())\n"
+        "x, y = torch.randn(2, 3, 1, 28, 28), torch.arange(3).repeat(2, 1)\n"
+        "g, info = ik.implicit_meta_grad(model, theta, (x, y), (x, y), lam=2.0, inner=ik.GD(2, 0.1), cg_iters=2)\n"
+        "assert info['plan'].path == 'engine', info['plan']\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
