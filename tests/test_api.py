@@ -284,11 +284,10 @@ def test_hvp_fallback_matches_autograd_functional_hvp():
                 t.grad = None
         for k in theta:
             torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-10, atol=1e-13)
-        # "auto" probed: mse and huber have no forward-mode derivative, so reverse-over-reverse;
-        # attention runs both ways on the math SDPA backend, and the plan took the cheaper. The
-        # plan is remembered for the model, loss and shapes: later calls do not probe again.
-        assert plans[0].probe and plans[0].hvp == ("revrev" if name != "attention" else plans[0].hvp), plans[0]
-        assert plans[0].hvp in ("revrev", "fwdrev")
+        # "auto" probed reverse-over-reverse, which runs on all three (forward-over-reverse is
+        # probed only where it does not). The plan is remembered for the model, loss and
+        # shapes: later calls do not probe again.
+        assert plans[0].probe and plans[0].hvp == "revrev", plans[0]
         assert ik.plan_for(model, theta, batch, lam=2.0, inner=ik.GD(2, 0.05), loss=loss) is plans[0]
     with pytest.raises(ValueError, match="hvp_mode must be one of"):
         ik.implicit_adapt(cases["mse"][0], dict(cases["mse"][0].named_parameters()), cases["mse"][2](2), lam=1.0,

@@ -238,3 +238,28 @@ def test_the_compiled_path_equals_eager():
     assert info["plan"].compiled and "compiled" in str(info["plan"])
     flat = lambda d: torch.cat([d[k].reshape(-1) for k in theta])  # noqa: E731
     assert rel_err(flat(compiled), flat(eager)) < 1e-10
+
+
+def test_the_probe_times_forward_over_reverse_only_where_reverse_over_reverse_fails(monkeypatch):
+    """Where reverse-over-reverse runs, the probe times no recomputed product (they measured
+    slower on every model tried, and torch.func.grad loads torch._dynamo); where it raises (an
+    op with no double backward), the plan takes forward-over-reverse."""
+    from imaml_kernels.objective import FuncLinearization, FuncObjective
+
+    model, shape = _models()["resnet"]
+    theta = dict(model.named_parameters())
+    xs, ys, _, _ = _tasks(shape, T=2)
+    recomputed = []
+    real_hvp = FuncObjective.hvp
+    monkeypatch.setattr(FuncObjective, "hvp", lambda self, *a: recomputed.append(a[-1]) or real_hvp(self, *a))
+    plans.forget(model)
+    p = ik.plan_for(model, theta, (xs, ys), lam=2.0, inner=ik.GD(2, 0.1))
+    assert p.hvp == "revrev" and p.probe and recomputed == []
+
+    def no_double_backward(self, wrt, v):
+        raise RuntimeError("stand-in: an op with no double backward")
+
+    monkeypatch.setattr(FuncLinearization, "_through_graph", no_double_backward)
+    plans.forget(model)
+    p = ik.plan_for(model, theta, (xs, ys), lam=2.0, inner=ik.GD(2, 0.1))
+    assert p.hvp == "fwdrev" and p.probe and set(recomputed) == {"fwdrev"}
