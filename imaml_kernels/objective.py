@@ -267,13 +267,10 @@ class FuncObjective(TaskObjective):
         own). Against ``vmap(grad(·))``, which runs the backward under ``vmap``: 43-45 against
         54 ms a gradient on the ResNet-12 of ``bench models`` (T = 4), equal on the
         transformer and the MLP (Zen 5, 2 threads, fresh processes); and it never imports
-        ``torch._dynamo`` (``torch.func.grad`` does, about 65 MiB of modules). Compiled, or
+        ``torch._dynamo`` (``torch.func.grad`` does: 65-72 MiB of modules). Compiled, or
         while tracing: ``vmap(grad(·))``."""
         if self.compiled or torch.compiler.is_compiling():
-            if value:
-                g, v = self._vmap_grad_value(dict(phi), *self.batch)
-                return g, v
-            return self._vmap_grad(dict(phi), *self.batch)
+            return (self._vmap_grad_value if value else self._vmap_grad)(dict(phi), *self.batch)
         with torch.enable_grad():
             leaves = {k: t.detach().requires_grad_() for k, t in phi.items()}
             loss = self._loss(leaves, *self.batch)

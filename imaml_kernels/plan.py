@@ -6,17 +6,16 @@ remembers an algorithm.
 - The fused engine runs every task at once (``chunk=`` still splits them).
 - The generic path, when neither ``chunk=`` nor ``hvp_mode=`` fixes the choice, *probes* on
   its first call: at chunk sizes 1, 2, 4, … T it times one gradient of the task loss, the
-  linearisation (the kept gradient graph) and one product (reverse-over-reverse; forward-over-
-  reverse where the model has no double backward), and reads the memory the linearisation
-  holds. The plan takes the smallest chunk
-  whose time per task is within 10% of the best, among the chunks whose memory fits the budget
+  linearisation (the kept gradient graph) and one product (reverse-over-reverse;
+  forward-over-reverse where the model has no double backward), and reads the memory the
+  linearisation holds. The plan takes the smallest chunk whose time per task is within 10% of
+  the best, among the chunks whose memory fits the budget
   (``max_memory=``, default: a quarter of the available memory on the CPU, half of the free
   memory on a GPU). Batching tasks pays where per-op overhead dominates (small models) and
   costs memory where it does not (large layers): the probe sees which. The probe itself stays
   lean: it does not run a chunk whose memory, scaled from the last one, would exceed the budget,
-  and it stops doubling once a doubling gained under 10% per task (that larger chunk could not
-  be chosen unless a still larger one gained again), so a model where batching does not pay is
-  never run with all T tasks at once.
+  and it stops doubling once two doublings in a row gained under 10% per task over the best
+  before them, so a model where batching does not pay is not run with all T tasks at once.
 
 Example::
 

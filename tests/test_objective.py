@@ -208,6 +208,7 @@ def test_func_gradients_are_each_tasks_own_and_zero_where_unused():
 def test_the_generic_inner_loop_does_not_import_dynamo():
     # torch.func.grad imports torch._dynamo (about 65 MiB of modules); the generic path's
     # gradients and inner loop do not need it.
+    import os
     import subprocess
     import sys
 
@@ -224,6 +225,5 @@ def test_the_generic_inner_loop_does_not_import_dynamo():
         "obj.descend(lay.flatten(phi)[0], 2.0, lay.flatten(phi), 3, 0.1)\n"
         "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
     )
-    here = __import__("os").path.dirname(__file__)
-    r = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
