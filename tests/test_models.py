@@ -2,6 +2,7 @@
 processes), dropout in training mode, BatchNorm with running buffers, an eval-mode transformer
 layer, bfloat16/float16 models, the one-line refusals, and torch.compile of the query forward."""
 
+import os
 import socket
 
 import pytest
@@ -60,8 +61,6 @@ def _rank(rank, world, port, kind, out):
     # saved and destroyed the group ("terminate called without an active exception", SIGABRT, in
     # 2-4 runs of 8 of this file's DDP tests; the same with a file store; this package starts no
     # C++ threads of its own).
-    import os
-
     os._exit(0)
 
 
