@@ -1,6 +1,8 @@
 """``python -m bench <suite>``: benchmarks with a machine header and printed ratios."""
 
 import argparse
+import os
+import sys
 
 import torch
 
@@ -8,7 +10,7 @@ from . import all as all_suite
 from . import cg, distributed, hvp, lam_study, launches, memory, meta_step, models, precision, spikes, trajectory
 from . import profile as profile_suite
 from . import compile as compile_suite
-from .common import machine_header, set_threads
+from .common import WAIT_POLICIES, machine_header, set_threads, wait_policy_env
 
 
 def _add_comparisons(sub, dev):
@@ -162,6 +164,9 @@ def _add_others(sub, dev):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--omp-wait-policy", choices=list(WAIT_POLICIES), default="default",
+                        help="OMP_WAIT_POLICY of the bench and its workers (default: unset, the OpenMP runtime's own; "
+                             "PASSIVE slows code of many small ops, the per-task baselines above all)")
     sub = parser.add_subparsers(dest="suite", required=True)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     _add_comparisons(sub, dev)
@@ -172,9 +177,14 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    env = wait_policy_env(args.omp_wait_policy)
+    if argv is None and env.get("OMP_WAIT_POLICY") != os.environ.get("OMP_WAIT_POLICY"):
+        # OpenMP reads the policy when it starts: run again under the asked one (workers inherit it).
+        os.execve(sys.executable, [sys.executable, "-m", "bench", *sys.argv[1:]], env)
     set_threads()
     print(machine_header())
     args.func(args)
+
 
 if __name__ == "__main__":
     main()

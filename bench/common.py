@@ -19,6 +19,32 @@ def child_env(**overrides):
     return env
 
 
+# How OpenMP's idle threads wait between parallel regions (``OMP_WAIT_POLICY``). It moves the
+# ratios: code of many small ops (a per-task loop, the authors' learner) pays a thread wake-up per
+# op when the threads sleep. On a Zen 5 (2 threads, 2026-12-07) PASSIVE made the authors' learner
+# 2.6x slower (5.50 against 2.11 s) and the fused engine 1.3x (0.74 against 0.56 s). ``python -m
+# bench`` runs under the runtime's default unless ``--omp-wait-policy`` says otherwise.
+WAIT_POLICIES = {"default": None, "passive": "PASSIVE", "active": "ACTIVE"}
+
+
+def wait_policy_env(policy, env=None):
+    """``env`` (default: this process's) with ``OMP_WAIT_POLICY`` as ``policy`` (a key of
+    :data:`WAIT_POLICIES`; ``"default"``: unset, the OpenMP runtime's own behaviour)."""
+    env = dict(os.environ if env is None else env)
+    value = WAIT_POLICIES[policy]
+    if value is None:
+        env.pop("OMP_WAIT_POLICY", None)
+    else:
+        env["OMP_WAIT_POLICY"] = value
+    return env
+
+
+def wait_policy_text():
+    """How this process's OpenMP threads wait, as the header states it."""
+    value = os.environ.get("OMP_WAIT_POLICY")
+    return f"OMP_WAIT_POLICY={value}" if value else "OMP_WAIT_POLICY unset (the OpenMP runtime's default)"
+
+
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the ones the CPU GEMMs' speed turns on
 
 
@@ -47,7 +73,7 @@ def machine_header():
     cpu, flags = cpu_model_and_flags()
     have = " ".join(k for k, v in flags.items() if v) or "none of " + "/".join(CPU_FLAGS)
     lack = " ".join(k for k, v in flags.items() if not v)
-    parts = [f"CPU: {cpu} ({torch.get_num_threads()} threads; {have}{f'; no {lack}' if lack else ''})"]
+    parts = [f"CPU: {cpu} ({torch.get_num_threads()} threads; {have}{f'; no {lack}' if lack else ''}; {wait_policy_text()})"]
     if torch.cuda.is_available():
         parts.append(f"GPU: {torch.cuda.get_device_name()}")
         parts.append(f"CUDA {torch.version.cuda}")

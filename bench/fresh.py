@@ -11,7 +11,8 @@ a list of :class:`Row` and never times two implementations in one process:
 - for each round and each row, in turn, :func:`run_rows` starts ``python -m
   bench.fresh_worker`` (:mod:`bench.fresh_worker`) with the environment of
   :func:`bench.common.child_env` and the thread count given explicitly (``--threads`` and
-  ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``; ``OMP_WAIT_POLICY`` and the rest are inherited),
+  ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``; the rest is inherited: ``python -m bench`` fixes
+  ``OMP_WAIT_POLICY`` for itself and its workers, by default unset, see ``--omp-wait-policy``),
   and reads its JSON result from a file. Nothing else runs meanwhile;
 - the order alternates: round r runs the rows as given when r is even, reversed when r is
   odd, so no row always follows the same one;

@@ -18,6 +18,33 @@ def test_machine_header_names_versions():
     assert "torch" in h and "CPU" in h
 
 
+def test_wait_policy_env_sets_or_unsets_omp_wait_policy():
+    from bench.common import wait_policy_env
+
+    assert "OMP_WAIT_POLICY" not in wait_policy_env("default", {"OMP_WAIT_POLICY": "PASSIVE", "A": "1"})
+    assert wait_policy_env("passive", {"A": "1"}) == {"A": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def test_bench_runs_under_the_openmp_default_unless_asked(tmp_path):
+    """A shell's exported OMP_WAIT_POLICY=PASSIVE (scripts/demo.sh's) does not reach the timed
+    processes unless ``--omp-wait-policy`` asks for it, and the header says which ran."""
+    import subprocess
+    import sys
+
+    from bench.common import ROOT, child_env
+
+    env = child_env(OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+    suite = ["cg", "--tasks", "1", "--params", "10", "--repeat", "1"]
+    heads = []
+    for flag in ([], ["--omp-wait-policy", "passive"]):
+        out = subprocess.run([sys.executable, "-m", "bench", *flag, *suite], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        heads.append(out.stdout.splitlines()[0])
+    assert "OMP_WAIT_POLICY unset" in heads[0], heads[0]
+    assert "OMP_WAIT_POLICY=PASSIVE" in heads[1], heads[1]
+
+
 def test_fresh_driver_runs_each_row_and_round_in_its_own_process(tmp_path):
     from bench import fresh
 
