@@ -195,3 +195,23 @@ def test_torch_compile_fullgraph(backend):
     x_e, info = ik.cg_solve(lambda v: torch.einsum("tij,tj->ti", A, v), b, iters=6, backend=backend)
     assert rel_err(x_c, x_e) <= 1e-5
     assert torch.equal(it_c, info.iterations)
+
+
+@pytest.mark.parametrize("P", [5, 1024, 3 * 1024 + 17, 200_000])
+@pytest.mark.parametrize("T", [1, 3])
+def test_row_norms_match_float64_norms(T, P):
+    """CG's norms: float32 rows in blocks (a float64 accumulator over one long float32 row is
+    35-70x slower on the CPU), within float32's own rounding of a float64 reference; float64
+    rows exactly as ``vector_norm``; a strided row by the plain path."""
+    from imaml_kernels.cg import row_norms
+
+    g = torch.Generator().manual_seed(P + T)
+    x = torch.randn(T, P, generator=g, dtype=torch.float64) * torch.logspace(-4, 4, P, dtype=torch.float64)
+    ref = torch.linalg.vector_norm(x, dim=-1)
+    got = row_norms(x.float())
+    assert got.dtype == torch.float64 and got.shape == (T,)
+    assert rel_err(got, torch.linalg.vector_norm(x.float().double(), dim=-1)) < 1e-6
+    assert rel_err(got, ref) < 1e-6
+    assert torch.equal(row_norms(x), ref)
+    strided = torch.randn(P, T, generator=g).t()
+    assert rel_err(row_norms(strided), torch.linalg.vector_norm(strided.double(), dim=-1)) < 1e-6

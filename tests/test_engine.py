@@ -403,3 +403,34 @@ def test_inner_loop_on_triton_equals_reference():
     a = model.batched("triton").inner_loop(theta, x, y, lam=2.0, steps=2, lr=0.1)
     b = model.batched("reference").inner_loop(theta, x, y, lam=2.0, steps=2, lr=0.1)
     assert rel(a, b) < 1e-12
+
+
+def test_mlp_engine_shares_no_buffer_the_caller_can_see():
+    """Where the engine's order is the module's (an MLP), its conversions skip their copies for
+    read-only uses: the inner loop's φ is still its own buffer (θ is untouched by a write to
+    it), and ``functional_logits`` on the caller's buffer refuses a backward after that buffer
+    was modified in place, as autograd refuses a modified saved tensor."""
+    torch.manual_seed(0)
+    m = MLP([6, 16, 3]).double()
+    net = m.batched()
+    assert not net._native
+    T = 2
+    theta = m.flat_params().detach().clone()
+    x = torch.randn(T, 5, 6, dtype=torch.float64)
+    y = torch.arange(5).remainder(3).expand(T, -1).contiguous()
+    phi = net.inner_loop(theta, x, y, lam=2.0, steps=2, lr=0.1)
+    before = theta.clone()
+    phi.add_(1.0)
+    assert torch.equal(theta, before)
+    params = net.layout.unflatten(phi.clone())
+    logits = functional_logits(net, params, x)
+    expect = vmap(lambda p, xb: functional_call(m, p, (xb,)))({k: t.detach() for k, t in params.items()}, x)
+    assert rel(logits, expect) < 1e-12
+    # the same through a buffer of the caller's that is modified before the backward
+    buf = phi.detach().clone()
+    leaves = {k: v.requires_grad_() for k, v in net.layout.unflatten(buf).items()}
+    out = functional_logits(net, leaves, x)
+    with torch.no_grad():
+        buf.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified"):
+        torch.autograd.grad(F.cross_entropy(out.flatten(0, 1), y.flatten()), list(leaves.values()))
