@@ -31,7 +31,8 @@ from .engine import functional_logits, select_engine
 from .inner import GD, SGDThenPullBack
 from .lam import Lam, PerCoordinate
 from .layout import ParamLayout
-from .objective import (ProximalObjective, batch_stats_only, differentiable_attention, lam_like, randomness_checked,
+from .objective import (ProximalObjective, batch_stats_only, differentiable_attention, lam_like, one_task_loss,
+                        randomness_checked,
                         task_loss_fn)
 
 __all__ = ["implicit_adapt", "implicit_meta_grad", "plan_for"]
@@ -458,7 +459,11 @@ def _meta_grad(model, leaves, psi, support, query, lam, inner, options, opts):
                 logits = functional_logits(net, dict(phi), xq)
                 outer = F.cross_entropy(logits.flatten(0, 1), yq.flatten(), reduction="none").view(yq.shape).mean(1)
             else:
-                outer = randomness_checked(lambda: vmap(task_loss_fn(model, opts.loss), randomness=opts.randomness)(dict(phi), xq, yq))
+                f = task_loss_fn(model, opts.loss)
+                if xq.shape[0] == 1 and opts.randomness == "error":  # one task: its own call (no vmap)
+                    outer = randomness_checked(lambda: one_task_loss(f, {k: v[0] for k, v in phi.items()}, (xq, yq)))
+                else:
+                    outer = randomness_checked(lambda: vmap(f, randomness=opts.randomness)(dict(phi), xq, yq))
         wrt = [*leaves.values(), *psi.values()]
         grads = torch.autograd.grad(outer.sum(), wrt, allow_unused=True)
     meta = {k: (g if g is not None else torch.zeros_like(t)) for k, t, g in zip([*leaves, *psi], wrt, grads)}

@@ -39,7 +39,7 @@ from .layout import ParamLayout
 
 __all__ = [
     "task_loss_fn", "proximal_term", "lam_like", "batch_stats_only", "differentiable_attention", "randomness_checked", "TaskObjective", "FuncObjective",
-    "FuncLinearization", "EngineObjective", "ProximalObjective",
+    "FuncLinearization", "EngineObjective", "ProximalObjective", "one_task_loss",
 ]
 
 
@@ -219,6 +219,26 @@ def randomness_checked(fn):
                          "(each task its own draws) or 'same' (one draw for every task), or put the model in eval mode") from None
 
 
+def _rng_now(device):
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def one_task_loss(task_loss, params, batch):
+    """``vmap(task_loss, randomness="error")`` for a batch of **one** task, without ``vmap``:
+    the task's own call on its parameters ``params`` (unbatched: ``{name: [...]}``) and
+    ``batch[i][0]``, its loss as ``[1]``. A whole meta-gradient of the ResNet-12 of ``bench models`` ran 1.3-1.6x slower
+    through ``vmap`` over one task than through the plain call (batching rules move the task
+    dimension into channels and back around every op). A random draw raises as ``vmap``'s
+    ``randomness="error"`` does (the generator's state is compared around the call)."""
+    device = batch[0].device
+    before = _rng_now(device)
+    out = task_loss(params, *(b[0] for b in batch))
+    if not torch.equal(before, _rng_now(device)):
+        raise RuntimeError("vmap: called random operation while in randomness error mode (a task's call drew random "
+                           "numbers: pass randomness='different' or 'same')")
+    return out.unsqueeze(0)
+
+
 class FuncObjective(TaskObjective):
     """Any model: ``task_loss(params_t, *batch_t)`` under ``vmap``.
 
@@ -255,9 +275,21 @@ class FuncObjective(TaskObjective):
     # Attention runs on the math SDPA backend here too: the fused kernels have no vmap batching
     # rule (each would fall back to a loop over the tasks).
 
+    def _one(self):
+        """One task, eager, no random draws to arrange: the task's own call, without vmap
+        (:func:`one_task_loss`)."""
+        return (self.batch[0].shape[0] == 1 and self.randomness == "error" and not self.compiled
+                and not torch.compiler.is_compiling())
+
+    def _losses(self, params, one):
+        """The tasks' losses ``[T]``: ``params`` ``{name: [T, ...]}``, or with ``one`` the single
+        task's unbatched parameters."""
+        return one_task_loss(self.task_loss, params, self.batch) if one else self._loss(params, *self.batch)
+
     def loss(self, phi):
         with _math_sdpa():
-            return self._loss(dict(phi), *self.batch)
+            one = self._one()
+            return self._losses({k: v[0] for k, v in phi.items()} if one else dict(phi), one)
 
     def _grads(self, phi, value=False):
         """Every task's gradient ``{name: [T, ...]}`` (and with ``value`` its loss ``[T]``).
@@ -271,14 +303,17 @@ class FuncObjective(TaskObjective):
         while tracing: ``vmap(grad(·))``."""
         if self.compiled or torch.compiler.is_compiling():
             return (self._vmap_grad_value if value else self._vmap_grad)(dict(phi), *self.batch)
+        one = self._one()  # one task: its own call, leaves without the task dimension
         with torch.enable_grad():
-            leaves = {k: t.detach().requires_grad_() for k, t in phi.items()}
-            loss = self._loss(leaves, *self.batch)
+            leaves = {k: (t[0] if one else t).detach().requires_grad_() for k, t in phi.items()}
+            loss = self._losses(leaves, one)
             if loss.requires_grad:
                 gs = torch.autograd.grad(loss.sum(), list(leaves.values()), allow_unused=True)
             else:  # no parameter reaches the loss
                 gs = [None] * len(leaves)
         g = {k: torch.zeros_like(t) if d is None else d for (k, t), d in zip(leaves.items(), gs)}
+        if one:
+            g = {k: d.unsqueeze(0) for k, d in g.items()}
         return (g, loss.detach()) if value else g
 
     def loss_and_grad(self, phi):
@@ -405,10 +440,14 @@ class FuncLinearization:
         with torch.enable_grad(), _math_sdpa():
             # One leaf per parameter (not views of one flat leaf: the backward of each view would
             # zero-fill a whole [T, P] buffer, for every parameter and every product).
-            leaves = {k: t.detach().requires_grad_() for k, t in task.layout.unflatten(self.phi).items()}
+            one = task._one()  # one task: its own call, leaves without the task dimension
+            leaves = {k: (t[0] if one else t).detach().requires_grad_() for k, t in task.layout.unflatten(self.phi).items()}
             psi = {k: p.detach().requires_grad_() for k, p in task.psi.items()}
             f = task.task_loss
-            loss = vmap(lambda p, *b: f({**p, **psi}, *b), randomness=task.randomness)(leaves, *task.batch)
+            if one:
+                loss = one_task_loss(lambda p, *b: f({**p, **psi}, *b), leaves, task.batch)
+            else:
+                loss = vmap(lambda p, *b: f({**p, **psi}, *b), randomness=task.randomness)(leaves, *task.batch)
             grads = torch.autograd.grad(loss.sum(), list(leaves.values()), create_graph=True)
         self._vg = (loss.detach(), [g.detach() for g in grads])  # the flat gradient made on first use
         return list(leaves.values()), grads, psi
@@ -418,7 +457,8 @@ class FuncLinearization:
             v, g = self.task.loss_and_grad(self.task.layout.unflatten(self.phi))
             self._vg = (v, self.task.layout.flatten(g))
         elif isinstance(self._vg[1], list):
-            self._vg = (self._vg[0], torch.cat([g.reshape(g.shape[0], -1) for g in self._vg[1]], 1))
+            T = self.phi.shape[0]
+            self._vg = (self._vg[0], torch.cat([g.reshape(T, -1) for g in self._vg[1]], 1))
         return self._vg
 
     @property
@@ -448,10 +488,10 @@ class FuncLinearization:
         """``H_t v_t`` (flat ``[T, P]``); ``out``: a buffer from an earlier call to write into."""
         if self._graph is not None:
             leaves = self._graph[0]
-            vs = [u.to(leaf.dtype) for u, leaf in zip(self.task.layout.unflatten(v).values(), leaves)]
+            vs = [u.to(leaf.dtype).reshape(leaf.shape) for u, leaf in zip(self.task.layout.unflatten(v).values(), leaves)]
             res = self._through_graph(leaves, vs)
             if res is not None:
-                parts = [r.reshape(r.shape[0], -1).to(v.dtype) for r in res]  # a low-precision model: back to v's dtype
+                parts = [r.reshape(v.shape[0], -1).to(v.dtype) for r in res]  # a low-precision model: back to v's dtype
                 return torch.cat(parts, 1, out=out) if out is not None and not torch.compiler.is_compiling() else torch.cat(parts, 1)
         if self.mode is None or self.mode == "fwdrev":
             if self.task.hvp_mode == "auto":
@@ -465,8 +505,9 @@ class FuncLinearization:
         if not self.task.psi:
             return {}
         if self._graph is not None:
-            psi = self._graph[2]
-            res = self._through_graph(list(psi.values()), [t.to(self.phi.dtype) for t in self.task.layout.unflatten(u).values()])
+            leaves, psi = self._graph[0], self._graph[2]
+            us = [t.to(self.phi.dtype).reshape(leaf.shape) for t, leaf in zip(self.task.layout.unflatten(u).values(), leaves)]
+            res = self._through_graph(list(psi.values()), us)
             if res is not None:
                 return {k: torch.zeros_like(p) if r is None else r for (k, p), r in zip(psi.items(), res)}
         with _replaying(self._rng, self.phi.device):

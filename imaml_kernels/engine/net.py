@@ -439,7 +439,8 @@ class _EngineLogits(torch.autograd.Function):
         caches = [dict(c) for c in caches]
         grad = net._grad_buffer(native)
         net._backward(k, p, caches, glogits.to(native.dtype).contiguous(), grad, fuse=True)  # no tangent pass follows
-        g = net.layout.unflatten(net.from_native(grad, copy=False))  # grad: this backward's own buffer
+        # grad is this backward's own buffer: no copy, eagerly (traced, the copy stays).
+        g = net.layout.unflatten(net.from_native(grad, copy=torch.compiler.is_compiling()))
         return (None, None, *(g[k] for k in net.layout.names))
 
 
