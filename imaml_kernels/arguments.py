@@ -27,6 +27,7 @@ class Options:
     first_order: bool = False
     loss: Optional[Callable] = None
     chunk: Optional[int] = None
+    workers: Optional[int] = None
     max_memory: Optional[int] = None
     hvp_mode: str = "auto"
     compile: bool = False
@@ -43,6 +44,9 @@ class Options:
         get = options.get
         if get("randomness", "error") not in ("error", "different", "same"):
             raise ValueError(f"randomness must be 'error', 'different' or 'same', got {get('randomness')!r}")
+        w = get("workers")
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+            raise ValueError(f"workers must be None (the plan decides) or a positive int, got {w!r}")
         solve = resolve_solve(get("solve"), get("cg_iters"), get("cg_tol"), get("backend"), get("first_order", False))
         return cls(**{**options, "solve": solve})
 

@@ -50,7 +50,7 @@ ROW_BLOCK = 1024  # elements per partial norm of row_norms
 def row_norms(t: torch.Tensor) -> torch.Tensor:
     """``‖t_i‖₂`` of each row of ``t [T, P]`` in float64, one pass over ``t``.
 
-    A float64 ``t`` is reduced in float64. A float32 row is cut into blocks of
+    A float64 ``t``, or one off the CPU, is reduced in float64. A float32 row on the CPU is cut into blocks of
     :data:`ROW_BLOCK` elements, each block's norm is taken in float32 and the blocks' squares
     are summed in float64 (relative error about 1e-8 here, below the float32 data's own): a float64
     accumulator over float32 elements ran 35-70x slower on the CPU for long rows (11 against
@@ -58,7 +58,7 @@ def row_norms(t: torch.Tensor) -> torch.Tensor:
     [32, 113k]), and a solve takes two norms per chunk of tasks."""
     T, P = t.shape
     m = P // ROW_BLOCK
-    if t.dtype == torch.float64 or m < 1 or t.stride(1) != 1:
+    if t.dtype == torch.float64 or m < 1 or t.stride(1) != 1 or t.device.type != "cpu":  # a GPU reduces it in one launch
         return torch.linalg.vector_norm(t, dim=-1, dtype=torch.float64)
     head = t[:, : m * ROW_BLOCK].view(T, m, ROW_BLOCK)
     sq = torch.linalg.vector_norm(head, dim=-1).double().square().sum(-1)

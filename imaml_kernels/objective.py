@@ -235,7 +235,7 @@ def one_task_loss(task_loss, params, batch):
     out = task_loss(params, *(b[0] for b in batch))
     if not torch.equal(before, _rng_now(device)):
         raise RuntimeError("vmap: called random operation while in randomness error mode (a task's call drew random "
-                           "numbers: pass randomness='different' or 'same')")
+                           "numbers, or another thread drew some meanwhile: pass randomness='different' or 'same')")
     return out.unsqueeze(0)
 
 

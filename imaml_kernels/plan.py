@@ -16,6 +16,13 @@ remembers an algorithm.
   lean: it does not run a chunk whose memory, scaled from the last one, would exceed the budget,
   and it stops doubling once two doublings in a row gained under 10% per task over the best
   before them, so a model where batching does not pay is not run with all T tasks at once.
+- For :func:`~imaml_kernels.implicit_meta_grad` on the generic path on a CPU with two intra-op
+  threads or more, the probe also measures chunks *side by side*: as many threads as there are
+  intra-op threads (at most T/chunk), each measuring a chunk of its own tasks at one intra-op
+  thread on its own copy of the model's modules, for each chunk up to the one chosen alone; the
+  plan runs them so (``workers``) where that beats the best chunk alone by over 3% a task. On
+  2 cores small per-task ops scale poorly across intra-op threads (the ResNet-12 of ``bench
+  models``: 1.14x from 1 to 2 threads) and well across tasks. ``workers=`` fixes it (1: never).
 
 Example::
 
@@ -26,9 +33,11 @@ Example::
     >>> ik.implicit_adapt(..., max_memory=2**30)   # a 1 GiB budget for the probe's choice
 """
 
+import contextlib
 import dataclasses
 import functools
 import os
+import threading
 import time
 import weakref
 from typing import Optional, Tuple
@@ -54,6 +63,10 @@ class Plan:
         budget: the memory bound (bytes) the choice respected, ``None`` when nothing was probed.
         probe: ``((chunk, seconds per task, bytes held), ...)`` measured, empty when not probed.
         why: how the choice was made, in words.
+        workers: chunks run side by side on this many threads, one intra-op thread each
+            (:func:`~imaml_kernels.implicit_meta_grad` on the generic path, CPU); 1: one after
+            the other.
+        side_probe: ``((chunk, workers, seconds per task, bytes held), ...)`` measured side by side.
     """
 
     path: str
@@ -64,6 +77,8 @@ class Plan:
     budget: Optional[int] = None
     probe: Tuple[Tuple[int, float, int], ...] = ()
     why: str = ""
+    workers: int = 1
+    side_probe: Tuple[Tuple[int, int, float, int], ...] = ()
 
     @property
     def chunks(self):
@@ -74,6 +89,8 @@ class Plan:
         hvp = {"engine": "HVPs by the fused engine", "revrev": "HVPs reverse-over-reverse on one kept graph",
                "fwdrev": "HVPs recomputed forward-over-reverse"}[self.hvp]
         split = "all at once" if self.chunk >= self.tasks else f"in chunks of {self.chunk}"
+        if self.workers > 1:
+            split += f", {self.workers} side by side (a thread each, one intra-op thread)"
         if self.compiled:
             hvp = "HVPs recomputed reverse-over-reverse, gradient and HVP compiled (torch.compile)"
         text = f"{self.path} path: {self.tasks} tasks {split}; {hvp}"
@@ -81,6 +98,9 @@ class Plan:
             text += f"; memory budget {self.budget / 2**20:.0f} MiB"
         if self.probe:
             text += "; probed " + ", ".join(f"chunk {c}: {1e3 * s:.1f} ms/task, {b / 2**20:.0f} MiB" for c, s, b in self.probe)
+        if self.side_probe:
+            text += "; side by side " + ", ".join(f"{w} x chunk {c}: {1e3 * s:.1f} ms/task, {b / 2**20:.0f} MiB"
+                                                  for c, w, s, b in self.side_probe)
         return text + (f" ({self.why})" if self.why else "")
 
 
@@ -184,7 +204,9 @@ def _probe_chunk(objective, c, device):
     # Each time the better of two calls: a chunk's first call pays its shapes' one-time costs
     # (oneDNN primitives: the ResNet-12's chunk 4 timed 216 ms a task once, 162 in steady state).
     t_grad = min(_timed(device, lambda: task.loss_and_grad(task.layout.unflatten(phi)))[0] for _ in range(REPEAT))
-    v = torch.randn_like(phi)
+    # Its own generator: the global one's state is how a chunk of one task detects random draws
+    # (objective.one_task_loss), and chunks probed side by side must not see each other's.
+    v = torch.randn(phi.shape, generator=torch.Generator(phi.device).manual_seed(0), dtype=phi.dtype, device=phi.device)
     modes, held = {}, 0
     for mode in (("engine",) if sub.engine is not None else ("revrev", "fwdrev")):
         if mode != "engine":
@@ -257,6 +279,70 @@ def _probe(objective, inner, solve_iters, budget, device):
     return c, mode, tuple((r[0], r[2], r[3]) for r in rows), why + stop
 
 
+@contextlib.contextmanager
+def one_intraop_thread():
+    """Intra-op threads set to 1 for the block (threads started in it inherit that), then back."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def side_by_side(jobs, workers):
+    """Run ``jobs`` (callables of a worker index) on ``workers`` threads at one intra-op thread
+    each, job ``i`` on thread ``i % workers``; their results in job order. An exception in a
+    job is raised here, after every thread has ended."""
+    out, errors = [None] * len(jobs), []
+
+    def work(w):
+        try:
+            for i in range(w, len(jobs), workers):
+                out[i] = jobs[i](w)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            errors.append(exc)
+
+    with one_intraop_thread():
+        threads = [threading.Thread(target=work, args=(w,), daemon=True) for w in range(min(workers, len(jobs)))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+    return out
+
+
+def _probe_side(side, T, inner, solve_iters, budget, device, rows, mode, chosen):
+    """Side-by-side rows ``((chunk, workers, seconds per task, bytes), ...)``: for each probed
+    chunk up to ``chosen`` that two threads or more can share, ``workers`` threads each
+    measure a chunk of their own tasks at one intra-op thread (the slowest thread counts).
+    ``side = (make, workers, around)``: ``make(lo, hi)`` a context giving tasks ``lo:hi``'s
+    objective on the thread's own copy of the model; ``around()`` the context to hold in the
+    calling thread while they run (attention's backend switches are process-wide: a thread's
+    exit must not restore what another thread still needs)."""
+    make, most, around = side
+    grads, lins, prods = _inner_products(inner)
+    out = []
+    for c, _, need in rows:
+        w = min(most, T // c)
+        if c > chosen or w < 2 or w * need > budget:
+            continue
+
+        def measure(worker, i, c):
+            with make(i * c, (i + 1) * c) as obj:
+                return _probe_chunk(obj, c, device)[0]
+
+        with around():  # process-wide switches the threads' objectives set: set here, once
+            measured = side_by_side([functools.partial(measure, i=i, c=c) for i in range(w)], w)
+        if any(mode not in m for m in measured):
+            continue
+        cost = max(grads * tg + (lins + 1) * tl + (prods + solve_iters) * th for tg, tl, th in (m[mode] for m in measured))
+        out.append((c, w, cost / (w * c), w * need))
+    return tuple(out)
+
+
 # The fused engine probes only when one [T, P] vector is this large: below it every task at
 # once is both fastest and small (the paper's networks: 14 MiB at T = 32).
 ENGINE_PROBE_BYTES = 32 * 2**20
@@ -275,9 +361,10 @@ def _no_probe(x) -> Optional[str]:
     return None
 
 
-def decide(model, objective, inner, opts, solve_iters: int) -> Plan:
+def decide(model, objective, inner, opts, solve_iters: int, side=None) -> Plan:
     """The plan of this call (remembered; see the module docstring). ``objective``: the call's
-    :class:`~imaml_kernels.ProximalObjective`."""
+    :class:`~imaml_kernels.ProximalObjective`; ``side``: ``(make, workers, around)`` where chunks may
+    run side by side on threads (see :func:`_probe_side`), else ``None``."""
     x = objective.batch[0]
     T = x.shape[0]
     engine = objective.engine is not None
@@ -292,19 +379,33 @@ def decide(model, objective, inner, opts, solve_iters: int) -> Plan:
     if engine and fixed_chunk is None and T * objective.layout.numel * x.element_size() <= ENGINE_PROBE_BYTES:
         return Plan("engine", T, T, "engine", why="the fused engine batches every task")
     key = (opts.loss, engine, tuple(tuple(b.shape) for b in objective.batch), x.dtype, str(x.device), opts.chunk,
-           opts.max_memory, opts.hvp_mode, repr(inner), solve_iters)
+           opts.max_memory, opts.hvp_mode, repr(inner), solve_iters, opts.workers, side is not None, torch.get_num_threads())
     plans = _store(model)
     plan = plans.get(key)
     if plan is None:
         path = "engine" if engine else "generic"
+        # workers= given (2 or more) where chunks may run side by side: that many threads.
+        forced = side[1] if side is not None and opts.workers is not None else None
         if fixed_chunk is not None and fixed_mode is not None:
-            plan = Plan(path, T, fixed_chunk, fixed_mode, why="chunk and HVP mode given")
+            plan = Plan(path, T, fixed_chunk, fixed_mode, why="chunk and HVP mode given",
+                        workers=min(forced or 1, -(-T // fixed_chunk)))
         else:
             budget = opts.max_memory if opts.max_memory is not None else default_budget(x.device)
             probed = objective if fixed_chunk is None else objective.subset(0, fixed_chunk)
             chunk, mode, rows, why = _probe(probed, inner, solve_iters, budget, x.device)
+            workers, side_rows = 1, ()
             if fixed_chunk is not None:
                 chunk, why = fixed_chunk, "chunk given; HVP mode probed"
-            plan = Plan(path, T, chunk, fixed_mode or mode, budget=budget, probe=rows, why=why)
+                workers = min(forced or 1, -(-T // chunk))
+            elif side is not None:
+                side_rows = _probe_side(side, T, inner, solve_iters, budget, x.device, rows, mode, T if forced else chunk)
+                alone = next(r[1] for r in rows if r[0] == chunk)
+                if side_rows and (forced or min(r[2] for r in side_rows) * CHOICE < alone):
+                    best = min(r[2] for r in side_rows)
+                    was, (chunk, workers, _, _) = chunk, next(r for r in side_rows if r[2] <= CHOICE * best)
+                    why += (f"; workers={forced} given: the fastest chunk side by side" if forced else
+                            f"; {workers} chunks side by side, faster per task than chunk {was} alone by over {round(100 * (CHOICE - 1))}%")
+            plan = Plan(path, T, chunk, fixed_mode or mode, budget=budget, probe=rows, why=why, workers=workers,
+                        side_probe=side_rows)
         plans[key] = plan
     return plan

@@ -98,7 +98,7 @@ def _loop(model, theta, tasks, lam, steps, lr, iters):
 
 
 PLANS = [dict(), dict(chunk=1), dict(chunk=2), dict(chunk=2, hvp_mode="fwdrev"), dict(hvp_mode="revrev"),
-         dict(engine=False), dict(engine=False, chunk=1)]
+         dict(engine=False), dict(engine=False, chunk=1), dict(engine=False, chunk=1, workers=2), dict(engine=False, workers=2)]
 
 
 @pytest.mark.parametrize("name", ["mlp", "resnet", "transformer"])
@@ -116,6 +116,8 @@ def test_every_plan_equals_the_float64_per_task_loop(name):
         plan = info["plan"]
         if "chunk" in options:
             assert plan.chunk == options["chunk"]
+        if "workers" in options:  # chunks side by side on threads (T = 3: chunks of one task)
+            assert (plan.workers, plan.chunk) == (2, 1), plan
         assert plan.path == ("engine" if name == "mlp" and options.get("engine") is not False else "generic"), plan
         flat = lambda d: torch.cat([d[k].reshape(-1) for k in theta])  # noqa: E731  (dead biases are ~1e-16 each)
         assert rel_err(flat(got), flat(want)) < 1e-9, (name, options, str(plan))
@@ -263,3 +265,89 @@ def test_the_probe_times_forward_over_reverse_only_where_reverse_over_reverse_fa
     plans.forget(model)
     p = ik.plan_for(model, theta, (xs, ys), lam=2.0, inner=ik.GD(2, 0.1))
     assert p.hvp == "fwdrev" and p.probe and set(recomputed) == {"fwdrev"}
+
+
+def _switches():
+    b = torch.backends
+    return (torch.get_num_threads(), b.mha.get_fastpath_enabled(), b.cuda.flash_sdp_enabled(), b.cuda.math_sdp_enabled(),
+            b.cuda.mem_efficient_sdp_enabled())
+
+
+def test_chunks_side_by_side_equal_the_chunks_in_turn_and_leave_the_process_as_it_was():
+    """Chunks on threads (each on its own copy of the model's modules) give the meta-gradient of
+    the same chunks in turn (float64, to rounding: at one intra-op thread a reduction may sum in
+    another order; the chunks' sum runs in their order); the thread count, attention's backend
+    switches and the model's own parameters are as before."""
+    model, shape = _models()["transformer"]
+    tasks = _tasks(shape, T=4)
+    theta = dict(model.named_parameters())
+    before, params = _switches(), {k: id(v) for k, v in model.named_parameters()}
+    kw = dict(lam=2.0, inner=ik.GD(3, 0.1), cg_iters=4, chunk=1, hvp_mode="revrev")
+    turn, info_turn = ik.implicit_meta_grad(model, theta, tasks[:2], tasks[2:], workers=1, **kw)
+    side, info_side = ik.implicit_meta_grad(model, theta, tasks[:2], tasks[2:], workers=2, **kw)
+    assert (info_turn["plan"].workers, info_side["plan"].workers) == (1, 2)
+    assert "2 side by side" in str(info_side["plan"])
+    for k in turn:
+        assert rel_err(side[k], turn[k]) < 1e-12, k
+    assert rel_err(info_side["outer_loss"], info_turn["outer_loss"]) < 1e-13
+    assert _switches() == before
+    assert {k: id(v) for k, v in model.named_parameters()} == params
+
+
+def test_the_probe_puts_chunks_side_by_side_only_where_that_is_faster(monkeypatch):
+    """With the probe's measurements stood in for: chunks of one task side by side are taken
+    when they beat the best chunk alone by over 3% a task, else the chunk alone; where chunks
+    may not run side by side (random draws to arrange) nothing is measured side by side."""
+    model, shape = _models()["resnet"]
+    tasks = _tasks(shape, T=4)
+    theta = dict(model.named_parameters())
+    alone = ((1, 1.0, 10), (2, 0.9, 20), (4, 0.8, 40))
+    monkeypatch.setattr(plans, "_probe", lambda *a, **k: (4, "revrev", alone, "stand-in"))
+    calls = []
+
+    def side(per_task):
+        def probe_side(side, T, inner, solve_iters, budget, device, rows, mode, chosen):
+            calls.append(chosen)
+            return ((1, 2, per_task, 20),)
+        return probe_side
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)  # side by side needs two intra-op threads to share out
+    try:
+        for per_task, want in ((0.5, (1, 2)), (0.79, (4, 1))):
+            plans.forget(model)
+            monkeypatch.setattr(plans, "_probe_side", side(per_task))
+            _, info = ik.implicit_meta_grad(model, theta, tasks[:2], tasks[2:], lam=2.0, inner=ik.GD(1, 0.1), cg_iters=1)
+            assert (info["plan"].chunk, info["plan"].workers) == want, info["plan"]
+        assert calls == [4, 4]
+        plans.forget(model)
+        _, info = ik.implicit_meta_grad(model, theta, tasks[:2], tasks[2:], lam=2.0, inner=ik.GD(1, 0.1), cg_iters=1,
+                                        randomness="different")
+        assert info["plan"].workers == 1 and calls == [4, 4]
+    finally:
+        torch.set_num_threads(prev)
+        plans.forget(model)
+
+
+def test_side_by_side_raises_a_jobs_error_after_every_thread_ended():
+    def job(w, fail):
+        if fail:
+            raise KeyError("job failed")
+        return torch.get_num_threads()
+
+    prev = torch.get_num_threads()
+    assert plans.side_by_side([lambda w: job(w, False)] * 3, 2) == [1, 1, 1]  # one intra-op thread each
+    with pytest.raises(KeyError, match="job failed"):
+        plans.side_by_side([lambda w: job(w, False), lambda w: job(w, True)], 2)
+    assert torch.get_num_threads() == prev
+
+
+def test_workers_is_checked_and_belongs_to_implicit_meta_grad():
+    model, shape = _models()["mlp"]
+    xs, ys, _, _ = _tasks(shape)
+    theta = dict(model.named_parameters())
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="workers must be"):
+            ik.implicit_meta_grad(model, theta, (xs, ys), (xs, ys), lam=2.0, inner=ik.GD(1, 0.1), workers=bad)
+    with pytest.raises(ValueError, match="implicit_meta_grad's"):
+        ik.implicit_adapt(model, theta, (xs, ys), lam=2.0, inner=ik.GD(1, 0.1), workers=2)
