@@ -296,7 +296,7 @@ def test_chunks_side_by_side_equal_the_chunks_in_turn_and_leave_the_process_as_i
 
 def test_the_probe_puts_chunks_side_by_side_only_where_that_is_faster(monkeypatch):
     """With the probe's measurements stood in for: chunks of one task side by side are taken
-    when they beat the best chunk alone by over 3% a task, else the chunk alone; where chunks
+    when they beat the best chunk alone by over 10% a task, else the chunk alone; where chunks
     may not run side by side (random draws to arrange) nothing is measured side by side."""
     model, shape = _models()["resnet"]
     tasks = _tasks(shape, T=4)
@@ -314,16 +314,16 @@ def test_the_probe_puts_chunks_side_by_side_only_where_that_is_faster(monkeypatc
     prev = torch.get_num_threads()
     torch.set_num_threads(2)  # side by side needs two intra-op threads to share out
     try:
-        for per_task, want in ((0.5, (1, 2)), (0.79, (4, 1))):
+        for per_task, want in ((0.5, (1, 2)), (0.72, (1, 2)), (0.74, (4, 1))):
             plans.forget(model)
             monkeypatch.setattr(plans, "_probe_side", side(per_task))
             _, info = ik.implicit_meta_grad(model, theta, tasks[:2], tasks[2:], lam=2.0, inner=ik.GD(1, 0.1), cg_iters=1)
             assert (info["plan"].chunk, info["plan"].workers) == want, info["plan"]
-        assert calls == [4, 4]
+        assert calls == [4, 4, 4]
         plans.forget(model)
         _, info = ik.implicit_meta_grad(model, theta, tasks[:2], tasks[2:], lam=2.0, inner=ik.GD(1, 0.1), cg_iters=1,
                                         randomness="different")
-        assert info["plan"].workers == 1 and calls == [4, 4]
+        assert info["plan"].workers == 1 and calls == [4, 4, 4]
     finally:
         torch.set_num_threads(prev)
         plans.forget(model)
