@@ -298,16 +298,16 @@ def shallow_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _side(model, theta, support, lam, opts, psi, objective):
-    """Where :func:`implicit_meta_grad`'s chunks may run side by side on threads: ``(make,
-    workers, around)`` for :func:`imaml_kernels.plan.decide` (``make(lo, hi)``: tasks ``lo:hi``'s
-    objective on a thread's own copy of the model), else ``None``: the generic path on the CPU
-    with two intra-op threads or more, an ``nn.Module`` that copies, no random draws to arrange,
-    nothing compiled, ``workers`` not 1, and the chunk not given unless ``workers`` is."""
+    """Where :func:`implicit_meta_grad`'s chunks run side by side on threads: ``(make, workers,
+    around)`` for :func:`imaml_kernels.plan.decide` (``make(lo, hi)``: tasks ``lo:hi``'s
+    objective on a thread's own copy of the model), else ``None``: ``workers=`` 2 or more, the
+    generic path on the CPU, an ``nn.Module`` that copies, no random draws to arrange, nothing
+    compiled."""
     T = support[0].shape[0]
-    most = opts.workers if opts.workers is not None else torch.get_num_threads()
+    most = opts.workers or 1
     if (objective.engine is not None or support[0].device.type != "cpu" or most < 2 or T < 2
-            or (opts.chunk is not None and opts.workers is None) or opts.randomness != "error" or opts.compile
-            or not isinstance(model, torch.nn.Module) or torch.compiler.is_compiling()):
+            or opts.randomness != "error" or opts.compile or not isinstance(model, torch.nn.Module)
+            or torch.compiler.is_compiling()):
         return None
     try:
         shallow_copy(model)
@@ -376,9 +376,11 @@ def implicit_adapt(model: Union[torch.nn.Module, Callable], theta: Dict[str, tor
         workers: :func:`implicit_meta_grad` only, generic path on the CPU: chunks run side by
             side on this many threads, one intra-op thread each (``torch.set_num_threads(1)``
             for the call; each thread on its own copy of the model's modules, sharing their
-            tensors). ``None``: the plan's probe decides (with the chunk); 1: in turn. On 2 cores
+            tensors); ``chunk=`` given, or probed side by side. ``None`` or 1: in turn. On 2 cores
             the ResNet-12 of ``bench models`` ran 2 chunks of one task side by side in 0.55-0.58 s
-            against 0.65 s for its 4 tasks at once, holding two tasks' graphs instead of four.
+            against 0.65 s for its 4 tasks at once, holding two tasks' graphs instead of four;
+            the small transformer ran 7% slower side by side than all at once. Not chosen by
+            the plan: its probe could not tell the two apart reliably.
         hvp_mode: the generic path's HVPs: ``"fwdrev"`` (forward-over-reverse),
             ``"revrev"`` (reverse-over-reverse) or ``"auto"`` (the first, falling back to the
             second where an op has no forward-mode derivative, e.g. ``F.mse_loss``).

@@ -16,13 +16,15 @@ remembers an algorithm.
   lean: it does not run a chunk whose memory, scaled from the last one, would exceed the budget,
   and it stops doubling once two doublings in a row gained under 10% per task over the best
   before them, so a model where batching does not pay is not run with all T tasks at once.
-- For :func:`~imaml_kernels.implicit_meta_grad` on the generic path on a CPU with two intra-op
-  threads or more, the probe also measures chunks *side by side*: as many threads as there are
-  intra-op threads (at most T/chunk), each measuring a chunk of its own tasks at one intra-op
-  thread on its own copy of the model's modules, for each chunk up to the one chosen alone; the
-  plan runs them so (``workers``) where that beats the best chunk alone by over 10% a task. On
-  2 cores small per-task ops scale poorly across intra-op threads (the ResNet-12 of ``bench
-  models``: 1.14x from 1 to 2 threads) and well across tasks. ``workers=`` fixes it (1: never).
+- ``workers=N`` (:func:`~imaml_kernels.implicit_meta_grad`, generic path, CPU): chunks run
+  *side by side* on N threads, each at one intra-op thread on its own copy of the model's
+  modules; without ``chunk=`` the probe measures each chunk side by side (N threads, each a
+  chunk of its own tasks) and takes the fastest. On 2 cores small per-task ops scale poorly
+  across intra-op threads (the ResNet-12 of ``bench models``: 1.14x from 1 to 2 threads) and
+  well across tasks. The plan does not choose it by itself: on the small transformer of ``bench
+  models`` its probe found side by side 8% faster a task, and the meta-gradient ran 7% slower
+  (threads share the interpreter lock; the probe leaves out per-chunk work such as the solve's
+  vectors and the query loss), and in fresh processes its choice for the ResNet-12 went both ways.
 
 Example::
 
@@ -399,17 +401,12 @@ def decide(model, objective, inner, opts, solve_iters: int, side=None) -> Plan:
             if fixed_chunk is not None:
                 chunk, why = fixed_chunk, "chunk given; HVP mode probed"
                 workers = min(forced or 1, -(-T // chunk))
-            elif side is not None:
-                side_rows = _probe_side(side, T, inner, solve_iters, budget, x.device, rows, mode, T if forced else chunk)
-                alone = next(r[1] for r in rows if r[0] == chunk)
-                # Over 10% (not 3%): threads run their Python under one lock, and the probe's
-                # parts leave out per-chunk work (the solve's vectors, the query loss). The
-                # transformer of `bench models` probed 8% faster side by side and ran 7% slower.
-                if side_rows and (forced or min(r[2] for r in side_rows) * TOLERANCE < alone):
+            elif side is not None:  # workers= given: the fastest chunk side by side
+                side_rows = _probe_side(side, T, inner, solve_iters, budget, x.device, rows, mode, T)
+                if side_rows:
                     best = min(r[2] for r in side_rows)
-                    was, (chunk, workers, _, _) = chunk, next(r for r in side_rows if r[2] <= CHOICE * best)
-                    why += (f"; workers={forced} given: the fastest chunk side by side" if forced else
-                            f"; {workers} chunks side by side, faster per task than chunk {was} alone by over {round(100 * (TOLERANCE - 1))}%")
+                    chunk, workers, _, _ = next(r for r in side_rows if r[2] <= CHOICE * best)
+                    why += f"; workers={forced} given: the fastest chunk side by side"
             plan = Plan(path, T, chunk, fixed_mode or mode, budget=budget, probe=rows, why=why, workers=workers,
                         side_probe=side_rows)
         plans[key] = plan

@@ -294,10 +294,10 @@ def test_chunks_side_by_side_equal_the_chunks_in_turn_and_leave_the_process_as_i
     assert {k: id(v) for k, v in model.named_parameters()} == params
 
 
-def test_the_probe_puts_chunks_side_by_side_only_where_that_is_faster(monkeypatch):
-    """With the probe's measurements stood in for: chunks of one task side by side are taken
-    when they beat the best chunk alone by over 10% a task, else the chunk alone; where chunks
-    may not run side by side (random draws to arrange) nothing is measured side by side."""
+def test_workers_run_the_fastest_chunk_side_by_side_and_only_when_asked(monkeypatch):
+    """With the probe's measurements stood in for: ``workers=2`` without ``chunk=`` takes the
+    fastest chunk side by side (the smallest within 3%); without ``workers=`` (or with random
+    draws to arrange) nothing is measured side by side and the chunks run in turn."""
     model, shape = _models()["resnet"]
     tasks = _tasks(shape, T=4)
     theta = dict(model.named_parameters())
@@ -305,27 +305,21 @@ def test_the_probe_puts_chunks_side_by_side_only_where_that_is_faster(monkeypatc
     monkeypatch.setattr(plans, "_probe", lambda *a, **k: (4, "revrev", alone, "stand-in"))
     calls = []
 
-    def side(per_task):
-        def probe_side(side, T, inner, solve_iters, budget, device, rows, mode, chosen):
-            calls.append(chosen)
-            return ((1, 2, per_task, 20),)
-        return probe_side
+    def probe_side(side, T, inner, solve_iters, budget, device, rows, mode, chosen):
+        calls.append(side[1])
+        return ((1, 2, 0.60, 20), (2, 2, 0.59, 40))
 
-    prev = torch.get_num_threads()
-    torch.set_num_threads(2)  # side by side needs two intra-op threads to share out
+    monkeypatch.setattr(plans, "_probe_side", probe_side)
+    kw = dict(lam=2.0, inner=ik.GD(1, 0.1), cg_iters=1)
     try:
-        for per_task, want in ((0.5, (1, 2)), (0.72, (1, 2)), (0.74, (4, 1))):
+        _, info = ik.implicit_meta_grad(model, theta, tasks[:2], tasks[2:], workers=2, **kw)
+        assert (info["plan"].chunk, info["plan"].workers) == (1, 2) and calls == [2], info["plan"]
+        for extra in (dict(), dict(workers=1), dict(workers=2, randomness="different")):
             plans.forget(model)
-            monkeypatch.setattr(plans, "_probe_side", side(per_task))
-            _, info = ik.implicit_meta_grad(model, theta, tasks[:2], tasks[2:], lam=2.0, inner=ik.GD(1, 0.1), cg_iters=1)
-            assert (info["plan"].chunk, info["plan"].workers) == want, info["plan"]
-        assert calls == [4, 4, 4]
-        plans.forget(model)
-        _, info = ik.implicit_meta_grad(model, theta, tasks[:2], tasks[2:], lam=2.0, inner=ik.GD(1, 0.1), cg_iters=1,
-                                        randomness="different")
-        assert info["plan"].workers == 1 and calls == [4, 4, 4]
+            _, info = ik.implicit_meta_grad(model, theta, tasks[:2], tasks[2:], **kw, **extra)
+            assert (info["plan"].chunk, info["plan"].workers) == (4, 1), (extra, info["plan"])
+        assert calls == [2]
     finally:
-        torch.set_num_threads(prev)
         plans.forget(model)
 
 
