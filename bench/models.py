@@ -100,17 +100,7 @@ def prepare(model, row, tiny=False, device="cpu"):
                        cg_breakdowns=int(cg.breakdown.sum()) if cg is not None else 0, tasks=case.T)
         last.clear()  # the timed calls' results are not alive during the accounted call
         if not str(device).startswith("cuda"):
-            if row in ("default", "lean") and plan.workers > 1:
-                # torch.profiler records the calling thread's allocations only: the plan's chunks
-                # run in turn on this thread, their peak times the threads that run side by side
-                # (an upper bound: the threads' peaks need not coincide).
-                xs, ys, xq, yq = tasks
-                one = lambda: ik.implicit_meta_grad(net, dict(net.named_parameters()), (xs, ys), (xq, yq), lam=LAM,  # noqa: E731
-                                                    inner=ik.GD(case.steps, case.lr), cg_iters=CG_ITERS, chunk=plan.chunk,
-                                                    hvp_mode=plan.hvp, workers=1)
-                out["alloc_peak_mib"] = plan.workers * allocator_peak_bytes(one) / 2**20
-            else:
-                out["alloc_peak_mib"] = allocator_peak_bytes(fn) / 2**20
+            out["alloc_peak_mib"] = allocator_peak_bytes(fn) / 2**20
         return out
 
     return Prepared(step, info=info)
@@ -251,9 +241,7 @@ def report(results, rounds, device, tiny=False):
               *(["'tensor peak': the peak of the bytes PyTorch's CPU allocator held during one more call after the "
                  "timed ones (torch.profiler's allocation and free records, bench/memtrack.py): what the meta-gradient "
                  "holds at once, without the modules its first call imports (torch.func's first call imports "
-                 "torch._dynamo: about 65 MiB of the resident peak) or the C allocator's cache. Where the plan runs "
-                 "chunks side by side on N threads ('xN side by side'), torch.profiler records the calling thread's "
-                 "allocations only: the column gives N times the peak of the same chunks run in turn, an upper bound."]
+                 "torch._dynamo: about 65 MiB of the resident peak) or the C allocator's cache."]
                 if fresh.memory_field(device) == "peak_mib" else []), "",
               markdown_table(HEADER, table(results, rounds, device)), "", *targets(results, device)]
     return "\n".join(lines)

@@ -46,7 +46,7 @@ class Options:
             raise ValueError(f"randomness must be 'error', 'different' or 'same', got {get('randomness')!r}")
         w = get("workers")
         if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
-            raise ValueError(f"workers must be None (the plan decides) or a positive int, got {w!r}")
+            raise ValueError(f"workers must be None or a positive int, got {w!r}")
         solve = resolve_solve(get("solve"), get("cg_iters"), get("cg_tol"), get("backend"), get("first_order", False))
         return cls(**{**options, "solve": solve})
 

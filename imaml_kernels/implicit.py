@@ -301,17 +301,12 @@ def _side(model, theta, support, lam, opts, psi, objective):
     """Where :func:`implicit_meta_grad`'s chunks run side by side on threads: ``(make, workers,
     around)`` for :func:`imaml_kernels.plan.decide` (``make(lo, hi)``: tasks ``lo:hi``'s
     objective on a thread's own copy of the model), else ``None``: ``workers=`` 2 or more, the
-    generic path on the CPU, an ``nn.Module`` that copies, no random draws to arrange, nothing
-    compiled."""
+    generic path on the CPU, an ``nn.Module``, no random draws to arrange, nothing compiled."""
     T = support[0].shape[0]
     most = opts.workers or 1
     if (objective.engine is not None or support[0].device.type != "cpu" or most < 2 or T < 2
             or opts.randomness != "error" or opts.compile or not isinstance(model, torch.nn.Module)
             or torch.compiler.is_compiling()):
-        return None
-    try:
-        shallow_copy(model)
-    except Exception:  # noqa: BLE001 - a module that does not copy runs its chunks in turn
         return None
 
     @contextlib.contextmanager
@@ -491,8 +486,8 @@ def implicit_meta_grad(model, theta, support, query, *, lam, inner, **options):
         # tensors); attention's math backend set here, so that no thread's exit restores another.
         copies = [shallow_copy(model) for _ in range(plan.workers)]
         with differentiable_attention():
-            parts = plans.side_by_side([functools.partial(lambda w, lo, hi: chunk_grad(copies[w], lo, hi), lo=lo, hi=hi)
-                                        for lo, hi in plan.chunks], plan.workers)
+            parts = plans.side_by_side([lambda w, lo=lo, hi=hi: chunk_grad(copies[w], lo, hi) for lo, hi in plan.chunks],
+                                       plan.workers)
     else:  # in turn, each chunk's gradient added as it comes (no T/chunk of them alive at once)
         parts = (chunk_grad(model, lo, hi) for lo, hi in plan.chunks)
     meta, infos = None, []

@@ -226,9 +226,9 @@ def _rng_now(device):
 def one_task_loss(task_loss, params, batch):
     """``vmap(task_loss, randomness="error")`` for a batch of **one** task, without ``vmap``:
     the task's own call on its parameters ``params`` (unbatched: ``{name: [...]}``) and
-    ``batch[i][0]``, its loss as ``[1]``. A whole meta-gradient of the ResNet-12 of ``bench models`` ran 1.3-1.6x slower
-    through ``vmap`` over one task than through the plain call (batching rules move the task
-    dimension into channels and back around every op). A random draw raises as ``vmap``'s
+    ``batch[i][0]``, its loss as ``[1]``. A whole meta-gradient of the ResNet-12 of ``bench
+    models`` ran 1.3-1.6x slower through ``vmap`` over one task than through the plain call
+    (batching rules move the task dimension into channels and back around every op). A random draw raises as ``vmap``'s
     ``randomness="error"`` does (the generator's state is compared around the call)."""
     device = batch[0].device
     before = _rng_now(device)

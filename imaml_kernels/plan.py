@@ -318,9 +318,9 @@ def side_by_side(jobs, workers):
     return out
 
 
-def _probe_side(side, T, inner, solve_iters, budget, device, rows, mode, chosen):
+def _probe_side(side, T, inner, solve_iters, budget, device, rows, mode):
     """Side-by-side rows ``((chunk, workers, seconds per task, bytes), ...)``: for each probed
-    chunk up to ``chosen`` that two threads or more can share, ``workers`` threads each
+    chunk that two threads or more can share, ``workers`` threads each
     measure a chunk of their own tasks at one intra-op thread (the slowest thread counts).
     ``side = (make, workers, around)``: ``make(lo, hi)`` a context giving tasks ``lo:hi``'s
     objective on the thread's own copy of the model; ``around()`` the context to hold in the
@@ -331,7 +331,7 @@ def _probe_side(side, T, inner, solve_iters, budget, device, rows, mode, chosen)
     out = []
     for c, _, need in rows:
         w = min(most, T // c)
-        if c > chosen or w < 2 or w * need > budget:
+        if w < 2 or w * need > budget:
             continue
 
         def measure(worker, i, c):
@@ -402,7 +402,7 @@ def decide(model, objective, inner, opts, solve_iters: int, side=None) -> Plan:
                 chunk, why = fixed_chunk, "chunk given; HVP mode probed"
                 workers = min(forced or 1, -(-T // chunk))
             elif side is not None:  # workers= given: the fastest chunk side by side
-                side_rows = _probe_side(side, T, inner, solve_iters, budget, x.device, rows, mode, T)
+                side_rows = _probe_side(side, T, inner, solve_iters, budget, x.device, rows, mode)
                 if side_rows:
                     best = min(r[2] for r in side_rows)
                     chunk, workers, _, _ = next(r for r in side_rows if r[2] <= CHOICE * best)

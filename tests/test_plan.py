@@ -305,7 +305,7 @@ def test_workers_run_the_fastest_chunk_side_by_side_and_only_when_asked(monkeypa
     monkeypatch.setattr(plans, "_probe", lambda *a, **k: (4, "revrev", alone, "stand-in"))
     calls = []
 
-    def probe_side(side, T, inner, solve_iters, budget, device, rows, mode, chosen):
+    def probe_side(side, T, inner, solve_iters, budget, device, rows, mode):
         calls.append(side[1])
         return ((1, 2, 0.60, 20), (2, 2, 0.59, 40))
 
