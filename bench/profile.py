@@ -8,6 +8,7 @@ accounts for (interpreter, argument checks, autograd bookkeeping). Stages are ti
 calling the engine's parts directly (inner loop, linearisation, the HVPs of the solve).
 """
 
+import math
 import statistics
 import time
 
@@ -54,6 +55,43 @@ def _gemm_flops(event):
     return 0
 
 
+def _gemm_operands(event):
+    """``(op, a, b)`` shapes of a batched GEMM event (``a @ b``), ``None`` for others."""
+    shapes = event.input_shapes
+    if not shapes or len(shapes) < 2:
+        return None
+    a, b = (shapes[0], shapes[1]) if event.key == "aten::bmm" else (shapes[1], shapes[2]) if len(shapes) > 2 else (None, None)
+    if event.key not in ("aten::bmm", "aten::baddbmm", "aten::baddbmm_") or a is None or len(a) != 3 or len(b) != 3:
+        return None
+    return event.key, tuple(a), tuple(b)
+
+
+def shape_floor(counts, repeat=7):
+    """The GEMMs' time at the best rate this machine's BLAS reaches *at their own shapes*:
+    ``{(op, a_shape, b_shape): calls}`` -> ``(seconds, rows)``. Each shape is timed alone
+    (operands in cache from the call before: a best case), in each of the four operand layouts
+    (either factor transposed or not), a fresh output per call as the engine's calls have; the
+    best layout counts. A floor under the meta-step's GEMMs that no reordering of the same
+    products through this BLAS goes below, unlike the 1024^3 rate, which these small-sided
+    products do not reach."""
+    total, rows = 0.0, []
+    for (op, a, b), n in sorted(counts.items(), key=lambda kv: -kv[1] * math.prod(kv[0][1]) * kv[0][2][2]):
+        (T, M, K), N = a, b[2]
+        best = math.inf
+        for ta, tb in ((False, False), (True, False), (False, True), (True, True)):
+            x = torch.randn(T, K, M).transpose(1, 2) if ta else torch.randn(T, M, K)
+            y = torch.randn(T, N, K).transpose(1, 2) if tb else torch.randn(T, K, N)
+            if op == "aten::bmm":
+                fn = lambda: torch.bmm(x, y)  # noqa: E731
+            else:
+                out = torch.randn(T, M, N)
+                fn = lambda: out.baddbmm_(x, y)  # noqa: E731
+            best = min(best, _time(fn, repeat))
+        total += n * best
+        rows.append((f"{op[6:]} [{T}, {M}, {K}] @ [{T}, {K}, {N}]", n, f"{n * best * 1e3:.1f}", f"{2 * T * M * K * N / best / 1e9:.0f}"))
+    return total, rows
+
+
 def _time(fn, repeat):
     fn()
     times = []
@@ -82,7 +120,7 @@ def run(T=32, way=5, shot=1, query=1, inner_steps=16, cg_iters=5, repeat=3):
         t0 = time.perf_counter()
         step()
         prof_wall = time.perf_counter() - t0
-    by_kind, flops, gemm_s = {}, 0, 0.0
+    by_kind, flops, gemm_s, shapes = {}, 0, 0.0, {}
     for e in prof.key_averages(group_by_input_shape=True):
         kind = _kind(e.key)
         sec = e.self_cpu_time_total / 1e6
@@ -90,9 +128,14 @@ def run(T=32, way=5, shot=1, query=1, inner_steps=16, cg_iters=5, repeat=3):
         if kind.startswith("GEMM"):
             flops += _gemm_flops(e)
             gemm_s += sec
+            key = _gemm_operands(e)
+            if key is not None:
+                shapes[key] = shapes.get(key, 0) + e.count
     accounted = sum(by_kind.values())
     by_kind["Python and dispatch"] = by_kind.get("Python and dispatch", 0.0) + max(0.0, prof_wall - accounted)
     rate = max(gemm_rate() for _ in range(3))  # the VM's rate drifts: its best of three
+    shape_s, shape_rows = shape_floor(shapes)
+    shape_gflop = sum(2 * n * math.prod(a) * b[2] for (_, a, b), n in shapes.items()) / 1e9
     kind_rows = []
     for kind, _ in KINDS + [("Python and dispatch", None)]:
         sec = by_kind.get(kind, 0.0)
@@ -117,11 +160,12 @@ def run(T=32, way=5, shot=1, query=1, inner_steps=16, cg_iters=5, repeat=3):
     stages.append(("the rest: query loss and gradient, CG vectors, permutes, checks, Python", max(0.0, rest)))
     stage_rows = [(name, f"{sec * 1e3:.0f}", f"{sec / wall:.1%}") for name, sec in stages]
     facts = dict(wall=wall, prof_wall=prof_wall, gemm_gflop=flops / 1e9, gemm_s=gemm_s, gemm_rate=rate,
-                 floor=flops / 1e9 / rate)
+                 floor=flops / 1e9 / rate, shape_floor=shape_s, shape_rows=shape_rows, shape_gflop=shape_gflop)
     return kind_rows, stage_rows, facts
 
 
 KIND_HEADER = ("kind of work", "ms", "share", "achieved")
+SHAPE_HEADER = ("GEMM (op, shapes)", "calls", "ms at its best rate alone", "best GFLOP/s alone")
 STAGE_HEADER = ("stage", "ms", "share")
 
 
@@ -134,6 +178,10 @@ def report(kind_rows, stage_rows, facts, title):
         markdown_table(KIND_HEADER, kind_rows), "",
         f"GEMMs: {f['gemm_gflop']:.1f} GFLOP in {f['gemm_s']:.3f} s; at the measured {f['gemm_rate']:.0f} GFLOP/s "
         f"(1024^3 sgemm, best of three) they would take {f['floor']:.3f} s, the meta-step's floor on this machine.", "",
+        f"At the best rate this machine's BLAS reaches at the GEMMs' own shapes (each shape timed alone, operands in cache, "
+        f"the best of its four operand layouts, a fresh output per call) the batched ones ({f['shape_gflop']:.1f} GFLOP) take "
+        f"{f['shape_floor']:.3f} s ({f['shape_gflop'] / f['shape_floor']:.0f} GFLOP/s): the floor of these products through this BLAS.", "",
+        markdown_table(SHAPE_HEADER, f["shape_rows"]), "",
         "### By stage (each part timed alone)", "",
         markdown_table(STAGE_HEADER, stage_rows), "",
     ])

@@ -293,6 +293,9 @@ def test_profile_bench_rows():
     assert kinds[0].startswith("GEMM") and "GFLOP/s" in kind_rows[0][3]
     assert "im2col" in kinds and "Python and dispatch" in kinds
     assert len(stage_rows) == 4 and facts["gemm_gflop"] > 0 and facts["floor"] > 0
+    # the shape floor: every batched GEMM shape of the step timed alone, its calls counted
+    assert facts["shape_floor"] > 0 and facts["shape_rows"]
+    assert sum(r[1] for r in facts["shape_rows"]) >= 4 and all(r[0].split()[0] in ("bmm", "baddbmm", "baddbmm_") for r in facts["shape_rows"])
     assert "### By stage" in profile.report(kind_rows, stage_rows, facts, "## t")
 
 
