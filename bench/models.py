@@ -149,9 +149,16 @@ def table(results, rounds, device="cpu"):
 
 
 def path_text(m):
-    """The package's path in a row, and its CG breakdowns when there were any."""
+    """The package's path in a row, and its CG breakdowns when there were any. Each worker decides
+    its own plan: where the rounds' plans differ (the probe timed them differently), each is
+    named with the rounds that ran it."""
     info = m.info
-    text = info.get("path", "")
+    paths = [p for p in m.values("info.path") if p] if m.ok else []
+    if len(set(paths)) > 1:
+        text = "; ".join(f"{p} (round{'s' if paths.count(p) > 1 else ''} "
+                         f"{', '.join(str(r + 1) for r, q in enumerate(paths) if q == p)})" for p in dict.fromkeys(paths))
+    else:
+        text = info.get("path", "")
     if info.get("cg_breakdowns"):
         text += f"; CG broke down in {info['cg_breakdowns']}/{info['tasks']} tasks"
     return text

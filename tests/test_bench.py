@@ -323,6 +323,19 @@ def test_models_bench_rows_agree_in_float64(name):
         torch.testing.assert_close(flat(g), loop, rtol=1e-6, atol=1e-9 * loop.abs().max().item())
 
 
+def test_models_bench_path_names_each_rounds_plan():
+    from bench import models
+    from bench.fresh import Measured, Row
+
+    row = Row("default", "imaml_kernels, default plan", "bench.models:prepare")
+    rounds = lambda *paths: [{"seconds": 1.0, "info": {"path": p, "cg_breakdowns": 0, "tasks": 4}} for p in paths]  # noqa: E731
+    same = Measured(row, rounds("generic, chunk 4, revrev", "generic, chunk 4, revrev"))
+    assert models.path_text(same) == "generic, chunk 4, revrev"
+    # each worker probes its own plan: where they differ, the table says which round ran which
+    mixed = Measured(row, rounds("generic, chunk 1, revrev", "generic, chunk 4, revrev", "generic, chunk 4, revrev"))
+    assert models.path_text(mixed) == "generic, chunk 1, revrev (round 1); generic, chunk 4, revrev (rounds 2, 3)"
+
+
 def test_models_bench_runs_end_to_end(tmp_path):
     from bench import models
 
