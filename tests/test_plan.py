@@ -164,17 +164,44 @@ def _probe_with(monkeypatch, per_task, held_per_task=0, T=16, budget=2**40):
     the warm-up), the chunk chosen and the reason."""
     from types import SimpleNamespace
 
-    runs = []
+    runs, again = [], []
 
-    def measure(objective, c, device):
-        runs.append(c)
+    def measure(objective, c, device, repeat=None, modes=None):
+        (runs if repeat is None else again).append(c)
+        assert modes in (None, ("revrev",))
         return {"revrev": (per_task(c) * c, 0.0, 0.0)}, held_per_task * c
 
     monkeypatch.setattr(plans, "_probe_chunk", measure)
     objective = SimpleNamespace(batch=(torch.zeros(T, 1),), layout=SimpleNamespace(numel=1), theta_flat=torch.zeros(1))
     chunk, mode, rows, why = plans._probe(objective, ik.GD(1, 0.1), 0, budget, torch.device("cpu"))
     assert [r[0] for r in rows] == runs[1:] and mode == "revrev"
+    # the second look: the contenders within the budget, in the first pass's order
+    fits = [r for r in rows if r[2] <= budget]
+    best = min(r[1] for r in fits)
+    assert again == ([r[0] for r in fits if r[1] <= plans.RECHECK * best] if len(fits) > 1 else [])
     return runs[1:], chunk, why
+
+
+def test_a_burst_during_one_chunks_measurement_does_not_decide_the_plan(monkeypatch):
+    """A chunk whose first measurement (its calls back to back) fell in a burst of other load is
+    measured again after the other chunks, and its faster time counts: chunk 4, 25% faster a task
+    but slowed 1.5x in its first measurement, is chosen; each part keeps its own faster time."""
+    from types import SimpleNamespace
+
+    calls = []
+
+    def measure(objective, c, device, repeat=None, modes=None):
+        calls.append((c, repeat))
+        steady = {1: 1.0, 2: 0.95, 4: 0.75}[c] * c
+        burst = 1.5 if (c, repeat) == (4, None) else 1.0  # only chunk 4's first measurement
+        # the second look's product is slower than the first's: each part keeps its best
+        return {"revrev": (steady * burst, 0.0, 0.5 * c * (2.0 if repeat == 1 else 1.0))}, 0
+
+    monkeypatch.setattr(plans, "_probe_chunk", measure)
+    objective = SimpleNamespace(batch=(torch.zeros(4, 1),), layout=SimpleNamespace(numel=1), theta_flat=torch.zeros(1))
+    chunk, _, rows, _ = plans._probe(objective, ik.GD(1, 0.1), 1, 2**40, torch.device("cpu"))
+    assert calls == [(1, None), (1, None), (2, None), (4, None), (1, 1), (2, 1), (4, 1)]
+    assert chunk == 4 and [round(r[1], 6) for r in rows] == [1.5, 1.45, 1.25]
 
 
 def test_the_probe_stops_doubling_once_batching_stops_paying(monkeypatch):
