@@ -332,6 +332,9 @@ class FuncObjective(TaskObjective):
         views = self.layout.unflatten(phi)
         theta = self.layout.unflatten(theta_flat.reshape(1, -1).to(phi.dtype))
         w = {k: lam_like(lam, p, k) * lr for k, p in views.items()}
+        if self._one() and not isinstance(lam, (torch.Tensor, PerCoordinate)):
+            self._descend_one(views, theta, lam * lr, steps, lr, proximal, pull_back)
+            return phi
         for _ in range(steps):
             with _math_sdpa():
                 grads = self._grads(views)
@@ -343,6 +346,31 @@ class FuncObjective(TaskObjective):
             for k, p in views.items():
                 p.lerp_(theta[k], w[k])
         return phi
+
+    def _descend_one(self, views, theta, w, steps, lr, proximal, pull_back):
+        """:meth:`descend` for one task and a scalar λ, the same arithmetic in fewer ops: the
+        task's parameters are leaves made once (views of φ's buffer, updated in place between
+        the steps' gradients), and each step's update is two ``_foreach`` calls, where the
+        general loop makes each step's leaves anew and updates parameter by parameter (on the
+        ResNet-12 of ``bench models``, 25 parameters, six small ops each a step)."""
+        names = list(views)
+        leaves = [views[k][0].detach().requires_grad_() for k in names]
+        anchor = [theta[k][0] for k in names]
+        with _math_sdpa():
+            for _ in range(steps):
+                with torch.enable_grad():
+                    loss = one_task_loss(self.task_loss, dict(zip(names, leaves)), self.batch)
+                    gs = (torch.autograd.grad(loss.sum(), leaves, allow_unused=True) if loss.requires_grad
+                          else [None] * len(leaves))
+                with torch.no_grad():
+                    if proximal:  # φ − lr(g + λ(φ − θ)) = lerp(φ, θ, lr λ) − lr g, with g taken at φ
+                        torch._foreach_lerp_(leaves, anchor, w)
+                    used = [(p, g) for p, g in zip(leaves, gs) if g is not None]
+                    if used:
+                        torch._foreach_sub_([p for p, _ in used], [g for _, g in used], alpha=lr)
+        if pull_back:
+            with torch.no_grad():
+                torch._foreach_lerp_(leaves, anchor, w)
 
     # -- HVPs
 

@@ -272,6 +272,40 @@ def test_one_task_runs_without_vmap_and_equals_the_vmapped_objective():
     assert set(ca) == {psi_name} and rel_err(ca[psi_name], cb[psi_name]) < 1e-12
 
 
+def test_one_task_descent_with_a_scalar_lam_equals_the_general_loop(monkeypatch):
+    """A chunk of one task at a scalar λ descends on leaves made once with ``_foreach`` updates:
+    the same iterates, bit for bit, as the general per-parameter loop (taken at a per-task λ
+    tensor of the same value), with and without the proximal term and the pull-back; a
+    parameter the loss does not reach moves only by the proximal pull."""
+    from imaml_kernels.layout import ParamLayout
+    from imaml_kernels.objective import task_loss_fn
+
+    model, theta, x, y = mlp_problem(T=1)
+    phi = {k: (v + 0.1 * torch.randn_like(v)).unsqueeze(0) for k, v in theta.items()}
+    lay = ParamLayout.from_params(phi)
+    base = task_loss_fn(model)
+    unused = lay.names[0]
+
+    def f(params, xb, yb):  # the first layer's weight enters as a constant: no gradient reaches it
+        return base({**params, unused: params[unused].detach()}, xb, yb)
+
+    obj = FuncObjective(f, lay, (x, y))
+    taken, fast = [], FuncObjective._descend_one
+    monkeypatch.setattr(FuncObjective, "_descend_one", lambda self, *a: taken.append(1) or fast(self, *a))
+    th, start = lay.flatten({k: v.unsqueeze(0) for k, v in theta.items()})[0], lay.flatten(phi)
+    for proximal, pull_back in ((True, False), (False, False), (True, True)):
+        a = obj.descend(th, 2.0, start, 4, 0.1, proximal=proximal, pull_back=pull_back)
+        n = len(taken)
+        b = obj.descend(th, torch.tensor([2.0], dtype=DT), start, 4, 0.1, proximal=proximal, pull_back=pull_back)
+        assert len(taken) == n and n > 0  # the scalar λ took the fast path, the tensor λ did not
+        assert torch.equal(a, b) and not torch.equal(a, start)
+        moved = lay.unflatten(a)[unused] - phi[unused]
+        if proximal:
+            assert moved.abs().max() > 0
+        else:
+            assert torch.equal(moved, torch.zeros_like(moved))
+
+
 def test_one_task_that_draws_random_numbers_is_refused_as_under_vmap():
     """Without ``vmap`` a random draw would pass unnoticed: the generator's state is compared
     around the call, and the one-line error names the option, as with several tasks."""
