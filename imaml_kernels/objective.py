@@ -331,10 +331,10 @@ class FuncObjective(TaskObjective):
         phi = phi0.clone(memory_format=torch.contiguous_format)
         views = self.layout.unflatten(phi)
         theta = self.layout.unflatten(theta_flat.reshape(1, -1).to(phi.dtype))
-        w = {k: lam_like(lam, p, k) * lr for k, p in views.items()}
         if self._one() and not isinstance(lam, (torch.Tensor, PerCoordinate)):
             self._descend_one(views, theta, lam * lr, steps, lr, proximal, pull_back)
             return phi
+        w = {k: lam_like(lam, p, k) * lr for k, p in views.items()}
         for _ in range(steps):
             with _math_sdpa():
                 grads = self._grads(views)

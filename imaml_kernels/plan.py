@@ -186,6 +186,14 @@ def _inner_products(inner):
     return steps, 0, 0
 
 
+def _cost(inner, solve_iters):
+    """Seconds per chunk of a whole solve from a probe measurement ``(gradient, linearisation,
+    product)``: the inner solver's products (:func:`_inner_products`), then one linearisation
+    and ``solve_iters`` products for the implicit solve."""
+    grads, lins, prods = _inner_products(inner)
+    return lambda t: grads * t[0] + (lins + 1) * t[1] + (prods + solve_iters) * t[2]
+
+
 def _held(device, alive):
     """Bytes freed since ``alive`` was read (what the objects just dropped held)."""
     _release(device)
@@ -254,10 +262,9 @@ def _probe(objective, inner, solve_iters, budget, device):
     """``(chunk, hvp, probe rows, why)`` from measurements at chunks 1, 2, 4, …, T."""
     T = objective.batch[0].shape[0]
     P, size = objective.layout.numel, objective.theta_flat.element_size()
-    grads, lins, prods = _inner_products(inner)
     sizes = sorted({min(T, 2**i) for i in range(T.bit_length() + 1)})
     _probe_chunk(objective, 1, device)  # warm-up: first-call allocations and lazy initialisation
-    cost = lambda t: grads * t[0] + (lins + 1) * t[1] + (prods + solve_iters) * t[2]  # noqa: E731
+    cost = _cost(inner, solve_iters)
     rows, times, stop = [], {}, ""
     for c in sizes:
         if rows:
@@ -307,8 +314,8 @@ def _second_look(objective, rows, times, cost, budget, device):
     for c, mode, per_task, need in rows:
         if need <= budget and per_task <= RECHECK * best:
             again = _probe_chunk(objective, c, device, repeat=1, modes=(mode,))[0].get(mode)
-            if again is not None:
-                per_task = min(per_task, cost(tuple(min(a, b) for a, b in zip(times[c], again))) / c)
+            if again is not None:  # each part's faster time (the cost grows with each part)
+                per_task = cost(tuple(min(a, b) for a, b in zip(times[c], again))) / c
         out.append((c, mode, per_task, need))
     return out
 
@@ -357,7 +364,7 @@ def _probe_side(side, T, inner, solve_iters, budget, device, rows, mode):
     calling thread while they run (attention's backend switches are process-wide: a thread's
     exit must not restore what another thread still needs)."""
     make, most, around = side
-    grads, lins, prods = _inner_products(inner)
+    cost = _cost(inner, solve_iters)
     out = []
     for c, _, need in rows:
         w = min(most, T // c)
@@ -372,8 +379,8 @@ def _probe_side(side, T, inner, solve_iters, budget, device, rows, mode):
             measured = side_by_side([functools.partial(measure, i=i, c=c) for i in range(w)], w)
         if any(mode not in m for m in measured):
             continue
-        cost = max(grads * tg + (lins + 1) * tl + (prods + solve_iters) * th for tg, tl, th in (m[mode] for m in measured))
-        out.append((c, w, cost / (w * c), w * need))
+        slowest = max(cost(m[mode]) for m in measured)
+        out.append((c, w, slowest / (w * c), w * need))
     return tuple(out)
 
 
