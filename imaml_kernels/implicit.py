@@ -232,7 +232,8 @@ def _objective(model, theta, support, lam, opts, psi):
         args.check_labels(model, theta, x, y, opts.loss)
     return ProximalObjective(task_loss_fn(model, opts.loss), theta, lam, (x, y),
                              engine=net, hvp_mode=opts.hvp_mode, key=(model, opts.loss), psi={k: p.detach() for k, p in psi.items()},
-                             compiled=opts.compile and net is None, randomness=opts.randomness)
+                             compiled=opts.compile and net is None, randomness=opts.randomness,
+                             lean=opts.chunk is not None)  # a chunk given: memory bounded
 
 
 def _planned(model, objective, inner, opts, side=None):
@@ -246,8 +247,8 @@ def _planned(model, objective, inner, opts, side=None):
 def _adapt(model, theta, support, lam, inner, opts, psi):
     """The inner solve, chunk by chunk of tasks as the plan says: ``(objective, phi, inner_loss,
     plan, lin, meta, report)`` (``lin``: the backward's linearisation, made now when the engine
-    runs one chunk: its loss is the inner loss, so the support set's forward pass runs once, not
-    twice; ``report``: what the inner solver left in ``objective.report``);
+    runs one chunk and no ``chunk=`` was given: its loss is the inner loss, so the support set's
+    forward pass runs once, not twice; ``report``: what the inner solver left in ``objective.report``);
     ``lam``: resolved (:class:`~imaml_kernels.lam.Lam`)."""
     T = support[0].shape[0]
     meta = torch.is_grad_enabled() and (any(v.requires_grad for v in theta.values()) or bool(psi) or bool(lam.sources))
@@ -258,7 +259,10 @@ def _adapt(model, theta, support, lam, inner, opts, psi):
             if len(plan.chunks) == 1:
                 phi = _inner_solve(objective, theta, inner, T)
                 report = getattr(objective, "report", None)
-                if meta and objective.engine is not None and not opts.first_order:
+                # Not under an explicit chunk (the lean plans): the linearisation's activations
+                # would be alive beside the query loss's (on the ResNet-12 of `bench models`, 19
+                # of a one-task chunk's 51 MiB); the inner loss then costs a forward pass.
+                if meta and objective.engine is not None and not opts.first_order and opts.chunk is None:
                     lin = objective.linearize(objective.layout.as_flat(phi))
                     return objective, phi, lin.loss, plan, [lin], meta, report
                 return objective, phi, objective.task_value(phi), plan, [], meta, report
@@ -475,7 +479,7 @@ def implicit_meta_grad(model, theta, support, query, *, lam, inner, **options):
         plan = _planned(model, objective, inner, opts, _side(model, leaves, support, resolved, opts, psi, objective))
     # Each chunk's tasks end to end (adapt, query loss, backward): nothing [T, P] is kept.
     fixed = ({**options, "chunk": plan.chunk, "hvp_mode": plan.hvp, "workers": 1} if plan.path == "generic"
-             else {**options, "chunk": None})
+             else {**options, "chunk": None if opts.chunk is None else plan.chunk})
 
     def chunk_grad(m, lo, hi):
         part = lam[lo:hi] if isinstance(lam, torch.Tensor) and lam.dim() else lam

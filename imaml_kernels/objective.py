@@ -142,14 +142,16 @@ class TaskObjective:
 
 
 class EngineObjective(TaskObjective):
-    """The fused engine's cross-entropy of the network."""
+    """The fused engine's cross-entropy of the network. ``lean``: its linearisations hold no
+    patch buffers (:meth:`~imaml_kernels.engine.BatchedNet.linearize`), for plans with a memory
+    bound."""
 
-    def __init__(self, net, batch):
-        self.net, self.layout, self.batch = net, net.layout, tuple(batch)
+    def __init__(self, net, batch, lean=False):
+        self.net, self.layout, self.batch, self.lean = net, net.layout, tuple(batch), lean
 
     def subset(self, lo, hi):
         """The objective of tasks ``lo:hi``."""
-        return EngineObjective(self.net, tuple(b[lo:hi] for b in self.batch))
+        return EngineObjective(self.net, tuple(b[lo:hi] for b in self.batch), self.lean)
 
     def loss(self, phi):
         return self.net.loss(self.layout.as_flat(phi), *self.batch)
@@ -159,7 +161,7 @@ class EngineObjective(TaskObjective):
         return v, self.layout.unflatten(g)
 
     def linearize(self, phi):
-        return self.net.linearize(phi, *self.batch)
+        return self.net.linearize(phi, *self.batch, lean=self.lean)
 
     def descend(self, theta_flat, lam, phi0, steps, lr, proximal=True, pull_back=False):
         return self.net.inner_loop(theta_flat, *self.batch, lam=lam, steps=steps, lr=lr, phi0=phi0, proximal=proximal,
@@ -575,7 +577,7 @@ class ProximalObjective:
     """
 
     def __init__(self, task_loss, theta, lam, batch, engine=None, *, hvp_mode="auto", task=None, key=None, psi=None,
-                 compiled=False, randomness="error"):
+                 compiled=False, randomness="error", lean=False):
         self.theta = {k: v.detach() for k, v in theta.items()}
         self.lam = lam
         self.batch = tuple(batch)
@@ -584,7 +586,7 @@ class ProximalObjective:
             if engine is not None:
                 if engine.layout.names != self.layout.names or engine.layout.shapes != self.layout.shapes:
                     raise ValueError("the engine's parameter layout differs from theta's (names, order or shapes)")
-                task = EngineObjective(engine, self.batch)
+                task = EngineObjective(engine, self.batch, lean)
             else:
                 task = FuncObjective(task_loss, self.layout, self.batch, hvp_mode=hvp_mode, key=key, psi=psi, compiled=compiled,
                                      randomness=randomness)

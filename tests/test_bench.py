@@ -351,7 +351,8 @@ def test_models_bench_runs_end_to_end(tmp_path):
         assert measured["default"].info["path"].split(",")[0] in ("engine", "generic")
         assert measured["lean"].info["path"].split(",")[1] == " chunk 1"
     assert results["mlp"]["default"].info["path"].startswith("engine")
-    assert results["resnet12"]["default"].info["path"].startswith("generic")
+    assert results["resnet12"]["default"].info["path"].startswith("engine")  # residual blocks: the engine's
+    assert results["transformer"]["default"].info["path"].startswith("generic")
     text = models.report(results, 1, "cpu", tiny=True)
     assert text.count("\n| ") == 1 + sum(len(m) for m in results.values())  # header + one line per row
     targets = [line for line in text.splitlines() if line.startswith("target ")]

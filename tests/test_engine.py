@@ -32,6 +32,43 @@ def small_conv_no_bn(way=4):
     return net
 
 
+class ResBlock(nn.Module):
+    """A residual block as users write it: functional LeakyReLU and ReLU, a 1x1 projection
+    shortcut (or the identity), a functional max-pool."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout, track_running_stats=False)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout, track_running_stats=False)
+        self.short = None if cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout, track_running_stats=False))
+        self.act = nn.LeakyReLU(0.2)
+
+    def forward(self, x):
+        h = F.leaky_relu(self.bn1(self.conv1(x)), 0.1)
+        h = self.bn2(self.conv2(h))
+        s = x if self.short is None else self.short(x)
+        return F.max_pool2d(self.act(h + s), 2)
+
+
+class SmallResNet(nn.Module):
+    """Two residual blocks (projection, then identity shortcut), a conv with a live bias and
+    stride 2 between them, the global average pool as ``mean((2, 3))``, a linear head: the
+    engine reads it through its ``torch.fx`` trace."""
+
+    def __init__(self, way=4, pool="mean"):
+        super().__init__()
+        self.blocks = nn.Sequential(ResBlock(2, 4), nn.Conv2d(4, 5, 3, stride=2, padding=1), ResBlock(5, 5))
+        self.pool = pool
+        self.avg = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(5, way)
+        self.input_shape = (2, 16, 16)
+
+    def forward(self, x):
+        h = self.blocks(x)
+        h = h.mean((2, 3)) if self.pool == "mean" else torch.flatten(self.avg(h), 1)
+        return self.head(h)
+
+
 # (id, factory, T, N): support sizes {1, 5, 20, 25, 100}, T in {1, 3, 32}, with and without BN.
 NETS = {
     "omniglot": lambda: OmniglotConv(5, channels=8),
@@ -39,12 +76,15 @@ NETS = {
     "mini": lambda: MiniImagenetConv(5, channels=4, image_size=42),
     "mlp": lambda: MLP([6, 16, 16, 3]),
     "conv-nobn": small_conv_no_bn,
+    "resnet": SmallResNet,
+    "resnet-avgpool": lambda: SmallResNet(pool="adaptive"),
 }
 CASES = [
     ("omniglot", 1, 1), ("omniglot", 3, 5), ("omniglot", 32, 5), ("omniglot", 3, 25), ("omniglot", 1, 100),
     ("omniglot20", 3, 20), ("omniglot20", 1, 100), ("mini", 3, 5), ("mini", 1, 25),
     ("mlp", 1, 1), ("mlp", 3, 20), ("mlp", 32, 5), ("mlp", 3, 100),
     ("conv-nobn", 3, 5), ("conv-nobn", 32, 1), ("conv-nobn", 1, 25),
+    ("resnet", 3, 5), ("resnet", 1, 2), ("resnet-avgpool", 2, 5),
 ]
 
 
@@ -434,3 +474,143 @@ def test_mlp_engine_shares_no_buffer_the_caller_can_see():
         buf.add_(1.0)
     with pytest.raises(RuntimeError, match="modified"):
         torch.autograd.grad(F.cross_entropy(out.flatten(0, 1), y.flatten()), list(leaves.values()))
+
+
+@pytest.mark.parametrize("name", ["resnet", "mini", "conv-nobn", "omniglot"])
+def test_direct_convolution_matches_the_reference(name, monkeypatch):
+    """With every eligible convolution direct (oneDNN's, per task, on channels-last views; the
+    threshold at 0 bytes), loss, gradient, HVP and the fused inner loop still equal the float64
+    reference: strides, live and dead biases, the identity and projection shortcuts. Convolutions
+    with a padding the engine absorbed (Omniglot's ZeroPad2d), 1x1 ones and the first layer
+    (patches made once) stay on the GEMMs."""
+    from imaml_kernels.engine import layers
+
+    monkeypatch.setattr(layers.Conv, "DIRECT_BYTES", 0)
+    model, params, x, y, v = make_problem(name, 3, 5, torch.float64)
+    net = BatchedNet(model, model.input_shape)
+    lin = net.linearize(params, x, y)
+    L, G, H = reference(model, params, x, y, v)
+    assert rel(lin.loss, L) < 1e-12 and rel(lin.grad, G) < 1e-10 and rel(hvp_theta(lin, v), H) < 1e-10
+
+    def caches(layer_list, cache_list):
+        for layer, c in zip(layer_list, cache_list):
+            if isinstance(layer, layers.Residual):
+                for chain, key in zip(layer.chains, "ab"):
+                    yield from caches(chain, c[key])
+            elif isinstance(layer, layers.Conv):
+                yield layer, c
+
+    convs = list(caches(net.layers, lin.caches))
+    direct = [bool(c.get("direct")) for _, c in convs]
+    assert any(direct) and not direct[0]  # the first layer's patches are made once
+    assert not any(d for (layer, _), d in zip(convs, direct) if layer.pointwise or (layer.ph, layer.pw) != (layer.pb, layer.pr))
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    phi = net.inner_loop(theta, x, y, lam=2.0, steps=3, lr=0.1)
+    monkeypatch.setattr(layers.Conv, "DIRECT_BYTES", 1 << 62)
+    assert rel(phi, net.inner_loop(theta, x, y, lam=2.0, steps=3, lr=0.1)) < 1e-12
+    # No convolution is direct by size now; a lean linearisation makes every eligible one direct.
+    lean = net.linearize(params, x, y, lean=True)
+    assert [bool(c.get("direct")) for _, c in caches(net.layers, lean.caches)] == direct
+    assert not any(c.get("direct") for _, c in caches(net.layers, net.linearize(params, x, y).caches))
+    assert rel(lean.grad, G) < 1e-10 and rel(hvp_theta(lean, v), H) < 1e-10
+
+
+def test_direct_convolution_only_where_patches_are_large():
+    """The default threshold: the ResNet-12's first block (3x3, 16 channels at 32x32, 5 images:
+    2.9 MB of patches a task) convolves directly, a 64-channel layer at 8x8 keeps its GEMMs,
+    and nothing is direct in bf16 mode or off the CPU's full precision."""
+    from imaml_kernels.engine import layers
+
+    conv = layers.Conv(nn.Conv2d(16, 16, 3, padding=1, bias=False), "c.")
+    assert conv._use_direct(torch.empty(4, 5, 32, 32, 16))
+    assert not conv._use_direct(torch.empty(4, 5, 8, 8, 16))
+    with ik.gemm_precision("bf16"):
+        assert not conv._use_direct(torch.empty(4, 5, 32, 32, 16))
+    assert not layers.Conv(nn.Conv2d(64, 64, 3, padding=1), "c.")._use_direct(torch.empty(4, 5, 8, 8, 64))
+
+
+def test_traced_models_and_what_the_engine_refuses():
+    """A module that is not an nn.Sequential goes through its torch.fx trace: residual blocks,
+    functional activations and pools are engine layers; what the engine cannot run is refused
+    with the node that stops it (the generic path runs it), once per model: the refusal is
+    remembered, so the trace does not run again on every call."""
+    from imaml_kernels.engine import batched_net, select_engine
+    from imaml_kernels.engine import trace as tr
+
+    net = BatchedNet(SmallResNet(), (2, 16, 16))
+    names = [type(layer).__name__ for layer in net.layers]
+    assert names == ["Residual", "LeakyReLU", "MaxPool", "Conv", "Residual", "LeakyReLU", "MaxPool", "GlobalAvgPool", "Linear"]
+
+    class Shared(nn.Module):  # one module called twice
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(self.fc(torch.relu(self.fc(x))))
+
+    class ShapeRead(nn.Module):  # x.view(x.size(0), -1): a shape read
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 2, 3), nn.Linear(2 * 4 * 4, 2)
+
+        def forward(self, x):
+            h = self.conv(x)
+            return self.fc(h.view(h.size(0), -1))
+
+    class Nested(nn.Module):  # a fork inside a residual branch
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.fc(x + (h + self.b(h)))
+
+    class Gelu(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.fc = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(F.gelu(self.a(x)))
+
+    for model, shape, why in [(Shared(), (4,), "called twice"), (ShapeRead(), (1, 6, 6), "uses of conv \\(size, view\\) do not meet"),
+                              (Nested(), (4,), "used 2 times|meet in one sum|does not close"), (Gelu(), (4,), "gelu")]:
+        with pytest.raises(UnsupportedModel, match=why):
+            BatchedNet(model, shape)
+    calls = []
+    real = tr.fx.symbolic_trace
+
+    def counting(m):
+        calls.append(m)
+        return real(m)
+
+    model = Gelu()
+    theta, x = dict(model.named_parameters()), torch.randn(2, 3, 4)
+    try:
+        tr.fx.symbolic_trace = counting
+        assert select_engine(model, theta, x) is None and select_engine(model, theta, x) is None
+        with pytest.raises(UnsupportedModel, match="gelu"):
+            batched_net(model, (4,))
+    finally:
+        tr.fx.symbolic_trace = real
+    assert len(calls) == 1
+
+
+def test_implicit_meta_grad_runs_a_resnet_on_the_engine():
+    """The drop-in op on a residual network: the fused engine is chosen by itself and its
+    meta-gradient equals the generic torch.func path's in float64."""
+    torch.manual_seed(0)
+    model = SmallResNet().double()
+    theta = dict(model.named_parameters())
+    T = 3
+    xs, xq = torch.randn(T, 4, 2, 16, 16, dtype=torch.float64), torch.randn(T, 6, 2, 16, 16, dtype=torch.float64)
+    ys, yq = torch.randint(0, 4, (T, 4)), torch.randint(0, 4, (T, 6))
+    out = {}
+    for engine in (None, False):
+        g, info = ik.implicit_meta_grad(model, theta, (xs, ys), (xq, yq), lam=2.0, inner=ik.GD(3, 0.1), cg_iters=4, engine=engine)
+        out[engine] = (g, info)
+    assert out[None][1]["plan"].path == "engine" and out[False][1]["plan"].path == "generic"
+    flat = [torch.cat([g[k].reshape(-1) for k in theta]) for g in (out[None][0], out[False][0])]
+    assert rel(*flat) < 1e-9  # per tensor too, but for the dead conv bias: exactly 0 against rounding noise

@@ -13,7 +13,29 @@ from torch import nn
 from .. import dispatch
 from ..lam import PerCoordinate
 from ..layout import ParamLayout
-from .layers import BatchNorm, Conv, Linear, UnsupportedModel, parse  # noqa: F401
+from .layers import BatchNorm, Conv, Linear, Residual, UnsupportedModel, leaf_layers, parse_items  # noqa: F401
+from .trace import traced_items
+
+
+def parse(model: nn.Module, in_shape):
+    """The engine's layers of ``model`` and its number of classes; raises
+    :class:`UnsupportedModel` naming the first layer it cannot run.
+
+    An ``nn.Sequential`` is read child by child; any other module (or a Sequential with blocks of
+    its own) through its ``torch.fx`` trace (:func:`.trace.traced_items`), which adds residual
+    blocks, a global average pool and the functional forms of the layers."""
+    first = None
+    if isinstance(model, nn.Sequential):
+        try:
+            return parse_items([(name, m) for name, m in model.named_children()], in_shape)
+        except UnsupportedModel as e:
+            first = e
+    try:
+        return parse_items(traced_items(model), in_shape)
+    except UnsupportedModel:
+        if first is not None:
+            raise first from None
+        raise
 
 
 class Linearization:
@@ -70,6 +92,7 @@ class Linearization:
             if need and isinstance(layer, Conv) and isinstance(net.layers[idx - 1], BatchNorm):
                 need = "cols"  # the BatchNorm's tangent backward gathers (see .layers)
             rg = layer.tbwd(k, p[idx], rp[idx], rg, self.caches[idx], scratch[idx], rgp[idx], need_gx=need)
+            scratch[idx] = None  # this layer's tangents are freed as the pass goes
         return out
 
 
@@ -108,7 +131,7 @@ class BatchedNet:
         self._perms = {}  # the layout permutations' gather indices, per device
         self._checked_labels = None  # (weakref to the last labels checked, their version)
         # Gradient-like buffers start at zero where no backward method writes (dead conv biases).
-        dead = [layer.params[1] for layer in self.layers if isinstance(layer, Conv) and layer.bias and layer.dead_bias]
+        dead = [layer.params[1] for layer in leaf_layers(self.layers) if isinstance(layer, Conv) and layer.bias and layer.dead_bias]
         self._zeroed = bool(dead)
         self._unwritten = [(self.native_layout.offsets[n], self.native_layout.offsets[n] + self.native_layout.numels[n]) for n in dead]
         # Layers up to this index need no input gradient (nothing upstream has parameters).
@@ -270,10 +293,11 @@ class BatchedNet:
 
     def _prepare(self, k, x, dtype):
         """What depends on the data alone: the input channels-last and, when the first layer
-        is a convolution, its patches. Made once per inner loop, not once per step."""
+        is a convolution (or a residual block whose chains start with one), its patches. Made
+        once per inner loop, not once per step."""
         h = self._input(x, dtype)
         first = self.layers[0]
-        return h, (first.patches(k, h.contiguous()) if isinstance(first, Conv) else {})
+        return h, (first.patches(k, h.contiguous()) if isinstance(first, (Conv, Residual)) else {})
 
     def _data_for(self, k, x, dtype):
         """:meth:`_prepare`, or the last inner loop's when it ran on the same (unchanged) ``x``."""
@@ -282,19 +306,19 @@ class BatchedNet:
             return last[3]
         return self._prepare(k, x, dtype)
 
-    def _run_forward(self, k, params_native, x, data=None):
+    def _run_forward(self, k, params_native, x, data=None, lean=False):
         p = self._views(params_native)
-        caches = [{} for _ in self.layers]
+        caches = [{"lean": True} if lean else {} for _ in self.layers]
         h, pre = data if data is not None else self._prepare(k, x, params_native.dtype)
         caches[0].update(pre)
         for layer, c, lp in zip(self.layers, caches, p):
             h = layer.fwd(k, lp, h, c)
         return p, caches, h
 
-    def _forward(self, k, params_native, x, y, data=None, grad=None):
+    def _forward(self, k, params_native, x, y, data=None, grad=None, lean=False):
         """``grad``: the gradient buffer the backward will fill; the softmax kernel then also
         writes the head's bias gradient into it (one reduction fewer)."""
-        p, caches, logits = self._run_forward(k, params_native, x, data)
+        p, caches, logits = self._run_forward(k, params_native, x, data, lean)
         head = self.layers[-1]
         if grad is not None and isinstance(head, Linear) and head.bias:
             loss, prob, glogits = k.softmax_ce_bias(logits, y, self._views(grad)[-1][1])
@@ -315,8 +339,10 @@ class BatchedNet:
         return self._forward(self.kernels(params), self.to_native(params), x, y)[2]
 
     def _backward(self, k, p, caches, glogits, grad, fuse=False):
-        """``fuse``: no tangent pass follows (the inner loop), so a convolution fed by a
-        BatchNorm hands it its patch cotangent to gather (see :mod:`.layers`)."""
+        """``fuse``: no tangent pass follows (the inner loop, a query loss's backward), so a
+        convolution fed by a BatchNorm hands it its patch cotangent to gather (see
+        :mod:`.layers`), and each layer's cache is emptied once its backward ran (what it held
+        is freed as the pass goes, as autograd frees saved tensors)."""
         gp = self._views(grad)
         g = glogits
         for idx in range(len(self.layers) - 1, self.first_needs_gx - 1, -1):
@@ -324,14 +350,22 @@ class BatchedNet:
             if need and fuse and isinstance(self.layers[idx], Conv) and isinstance(self.layers[idx - 1], BatchNorm):
                 need = "cols"
             g = self.layers[idx].bwd(k, p[idx], g, caches[idx], gp[idx], need_gx=need)
+            if fuse:
+                caches[idx].clear()
+        if fuse:
+            for c in caches:
+                c.clear()
 
-    def linearize(self, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> Linearization:
-        """Primal forward and backward at ``params [T, P]``; the result's ``hvp`` reuses them."""
+    def linearize(self, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor, lean: bool = False) -> Linearization:
+        """Primal forward and backward at ``params [T, P]``; the result's ``hvp`` reuses them.
+        ``lean``: every convolution that can (see :meth:`~.layers.Conv._use_direct`; not the
+        first layer, whose patches are the data's) runs directly and keeps its input instead of
+        its patches (``k·k`` times smaller) at some cost in speed where the GEMMs are faster."""
         self._check(params, x, y)
         k = self.kernels(params)
         native = self._native_for_reading(params)
         grad = self._grad_buffer(native)
-        p, caches, loss, glogits = self._forward(k, native, x, y, self._data_for(k, x, native.dtype), grad)
+        p, caches, loss, glogits = self._forward(k, native, x, y, self._data_for(k, x, native.dtype), grad, lean)
         self._backward(k, p, caches, glogits, grad)
         return Linearization(self, k, native, caches, loss, grad)
 
@@ -401,7 +435,8 @@ class BatchedNet:
         w = lam_row * lr if coords else (lam_t * lr).unsqueeze(1)
         for _ in range(steps):
             p, caches, _, glogits = self._forward(k, phi, x, y, data, grad)
-            self._backward(k, p, caches, glogits, grad, fuse=True)
+            self._backward(k, p, caches, glogits, grad, fuse=True)  # empties the caches
+            del glogits
             # φ -= lr (g + λ (φ − θ))  ==  φ (1 − lr λ) + lr λ θ − lr g   (λ = 0: plain SGD)
             k.prox_step(phi, grad, theta, step_lam, lr)
         if pull_back:  # φ -= lr λ (φ − θ)  ==  lerp(φ, θ, lr λ): one launch
@@ -468,7 +503,7 @@ def batched_net(model: nn.Module, input_shape, backend: Optional[str] = None) ->
     same. Raises :class:`UnsupportedModel` like the constructor."""
     key = (tuple(input_shape), backend, model.training,
            tuple((n, tuple(t.shape)) for n, t in model.named_parameters()),
-           tuple(type(m).__name__ + str(m.training) for m in model.children()))
+           tuple(type(m).__name__ + str(m.training) for m in model.modules()))
     per_model = _NETS.get(id(model))
     if per_model is None:
         if torch.compiler.is_compiling():  # traced: no cache state (dynamo guards on finalize's registry)
@@ -477,5 +512,11 @@ def batched_net(model: nn.Module, input_shape, backend: Optional[str] = None) ->
         weakref.finalize(model, _NETS.pop, id(model), None)
     net = per_model.get(key)
     if net is None:
-        net = per_model[key] = BatchedNet(model, input_shape, backend=backend)
+        try:
+            net = per_model[key] = BatchedNet(model, input_shape, backend=backend)
+        except UnsupportedModel as e:
+            # Remembered too: a model the engine cannot run is not traced again on every call.
+            net = per_model[key] = e
+    if isinstance(net, UnsupportedModel):
+        raise UnsupportedModel(str(net))
     return net
