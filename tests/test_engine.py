@@ -32,6 +32,11 @@ def small_conv_no_bn(way=4):
     return net
 
 
+def _with_shape(net, shape):
+    net.input_shape = shape
+    return net
+
+
 class ResBlock(nn.Module):
     """A residual block as users write it: functional LeakyReLU and ReLU, a 1x1 projection
     shortcut (or the identity), a functional max-pool."""
@@ -77,6 +82,9 @@ NETS = {
     "mlp": lambda: MLP([6, 16, 16, 3]),
     "conv-nobn": small_conv_no_bn,
     "resnet": SmallResNet,
+    "leaky": lambda: _with_shape(nn.Sequential(nn.Conv2d(2, 4, 3), nn.LeakyReLU(-0.3), nn.Conv2d(4, 3, 3, stride=2),
+                                               nn.BatchNorm2d(3, track_running_stats=False), nn.LeakyReLU(0.0), nn.Flatten(),
+                                               nn.Linear(3 * 3 * 3, 5), nn.LeakyReLU(0.5), nn.Linear(5, 3)), (2, 9, 9)),
     "resnet-avgpool": lambda: SmallResNet(pool="adaptive"),
 }
 CASES = [
@@ -84,7 +92,7 @@ CASES = [
     ("omniglot20", 3, 20), ("omniglot20", 1, 100), ("mini", 3, 5), ("mini", 1, 25),
     ("mlp", 1, 1), ("mlp", 3, 20), ("mlp", 32, 5), ("mlp", 3, 100),
     ("conv-nobn", 3, 5), ("conv-nobn", 32, 1), ("conv-nobn", 1, 25),
-    ("resnet", 3, 5), ("resnet", 1, 2), ("resnet-avgpool", 2, 5),
+    ("resnet", 3, 5), ("resnet", 1, 2), ("resnet-avgpool", 2, 5), ("leaky", 3, 5),
 ]
 
 

@@ -8,11 +8,15 @@ forward, a backward, a tangent forward and a tangent backward. :meth:`BatchedNet
 CG solve runs only the tangent passes: per conv layer two batched GEMMs forward, four
 backward, no primal recompute and no autograd graph.
 
-Supported: ``nn.Sequential`` of Conv2d (square kernel, any stride/padding, groups 1),
-BatchNorm2d in batch-statistics mode (affine), ReLU, Tanh, MaxPool2d(2), ZeroPad2d, Flatten
-and Linear, with softmax cross-entropy (mean over the task's examples). The fused stages run
-through the ``imaml::`` ops of :mod:`imaml_kernels.ops`, on the backend that
-:func:`imaml_kernels.dispatch.kernels` resolves once per pass.
+Supported: chains of Conv2d (square kernel, any stride/padding, groups 1), BatchNorm2d in
+batch-statistics mode (affine), ReLU, LeakyReLU, Tanh, MaxPool2d(2), ZeroPad2d, Flatten, a
+global average pool and Linear, and residual blocks (two such chains from one input, summed),
+with softmax cross-entropy (mean over the task's examples). An ``nn.Sequential`` is read child
+by child, any other module through its ``torch.fx`` trace (:mod:`.trace`: a ResNet's
+``forward`` with functional activations and pools). The fused stages run through the
+``imaml::`` ops of :mod:`imaml_kernels.ops`, on the backend that
+:func:`imaml_kernels.dispatch.kernels` resolves once per pass; on the CPU a convolution whose
+patches would be large runs directly instead (oneDNN's, per task: :meth:`.layers.Conv._use_direct`).
 """
 
 from .layers import UnsupportedModel

@@ -381,26 +381,30 @@ class ReLU(Layer):
 
 
 class LeakyReLU(Layer):
-    """``max(x, 0) + slope · min(x, 0)``; the derivative is piecewise constant, so the tangents
-    and both backwards are one product with the forward's slope map. Cache: ``d`` (1 where the
-    input was positive, else the slope)."""
+    """``max(x, 0) + slope · min(x, 0)``; its derivative is piecewise constant, so the tangents
+    and both backwards are one product with the slope map, each one pass of ATen's
+    ``leaky_relu_backward``. Cache: ``ref``, the output (a positive slope keeps every sign;
+    the next layer keeps that tensor anyway) or else the input, and whether it is the output."""
 
     def __init__(self, slope):
         self.slope = float(slope)
 
     def fwd(self, k, p, x, c):
-        d = torch.where(x > 0, x.new_ones(()), x.new_full((), self.slope))
-        c["d"] = d
-        return x * d
+        y = F.leaky_relu(x, self.slope)
+        c["ref"], c["is_out"] = (y, True) if self.slope > 0 else (x, False)
+        return y
+
+    def _d(self, g, c):
+        return torch.ops.aten.leaky_relu_backward(g, c["ref"], self.slope, c["is_out"])
 
     def bwd(self, k, p, gy, c, gp, need_gx):
-        return gy * c["d"]
+        return self._d(gy, c)
 
     def tfwd(self, k, p, rp, rx, c, s):
-        return rx * c["d"]
+        return self._d(rx, c)
 
     def tbwd(self, k, p, rp, rgy, c, s, rgp, need_gx):
-        return rgy * c["d"]
+        return self._d(rgy, c)
 
 
 class GlobalAvgPool(Layer):

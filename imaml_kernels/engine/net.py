@@ -100,7 +100,9 @@ class BatchedNet:
     """The batched engine for one network structure (parameter values are passed per call).
 
     Args:
-        model: a supported ``nn.Sequential`` (e.g. :class:`imaml_kernels.nets.OmniglotConv`).
+        model: a supported ``nn.Sequential`` (e.g. :class:`imaml_kernels.nets.OmniglotConv`) or
+            a module whose ``torch.fx`` trace holds only supported layers and residual blocks
+            (:func:`parse`).
         input_shape: one example's shape, ``(C, H, W)`` or ``(D,)``.
 
     Parameters travel as a flat ``[T, P]`` buffer in ``model.named_parameters()`` order

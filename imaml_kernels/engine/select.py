@@ -13,7 +13,8 @@ __all__ = ["select_engine"]
 def select_engine(model, theta, x, loss=None, engine=None, backend=None) -> Optional[BatchedNet]:
     """The fused engine for this call, or ``None`` for the generic ``torch.func`` path.
 
-    ``engine``: ``None`` (automatic: used when ``model`` is a supported ``nn.Sequential``,
+    ``engine``: ``None`` (automatic: used when ``model`` is a supported network (an
+    ``nn.Sequential`` or a traced module, :func:`~imaml_kernels.engine.net.parse`),
     the loss is the default cross-entropy, θ is ``model``'s float32/float64 parameters in
     order and the inputs fit), ``False`` (never), ``True`` (required: raises with the reason
     when it cannot run) or a :class:`~imaml_kernels.engine.BatchedNet`. ``backend`` steers the
