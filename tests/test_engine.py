@@ -622,3 +622,22 @@ def test_implicit_meta_grad_runs_a_resnet_on_the_engine():
     assert out[None][1]["plan"].path == "engine" and out[False][1]["plan"].path == "generic"
     flat = [torch.cat([g[k].reshape(-1) for k in theta]) for g in (out[None][0], out[False][0])]
     assert rel(*flat) < 1e-9  # per tensor too, but for the dead conv bias: exactly 0 against rounding noise
+
+
+def test_a_linearisation_keeps_no_patches_of_activations():
+    """After the primal pass a linearisation drops the im2col patches of every convolution fed
+    by an activation (the tangent passes remake them from the kept input, which is k·k times
+    smaller) and keeps the data's (made once per inner loop); its products are unchanged."""
+    from imaml_kernels.engine import layers
+
+    model, params, x, y, v = make_problem("mini", 2, 5, torch.float64)
+    net = BatchedNet(model, model.input_shape)
+    lin = net.linearize(params, x, y)
+    convs = [(layer, c) for layer, c in zip(net.layers, lin.caches) if isinstance(layer, layers.Conv)]
+    assert "cols" in convs[0][1] and all("cols" not in c and "x" in c for _, c in convs[1:])
+    full = net.linearize(params, x, y)
+    for layer, c in zip(net.layers, full.caches):  # the same linearisation with every patch kept
+        if isinstance(layer, layers.Conv) and "cols" not in c:
+            c["cols"] = layer._patches_of(full.kernels, c)
+    w = lin.to_work(v)
+    assert torch.equal(lin.hvp(w), full.hvp(w))

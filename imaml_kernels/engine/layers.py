@@ -98,12 +98,18 @@ class Layer:
     def tbwd(self, k, p, rp, rgy, c, s, rgp, need_gx):
         raise NotImplementedError
 
+    def compact(self, c):
+        """After a linearisation's primal pass: drop from ``c`` what the tangent passes can
+        remake cheaply (see :meth:`Conv.compact`)."""
+
 
 class Conv(Layer):
     """Conv2d, square kernel, equal strides, groups 1. Cache: ``cols`` (the im2col patches;
     ``fwd`` uses them when already present, see :meth:`patches`), ``wt`` (the weight as a
-    ``[T, k·k·Cin, Cout]`` GEMM operand), ``xshape``, ``hw``; ``gz`` (the output cotangent)
-    after ``bwd``. Scratch: ``rwt``, ``rcols``.
+    ``[T, k·k·Cin, Cout]`` GEMM operand), ``xshape``, ``hw``, ``x`` (the input, where the
+    patches are an activation's: :meth:`compact`); ``gz`` (the output cotangent) after ``bwd``;
+    a direct convolution (:meth:`_use_direct`) keeps ``direct``, ``x``, ``ws`` and ``gz5``
+    instead. Scratch: ``rwt``, ``rcols`` or (compacted) ``rx``; direct: ``rws``, ``rx``.
 
     A bias that feeds a batch-statistics BatchNorm (``dead_bias``) changes no output: the
     BatchNorm subtracts each channel's batch mean, bias included, for any input. Its gradient
@@ -221,6 +227,7 @@ class Conv(Layer):
             return self._conv(x, ws, p[1] if self.live_bias else None)
         if "cols" not in c:
             c.update(self.patches(k, x))
+            c["x"] = x  # patches of an activation (not the data's): remade from it after compact()
         T, N = x.shape[:2]
         Ho, Wo = c["hw"]
         cols = c["cols"]
@@ -259,6 +266,25 @@ class Conv(Layer):
             return self._gx(k, P.bmm(gz_lp, lowp(c["wt"], c, "wt_lp").transpose(1, 2)), c, lazy=need_gx == "cols")
         return None
 
+    def compact(self, c):
+        """A linearisation's patches of an activation (``k·k`` times its size) are not kept for
+        the products: each tangent pass remakes them from the input (an im2col, on the CPU a
+        few hundredths of a millisecond on the ResNet-12's deeper layers), and the tangent
+        forward keeps the input's tangent, not its patches. Not in bf16 mode (its rounded
+        copies are cached), nor for the data's patches (made once per inner loop), nor on a
+        GPU (a launch more)."""
+        if "x" in c and not c.get("direct") and "cols_lp" not in c and c["cols"].device.type == "cpu" \
+                and not torch.compiler.is_compiling():
+            del c["cols"]
+
+    def _patches_of(self, k, c):
+        """The primal patches: cached, or remade from the input after :meth:`compact`."""
+        cols = c.get("cols")
+        if cols is None:
+            Ho, Wo = c["hw"]
+            cols = self._cols(k, c["x"], Ho, Wo)
+        return cols
+
     def tfwd(self, k, p, rp, rx, c, s):
         if c.get("direct"):
             rws = self._w_nchw(rp[0])
@@ -267,18 +293,21 @@ class Conv(Layer):
             if rx is not None:
                 rz += self._conv(rx, c["ws"])
             return rz
-        T = c["cols"].shape[0]
         Ho, Wo = c["hw"]
         rwt = self._wt(rp[0])
         s["rwt"] = rwt
-        cols, rwt = lowp(c["cols"], c, "cols_lp"), lowp(rwt, s, "rwt_lp")
+        cols = self._patches_of(k, c)
+        T = cols.shape[0]
+        cols, rwt = lowp(cols, c, "cols_lp"), lowp(rwt, s, "rwt_lp")
         rz = P.baddbmm(rp[1].unsqueeze(1), cols, rwt) if self.live_bias else P.bmm(cols, rwt)
+        s["rcols"] = s["rx"] = None
         if rx is not None:
             rcols = self._cols(k, rx, Ho, Wo)
-            s["rcols"] = rcols
+            if "cols" in c:
+                s["rcols"] = rcols
+            else:  # compacted: the tangent backward remakes these patches too
+                s["rx"] = rx
             P.baddbmm_(rz, lowp(rcols, s, "rcols_lp"), lowp(c["wt"], c, "wt_lp"))
-        else:
-            s["rcols"] = None
         return rz.view(T, -1, Ho, Wo, self.cout)
 
     def tbwd(self, k, p, rp, rgy, c, s, rgp, need_gx):
@@ -294,7 +323,10 @@ class Conv(Layer):
                 rgp[1].copy_(rgy.sum((1, 2, 3)))
             return torch.stack(gx1).add_(torch.stack(gx2)) if need_gx else None
         rgz = rgy.reshape(T, -1, self.cout)
-        gz, cols, rcols = lowp(c["gz"], c, "gz_lp"), lowp(c["cols"], c, "cols_lp"), s["rcols"]
+        rcols = s["rcols"]
+        if rcols is None and s["rx"] is not None:
+            rcols = self._cols(k, s["rx"], *c["hw"])
+        gz, cols = lowp(c["gz"], c, "gz_lp"), lowp(self._patches_of(k, c), c, "cols_lp")
         rgz_lp = lowp(rgz)
         rgw = self._wt(rgp[0])
         if rcols is not None:
@@ -495,6 +527,11 @@ class Residual(Layer):
                     h = chain[j].bwd(k, lp[j], h, c[name][j], lgp[j], need_gx=need)
             gxs.append(h)
         return gxs[0] + gxs[1] if need_gx else None
+
+    def compact(self, c):
+        for name, chain in zip("ab", self.chains):
+            for layer, lc in zip(chain, c[name]):
+                layer.compact(lc)
 
     def bwd(self, k, p, gy, c, gp, need_gx):
         return self._back(k, p, gy, c, gp, need_gx, tangent=False)

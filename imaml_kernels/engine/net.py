@@ -369,6 +369,8 @@ class BatchedNet:
         grad = self._grad_buffer(native)
         p, caches, loss, glogits = self._forward(k, native, x, y, self._data_for(k, x, native.dtype), grad, lean)
         self._backward(k, p, caches, glogits, grad)
+        for layer, c in zip(self.layers, caches):
+            layer.compact(c)
         return Linearization(self, k, native, caches, loss, grad)
 
     def loss_and_grad(self, params, x, y):
