@@ -75,6 +75,7 @@ def cg_solve(
     tol: float = 0.0,
     x0: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
+    overwrite_b: bool = False,
 ):
     """Solve ``A_t x_t = b_t`` for T symmetric positive-definite systems at once.
 
@@ -92,6 +93,8 @@ def cg_solve(
         x0: optional ``[T, P]`` initial guess (one extra matvec).
         backend: ``"cuda" | "triton" | "cpu" | "reference"`` or ``None`` (automatic,
             see :mod:`imaml_kernels.dispatch`).
+        overwrite_b: ``b`` (contiguous) may serve as the residual's buffer, and is then
+            overwritten: one ``[T, P]`` buffer fewer, for a caller that owns ``b``.
 
     Returns:
         ``(x, info)``: ``x`` ``[T, P]`` of ``b``'s dtype and a :class:`CGInfo`.
@@ -114,19 +117,20 @@ def cg_solve(
         raise ValueError(f"x0 must match b ({tuple(b.shape)}, {b.dtype}, {b.device}), got {tuple(x0.shape)}, {x0.dtype}, {x0.device}")
 
     kern = kernels(b.device, b.dtype, backend)  # resolved once for the whole solve
+    own = overwrite_b and b.is_contiguous() and not torch.compiler.is_compiling()
     b = b.contiguous()
     T = b.shape[0]
     if x0 is None:
         x = torch.zeros_like(b)
-        r = b.clone()
+        r = b if own else b.clone()
     else:
         x = x0.clone(memory_format=torch.contiguous_format)
         r = b - _checked_matvec(matvec, x, b)
     p = r.clone()
-    partials, chunk = cg_partials(b, kern.backend)
     # Norms in float64 straight from b's dtype (one pass; a float64 copy first, then a
-    # square, then a sum, took 10x longer on the CPU).
+    # square, then a sum, took 10x longer on the CPU). Before the iterations: r may be b.
     b_norm = row_norms(b)
+    partials, chunk = cg_partials(b, kern.backend)
     thresh = (b_norm * float(tol)).square()
     # Ping-pong status buffers: blocks of the update kernel read one while block 0 writes the other.
     status = [torch.zeros(T, dtype=torch.int32, device=b.device) for _ in range(2)]
@@ -171,5 +175,5 @@ class CG:
         return (f"CG(iters={self.iters}, tol={self.tol}, damping={self.damping}, "
                 f"lam_damping={self.lam_damping}, backend={self.backend!r})")
 
-    def __call__(self, matvec, b):
-        return cg_solve(matvec, b, iters=self.iters, tol=self.tol, backend=self.backend)
+    def __call__(self, matvec, b, overwrite_b=False):
+        return cg_solve(matvec, b, iters=self.iters, tol=self.tol, backend=self.backend, overwrite_b=overwrite_b)

@@ -50,9 +50,9 @@ def _rows_finite(t):
 @dataclasses.dataclass(frozen=True)
 class _Saved:
     """What the backward needs. ``chunks``: the task ranges solved one after the other (the
-    plan's); ``lin`` holds the linearisation made with the inner loss when there is one chunk
-    (the engine's; the backward takes it, so its activations are freed after the solve);
-    ``lam``: λ resolved (:class:`~imaml_kernels.lam.Lam`: its sources get gradients)."""
+    plan's); ``lam``: λ resolved (:class:`~imaml_kernels.lam.Lam`: its sources get gradients).
+    No linearisation is made ahead: the backward makes it, so its activations are never alive
+    beside the query loss's."""
 
     objective: ProximalObjective
     phi: list  # [φ as a dict]: the forward takes it out and saves it with save_for_backward
@@ -63,7 +63,6 @@ class _Saved:
     psi: Dict[str, torch.Tensor]
     theta_dtypes: Dict[str, torch.dtype]
     chunks: tuple
-    lin: list
     lam: Lam
     group: Any = None  # a DDP model's process group: the gradients are averaged across it
 
@@ -75,22 +74,25 @@ def _damping(solve):
 def _matvec(lin, solve, scale, inner):
     """The operator handed to the solve, one pass beyond the HVP: ``v + H v / λ'`` (``scale``
     ``λ'``, uniform per task), or per coordinate ``v + s ⊙ H (s ⊙ v)`` (``inner`` ``s``). For
-    CG, the product and the result live in two buffers reused by every call: it consumes a
+    CG, the product and then the result live in one buffer reused by every call: it consumes a
     result before it asks for the next one (any other solve may keep results; fresh ones under
     compile too)."""
-    hv = res = None
+    buf = None
     reuse = isinstance(solve, CG) and not torch.compiler.is_compiling()
 
     def matvec(v):
-        nonlocal hv, res
+        nonlocal buf
         if inner is not None:
-            hv = lin.hvp(v * inner, out=hv if reuse else None)
-            return torch.addcmul(v, hv, inner, out=res if reuse else None)
-        hv = lin.hvp(v, out=hv if reuse else None)
-        if isinstance(scale, float):
-            res = torch.add(v, hv, alpha=1.0 / scale, out=res if reuse else None)
+            hv = lin.hvp(v * inner, out=buf)
+            res = torch.addcmul(v, hv, inner, out=hv if reuse else None)
         else:
-            res = torch.addcdiv(v, hv, scale, out=res if reuse else None)
+            hv = lin.hvp(v, out=buf)
+            if isinstance(scale, float):
+                res = torch.add(v, hv, alpha=1.0 / scale, out=hv if reuse else None)
+            else:
+                res = torch.addcdiv(v, hv, scale, out=hv if reuse else None)
+        if reuse:
+            buf = res
         return res
 
     return matvec
@@ -116,7 +118,10 @@ def _solve(lin, solve, g, lam):
         s_work = lin.to_work(s.expand_as(g))
         out = solve(_matvec(lin, solve, None, s_work), lin.to_work(g * s))
     else:
-        out = solve(_matvec(lin, solve, lam_p, None), lin.to_work(g / (1.0 + c) if c else g))
+        b = lin.to_work(g / (1.0 + c) if c else g)  # this backward's own buffer (g is, too)
+        out = solve(_matvec(lin, solve, lam_p, None), b, overwrite_b=True) if isinstance(solve, CG) else solve(
+            _matvec(lin, solve, lam_p, None), b)
+        del b
     if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor) and out[0].shape == g.shape):
         raise TypeError(f"solve(matvec, b) must return (x, info) with x of shape {list(g.shape)}")
     z = lin.from_work(out[0].to(g.dtype))
@@ -135,7 +140,10 @@ def _chunk_backward(s, obj, phi, g, inner_loss, eager):
     x, y, info, cross, sens = g, None, None, {}, None
     if not s.opts.first_order:
         with batch_stats_only(s.model):
-            lin = (s.lin.pop() if eager and s.lin else None) or obj.linearize(phi)
+            lin = obj.linearize(phi)
+            release = getattr(lin, "release_grad", None)
+            if release is not None and not (s.psi or s.lam.sources):
+                release()  # the support gradient: no use in the solve (8 MB on the ResNet-12 at T = 4)
             x, y, info = _solve(lin, s.opts.solve, g, obj.lam)
         # A breakdown (I + H/λ indefinite for a non-convex task) keeps CG's last good
         # iterate, a usable partial solve; it is reported in info["cg"].breakdown.
@@ -246,9 +254,7 @@ def _planned(model, objective, inner, opts, side=None):
 
 def _adapt(model, theta, support, lam, inner, opts, psi):
     """The inner solve, chunk by chunk of tasks as the plan says: ``(objective, phi, inner_loss,
-    plan, lin, meta, report)`` (``lin``: the backward's linearisation, made now when the engine
-    runs one chunk and no ``chunk=`` was given: its loss is the inner loss, so the support set's
-    forward pass runs once, not twice; ``report``: what the inner solver left in ``objective.report``);
+    plan, meta, report)`` (``report``: what the inner solver left in ``objective.report``);
     ``lam``: resolved (:class:`~imaml_kernels.lam.Lam`)."""
     T = support[0].shape[0]
     meta = torch.is_grad_enabled() and (any(v.requires_grad for v in theta.values()) or bool(psi) or bool(lam.sources))
@@ -259,13 +265,7 @@ def _adapt(model, theta, support, lam, inner, opts, psi):
             if len(plan.chunks) == 1:
                 phi = _inner_solve(objective, theta, inner, T)
                 report = getattr(objective, "report", None)
-                # Not under an explicit chunk (the lean plans): the linearisation's activations
-                # would be alive beside the query loss's (on the ResNet-12 of `bench models`, 19
-                # of a one-task chunk's 51 MiB); the inner loss then costs a forward pass.
-                if meta and objective.engine is not None and not opts.first_order and opts.chunk is None:
-                    lin = objective.linearize(objective.layout.as_flat(phi))
-                    return objective, phi, lin.loss, plan, [lin], meta, report
-                return objective, phi, objective.task_value(phi), plan, [], meta, report
+                return objective, phi, objective.task_value(phi), plan, meta, report
             flat = torch.empty(T, objective.layout.numel, dtype=objective.theta_flat.dtype, device=support[0].device)
             losses, reports = [], []
             for lo, hi in plan.chunks:
@@ -274,7 +274,7 @@ def _adapt(model, theta, support, lam, inner, opts, psi):
                 flat[lo:hi] = objective.layout.flatten(part)
                 losses.append(sub.task_value(part))
                 reports.append(getattr(sub, "report", None))
-            return objective, objective.layout.unflatten(flat), torch.cat(losses), plan, [], meta, _reports(reports)
+            return objective, objective.layout.unflatten(flat), torch.cat(losses), plan, meta, _reports(reports)
 
 
 def plan_for(model, theta, support, *, lam, inner, **options) -> plans.Plan:
@@ -432,13 +432,13 @@ def implicit_adapt(model: Union[torch.nn.Module, Callable], theta: Dict[str, tor
     args.check_inner(inner)
     args.check_dtypes(model, theta, support[0])
     lam = _lam(lam, theta, support[0].shape[0], support[0].device)
-    objective, phi, inner_loss, plan, lin, meta, report = randomness_checked(
+    objective, phi, inner_loss, plan, meta, report = randomness_checked(
         lambda: _adapt(model, theta, support, lam, inner, opts, psi))
     diag = Diagnostics(inner_loss, plan=plan, inner=report)
     if not meta:
         return AdaptedParams(zip(names, phi.values()), _diag=diag)
     saved = _Saved(objective, [phi], opts, inner_loss, diag, model, psi, {k: v.dtype for k, v in theta.items()}, plan.chunks,
-                   lin, lam, group)
+                   lam, group)
     outs = _ImplicitGrad.apply(saved, *theta.values(), *psi.values(), *lam.sources)
     return AdaptedParams(zip(names, outs), _diag=diag)
 

@@ -215,3 +215,20 @@ def test_row_norms_match_float64_norms(T, P):
     assert torch.equal(row_norms(x), ref)
     strided = torch.randn(P, T, generator=g).t()
     assert rel_err(row_norms(strided), torch.linalg.vector_norm(strided.double(), dim=-1)) < 1e-6
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_overwrite_b_uses_b_as_the_residual(backend):
+    """``overwrite_b=True``: the same iterates and report, with ``b``'s buffer as the residual
+    (it ends holding the last residual: one [T, P] buffer fewer); without it ``b`` is untouched."""
+    op, b = spd_operator(3, 40, 10.0, seed=7)
+    keep = b.clone()
+    x, info = ik.cg_solve(op, b, iters=4, backend=backend)
+    assert torch.equal(b, keep)
+    own = b.clone()
+    x2, info2 = ik.cg_solve(op, own, iters=4, backend=backend, overwrite_b=True)
+    assert torch.equal(x2, x) and torch.equal(info2.residual, info.residual) and torch.equal(info2.iterations, info.iterations)
+    assert not torch.equal(own, keep)
+    assert rel_err(own, keep - op(x)) < 1e-10  # the residual b - A x
+    x3, _ = ik.CG(iters=4, backend=backend)(op, keep.clone(), overwrite_b=True)
+    assert torch.equal(x3, x)

@@ -641,3 +641,15 @@ def test_a_linearisation_keeps_no_patches_of_activations():
             c["cols"] = layer._patches_of(full.kernels, c)
     w = lin.to_work(v)
     assert torch.equal(lin.hvp(w), full.hvp(w))
+
+
+def test_hvp_into_a_used_buffer_zeroes_what_no_layer_writes():
+    """``hvp(v, out=buf)`` with ``buf`` holding anything (CG's matvec leaves ``v + Hv/λ`` there)
+    equals a fresh product: the dead conv biases' spans, which no layer writes, are zeroed."""
+    model, params, x, y, v = make_problem("omniglot", 2, 5, torch.float64)
+    net = BatchedNet(model, model.input_shape)
+    assert net._unwritten
+    lin = net.linearize(params, x, y)
+    w = lin.to_work(v)
+    buf = torch.randn_like(w)
+    assert torch.equal(lin.hvp(w, out=buf), lin.hvp(w))

@@ -59,6 +59,10 @@ class Linearization:
             self._grad = self.net.from_native(self.grad_native)
         return self._grad
 
+    def release_grad(self):
+        """Frees the support gradient (``grad``), for a caller that needs only the products."""
+        self.grad_native = self._grad = None
+
     def to_work(self, v: torch.Tensor) -> torch.Tensor:
         """``[T, P]`` in θ's order -> the engine's order: a new buffer, or ``v`` itself where the
         two orders agree (an MLP)."""
@@ -70,15 +74,19 @@ class Linearization:
 
     def hvp(self, v: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``H_t v_t`` for all tasks, ``v [T, P]`` and the result in the engine's order (same
-        dtype as the params); ``out``: a buffer from an earlier call to write into (its zeros
-        where no layer writes are kept)."""
+        dtype as the params); ``out``: a buffer from an earlier call to write into, whatever
+        it holds now (the spans no layer writes are zeroed again)."""
         net, k = self.net, self.kernels
         if v.shape != self.params_native.shape:
             raise ValueError(f"v must have shape {list(self.params_native.shape)} (the params), got {list(v.shape)}")
         v = v.to(self.params_native.dtype)
         p = net._views(self.params_native)
         rp = net._views(v)
-        out = net._grad_buffer(v) if out is None else out
+        if out is None:
+            out = net._grad_buffer(v)
+        else:  # a buffer an earlier result was made in: its unwritten spans zero again
+            for lo, hi in net._unwritten:
+                out[:, lo:hi].zero_()
         rgp = net._views(out)
         scratch = [{} for _ in net.layers]  # per product: the primal caches are only read
         rx = None
