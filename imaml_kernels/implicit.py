@@ -119,9 +119,9 @@ def _solve(lin, solve, g, lam):
         out = solve(_matvec(lin, solve, None, s_work), lin.to_work(g * s))
     else:
         b = lin.to_work(g / (1.0 + c) if c else g)  # this backward's own buffer (g is, too)
-        out = solve(_matvec(lin, solve, lam_p, None), b, overwrite_b=True) if isinstance(solve, CG) else solve(
-            _matvec(lin, solve, lam_p, None), b)
-        del b
+        matvec = _matvec(lin, solve, lam_p, None)
+        out = solve(matvec, b, overwrite_b=True) if isinstance(solve, CG) else solve(matvec, b)
+        del b  # CG's residual, when it took it
     if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor) and out[0].shape == g.shape):
         raise TypeError(f"solve(matvec, b) must return (x, info) with x of shape {list(g.shape)}")
     z = lin.from_work(out[0].to(g.dtype))
@@ -131,7 +131,7 @@ def _solve(lin, solve, g, lam):
     return z, None, out[1]
 
 
-def _chunk_backward(s, obj, phi, g, inner_loss, eager):
+def _chunk_backward(s, obj, phi, g, inner_loss):
     """One chunk of tasks: ``(x, info, dropped, cross, lam_sensitivity)`` for the flat
     gradient ``g [c, P]``; the last: ``dL/dλ`` per task ``[c]`` or per coordinate ``[P]``
     summed over the chunk's tasks (``None`` when λ needs no gradient)."""
@@ -196,7 +196,7 @@ class _ImplicitGrad(torch.autograd.Function):
         for lo, hi in s.chunks:
             sub = obj if len(s.chunks) == 1 else obj.subset(lo, hi)
             g = obj.layout.flatten({k: gr[lo:hi] for k, gr in grads.items()})
-            x, info, dropped, cr, sn = _chunk_backward(s, sub, phi[lo:hi], g, s.inner_loss[lo:hi], eager)
+            x, info, dropped, cr, sn = _chunk_backward(s, sub, phi[lo:hi], g, s.inner_loss[lo:hi])
             part = x.sum(0, keepdim=True)  # one reduction over the chunk's tasks
             total = part if total is None else total.add_(part)
             cross = cr if not cross else {k: cross[k] + cr[k] for k in cross}
