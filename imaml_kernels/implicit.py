@@ -50,9 +50,10 @@ def _rows_finite(t):
 @dataclasses.dataclass(frozen=True)
 class _Saved:
     """What the backward needs. ``chunks``: the task ranges solved one after the other (the
-    plan's); ``lam``: λ resolved (:class:`~imaml_kernels.lam.Lam`: its sources get gradients).
-    No linearisation is made ahead: the backward makes it, so its activations are never alive
-    beside the query loss's."""
+    plan's); ``lin`` holds the linearisation made with the inner loss, on a GPU when the engine
+    runs one chunk (the backward takes it; on the CPU the backward makes it, so that its
+    activations are never alive beside the query loss's); ``lam``: λ resolved
+    (:class:`~imaml_kernels.lam.Lam`: its sources get gradients)."""
 
     objective: ProximalObjective
     phi: list  # [φ as a dict]: the forward takes it out and saves it with save_for_backward
@@ -63,6 +64,7 @@ class _Saved:
     psi: Dict[str, torch.Tensor]
     theta_dtypes: Dict[str, torch.dtype]
     chunks: tuple
+    lin: list
     lam: Lam
     group: Any = None  # a DDP model's process group: the gradients are averaged across it
 
@@ -74,25 +76,23 @@ def _damping(solve):
 def _matvec(lin, solve, scale, inner):
     """The operator handed to the solve, one pass beyond the HVP: ``v + H v / λ'`` (``scale``
     ``λ'``, uniform per task), or per coordinate ``v + s ⊙ H (s ⊙ v)`` (``inner`` ``s``). For
-    CG, the product and then the result live in one buffer reused by every call: it consumes a
-    result before it asks for the next one (any other solve may keep results; fresh ones under
-    compile too)."""
-    buf = None
+    CG, buffers reused by every call (it consumes a result before it asks for the next one; any
+    other solve may keep results; fresh ones under compile too): on the CPU one, the product
+    and then the result in it (one ``[T, P]`` less); elsewhere two, so that the engine's
+    product keeps the zeros it does not write and re-zeroes nothing (launches)."""
+    hv = res = None
     reuse = isinstance(solve, CG) and not torch.compiler.is_compiling()
 
     def matvec(v):
-        nonlocal buf
+        nonlocal hv, res
+        hv = lin.hvp(v * inner if inner is not None else v, out=hv if reuse else None)
+        into = (hv if v.device.type == "cpu" else res) if reuse else None
         if inner is not None:
-            hv = lin.hvp(v * inner, out=buf)
-            res = torch.addcmul(v, hv, inner, out=hv if reuse else None)
+            res = torch.addcmul(v, hv, inner, out=into)
+        elif isinstance(scale, float):
+            res = torch.add(v, hv, alpha=1.0 / scale, out=into)
         else:
-            hv = lin.hvp(v, out=buf)
-            if isinstance(scale, float):
-                res = torch.add(v, hv, alpha=1.0 / scale, out=hv if reuse else None)
-            else:
-                res = torch.addcdiv(v, hv, scale, out=hv if reuse else None)
-        if reuse:
-            buf = res
+            res = torch.addcdiv(v, hv, scale, out=into)
         return res
 
     return matvec
@@ -131,7 +131,7 @@ def _solve(lin, solve, g, lam):
     return z, None, out[1]
 
 
-def _chunk_backward(s, obj, phi, g, inner_loss):
+def _chunk_backward(s, obj, phi, g, inner_loss, eager):
     """One chunk of tasks: ``(x, info, dropped, cross, lam_sensitivity)`` for the flat
     gradient ``g [c, P]``; the last: ``dL/dλ`` per task ``[c]`` or per coordinate ``[P]``
     summed over the chunk's tasks (``None`` when λ needs no gradient)."""
@@ -140,7 +140,7 @@ def _chunk_backward(s, obj, phi, g, inner_loss):
     x, y, info, cross, sens = g, None, None, {}, None
     if not s.opts.first_order:
         with batch_stats_only(s.model):
-            lin = obj.linearize(phi)
+            lin = (s.lin.pop() if eager and s.lin else None) or obj.linearize(phi)
             release = getattr(lin, "release_grad", None)
             if release is not None and not (s.psi or s.lam.sources):
                 release()  # the support gradient: no use in the solve (8 MB on the ResNet-12 at T = 4)
@@ -196,7 +196,7 @@ class _ImplicitGrad(torch.autograd.Function):
         for lo, hi in s.chunks:
             sub = obj if len(s.chunks) == 1 else obj.subset(lo, hi)
             g = obj.layout.flatten({k: gr[lo:hi] for k, gr in grads.items()})
-            x, info, dropped, cr, sn = _chunk_backward(s, sub, phi[lo:hi], g, s.inner_loss[lo:hi])
+            x, info, dropped, cr, sn = _chunk_backward(s, sub, phi[lo:hi], g, s.inner_loss[lo:hi], eager)
             part = x.sum(0, keepdim=True)  # one reduction over the chunk's tasks
             total = part if total is None else total.add_(part)
             cross = cr if not cross else {k: cross[k] + cr[k] for k in cross}
@@ -254,7 +254,10 @@ def _planned(model, objective, inner, opts, side=None):
 
 def _adapt(model, theta, support, lam, inner, opts, psi):
     """The inner solve, chunk by chunk of tasks as the plan says: ``(objective, phi, inner_loss,
-    plan, meta, report)`` (``report``: what the inner solver left in ``objective.report``);
+    plan, lin, meta, report)`` (``lin``: the backward's linearisation, made now on a GPU when
+    the engine runs one chunk and no ``chunk=`` was given: its loss is the inner loss, so the
+    support set's forward pass runs once, not twice; on the CPU not kept beside the query pass;
+    ``report``: what the inner solver left in ``objective.report``);
     ``lam``: resolved (:class:`~imaml_kernels.lam.Lam`)."""
     T = support[0].shape[0]
     meta = torch.is_grad_enabled() and (any(v.requires_grad for v in theta.values()) or bool(psi) or bool(lam.sources))
@@ -265,7 +268,11 @@ def _adapt(model, theta, support, lam, inner, opts, psi):
             if len(plan.chunks) == 1:
                 phi = _inner_solve(objective, theta, inner, T)
                 report = getattr(objective, "report", None)
-                return objective, phi, objective.task_value(phi), plan, meta, report
+                if (meta and objective.engine is not None and not opts.first_order and opts.chunk is None
+                        and support[0].device.type != "cpu"):
+                    lin = objective.linearize(objective.layout.as_flat(phi))
+                    return objective, phi, lin.loss, plan, [lin], meta, report
+                return objective, phi, objective.task_value(phi), plan, [], meta, report
             flat = torch.empty(T, objective.layout.numel, dtype=objective.theta_flat.dtype, device=support[0].device)
             losses, reports = [], []
             for lo, hi in plan.chunks:
@@ -274,7 +281,7 @@ def _adapt(model, theta, support, lam, inner, opts, psi):
                 flat[lo:hi] = objective.layout.flatten(part)
                 losses.append(sub.task_value(part))
                 reports.append(getattr(sub, "report", None))
-            return objective, objective.layout.unflatten(flat), torch.cat(losses), plan, meta, _reports(reports)
+            return objective, objective.layout.unflatten(flat), torch.cat(losses), plan, [], meta, _reports(reports)
 
 
 def plan_for(model, theta, support, *, lam, inner, **options) -> plans.Plan:
@@ -432,13 +439,13 @@ def implicit_adapt(model: Union[torch.nn.Module, Callable], theta: Dict[str, tor
     args.check_inner(inner)
     args.check_dtypes(model, theta, support[0])
     lam = _lam(lam, theta, support[0].shape[0], support[0].device)
-    objective, phi, inner_loss, plan, meta, report = randomness_checked(
+    objective, phi, inner_loss, plan, lin, meta, report = randomness_checked(
         lambda: _adapt(model, theta, support, lam, inner, opts, psi))
     diag = Diagnostics(inner_loss, plan=plan, inner=report)
     if not meta:
         return AdaptedParams(zip(names, phi.values()), _diag=diag)
     saved = _Saved(objective, [phi], opts, inner_loss, diag, model, psi, {k: v.dtype for k, v in theta.items()}, plan.chunks,
-                   lam, group)
+                   lin, lam, group)
     outs = _ImplicitGrad.apply(saved, *theta.values(), *psi.values(), *lam.sources)
     return AdaptedParams(zip(names, outs), _diag=diag)
 

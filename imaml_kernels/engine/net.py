@@ -74,8 +74,9 @@ class Linearization:
 
     def hvp(self, v: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``H_t v_t`` for all tasks, ``v [T, P]`` and the result in the engine's order (same
-        dtype as the params); ``out``: a buffer from an earlier call to write into, whatever
-        it holds now (the spans no layer writes are zeroed again)."""
+        dtype as the params); ``out``: a buffer from an earlier call to write into; on the CPU
+        whatever it holds now (the spans no layer writes are zeroed again), elsewhere an earlier
+        product (those spans are still zero)."""
         net, k = self.net, self.kernels
         if v.shape != self.params_native.shape:
             raise ValueError(f"v must have shape {list(self.params_native.shape)} (the params), got {list(v.shape)}")
@@ -84,7 +85,9 @@ class Linearization:
         rp = net._views(v)
         if out is None:
             out = net._grad_buffer(v)
-        else:  # a buffer an earlier result was made in: its unwritten spans zero again
+        elif out.device.type == "cpu" and not torch.compiler.is_compiling():
+            # A buffer an earlier result was made in (CG's matvec on the CPU leaves its v + Hv/λ
+            # there): its unwritten spans zero again. Elsewhere the matvec keeps products apart.
             for lo, hi in net._unwritten:
                 out[:, lo:hi].zero_()
         rgp = net._views(out)
