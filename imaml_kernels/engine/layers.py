@@ -252,9 +252,9 @@ class Conv(Layer):
         if c.get("direct"):
             c["gz5"] = gy
             gxs, gws = self._conv_bwd(gy, c["x"], c["ws"], need_gx)
-            torch.stack(gws, out=gp[0]) if gp[0].is_contiguous() else gp[0].copy_(torch.stack(gws))
+            gp[0].copy_(torch.stack(gws))
             if self.live_bias:
-                torch.sum(gy, (1, 2, 3), out=gp[1]) if gp[1].is_contiguous() else gp[1].copy_(gy.sum((1, 2, 3)))
+                _sum_into(gy.reshape(T, -1, self.cout), gp[1])
             return torch.stack(gxs) if need_gx else None
         gz = gy.reshape(T, -1, self.cout)
         c["gz"] = gz
@@ -320,7 +320,7 @@ class Conv(Layer):
             gw = torch.stack(gw1) if rx is None else torch.stack(gw1).add_(torch.stack(gw2))
             rgp[0].copy_(gw)
             if self.live_bias:
-                rgp[1].copy_(rgy.sum((1, 2, 3)))
+                _sum_into(rgy.reshape(T, -1, self.cout), rgp[1])
             return torch.stack(gx1).add_(torch.stack(gx2)) if need_gx else None
         rgz = rgy.reshape(T, -1, self.cout)
         rcols = s["rcols"]
